@@ -1,0 +1,5 @@
+import sys
+
+from hsam.cli import main
+
+sys.exit(main())

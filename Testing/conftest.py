@@ -1,0 +1,35 @@
+"""Shared fixtures: where the real CT data lives, and a fixed seed for every test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("HSAM_REAL_DATA", REPOSITORY.parent / "shared" / "data" / "real"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data/real`` (override with ``HSAM_REAL_DATA``): real CT/MR volumes with organ labels."""
+    if not (REAL_DATA / "totalsegmentator" / "example_ct_sm.nii.gz").is_file():
+        pytest.skip(f"real test data not found at {REAL_DATA}; set HSAM_REAL_DATA")
+    return REAL_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty HSAM_HOME so no test reads or writes the user's model cache."""
+    monkeypatch.setenv("HSAM_HOME", str(tmp_path_factory.mktemp("hsam_home")))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)

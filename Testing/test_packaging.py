@@ -1,0 +1,23 @@
+"""The packaging metadata stays true to the source tree."""
+
+from __future__ import annotations
+
+import tomllib
+
+from conftest import REPOSITORY
+
+
+def test_every_hsam_subpackage_is_listed_in_pyproject():
+    listed = set(tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    source = REPOSITORY / "HSAMSlicer"
+    found = {
+        ".".join(init.parent.relative_to(source).parts) for init in source.glob("hsam/**/__init__.py")
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+    assert "hsam.resources" in listed
+
+
+def test_readme_commands_are_marked_for_ci():
+    readme = (REPOSITORY / "README.md").read_text()
+    for marker in ("main-command", "test-command"):
+        assert f"<!-- {marker} -->" in readme and f"<!-- /{marker} -->" in readme
