@@ -1,0 +1,307 @@
+"""Reading CT volumes (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps and .seg.nrrd segmentations.
+
+Everything is a ``SimpleITK.Image`` with its physical geometry in LPS, as ITK keeps it. Problems a user can fix raise
+:class:`hsam.errors.HSAMError` with a one-line message. Writes are atomic: a temporary file in the target folder,
+then ``os.replace``, so a failed run never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from hsam.errors import HSAMError
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+LABEL_SUFFIXES: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+"""Formats :func:`write_labels` can write (one file each); ``.seg.nrrd`` is a Slicer segmentation with terminology."""
+
+
+def suffix_of(path: str | os.PathLike[str]) -> str:
+    """The format-defining suffix, lower case: ``.seg.nrrd``, ``.nii.gz`` or the last suffix."""
+    name = Path(path).name.lower()
+    for double in (".seg.nrrd", ".nii.gz"):
+        if name.endswith(double):
+            return double
+    return Path(name).suffix
+
+
+def read_image(path: str | os.PathLike[str]) -> sitk.Image:
+    """Read a CT volume from a file (NIfTI, NRRD, MHA, ...) or a DICOM series folder and check it is usable.
+
+    Returns a 3-D scalar image (a 4-D file with one time point is reduced to 3-D). Raises HSAMError for a missing
+    path, an empty, truncated or unreadable file, a 2-D or 4-D image, a multi-component image, or NaN/inf voxels.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise HSAMError(f"input not found: {source}; check the path")
+    if source.is_dir():
+        image = _read_dicom_folder(source)
+    else:
+        if source.stat().st_size == 0:
+            raise HSAMError(f"input file is empty (0 bytes): {source}; copy or export it again")
+        if suffix_of(source) in (".nii", ".nii.gz"):
+            _check_nifti_complete(source)  # ITK reads a short NIfTI silently, padding with zeros
+        try:
+            image = sitk.ReadImage(str(source))
+        except RuntimeError as error:
+            detail = str(error).strip().splitlines()[-1][:160] if str(error).strip() else "unknown reason"
+            raise HSAMError(
+                f"could not read {source.name}: the file is truncated, corrupt or not a supported image "
+                f"(NIfTI, NRRD, MHA or a DICOM folder) [{detail}]"
+            ) from None
+    return check_volume(image, source.name)
+
+
+def _check_nifti_complete(source: Path) -> None:
+    """Raise HSAMError when a NIfTI-1/2 file (optionally gzipped) holds fewer voxel bytes than its header promises."""
+    import gzip
+    import struct
+    import zlib
+
+    opener = gzip.open if suffix_of(source) == ".nii.gz" else open
+    truncated = HSAMError(f"could not read {source.name}: the file is truncated (shorter than its header says); copy or export it again")
+    try:
+        with opener(source, "rb") as handle:
+            header = handle.read(540)
+            if len(header) < 348:
+                raise truncated
+            for endian in "<>":
+                size = struct.unpack(endian + "i", header[:4])[0]
+                if size == 348:  # NIfTI-1
+                    dims = struct.unpack(endian + "8h", header[40:56])
+                    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+                    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+                    break
+                if size == 540:  # NIfTI-2
+                    dims = struct.unpack(endian + "8q", header[16:80])
+                    bitpix = struct.unpack(endian + "h", header[14:16])[0]
+                    offset = struct.unpack(endian + "q", header[168:176])[0]
+                    break
+            else:
+                return  # not NIfTI after all: let ITK report it
+            if not 0 < dims[0] <= 7:
+                return
+            expected = max(offset, 348) + int(np.prod([max(1, d) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+            total = len(header)
+            while total < expected:
+                chunk = handle.read(min(1 << 22, expected - total))
+                if not chunk:
+                    raise truncated
+                total += len(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        raise truncated from None
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    """Read the largest DICOM series in ``folder`` with GDCM (slices sorted by position)."""
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        series = ()
+    if not series:
+        raise HSAMError(f"no DICOM series found in folder {folder}; point to a folder of .dcm files or to a volume file")
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise HSAMError(f"could not read the DICOM series in {folder}: {str(error).strip()[:160]}") from None
+
+
+def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
+    """Validate a CT volume: 3-D, one component per voxel, non-empty, finite. Returns the (possibly squeezed) image."""
+    dimension = image.GetDimension()
+    if dimension == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dimension = 3
+    if dimension == 2:
+        raise HSAMError(f"{name} is a 2-D image; H-SAM segments 3-D CT volumes (a NIfTI/NRRD volume or a DICOM series folder)")
+    if dimension != 3:
+        raise HSAMError(
+            f"{name} is {dimension}-D (size {list(image.GetSize())}); give one 3-D CT volume, "
+            "e.g. extract a single time point or phase first"
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise HSAMError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or vector image); "
+            "give a grey-scale CT volume"
+        )
+    if min(image.GetSize()) < 1:
+        raise HSAMError(f"{name} has no voxels")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        # slab by slab so a large volume does not need a full boolean copy
+        for start in range(0, array.shape[0], 16):
+            slab = array[start : start + 16]
+            if not np.isfinite(slab).all():
+                bad = int((~np.isfinite(slab)).sum())
+                raise HSAMError(
+                    f"{name} contains NaN or infinite voxels (at least {bad} in slices {start}-{start + len(slab) - 1}); "
+                    "fix or mask them before segmenting"
+                )
+    return image
+
+
+def read_labels(path: str | os.PathLike[str]) -> sitk.Image:
+    """Read a label map (NIfTI/NRRD/MHA) or a Slicer ``.seg.nrrd`` as a uint8 image of H-SAM label values.
+
+    For ``.seg.nrrd`` segments are matched to H-SAM organs by terminology (type + modifier) or name; others become 0.
+    Plain label maps are returned as stored (values must fit in 0..255).
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise HSAMError(f"label file not found: {source}")
+    if suffix_of(source) == ".seg.nrrd":
+        return _read_seg_nrrd(source)
+    try:
+        image = sitk.ReadImage(str(source))
+    except RuntimeError:
+        raise HSAMError(f"could not read label map {source.name}: truncated, corrupt or unsupported") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise HSAMError(f"label map {source.name} must be a 3-D single-component image")
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size and (array.min() < 0 or array.max() > 255 or np.any(np.mod(array, 1) != 0)):
+        raise HSAMError(f"label map {source.name} holds values outside whole numbers 0..255")
+    return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def _read_seg_nrrd(source: Path) -> sitk.Image:
+    import slicerio.segmentation as slicerio_segmentation
+
+    from hsam import labels as label_table
+
+    try:
+        segmentation = slicerio_segmentation.read_segmentation(str(source))
+    except Exception as error:  # slicerio/pynrrd raise several types for a bad file
+        raise HSAMError(f"could not read segmentation {source.name}: {str(error)[:160]}") from None
+    voxels = np.asarray(segmentation["voxels"])  # pynrrd default: Fortran order (i, j, k[, list first])
+    if voxels.ndim == 3:
+        voxels = voxels[np.newaxis]
+    elif voxels.ndim != 4:
+        raise HSAMError(f"segmentation {source.name} has {voxels.ndim} dimensions; expected 3 or 4")
+    out = np.zeros(voxels.shape[1:], dtype=np.uint8)
+    for segment in segmentation.get("segments", []):
+        index = _organ_of_segment(segment, label_table)
+        if index is None:
+            continue
+        layer = int(segment.get("layer", 0))
+        out[voxels[layer] == int(segment.get("labelValue", 1))] = index
+    image = sitk.GetImageFromArray(np.ascontiguousarray(out.transpose(2, 1, 0)))
+    matrix = np.array(segmentation["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((matrix[:3, :3] / spacing).flatten().tolist())
+    image.SetOrigin(matrix[:3, 3].tolist())
+    return image
+
+
+def _organ_of_segment(segment: dict, label_table) -> int | None:
+    terminology = segment.get("terminology") or {}
+    type_code = (terminology.get("type") or [None, None])[1]
+    modifier = (terminology.get("typeModifier") or [None, ""])[1] or ""
+    for entry in label_table.ORGANS:
+        if type_code and type_code == entry.type_code[1] and modifier == entry.modifier_code[1]:
+            return entry.index
+    try:
+        return label_table.organ(str(segment.get("name", "")).strip().lower()).index
+    except KeyError:
+        return None
+
+
+def check_writable(path: str | os.PathLike[str], suffixes: Sequence[str] = LABEL_SUFFIXES) -> Path:
+    """Check that ``path`` has a supported suffix and its folder exists and is writable; return it as a Path."""
+    target = Path(path)
+    if suffix_of(target) not in suffixes:
+        raise HSAMError(f"cannot write {target.name}: use one of {', '.join(suffixes)} as the file extension")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise HSAMError(f"output folder does not exist: {folder}; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hsam-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise HSAMError(f"output folder is not writable: {folder} ({error.strerror}); choose another output path") from None
+    return target
+
+
+def _atomic_write(target: Path, writer) -> Path:
+    """Call ``writer(temp_path)`` for a temp file beside ``target`` (same suffix), then move it into place."""
+    suffix = suffix_of(target)
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=target.parent if str(target.parent) else ".")
+    os.close(fd)
+    try:
+        writer(temp)
+        os.replace(temp, target)
+    except OSError as error:
+        Path(temp).unlink(missing_ok=True)
+        raise HSAMError(f"could not write {target}: {error.strerror or error}") from None
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Path:
+    """Write any image (labels, confidence) in the format its extension names (compressed where possible)."""
+    target = check_writable(path, [s for s in suffixes if s not in (".seg.nrrd", ".dcm", ".mhd", ".nhdr")])
+
+    def writer(temp: str) -> None:
+        try:
+            sitk.WriteImage(image, temp, useCompression=True)
+        except RuntimeError as error:
+            raise OSError(str(error).strip()[:160]) from None
+
+    return _atomic_write(target, writer)
+
+
+def write_labels(labels: sitk.Image, path: str | os.PathLike[str], organs: Sequence[int] | None = None) -> Path:
+    """Write a uint8 H-SAM label image: ``.seg.nrrd`` (segments with names, colours, terminology) or a label map."""
+    if suffix_of(path) == ".seg.nrrd":
+        return write_segmentation(labels, path, organs)
+    return write_image(labels, path, LABEL_SUFFIXES)
+
+
+def write_segmentation(labels: sitk.Image, path: str | os.PathLike[str], organs: Sequence[int] | None = None) -> Path:
+    """Write a Slicer ``.seg.nrrd``: one shared labelmap layer, one segment per organ with name, colour, terminology."""
+    import slicerio.segmentation as slicerio_segmentation
+
+    from hsam import labels as label_table
+
+    target = check_writable(path, (".seg.nrrd",))
+    array = sitk.GetArrayViewFromImage(labels)  # [z, y, x]
+    direction = np.array(labels.GetDirection(), dtype=float).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.array(labels.GetSpacing())
+    ijk_to_lps[:3, 3] = labels.GetOrigin()
+    segmentation = {
+        "voxels": np.ascontiguousarray(array, dtype=np.uint8),
+        "ijkToLPS": ijk_to_lps.tolist(),
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": label_table.segment_metadata(list(organs) if organs is not None else None),
+    }
+
+    def writer(temp: str) -> None:
+        # the array is [z, y, x] in C order, i.e. (i, j, k) in Fortran order
+        slicerio_segmentation.write_segmentation(temp, segmentation, index_order="C")
+
+    return _atomic_write(target, writer)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-5) -> bool:
+    """True when two images share size, spacing, origin and direction (within ``tolerance``)."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+    )
