@@ -1,0 +1,505 @@
+"""Model manifest, weights download and cache, and the registry of installed models.
+
+Layout under :func:`hsam.paths.hsam_home` (``$HSAM_HOME`` or ``~/.hsam``):
+
+* ``models/<id>/model.safetensors + model.json`` — installed segmentation models (our format, see
+  :mod:`hsam.model.checkpoint`), each verified against its card's SHA-256 before first use.
+* ``downloads/<file>`` — verified raw files from the manifest (SAM base weights, official checkpoints).
+* ``partial/`` — downloads in progress. Nothing here is ever read as a finished file; a completed download is
+  checked (size, SHA-256) and only then moved into ``downloads/`` with ``os.replace``.
+
+Only the standard library is used for downloads (``urllib``); torch is imported only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from hsam import __version__
+from hsam.errors import HSAMError
+from hsam.paths import hsam_home, resources_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hsam.model.checkpoint import ModelCard
+    from hsam.model.hsam import HSAM
+
+MANIFEST_ENV = "HSAM_MANIFEST"
+"""Environment variable naming another manifest JSON (a mirror, or a test server)."""
+MANIFEST_FILENAME = "models.json"
+MODEL_FILES = ("model.safetensors", "model.json")
+VERIFIED_STAMP = ".verified.json"
+CHUNK = 1 << 20
+
+Progress = Callable[[int, "int | None"], None]
+"""``progress(bytes_done, bytes_total_or_None)``."""
+
+
+# ----------------------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file of a manifest entry: where to get it and how to check it."""
+
+    name: str
+    url: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    where: str | None = None  # how to obtain it by hand when there is no url
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """A model (kind ``"hsam"``) or base weights (kind ``"base"``) listed in ``Resources/models.json``."""
+
+    id: str
+    title: str
+    kind: str
+    backbone: str
+    priority: int = 0
+    install: str = "download"  # "download" | "import-official" | "pip"
+    license: str = ""
+    homepage: str = ""
+    requires: tuple[str, ...] = ()
+    files: tuple[ManifestFile, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def manifest_path() -> Path:
+    """``$HSAM_MANIFEST`` if set, else the shipped ``Resources/models.json``."""
+    override = os.environ.get(MANIFEST_ENV)
+    return Path(override) if override else resources_dir() / MANIFEST_FILENAME
+
+
+def load_manifest(path: str | os.PathLike[str] | None = None) -> dict[str, ManifestEntry]:
+    """Read the manifest into ``{id: ManifestEntry}`` (insertion order kept)."""
+    source = Path(path) if path else manifest_path()
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise HSAMError(f"cannot read the model manifest {source}: {error}") from None
+    entries: dict[str, ManifestEntry] = {}
+    known = {"id", "title", "kind", "backbone", "priority", "install", "license", "homepage", "requires", "files"}
+    for item in data.get("models", []):
+        files = tuple(ManifestFile(**{k: f.get(k) for k in ("name", "url", "size", "sha256", "where")}) for f in item.get("files", []))
+        entries[item["id"]] = ManifestEntry(
+            id=item["id"],
+            title=item.get("title", item["id"]),
+            kind=item.get("kind", "hsam"),
+            backbone=item.get("backbone", ""),
+            priority=int(item.get("priority", 0)),
+            install=item.get("install", "download"),
+            license=item.get("license", ""),
+            homepage=item.get("homepage", ""),
+            requires=tuple(item.get("requires", ())),
+            files=files,
+            extra={k: v for k, v in item.items() if k not in known},
+        )
+    return entries
+
+
+# -------------------------------------------------------------------------------------------------------------- paths
+
+
+def models_dir() -> Path:
+    """``HSAM_HOME/models``: one folder per installed model."""
+    return hsam_home() / "models"
+
+
+def downloads_dir() -> Path:
+    """``HSAM_HOME/downloads``: verified raw files (base weights, official checkpoints)."""
+    return hsam_home() / "downloads"
+
+
+def partial_dir() -> Path:
+    """``HSAM_HOME/partial``: downloads in progress (resumable); never read as finished files."""
+    return hsam_home() / "partial"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------- download
+
+
+def _offline_message(name: str, url: str, reason: str, destination: Path) -> str:
+    return (
+        f"could not download {name} from {url} ({reason}); if this computer is offline, download that URL elsewhere "
+        f"and put the file at {destination} (or run: hsam models import PATH)"
+    )
+
+
+def download_file(
+    url: str,
+    name: str,
+    sha256: str,
+    *,
+    size: int | None = None,
+    progress: Progress | None = None,
+    timeout: float = 30.0,
+    destination: Path | None = None,
+) -> Path:
+    """Download ``url`` to ``downloads/<name>`` (or ``destination``), verified against ``sha256``; returns the path.
+
+    A finished file that already verifies is reused. The bytes go to ``partial/<name>.part`` first; an interrupted
+    download is resumed with an HTTP Range request on the next call (a server that ignores Range gives a clean
+    restart). Only a file whose size and SHA-256 match is moved into place; a mismatch deletes it and raises.
+    """
+    final = destination or downloads_dir() / name
+    if final.is_file() and sha256_file(final) == sha256.lower():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial_dir().mkdir(parents=True, exist_ok=True)
+    part = partial_dir() / f"{name}.part"
+    have = part.stat().st_size if part.is_file() else 0
+    if size is not None and have > size:
+        part.unlink()
+        have = 0
+    headers = {"User-Agent": f"hsam/{__version__}"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:  # our partial file is longer than or equal to the remote one: start over
+            part.unlink(missing_ok=True)
+            return download_file(url, name, sha256, size=size, progress=progress, timeout=timeout, destination=destination)
+        raise HSAMError(_offline_message(name, url, f"HTTP {error.code} {error.reason}", final)) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", None) or error
+        raise HSAMError(_offline_message(name, url, str(reason), final)) from None
+    with response:
+        resumed = have > 0 and response.status == 206
+        done = have if resumed else 0
+        length = response.headers.get("Content-Length")
+        total = done + int(length) if length is not None else size
+        try:
+            with open(part, "ab" if resumed else "wb") as handle:
+                if progress:
+                    progress(done, total)
+                while True:
+                    chunk = response.read(CHUNK)
+                    if not chunk:
+                        break
+                    handle.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+        except (OSError, http.client.HTTPException, socket.timeout) as error:
+            raise HSAMError(
+                f"download of {name} was interrupted after {done} bytes ({type(error).__name__}); "
+                "run the same command again to resume"
+            ) from None
+    if total is not None and done < total:
+        raise HSAMError(f"download of {name} stopped after {done} of {total} bytes; run the same command again to resume")
+    if size is not None and done != size:
+        part.unlink(missing_ok=True)
+        raise HSAMError(f"downloaded {name} has {done} bytes, expected {size}; the file was discarded, try again later")
+    actual = sha256_file(part)
+    if actual != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise HSAMError(
+            f"downloaded {name} failed its SHA-256 check (got {actual[:12]}..., expected {sha256[:12]}...); "
+            "the file was discarded; check the URL or mirror"
+        )
+    os.replace(part, final)
+    return final
+
+
+def base_file(model_id: str) -> Path | None:
+    """The verified local path of a base-weights entry's first file (``downloads/<name>``), or None if absent."""
+    entry = load_manifest().get(model_id)
+    if entry is None or not entry.files:
+        return None
+    path = downloads_dir() / entry.files[0].name
+    return path if path.is_file() else None
+
+
+def fetch(model_id: str, progress: Progress | None = None) -> Path:
+    """Download every file of a manifest entry; returns the installed model folder or the downloaded base file.
+
+    Entries of kind ``hsam`` whose files are ``model.safetensors`` + ``model.json`` are installed as a model.
+    Entries whose files have no URL raise HSAMError saying where to get them and what to run.
+    """
+    manifest = load_manifest()
+    if model_id not in manifest:
+        raise HSAMError(f"unknown model {model_id!r}; known: {', '.join(manifest)} (see: hsam models list)")
+    entry = manifest[model_id]
+    missing = [f for f in entry.files if not f.url or not f.sha256]
+    if missing:
+        f = missing[0]
+        how = {
+            "import-official": f"then run: hsam models import-official {f.name}",
+            "pip": "then import it with: hsam models import PATH",
+        }.get(entry.install, "then run: hsam models import PATH")
+        needs = f" (it also needs: hsam models download {' '.join(entry.requires)})" if entry.requires else ""
+        raise HSAMError(f"{model_id} cannot be downloaded automatically: get {f.name} from {f.where or entry.homepage}, {how}{needs}")
+    if entry.kind == "hsam" and {f.name for f in entry.files} == set(MODEL_FILES):
+        staging = Path(tempfile.mkdtemp(prefix=f"{model_id}-", dir=_ensure(partial_dir())))
+        try:
+            for f in entry.files:
+                download_file(f.url, f"{model_id}-{f.name}", f.sha256, size=f.size, progress=progress,  # type: ignore[arg-type]
+                              destination=staging / f.name)
+            return _install_folder(staging, model_id)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    paths = [download_file(f.url, f.name, f.sha256, size=f.size, progress=progress) for f in entry.files]  # type: ignore[arg-type]
+    return paths[0]
+
+
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """An installed model folder and what its card says (read as JSON, no torch import)."""
+
+    id: str
+    path: Path
+    title: str
+    backbone: str
+    img_size: int
+    priority: int
+    demo: bool
+    card: dict[str, Any]
+
+
+def _read_card(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+_BACKBONE_RANK = {"vit_h": 4, "vit_l": 3, "vit_b": 2, "tiny_vit": 1}
+
+
+def available_models() -> list[InstalledModel]:
+    """Installed models, most accurate first: manifest priority, then backbone size; demo models last."""
+    manifest = load_manifest()
+    found = []
+    folder = models_dir()
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        card = _read_card(path)
+        if card is None or not (path / "model.safetensors").is_file():
+            continue
+        entry = manifest.get(path.name)
+        demo = bool(card.get("demo", False))
+        priority = entry.priority if entry else int(card.get("priority", 0) or 0)
+        found.append(
+            InstalledModel(
+                id=path.name,
+                path=path,
+                title=str(card.get("title") or (entry.title if entry else path.name)),
+                backbone=str(card.get("backbone", "")),
+                img_size=int(card.get("img_size", 0) or 0),
+                priority=priority - (1000 if demo else 0),
+                demo=demo,
+                card=card,
+            )
+        )
+    found.sort(key=lambda m: (m.priority, _BACKBONE_RANK.get(m.backbone, 0), m.id), reverse=True)
+    return found
+
+
+def default_model_id() -> str:
+    """The most accurate installed model's id; HSAMError (with what to do) when none is installed."""
+    models = available_models()
+    if not models:
+        raise HSAMError(
+            "no segmentation model is installed; see `hsam models list`, then `hsam models download ID` "
+            "or `hsam models import-official H-SAM.pth` (or pass --model PATH)"
+        )
+    return models[0].id
+
+
+def verify_model_folder(folder: Path) -> None:
+    """Check ``model.safetensors`` against the card's SHA-256 (once; a stamp records size+mtime of a verified file)."""
+    tensors = folder / "model.safetensors"
+    card = _read_card(folder)
+    if card is None or not tensors.is_file():
+        raise HSAMError(f"{folder} is not a model folder (needs model.json and model.safetensors)")
+    expected = str(card.get("sha256") or "").lower()
+    if not expected:
+        raise HSAMError(f"model card {folder / 'model.json'} has no sha256; re-export the model with hsam")
+    stat = tensors.stat()
+    stamp_path = folder / VERIFIED_STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        if stamp == {"sha256": expected, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}:
+            return
+    except (OSError, ValueError):
+        pass
+    actual = sha256_file(tensors)
+    if actual != expected:
+        raise HSAMError(
+            f"{tensors} does not match its card (SHA-256 {actual[:12]}... != {expected[:12]}...); "
+            "the file is corrupt or was changed: remove the model and install it again"
+        )
+    try:
+        stamp_path.write_text(json.dumps({"sha256": expected, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    except OSError:
+        pass  # a read-only model folder is fine: we simply verify again next time
+
+
+def _install_folder(source: Path, model_id: str) -> Path:
+    """Verify a model folder and copy it into ``models/<id>`` atomically (replacing an older copy)."""
+    verify_model_folder(source)
+    target = models_dir() / model_id
+    _ensure(models_dir())
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=models_dir()))
+    try:
+        for name in MODEL_FILES:
+            shutil.copy2(source / name, staging / name)
+        (staging / VERIFIED_STAMP).unlink(missing_ok=True)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{model_id}-", dir=models_dir()))
+            os.replace(target, old / model_id)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _valid_id(model_id: str) -> str:
+    if not model_id or any(c in model_id for c in "/\\:") or model_id.startswith("."):
+        raise HSAMError(f"invalid model id {model_id!r}: use letters, digits, '-', '_' and '.'")
+    return model_id
+
+
+def import_model(source: str | os.PathLike[str], model_id: str | None = None) -> Path:
+    """Install a saved model (a folder with model.json + model.safetensors, or either file in it) into the cache."""
+    path = Path(source)
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise HSAMError(f"model not found: {source}")
+    card = _read_card(path)
+    if card is None:
+        raise HSAMError(f"{path} has no readable model.json; give a folder written by hsam (save_model / hsam finetune)")
+    return _install_folder(path, _valid_id(model_id or str(card.get("name") or path.name)))
+
+
+def import_official(
+    hsam_checkpoint: str | os.PathLike[str],
+    sam_checkpoint: str | os.PathLike[str] | None = None,
+    model_id: str = "hsam-vitb-synapse",
+) -> Path:
+    """Convert an official H-SAM ``.pth`` (+ SAM base ``.pth``) into our format and install it as ``model_id``.
+
+    The SAM base file defaults to the downloaded ``sam-vit-b``; it must match a SHA-256 in the manifest. Both files
+    are read with ``torch.load(weights_only=True)`` by :func:`hsam.model.official.import_official`.
+    """
+    from hsam.model.checkpoint import save_model
+    from hsam.model.official import import_official as convert
+
+    manifest = load_manifest()
+    entry = manifest.get(model_id)
+    hsam_path = Path(hsam_checkpoint)
+    if not hsam_path.is_file():
+        raise HSAMError(f"H-SAM checkpoint not found: {hsam_path}")
+    if sam_checkpoint is None:
+        base_id = (entry.requires[0] if entry and entry.requires else "sam-vit-b")
+        found = base_file(base_id)
+        if found is None:
+            raise HSAMError(f"the SAM base weights are missing: run `hsam models download {base_id}` or pass --sam PATH")
+        sam_path = found
+    else:
+        sam_path = Path(sam_checkpoint)
+        if not sam_path.is_file():
+            raise HSAMError(f"SAM checkpoint not found: {sam_path}")
+    known = {f.sha256: e.id for e in manifest.values() if e.kind == "base" for f in e.files if f.sha256}
+    digest = sha256_file(sam_path)
+    if digest not in known:
+        raise HSAMError(
+            f"{sam_path.name} is not an official SAM base file (SHA-256 {digest[:12]}... is not in the manifest); "
+            "download it with `hsam models download sam-vit-b`"
+        )
+    try:
+        model, card = convert(str(hsam_path), str(sam_path), model_id)
+    except HSAMError:
+        raise
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise HSAMError(f"{hsam_path.name} is not a compatible H-SAM checkpoint for {model_id}: {str(error)[:160]}") from None
+    _ensure(partial_dir())
+    staging = Path(tempfile.mkdtemp(prefix=f"{model_id}-", dir=partial_dir()))
+    try:
+        save_model(model, card, staging)
+        return _install_folder(staging, model_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_model(model_id: str) -> Path:
+    """Delete an installed model folder or a downloaded base file; returns what was removed."""
+    folder = models_dir() / _valid_id(model_id)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        return folder
+    entry = load_manifest().get(model_id)
+    if entry is not None and entry.kind == "base":
+        removed = [downloads_dir() / f.name for f in entry.files if (downloads_dir() / f.name).is_file()]
+        for path in removed:
+            path.unlink()
+        if removed:
+            return removed[0]
+    raise HSAMError(f"{model_id} is not installed (see: hsam models list)")
+
+
+def resolve_model(id_or_path: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
+    """``(model id, folder)`` for an installed id, a model folder or a model file; None means the default model."""
+    if id_or_path is None:
+        model_id = default_model_id()
+        return model_id, models_dir() / model_id
+    text = str(id_or_path)
+    installed = models_dir() / text
+    if "/" not in text and "\\" not in text and (installed / "model.json").is_file():
+        return text, installed
+    path = Path(text).expanduser()
+    if path.exists():
+        folder = path.parent if path.is_file() else path
+        return (str((_read_card(folder) or {}).get("name") or folder.name)), folder
+    manifest = load_manifest()
+    if text in manifest:
+        raise HSAMError(f"model {text} is not installed; run `hsam models download {text}` (see: hsam models list)")
+    raise HSAMError(f"no model {text!r}: not an installed id and not a path (see: hsam models list)")
+
+
+def load_named_model(id_or_path: str | os.PathLike[str] | None = None, device: str = "cpu") -> tuple["HSAM", "ModelCard"]:
+    """Load an installed model by id, or a saved model by path (the default model when None), SHA-256 verified."""
+    from hsam.model.checkpoint import load_model
+
+    _, folder = resolve_model(id_or_path)
+    verify_model_folder(folder)
+    try:
+        return load_model(folder, device=device)
+    except HSAMError:
+        raise
+    except (KeyError, RuntimeError, ValueError, OSError) as error:
+        raise HSAMError(f"could not load the model in {folder}: {str(error)[:200]}") from None
