@@ -3,7 +3,7 @@
 Layout under :func:`hsam.paths.hsam_home` (``$HSAM_HOME`` or ``~/.hsam``):
 
 * ``models/<id>/model.safetensors + model.json`` — installed segmentation models (our format, see
-  :mod:`hsam.model.checkpoint`), each verified against its card's SHA-256 before first use.
+  :mod:`hsam.model.checkpoint`): verified against the card's SHA-256 when installed and again on every load.
 * ``downloads/<file>`` — verified raw files from the manifest (SAM base weights, official checkpoints).
 * ``partial/`` — downloads in progress. Nothing here is ever read as a finished file; a completed download is
   checked (size, SHA-256) and only then moved into ``downloads/`` with ``os.replace``.
@@ -38,7 +38,6 @@ MANIFEST_ENV = "HSAM_MANIFEST"
 """Environment variable naming another manifest JSON (a mirror, or a test server)."""
 MANIFEST_FILENAME = "models.json"
 MODEL_FILES = ("model.safetensors", "model.json")
-VERIFIED_STAMP = ".verified.json"
 CHUNK = 1 << 20
 
 Progress = Callable[[int, "int | None"], None]
@@ -336,7 +335,7 @@ def default_model_id() -> str:
 
 
 def verify_model_folder(folder: Path) -> None:
-    """Check ``model.safetensors`` against the card's SHA-256 (once; a stamp records size+mtime of a verified file)."""
+    """Check that ``folder`` holds model.json + model.safetensors and that the tensors match the card's SHA-256."""
     tensors = folder / "model.safetensors"
     card = _read_card(folder)
     if card is None or not tensors.is_file():
@@ -344,24 +343,12 @@ def verify_model_folder(folder: Path) -> None:
     expected = str(card.get("sha256") or "").lower()
     if not expected:
         raise HSAMError(f"model card {folder / 'model.json'} has no sha256; re-export the model with hsam")
-    stat = tensors.stat()
-    stamp_path = folder / VERIFIED_STAMP
-    try:
-        stamp = json.loads(stamp_path.read_text())
-        if stamp == {"sha256": expected, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}:
-            return
-    except (OSError, ValueError):
-        pass
     actual = sha256_file(tensors)
     if actual != expected:
         raise HSAMError(
             f"{tensors} does not match its card (SHA-256 {actual[:12]}... != {expected[:12]}...); "
-            "the file is corrupt or was changed: remove the model and install it again"
+            "the file is corrupt or was changed: export or download it again"
         )
-    try:
-        stamp_path.write_text(json.dumps({"sha256": expected, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
-    except OSError:
-        pass  # a read-only model folder is fine: we simply verify again next time
 
 
 def _install_folder(source: Path, model_id: str) -> Path:
@@ -373,7 +360,6 @@ def _install_folder(source: Path, model_id: str) -> Path:
     try:
         for name in MODEL_FILES:
             shutil.copy2(source / name, staging / name)
-        (staging / VERIFIED_STAMP).unlink(missing_ok=True)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{model_id}-", dir=models_dir()))
             os.replace(target, old / model_id)
@@ -492,11 +478,13 @@ def resolve_model(id_or_path: str | os.PathLike[str] | None = None) -> tuple[str
 
 
 def load_named_model(id_or_path: str | os.PathLike[str] | None = None, device: str = "cpu") -> tuple["HSAM", "ModelCard"]:
-    """Load an installed model by id, or a saved model by path (the default model when None), SHA-256 verified."""
+    """Load an installed model by id, or a saved model by path (the default model when None).
+
+    :func:`hsam.model.checkpoint.load_model` checks the tensors' SHA-256 against the card on every load.
+    """
     from hsam.model.checkpoint import load_model
 
     _, folder = resolve_model(id_or_path)
-    verify_model_folder(folder)
     try:
         return load_model(folder, device=device)
     except HSAMError:

@@ -86,7 +86,7 @@ def to_canonical(
 ) -> tuple[np.ndarray, Reorientation]:
     """Return ``(array [z, y, x] in the canonical layout, how to map back)``.
 
-    For axis-aligned inputs the array is a transposed/flipped view of one copy of the voxels (input pixel type): exact.
+    For axis-aligned inputs the array is a transposed/flipped view of one copy of the voxels (input pixel type; float64 becomes float32): exact.
     Oblique inputs are resampled with linear interpolation (outside the field of view: the image minimum).
     """
     if image.GetDimension() != 3:
@@ -97,7 +97,8 @@ def to_canonical(
     reference = _reference(image)
     if angle <= tolerance_degrees:
         # a copy in the input's pixel type: a view would dangle once the caller drops ``image``
-        array = sitk.GetArrayFromImage(image)
+        view = sitk.GetArrayViewFromImage(image)
+        array = view.astype(np.float32 if view.dtype == np.float64 else view.dtype, copy=True)
         # canonical ITK axis c receives the input ITK axis i whose physical axis is the one target column c points along
         target_axis = np.argmax(np.abs(target), axis=1)  # physical axis -> canonical ITK axis
         target_sign = target[np.arange(3), target_axis]

@@ -1,0 +1,103 @@
+"""``hsam models list | download | import | import-official | remove``: manage the model cache (``$HSAM_HOME``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``models`` command and its sub-commands (no torch import here)."""
+    parser = subparsers.add_parser("models", help="list, download, import and remove models",
+                                   description="Manage segmentation models and base weights in $HSAM_HOME (~/.hsam).")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="models in the manifest and installed ones; * marks the default")
+    listing.set_defaults(run=run_list)
+
+    download = actions.add_parser("download", help="download a manifest entry (SHA-256 verified, resumable)")
+    download.add_argument("id")
+    download.set_defaults(run=run_download)
+
+    imported = actions.add_parser("import", help="install a saved model folder (model.json + model.safetensors)")
+    imported.add_argument("path")
+    imported.add_argument("--id", default=None, help="id to install it as (default: the card's name)")
+    imported.set_defaults(run=run_import)
+
+    official = actions.add_parser("import-official", help="convert an official H-SAM .pth checkpoint and install it")
+    official.add_argument("checkpoint", help="official H-SAM LoRA checkpoint, e.g. 220_epoch_299.pth")
+    official.add_argument("--sam", default=None, help="SAM base .pth (default: the downloaded sam-vit-b)")
+    official.add_argument("--id", default="hsam-vitb-synapse", help="id to install it as")
+    official.set_defaults(run=run_import_official)
+
+    remove = actions.add_parser("remove", help="delete an installed model or a downloaded base file")
+    remove.add_argument("id")
+    remove.set_defaults(run=run_remove)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print the manifest and installed models as a table."""
+    from hsam.weights import available_models, base_file, load_manifest
+
+    manifest = load_manifest()
+    installed = {m.id: m for m in available_models()}
+    default = next(iter(installed), None)
+    rows = []
+    for entry in manifest.values():
+        if entry.kind == "base":
+            state = "downloaded" if base_file(entry.id) else "-"
+        else:
+            state = "installed" if entry.id in installed else "-"
+        rows.append(("*" if entry.id == default else " ", entry.id, entry.kind, entry.backbone, state, entry.title))
+    for model in installed.values():
+        if model.id not in manifest:
+            kind = "demo" if model.demo else "user"
+            rows.append(("*" if model.id == default else " ", model.id, kind, model.backbone, "installed", model.title))
+    widths = [max(len(r[i]) for r in rows + [("", "id", "kind", "backbone", "state", "")]) for i in range(5)]
+    print(f"  {'id':<{widths[1]}}  {'kind':<{widths[2]}}  {'backbone':<{widths[3]}}  {'state':<{widths[4]}}  title")
+    for row in rows:
+        print(f"{row[0]} " + "  ".join(f"{v:<{w}}" for v, w in zip(row[1:5], widths[1:5])) + f"  {row[5]}")
+    if default is None:
+        print("no segmentation model installed: hsam models download ID, or hsam models import-official FILE.pth",
+              file=sys.stderr)
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    """Download a manifest entry with a byte progress bar."""
+    from tqdm import tqdm
+
+    from hsam.weights import fetch
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=args.id, file=sys.stderr) as bar:
+        def progress(done: int, total: int | None) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        path = fetch(args.id, progress=progress)
+    print(f"{args.id}: {path}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """Install a saved model folder into the cache."""
+    from hsam.weights import import_model
+
+    print(f"installed {import_model(args.path, args.id)}")
+    return 0
+
+
+def run_import_official(args: argparse.Namespace) -> int:
+    """Convert and install an official H-SAM checkpoint."""
+    from hsam.weights import import_official
+
+    print(f"installed {import_official(args.checkpoint, args.sam, args.id)}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    """Remove an installed model or base file."""
+    from hsam.weights import remove_model
+
+    print(f"removed {remove_model(args.id)}")
+    return 0

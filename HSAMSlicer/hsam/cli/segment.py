@@ -1,0 +1,173 @@
+"""``hsam segment INPUT -o OUTPUT``: segment the eight abdominal organs in a CT volume.
+
+The output's extension picks the format: ``.seg.nrrd`` (Slicer segmentation with names, colours and terminology),
+``.nii.gz``/``.nii``/``.nrrd``/``.mha`` (label map, values as in ``hsam.labels``). Every output is checked for a
+writable folder before any work, and written atomically; on an error no output file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``segment`` command (no torch import here)."""
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment abdominal organs in a CT volume",
+        description="Segment spleen, kidneys, gallbladder, liver, stomach, aorta and pancreas in a CT volume "
+        "(NIfTI, NRRD, MHA or a DICOM series folder). The output has exactly the input's grid.",
+    )
+    parser.add_argument("input", help="CT volume file or DICOM series folder")
+    parser.add_argument("-o", "--output", required=True,
+                        help="labels file; the extension picks the format: .seg.nrrd, .nii.gz, .nii, .nrrd, .mha")
+    parser.add_argument("--model", default=None,
+                        help="installed model id or model folder (default: the most accurate installed model)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: by device)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="half precision only on GPUs (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--confidence", metavar="PATH", default=None,
+                        help="also write the confidence map (uint8, 255 x max class probability)")
+    parser.add_argument("--stats", metavar="CSV", default=None, help="also write per-organ volumes (ml) as CSV")
+    parser.add_argument("--overlay", metavar="PNG", default=None, help="also write a PNG of labels on a few axial slices")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="keep only the largest connected component of each organ")
+    parser.add_argument("--organs", default=None,
+                        help="comma-separated organ names or label values to segment (default: all)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    parser.set_defaults(run=run)
+
+
+def _check_outputs(args: argparse.Namespace) -> list[Path]:
+    """Validate every requested output path before any work; returns them."""
+    from hsam.errors import HSAMError
+    from hsam.volume.io import LABEL_SUFFIXES, check_writable
+
+    outputs = [check_writable(args.output, LABEL_SUFFIXES)]
+    if args.confidence:
+        outputs.append(check_writable(args.confidence, tuple(s for s in LABEL_SUFFIXES if s != ".seg.nrrd")))
+    if args.stats:
+        outputs.append(check_writable(args.stats, (".csv",)))
+    if args.overlay:
+        outputs.append(check_writable(args.overlay, (".png",)))
+    resolved = [p.resolve() for p in outputs]
+    if len(set(resolved)) != len(resolved):
+        raise HSAMError("two outputs have the same path; give each output its own file name")
+    if Path(args.input).exists() and Path(args.input).resolve() in resolved:
+        raise HSAMError("an output path is the input file; choose another output name")
+    return outputs
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def stats_csv(result, class_names) -> str:  # noqa: ANN001 (SegmentationResult; typed loosely to keep imports light)
+    """Per-organ table: label, organ, voxels, volume_ml, mean_confidence (0-1 over the organ's voxels)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayViewFromImage(result.labels).ravel()
+    confidence = sitk.GetArrayViewFromImage(result.confidence).ravel()
+    counts = np.bincount(labels, minlength=len(class_names))
+    sums = np.bincount(labels, weights=confidence, minlength=len(class_names))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["label", "organ", "voxels", "volume_ml", "mean_confidence"])
+    for index, name in enumerate(class_names):
+        if index == 0:
+            continue
+        mean = sums[index] / counts[index] / 255.0 if counts[index] else 0.0
+        writer.writerow([index, name, int(counts[index]), f"{result.volumes_ml[name]:.3f}", f"{mean:.4f}"])
+    return buffer.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment ``args.input`` and write the requested outputs."""
+    import SimpleITK as sitk
+
+    from hsam.inference import segment_volume
+    from hsam.volume import read_image, write_image, write_labels
+    from hsam.weights import available_models, load_named_model, resolve_model
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
+    outputs = _check_outputs(args)
+    image = read_image(args.input)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    model_id, folder = resolve_model(args.model)
+    if args.model is None:
+        others = len(available_models()) - 1
+        say(f"model: {model_id} (the most accurate installed model{f'; {others} other(s) installed' if others else ''})")
+    else:
+        say(f"model: {model_id} ({folder})")
+    model, card = load_named_model(str(folder), device="cpu")
+    if card.demo:
+        say(f"warning: {model_id} is a demo model (card says demo=true); its labels are not meant for real use")
+    organs = None
+    if args.organs:
+        organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=image.GetSize()[2], unit="slice", desc="segmenting", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        result = segment_volume(
+            image, model, card, device=args.device, batch_size=args.batch_size, precision=args.precision,
+            progress=progress, largest_component=args.largest_component, organs=organs,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    written: list[Path] = []
+    try:
+        written.append(write_labels(result.labels, outputs[0]))
+        rest = iter(outputs[1:])
+        if args.confidence:
+            written.append(write_image(result.confidence, next(rest)))
+        if args.stats:
+            path = next(rest)
+            _write_text_atomic(path, stats_csv(result, list(card.classes)))
+            written.append(path)
+        if args.overlay:
+            from hsam.overlay import render_overlay
+
+            written.append(render_overlay(image, result.labels, next(rest), list(card.classes),
+                                          title=f"{Path(args.input).name} - {model_id}"))
+    except BaseException:
+        for path in written:  # all or nothing: do not leave a partial set of outputs
+            path.unlink(missing_ok=True)
+        raise
+
+    for message in result.warnings:
+        say(f"warning: {message}")
+    if not args.quiet:
+        say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, batch {result.batch_size})")
+        for name, ml in result.volumes_ml.items():
+            say(f"  {name:<14} {ml:9.1f} ml")
+        for path in written:
+            say(f"wrote {path}")
+    return 0

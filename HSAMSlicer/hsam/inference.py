@@ -1,0 +1,286 @@
+"""``segment_volume``: a CT volume in, organ labels + confidence on the same grid out.
+
+Pipeline (hsam-model.md §3): reorient to the card's canonical slice layout -> for each batch of axial slices: window
+(card), resize to the model input S x S (bicubic), ``HSAM.predict`` (stage-3 fused logits [B,K,S,S]), resize the
+*logits* back to the slice size (bilinear) so thin organs survive, softmax, argmax -> labels, max probability ->
+confidence -> paste into uint8 volumes -> back to the input grid.
+
+Memory is bounded by one batch: only the uint8 label and confidence volumes are kept for the whole scan, never a
+per-class float volume. Device: CUDA, then MPS, then CPU; fp16/bf16 autocast only on GPUs. On CUDA out-of-memory the
+batch is halved and retried; at batch 1 the run continues on the CPU with a warning. ``progress(k, n)`` is called
+after every batch; ``cancel()`` is checked before every batch and raises :class:`Cancelled`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from hsam.errors import HSAMError
+from hsam.volume import check_volume, from_canonical, looks_like_ct, to_canonical, window
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hsam.model.checkpoint import ModelCard
+    from hsam.model.hsam import HSAM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = {"cuda": 8, "mps": 4, "cpu": 2}
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class Cancelled(Exception):
+    """Raised by :func:`segment_volume` when its ``cancel`` callback returns True (checked between batches)."""
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment_volume` returns. Both images have exactly the input's size, spacing, origin, direction."""
+
+    labels: sitk.Image  # uint8, 0 = background, 1..K-1 = card.classes[1:]
+    confidence: sitk.Image  # uint8, round(255 * max softmax probability)
+    volumes_ml: dict[str, float]  # organ name -> volume in millilitres (every organ of the card, 0.0 if absent)
+    device: str  # where the last batch ran ("cuda:0", "mps", "cpu")
+    seconds: float
+    batch_size: int = 1  # the batch size that finished the run (after any halving)
+    precision: str = "fp32"
+    warnings: list[str] = field(default_factory=list)
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA, then Apple MPS, then CPU. An explicit device that is not available raises HSAMError."""
+    name = (device or "auto").lower()
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_ok else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HSAMError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device auto or cpu")
+    if name == "mps" and not mps_ok:
+        raise HSAMError("--device mps was requested but Apple MPS is not available; use --device auto or cpu")
+    if not (name == "cpu" or name == "mps" or name.startswith("cuda")):
+        raise HSAMError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def select_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """``(name, autocast dtype or None)``. ``auto``: bf16 on CUDA GPUs that support it, else fp16 on GPUs, fp32 on CPU."""
+    name = (precision or "auto").lower()
+    if name not in PRECISIONS:
+        raise HSAMError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if device.type == "cpu":
+        if name in ("fp16", "bf16"):
+            raise HSAMError(f"{name} runs only on a GPU; use --precision fp32 (or auto) on the CPU")
+        return "fp32", None
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
+    return name, {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _is_oom(error: BaseException) -> bool:
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(error, oom_type):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _class_names(card: "ModelCard", model: "HSAM") -> list[str]:
+    names = list(getattr(card, "classes", None) or [])
+    if len(names) != model.num_outputs:
+        raise HSAMError(
+            f"model card lists {len(names)} classes but the network has {model.num_outputs} outputs; the model is "
+            "damaged or mismatched: re-import it"
+        )
+    return names
+
+
+def _selected_channels(organs: Sequence[int | str] | None, names: list[str]) -> list[int] | None:
+    """Channel indices to keep (always 0 = background first), or None for all."""
+    if organs is None:
+        return None
+    chosen = [0]
+    for item in organs:
+        index = names.index(item) if isinstance(item, str) and item in names else item
+        if not isinstance(index, (int, np.integer)) or not 0 < int(index) < len(names):
+            raise HSAMError(f"unknown organ {item!r}; this model knows {', '.join(names[1:])}")
+        if int(index) not in chosen:
+            chosen.append(int(index))
+    return chosen
+
+
+def predict_slices(
+    model: "HSAM",
+    slices: np.ndarray,
+    window_hu: Sequence[float],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and confidence (uint8 [b,H,W] each) for raw slices [b,H,W] (HU, any numeric dtype).
+
+    The windowed slices are resized to the model input S x S (bicubic, clamped to [0, 1]); the fused logits
+    [b,K,S,S] are resized back to H x W (bilinear) *before* softmax/argmax.
+    """
+    size = model.img_size
+    batch = torch.from_numpy(window(slices, float(window_hu[0]), float(window_hu[1]))).to(device)[:, None]
+    height, width = batch.shape[-2:]
+    if (height, width) != (size, size):
+        batch = F.interpolate(batch, (size, size), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
+    images = batch.expand(-1, 3, -1, -1)
+    with torch.inference_mode():
+        if dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                logits = model.predict(images)
+        else:
+            logits = model.predict(images)
+        logits = logits.float()
+        if channels is not None:
+            logits = logits[:, list(channels)]
+        if logits.shape[-2:] != (height, width):
+            logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
+        probability, index = torch.softmax(logits, dim=1).max(dim=1)
+        if channels is not None:
+            index = torch.as_tensor(channels, device=index.device)[index]
+        labels = index.to(torch.uint8).cpu().numpy()
+        confidence = (probability * 255.0).round_().to(torch.uint8).cpu().numpy()
+    return labels, confidence
+
+
+def keep_largest_components(labels: np.ndarray, values: Sequence[int] | None = None) -> np.ndarray:
+    """In place: for each label value keep only its largest 26-connected component (the rest becomes 0)."""
+    from scipy import ndimage
+
+    present = [int(v) for v in (values if values is not None else np.unique(labels)) if v != 0]
+    boxes = ndimage.find_objects(labels)  # bounding boxes per label value, cheap on a uint8 volume
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for value in present:
+        if value - 1 >= len(boxes) or boxes[value - 1] is None:
+            continue
+        box = boxes[value - 1]
+        region = labels[box]
+        components, count = ndimage.label(region == value, structure=structure)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        region[(components != 0) & (components != int(sizes.argmax()))] = 0
+    return labels
+
+
+def organ_volumes_ml(labels: sitk.Image, names: Sequence[str]) -> dict[str, float]:
+    """``{name: millilitres}`` for classes 1.. of ``names`` from a uint8 label image (spacing in mm)."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=len(names))
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    return {name: float(counts[i]) * voxel_ml for i, name in enumerate(names) if i > 0}
+
+
+def segment_volume(
+    image: sitk.Image,
+    model: "HSAM",
+    card: "ModelCard",
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    precision: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    largest_component: bool = False,
+    organs: Sequence[int | str] | None = None,
+) -> SegmentationResult:
+    """Segment a 3-D CT volume; see the module docstring for the pipeline.
+
+    Args:
+        image: 3-D scalar CT in HU (any orientation; geometry in LPS as SimpleITK keeps it).
+        model, card: from :func:`hsam.weights.load_named_model` / :func:`hsam.model.checkpoint.load_model`. The model
+            is moved to the chosen device (and to the CPU after an out-of-memory fallback).
+        device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"`` | ``"mps"``.
+        batch_size: slices per forward pass (default 8 on CUDA, 4 on MPS, 2 on CPU).
+        precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs).
+        progress: called as ``progress(k, n)`` with k slices of n done (first with k = 0).
+        cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
+        largest_component: keep only the largest connected component of each organ.
+        organs: restrict the argmax to these organs (label values or names); others are never predicted.
+    """
+    started = time.perf_counter()
+    image = check_volume(image, "the input volume")
+    names = _class_names(card, model)
+    channels = _selected_channels(organs, names)
+    window_hu = list(getattr(card, "window", None) or (-125, 275))
+    orientation = getattr(card, "orientation", None) or "LPS"
+    if batch_size is not None and batch_size < 1:
+        raise HSAMError(f"batch size must be at least 1, got {batch_size}")
+
+    target = select_device(device)
+    precision_name, dtype = select_precision(precision, target)
+    size = batch_size or DEFAULT_BATCH[target.type]
+    notes: list[str] = []
+
+    canonical, how = to_canonical(image, orientation)
+    if not looks_like_ct(canonical):
+        notes.append(
+            "the image does not look like CT in Hounsfield units (no air near -1000 HU); "
+            "results on MR or pre-normalised images are unreliable"
+        )
+    total = canonical.shape[0]
+    labels = np.zeros(canonical.shape, dtype=np.uint8)
+    confidence = np.zeros(canonical.shape, dtype=np.uint8)
+
+    model.eval()
+    model.to(target)
+    if progress:
+        progress(0, total)
+    done = 0
+    while done < total:
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled after {done} of {total} slices")
+        stop = min(total, done + size)
+        try:
+            batch_labels, batch_confidence = predict_slices(model, canonical[done:stop], window_hu, target, dtype, channels)
+        except Exception as error:  # noqa: BLE001 (only out-of-memory is handled; everything else re-raised)
+            if not _is_oom(error) or target.type == "cpu":
+                raise
+            if target.type == "cuda":
+                torch.cuda.empty_cache()
+            if size > 1:
+                size = max(1, size // 2)
+                log.warning("out of GPU memory: retrying with batch size %d", size)
+                continue
+            message = f"out of {target.type.upper()} memory even at batch size 1: continuing on the CPU (slower)"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            notes.append(message)
+            target, dtype, precision_name = torch.device("cpu"), None, "fp32"
+            size = batch_size or DEFAULT_BATCH["cpu"]
+            model.to(target)
+            continue
+        labels[done:stop] = batch_labels
+        confidence[done:stop] = batch_confidence
+        done = stop
+        if progress:
+            progress(done, total)
+    del canonical
+
+    if largest_component:
+        keep_largest_components(labels, channels[1:] if channels else range(1, len(names)))
+    label_image = from_canonical(labels, how)
+    del labels
+    confidence_image = from_canonical(confidence, how)
+    return SegmentationResult(
+        labels=label_image,
+        confidence=confidence_image,
+        volumes_ml=organ_volumes_ml(label_image, names),
+        device=str(target) if target.type != "cuda" else f"cuda:{torch.cuda.current_device()}",
+        seconds=time.perf_counter() - started,
+        batch_size=size,
+        precision=precision_name,
+        warnings=notes,
+    )
