@@ -1,0 +1,74 @@
+"""Which Python packages HSAMSlicer still needs in this Python (Qt-free; the widget asks and installs).
+
+torch is checked separately because it must come from PyTorchUtils (it picks the CUDA build for the GPU driver);
+everything else is read from Resources/requirements.txt.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+from pathlib import Path
+
+TORCH_REQUIREMENT = ">=2.1"
+REQUIREMENTS_FILE = "requirements.txt"
+
+
+def read_requirements(path: Path) -> list[str]:
+    """Requirement lines of a requirements.txt, without comments and blank lines."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def requirement_satisfied(requirement: str) -> bool:
+    """True when the distribution is installed in a version the requirement accepts."""
+    try:
+        from packaging.requirements import Requirement  # shipped with pip, so present in Slicer's Python
+
+        parsed = Requirement(requirement)
+        try:
+            installed = importlib.metadata.version(parsed.name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return parsed.specifier.contains(installed, prereleases=True)
+    except ImportError:  # no 'packaging': only check that the distribution exists
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        try:
+            importlib.metadata.version(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            return False
+
+
+def missing_requirements(path: Path) -> list[str]:
+    """The lines of ``path`` that this Python does not satisfy yet."""
+    return [line for line in read_requirements(path) if not requirement_satisfied(line)]
+
+
+def torch_installed() -> bool:
+    """True when torch is importable (checked without importing it: importing torch takes seconds)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def detect_devices() -> dict[str, object]:
+    """What PyTorch can use here: {'cuda': bool, 'cuda_name': str, 'mps': bool, 'torch': version}. Imports torch."""
+    import torch
+
+    info: dict[str, object] = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available()), "cuda_name": ""}
+    if info["cuda"]:
+        info["cuda_name"] = torch.cuda.get_device_name(0)
+    mps = getattr(torch.backends, "mps", None)
+    info["mps"] = bool(mps is not None and mps.is_available())
+    return info
+
+
+def describe_devices(info: dict[str, object]) -> str:
+    """One line for the GUI, e.g. 'Detected: CUDA (NVIDIA RTX 4090)' or 'Detected: CPU only'."""
+    if info.get("cuda"):
+        return f"Detected: CUDA ({info.get('cuda_name') or 'GPU'})"
+    return "Detected: CPU only (no CUDA GPU visible to PyTorch)"

@@ -1,0 +1,247 @@
+"""Export a reviewed segmentation as a training case for ``hsam finetune``.
+
+A case is a new folder under the export root holding::
+
+    image.nii.gz            the CT, voxels and geometry as in Slicer
+    labels.nii.gz           uint8 H-SAM label values (0 background, 1 spleen ... 8 pancreas) on the CT's grid
+    segmentation.seg.nrrd   the segmentation as Slicer saves it (names, colours, terminology)
+    hsam_labels.csv         the label table (Slicer colour table with terminology columns)
+    provenance.json         model, times, and which organs and slices the user changed versus the stored prediction
+
+provenance.json is written last, atomically: a folder without it is an interrupted export. An existing folder is never
+written into; the case name gets a ``_2``, ``_3`` ... suffix instead.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from HSAMSlicerLib import geometry
+from hsam.errors import HSAMError
+
+CASE_FORMAT = "hsam-case/1"
+IMAGE_FILE, LABELS_FILE, SEGMENTATION_FILE, TABLE_FILE, PROVENANCE_FILE = (
+    "image.nii.gz", "labels.nii.gz", "segmentation.seg.nrrd", "hsam_labels.csv", "provenance.json",
+)  # fmt: skip
+
+
+def sanitize_case_name(name: str) -> str:
+    """A folder name safe on every OS: letters, digits, '-', '_' and '.', no leading dot, at most 80 characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._-")[:80].strip("._-")
+    if not cleaned or cleaned.upper() in {"CON", "PRN", "AUX", "NUL", "COM1", "LPT1"}:
+        cleaned = "case"
+    return cleaned
+
+
+def reserve_case_folder(root: Path, name: str) -> Path:
+    """Create and return a new, empty ``root/name`` (or ``name_2``, ``name_3`` ...); never reuses a folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10000):
+        candidate = root / (name if attempt == 1 else f"{name}_{attempt}")
+        try:
+            candidate.mkdir()  # atomic: fails if it exists, so two exports can never share a folder
+        except FileExistsError:
+            continue
+        return candidate
+    raise HSAMError(f"too many cases named '{name}' in {root}: choose another export folder")
+
+
+def organ_of_segment(segment) -> Any | None:
+    """The hsam.labels organ a segment stands for: by terminology (type + modifier), else by ID tag, else by name."""
+    from hsam.labels import ORGANS
+
+    terminology = segment.GetTerminology() if hasattr(segment, "GetTerminology") else ""
+    if terminology:
+        parts = terminology.split("~")
+        if len(parts) >= 4:
+            type_value = parts[2].split("^")[1] if parts[2].count("^") >= 2 else ""
+            modifier_value = parts[3].split("^")[1] if parts[3].count("^") >= 2 else ""
+            for entry in ORGANS:
+                if entry.type_code[1] == type_value and entry.modifier_code[1] == modifier_value:
+                    return entry
+    names = {segment.GetName().strip().lower().replace(" ", "_")}
+    for entry in ORGANS:
+        if names & {entry.name, entry.display_name.replace(" ", "_")}:
+            return entry
+    return None
+
+
+def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """The segment as a bool [k, j, i] array on the CT's voxel grid (resampled if the segmentation's grid differs)."""
+    scene = segmentation_node.GetScene()
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__HSAMSlicer_export__")
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, temporary, volume_node
+        )
+        if not ok:
+            raise HSAMError(f"Slicer could not export segment '{segment_id}'; report this bug")
+        array = slicer.util.arrayFromVolume(temporary) != 0
+    finally:
+        display = temporary.GetDisplayNode()
+        if display is not None and display.GetColorNode() is not None:
+            scene.RemoveNode(display.GetColorNode())
+        scene.RemoveNode(temporary)
+    return array
+
+
+def label_array(segmentation_node, volume_node) -> tuple[np.ndarray, dict[str, str], list[str], int]:
+    """H-SAM label array on the CT grid, plus {organ name: segment id}, unmatched segment names, overlap voxels.
+
+    Organs are painted in H-SAM order, so where the user let two organ segments overlap the higher label wins.
+    """
+    shape = slicer.util.arrayFromVolume(volume_node).shape
+    labels = np.zeros(shape, dtype=np.uint8)
+    seen = np.zeros(shape, dtype=bool)
+    overlap = 0
+    segmentation = segmentation_node.GetSegmentation()
+    matched: dict[int, tuple[Any, str]] = {}
+    unmatched: list[str] = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        entry = organ_of_segment(segmentation.GetSegment(segment_id))
+        if entry is None or entry.index in matched:
+            unmatched.append(segmentation.GetSegment(segment_id).GetName())
+            continue
+        matched[entry.index] = (entry, segment_id)
+    for value in sorted(matched):
+        entry, segment_id = matched[value]
+        mask = segment_array(segmentation_node, segment_id, volume_node)
+        overlap += int(np.count_nonzero(mask & seen))
+        seen |= mask
+        labels[mask] = entry.index
+    return labels, {entry.name: sid for entry, sid in matched.values()}, unmatched, overlap
+
+
+def changes_versus_prediction(labels: np.ndarray, prediction: np.ndarray | None, organ_indices: list[int]) -> dict:
+    """Per organ: changed?, voxels added/removed, and the slice indices k (array axis 0) that differ."""
+    from hsam.labels import organ
+
+    if prediction is None:
+        return {"prediction_available": False, "organs": {}, "changed_organs": [], "changed_slices": []}
+    organs: dict[str, dict] = {}
+    all_slices: set[int] = set()
+    for value in organ_indices:
+        now, before = labels == value, prediction == value
+        added, removed = now & ~before, before & ~now
+        slices = sorted({int(k) for k in np.flatnonzero((added | removed).any(axis=(1, 2)))})
+        all_slices.update(slices)
+        organs[organ(value).name] = {
+            "changed": bool(slices),
+            "voxels_added": int(added.sum()),
+            "voxels_removed": int(removed.sum()),
+            "voxels_predicted": int(before.sum()),
+            "voxels_final": int(now.sum()),
+            "slices_changed": slices,
+        }
+    return {
+        "prediction_available": True,
+        "organs": organs,
+        "changed_organs": [name for name, info in organs.items() if info["changed"]],
+        "changed_slices": sorted(all_slices),
+    }
+
+
+def export_case(segmentation_node, output_root, *, volume_node=None, case_name: str | None = None) -> Path:
+    """Write the case folder (module docstring) and return its path. Raises HSAMError for user-fixable problems."""
+    from hsam import __version__
+    from hsam.labels import ORGANS, write_color_table
+    from HSAMSlicerLib.logic import (
+        PROVENANCE_KEYS, PROVENANCE_PREFIX, RESULT_ATTRIBUTE, ROLE_PREDICTION, HSAMSlicerLogic,
+    )  # fmt: skip
+
+    if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
+        raise HSAMError("no segmentation to export: run Segment organs first or select a segmentation")
+    volume_node = volume_node or HSAMSlicerLogic.source_volume(segmentation_node)
+    if volume_node is None:
+        raise HSAMError(
+            f"'{segmentation_node.GetName()}' is not linked to a CT: set its source volume in Segment Editor first"
+        )
+    HSAMSlicerLogic.check_input_volume(volume_node)
+    if not str(output_root or "").strip():
+        raise HSAMError("no export folder: choose a folder for the training cases")
+
+    image = _image(volume_node)
+    labels, segment_ids, unmatched, overlap = label_array(segmentation_node, volume_node)
+    if not segment_ids:
+        raise HSAMError(
+            f"'{segmentation_node.GetName()}' has no segment that is one of the eight H-SAM organs "
+            "(matched by terminology or name): nothing to export"
+        )
+    prediction_node = segmentation_node.GetNodeReference(ROLE_PREDICTION)
+    prediction = None
+    if prediction_node is not None and prediction_node.GetAttribute(RESULT_ATTRIBUTE) is not None:
+        prediction = slicer.util.arrayFromVolume(prediction_node)
+        if prediction.shape != labels.shape:
+            prediction = None  # the CT was changed after the run; differences would be meaningless
+    attributes = HSAMSlicerLogic.provenance(segmentation_node)
+    predicted_organs = [int(v) for v in attributes.get("Organs", "").split(",") if v.strip()]
+    compared = sorted({o.index for o in ORGANS if o.name in segment_ids} | set(predicted_organs))
+
+    root = Path(output_root).expanduser()
+    folder = reserve_case_folder(root, sanitize_case_name(case_name or volume_node.GetName()))
+    try:
+        sitk.WriteImage(image, str(folder / IMAGE_FILE), useCompression=True)
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        sitk.WriteImage(label_image, str(folder / LABELS_FILE), useCompression=True)
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(folder / SEGMENTATION_FILE))
+        if not storage.WriteData(segmentation_node):
+            raise HSAMError(f"could not write {folder / SEGMENTATION_FILE}: check free disk space and permissions")
+        write_color_table(folder / TABLE_FILE)
+        provenance = {
+            "format": CASE_FORMAT,
+            "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "hsam_version": __version__,
+            "files": {"image": IMAGE_FILE, "labels": LABELS_FILE, "segmentation": SEGMENTATION_FILE,
+                      "label_table": TABLE_FILE},  # fmt: skip
+            "source": {
+                "volume": volume_node.GetName(),
+                "segmentation": segmentation_node.GetName(),
+                "size_ijk": list(image.GetSize()),
+                "spacing_mm": list(image.GetSpacing()),
+                "slice_axis": "k (axis 0 of the [k, j, i] array; z of the NIfTI files)",
+            },
+            "model": {key: attributes[key] for key in PROVENANCE_KEYS if key in attributes} or None,
+            "segments": {"exported": segment_ids, "ignored": unmatched, "overlapping_voxels": overlap},
+            "labels": {str(o.index): o.name for o in ORGANS},
+            "changes": changes_versus_prediction(labels, prediction, compared),
+        }
+        _write_json_atomic(folder / PROVENANCE_FILE, provenance)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _image(volume_node) -> sitk.Image:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return geometry.image_from_array(slicer.util.arrayFromVolume(volume_node), geometry.vtk_matrix_to_numpy(matrix))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,428 @@
+"""HSAMSlicerLogic: CT volume node -> H-SAM -> one segmentation node with eight terminology-tagged organ segments.
+
+Qt-free and GUI-free: it runs headless (pytest on the PyPI ``slicer-core`` wheel, ``Slicer --no-main-window``) and never
+shows a dialog. The work is split in three steps so that a GUI can run the slow one in a worker thread:
+
+1. :meth:`HSAMSlicerLogic.volume_to_image` (main thread): volume node -> SimpleITK image in LPS.
+2. :meth:`HSAMSlicerLogic.compute` (any thread, no MRML access): model + ``hsam.inference.segment_volume``.
+3. :meth:`HSAMSlicerLogic.apply_result` (main thread): the result -> MRML nodes, replacing this module's earlier
+   result for the same volume (never a segmentation the user made).
+
+:meth:`HSAMSlicerLogic.process` runs all three in a row.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from HSAMSlicerLib import geometry
+from hsam.errors import HSAMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hsam.inference import SegmentationResult
+
+# Attribute that marks every node this module creates; its value says which part of a result the node is.
+RESULT_ATTRIBUTE = "HSAMSlicer.Result"
+SEGMENTATION, PREDICTION, CONFIDENCE, TABLE = "segmentation", "prediction", "confidence", "volumes"
+# Node-reference roles from the segmentation node to its CT and to the other parts of the result.
+ROLE_SOURCE = "HSAMSlicer.SourceVolume"
+ROLE_PREDICTION = "HSAMSlicer.Prediction"
+ROLE_CONFIDENCE = "HSAMSlicer.Confidence"
+ROLE_TABLE = "HSAMSlicer.OrganVolumes"
+PART_ROLES = {PREDICTION: ROLE_PREDICTION, CONFIDENCE: ROLE_CONFIDENCE, TABLE: ROLE_TABLE}
+# Segment tag holding the H-SAM label value, used by export next to the terminology.
+LABEL_VALUE_TAG = "HSAMSlicer.LabelValue"
+# Provenance attributes on the segmentation node (also written to provenance.json on export).
+PROVENANCE_PREFIX = "HSAMSlicer."
+PROVENANCE_KEYS = (
+    "ModelId", "ModelName", "ModelTitle", "ModelSHA256", "Device", "Precision", "Seconds", "Time", "Version", "Organs", "Warnings",
+)  # fmt: skip
+
+
+@dataclass
+class RunOptions:
+    """What to run: the model (manifest id, registered name or path), the device and what to produce."""
+
+    model: str
+    device: str = "auto"  # "auto" | "cuda" | "cpu" (anything torch accepts)
+    organs: Sequence[int] | None = None  # H-SAM label values to keep; None = all eight
+    confidence: bool = False  # also create a confidence volume
+    largest_component: bool = False
+    show_3d: bool = True  # build closed surfaces so the organs show in 3D (when display nodes exist)
+    batch_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # passed through to segment_volume
+
+
+def organs_selected(organs: Sequence[int] | None) -> list:
+    """The hsam.labels organ entries for ``organs`` (label values), in H-SAM order; all eight when None."""
+    from hsam.labels import ORGANS
+
+    if organs is None:
+        return list(ORGANS)
+    wanted = {int(i) for i in organs}
+    unknown = wanted - {o.index for o in ORGANS}
+    if unknown:
+        raise HSAMError(f"unknown organ label value(s) {sorted(unknown)}; H-SAM organs are 1..{len(ORGANS)}")
+    if not wanted:
+        raise HSAMError("no organ is selected: tick at least one organ")
+    return [o for o in ORGANS if o.index in wanted]
+
+
+class HSAMSlicerLogic:
+    """Segment abdominal organs in a CT volume node with H-SAM and manage the resulting nodes.
+
+    ``scene`` defaults to ``slicer.mrmlScene``. Loaded models are cached per (model, device), so a second run is quick.
+    """
+
+    def __init__(self, scene=None):
+        self.scene = scene if scene is not None else slicer.mrmlScene
+        self._models: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._models_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ step 1: volume node -> SimpleITK image
+    @staticmethod
+    def check_input_volume(volume_node) -> None:
+        """Raise HSAMError unless ``volume_node`` is a 3-D single-component scalar volume with voxels."""
+        if volume_node is None:
+            raise HSAMError("no input volume: load a CT and select it as the input volume")
+        name = volume_node.GetName()
+        if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise HSAMError(
+                f"'{name}' is a label map (a segmentation), not a CT image: select the CT volume as the input"
+            )
+        if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLVectorVolumeNode"):
+            raise HSAMError(
+                f"'{name}' is a {volume_node.GetClassName()}, not a scalar CT volume: H-SAM needs a single 3-D CT"
+            )
+        image_data = volume_node.GetImageData()
+        if image_data is None or image_data.GetNumberOfPoints() == 0:
+            raise HSAMError(f"'{name}' has no voxels: load the image data again")
+        components = image_data.GetNumberOfScalarComponents()
+        if components != 1:
+            raise HSAMError(
+                f"'{name}' has {components} values per voxel (a 4-D, multi-frame or colour volume): "
+                "H-SAM needs a single 3-D CT; split it into 3-D volumes (e.g. with the Sequences module) and pick one"
+            )
+
+    def volume_to_image(self, volume_node) -> sitk.Image:
+        """The volume's voxels as a SimpleITK image in LPS, in the volume's own (untransformed) coordinates.
+
+        Results are written back in the same coordinates and put under the volume's parent transform, so a
+        transformed CT gets a segmentation that moves with it.
+        """
+        self.check_input_volume(volume_node)
+        array = slicer.util.arrayFromVolume(volume_node)  # [k, j, i], a view; image_from_array copies it
+        matrix = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(matrix)
+        return geometry.image_from_array(array, geometry.vtk_matrix_to_numpy(matrix))
+
+    # ------------------------------------------------------------------ step 2: inference (no MRML here)
+    def load_model(self, model: str, device: str = "auto", status: Callable[[str], None] | None = None):
+        """(network, ModelCard) for an installed id, a manifest id (downloaded first, SHA-256 checked) or a path.
+
+        Cached per (model, device), so the second run skips loading. ``status`` receives one-line progress messages.
+        """
+        device = resolve_device(device)
+        key = (str(model), device)
+        with self._models_lock:
+            if key not in self._models:
+                from hsam import weights
+
+                if _needs_download(str(model)):
+                    def downloaded(done: int, total: int | None) -> None:
+                        if status is not None:
+                            percent = f" {100 * done // total}%" if total else f" {done // (1 << 20)} MB"
+                            status(f"Downloading model {model}:{percent}")
+
+                    weights.fetch(str(model), progress=downloaded)
+                if status is not None:
+                    status(f"Loading model {model} on {device}...")
+                self._models[key] = weights.load_named_model(str(model), device=device)
+            return self._models[key]
+
+    def compute(
+        self,
+        image: sitk.Image,
+        options: RunOptions,
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        status: Callable[[str], None] | None = None,
+    ) -> tuple["SegmentationResult", Any]:
+        """Load the model (cached) and run ``segment_volume``; returns (result, model card).
+
+        Raises ``hsam.inference.Cancelled`` when ``cancel()`` becomes true, HSAMError for bad input.
+        """
+        from hsam.inference import segment_volume
+
+        organs = [o.index for o in organs_selected(options.organs)]
+        network, card = self.load_model(options.model, options.device, status=status)
+        if cancel is not None and cancel():
+            from hsam.inference import Cancelled
+
+            raise Cancelled("cancelled before inference started")
+        result = segment_volume(
+            image,
+            network,
+            card,
+            device=resolve_device(options.device),
+            batch_size=options.batch_size,
+            progress=progress,
+            cancel=cancel,
+            largest_component=options.largest_component,
+            organs=organs,
+            **options.extra,
+        )
+        return result, card
+
+    # ------------------------------------------------------------------ step 3: result -> MRML (main thread)
+    def apply_result(self, volume_node, result: "SegmentationResult", card, options: RunOptions):
+        """Build the segmentation (+ stored prediction, optional confidence volume, organ-volume table) for
+        ``volume_node`` and remove this module's earlier result for it. Returns the segmentation node.
+
+        Nothing is left behind if this fails: the new nodes are removed and the earlier result stays.
+        """
+        self.check_input_volume(volume_node)
+        chosen = organs_selected(options.organs)
+        labels = sitk.GetArrayFromImage(result.labels)
+        reference_shape = slicer.util.arrayFromVolume(volume_node).shape
+        if labels.shape != reference_shape:
+            raise HSAMError(f"the label volume {labels.shape} does not match the CT {reference_shape}; report this bug")
+        keep = np.zeros(256, dtype=bool)
+        keep[[o.index for o in chosen]] = True
+        labels = np.where(keep[labels], labels, 0).astype(np.uint8)
+
+        old_nodes = self._result_nodes(volume_node)
+        created: list = []
+        try:
+            segmentation = self._new_node("vtkMRMLSegmentationNode", self._result_name(volume_node), SEGMENTATION,
+                                          created)  # fmt: skip
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+            segmentation.SetNodeReferenceID(ROLE_SOURCE, volume_node.GetID())
+            self._fill_segments(segmentation, volume_node, labels, chosen, created)
+
+            prediction = self._new_node("vtkMRMLLabelMapVolumeNode", f"{volume_node.GetName()} H-SAM prediction",
+                                        PREDICTION, created)  # fmt: skip
+            prediction.CopyOrientation(volume_node)
+            slicer.util.updateVolumeFromArray(prediction, labels)
+            prediction.SetHideFromEditors(True)  # kept only so that export can tell what the user changed
+            segmentation.SetNodeReferenceID(ROLE_PREDICTION, prediction.GetID())
+
+            if options.confidence and getattr(result, "confidence", None) is not None:
+                confidence = self._new_node("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} H-SAM confidence",
+                                            CONFIDENCE, created)  # fmt: skip
+                confidence.CopyOrientation(volume_node)
+                slicer.util.updateVolumeFromArray(confidence, sitk.GetArrayFromImage(result.confidence))
+                confidence.CreateDefaultDisplayNodes()
+                segmentation.SetNodeReferenceID(ROLE_CONFIDENCE, confidence.GetID())
+
+            table = self._new_node("vtkMRMLTableNode", f"{volume_node.GetName()} organ volumes", TABLE, created)
+            self._fill_volume_table(table, labels, volume_node, chosen)
+            segmentation.SetNodeReferenceID(ROLE_TABLE, table.GetID())
+
+            self._set_provenance(segmentation, result, card, options, chosen)
+            for node in created:
+                if node.IsA("vtkMRMLTransformableNode"):  # tables are not transformable
+                    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+            self._place_in_subject_hierarchy(volume_node, [n for n in created if n is not prediction])
+            if options.show_3d and segmentation.GetDisplayNode() is not None:
+                segmentation.CreateClosedSurfaceRepresentation()
+        except BaseException:
+            for node in reversed(created):
+                self.scene.RemoveNode(node)
+            raise
+        for node in old_nodes:
+            self.scene.RemoveNode(node)
+        return segmentation
+
+    def process(self, volume_node, options: RunOptions, progress=None, cancel=None):
+        """All three steps on the calling thread (headless use, scripts, the self-test)."""
+        image = self.volume_to_image(volume_node)
+        result, card = self.compute(image, options, progress=progress, cancel=cancel)
+        return self.apply_result(volume_node, result, card, options)
+
+    # ------------------------------------------------------------------ finding results
+    def find_result(self, volume_node):
+        """This module's segmentation for ``volume_node``, or None. User-made segmentations are never returned."""
+        if volume_node is None:
+            return None
+        for node in self._nodes_of_class("vtkMRMLSegmentationNode"):
+            if node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION and node.GetNodeReferenceID(ROLE_SOURCE) == volume_node.GetID():  # fmt: skip
+                return node
+        return None
+
+    @staticmethod
+    def is_result(node) -> bool:
+        return node is not None and node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION
+
+    @staticmethod
+    def source_volume(segmentation_node):
+        """The CT a segmentation belongs to: our source reference, else its reference-geometry volume."""
+        if segmentation_node is None:
+            return None
+        node = segmentation_node.GetNodeReference(ROLE_SOURCE)
+        if node is None:
+            node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+        return node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else None
+
+    @staticmethod
+    def provenance(segmentation_node) -> dict[str, str]:
+        """The provenance attributes of a result (empty for a segmentation this module did not make)."""
+        values = {}
+        for key in PROVENANCE_KEYS:
+            value = segmentation_node.GetAttribute(PROVENANCE_PREFIX + key)
+            if value is not None:
+                values[key] = value
+        return values
+
+    def export_for_finetuning(self, segmentation_node, output_root, volume_node=None, case_name=None):
+        """Write a training case folder (see :func:`HSAMSlicerLib.export.export_case`); returns its path."""
+        from HSAMSlicerLib.export import export_case
+
+        return export_case(segmentation_node, output_root, volume_node=volume_node, case_name=case_name)
+
+    # ------------------------------------------------------------------ helpers
+    def _nodes_of_class(self, class_name: str) -> list:
+        collection = self.scene.GetNodesByClass(class_name)
+        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        return nodes
+
+    def _result_nodes(self, volume_node) -> list:
+        """This module's earlier result for the volume: the segmentation and the nodes it references."""
+        nodes = []
+        for segmentation in self._nodes_of_class("vtkMRMLSegmentationNode"):
+            if segmentation.GetAttribute(RESULT_ATTRIBUTE) != SEGMENTATION:
+                continue
+            if segmentation.GetNodeReferenceID(ROLE_SOURCE) != volume_node.GetID():
+                continue
+            for part, role in PART_ROLES.items():
+                node = segmentation.GetNodeReference(role)
+                if node is not None and node.GetAttribute(RESULT_ATTRIBUTE) == part:
+                    nodes.append(node)
+            nodes.append(segmentation)
+        return nodes
+
+    @staticmethod
+    def _result_name(volume_node) -> str:
+        return f"{volume_node.GetName()} organs"
+
+    def _new_node(self, class_name: str, name: str, part: str, created: list):
+        node = self.scene.AddNewNodeByClass(class_name, name)
+        node.SetAttribute(RESULT_ATTRIBUTE, part)
+        created.append(node)
+        return node
+
+    def _fill_segments(self, segmentation_node, volume_node, labels: np.ndarray, chosen: list, created: list) -> None:
+        """One segment per chosen organ (also when the model found none of it), voxels imported in one pass."""
+        from hsam.labels import ORGANS
+
+        segmentation = segmentation_node.GetSegmentation()
+        for entry in chosen:
+            segment_id = segmentation.AddEmptySegment(entry.name, entry.display_name, list(entry.rgb_float))
+            segment = segmentation.GetSegment(segment_id)
+            segment.SetTerminology(entry.terminology_entry)
+            segment.SetTag(LABEL_VALUE_TAG, str(entry.index))
+        if not labels.any():
+            return
+        # Label value v goes into the (v-1)-th listed segment ID; unchosen organs were zeroed above.
+        ids = vtk.vtkStringArray()
+        for entry in ORGANS[: int(labels.max())]:
+            ids.InsertNextValue(entry.name)
+        temporary = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__HSAMSlicer_import__")
+        try:
+            temporary.CopyOrientation(volume_node)
+            slicer.util.updateVolumeFromArray(temporary, labels)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, segmentation_node, ids):  # fmt: skip
+                raise HSAMError("Slicer could not import the organ labels into the segmentation; report this bug")
+        finally:
+            self.scene.RemoveNode(temporary)
+        # The import may add segments for IDs that were not chosen; drop them (their voxels are all zero).
+        chosen_ids = {entry.name for entry in chosen}
+        for index in reversed(range(segmentation.GetNumberOfSegments())):
+            segment_id = segmentation.GetNthSegmentID(index)
+            if segment_id not in chosen_ids:
+                segmentation.RemoveSegment(segment_id)
+
+    @staticmethod
+    def _fill_volume_table(table_node, labels: np.ndarray, volume_node, chosen: list) -> None:
+        """Organ, label value, voxel count and volume in mL, computed from the label array and voxel size."""
+        voxel_ml = float(np.prod(volume_node.GetSpacing())) / 1000.0
+        counts = np.bincount(labels.ravel(), minlength=256)
+        table = table_node.GetTable()
+        columns = (
+            (vtk.vtkStringArray(), "Organ"),
+            (vtk.vtkIntArray(), "Label value"),
+            (vtk.vtkIntArray(), "Voxels"),
+            (vtk.vtkDoubleArray(), "Volume [mL]"),
+        )
+        for array, name in columns:
+            array.SetName(name)
+            table.AddColumn(array)
+        table.SetNumberOfRows(len(chosen))
+        for row, entry in enumerate(chosen):
+            count = int(counts[entry.index])
+            table.SetValue(row, 0, vtk.vtkVariant(entry.display_name))
+            table.SetValue(row, 1, vtk.vtkVariant(entry.index))
+            table.SetValue(row, 2, vtk.vtkVariant(count))
+            table.SetValue(row, 3, vtk.vtkVariant(round(count * voxel_ml, 3)))
+        table_node.Modified()
+
+    @staticmethod
+    def _set_provenance(segmentation_node, result, card, options: RunOptions, chosen: list) -> None:
+        import hsam
+
+        values = {
+            "ModelId": str(options.model),
+            "ModelName": str(getattr(card, "name", "")),
+            "ModelTitle": str(getattr(card, "title", "")),
+            "ModelSHA256": str(getattr(card, "sha256", "") or ""),
+            "Device": str(getattr(result, "device", options.device)),
+            "Precision": str(getattr(result, "precision", "")),
+            "Seconds": f"{float(getattr(result, 'seconds', 0.0)):.2f}",
+            "Time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "Version": hsam.__version__,
+            "Organs": ",".join(str(entry.index) for entry in chosen),
+            "Warnings": " | ".join(getattr(result, "warnings", None) or []),
+        }
+        for key, value in values.items():
+            segmentation_node.SetAttribute(PROVENANCE_PREFIX + key, value)
+
+    def _place_in_subject_hierarchy(self, volume_node, nodes: list) -> None:
+        """Put the result next to the CT: under the CT's study (its parent item) in Subject Hierarchy."""
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        if hierarchy is None:
+            return
+        volume_item = hierarchy.GetItemByDataNode(volume_node)
+        if not volume_item:
+            volume_item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), volume_node)
+        parent = hierarchy.GetItemParent(volume_item)
+        for node in nodes:
+            item = hierarchy.GetItemByDataNode(node)
+            if item:
+                hierarchy.SetItemParent(item, parent)
+            else:
+                hierarchy.CreateItem(parent, node)
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> CUDA, then Apple MPS, then CPU; an explicit device that is not available is a clear HSAMError."""
+    from hsam.inference import select_device
+
+    return str(select_device({"": "auto"}.get((device or "").strip().lower(), (device or "").strip().lower())))
+
+
+def _needs_download(model: str) -> bool:
+    """True for a manifest id that is not installed yet (paths and installed ids load directly)."""
+    from hsam import weights
+
+    if "/" in model or "\\" in model or (weights.models_dir() / model / "model.json").is_file():
+        return False
+    return model in weights.load_manifest()

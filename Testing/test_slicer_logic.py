@@ -1,0 +1,279 @@
+"""HSAMSlicerLogic against the real MRML library (PyPI slicer-core, headless): geometry, segments, replacement,
+cancel, bad input. The CT is the real TotalSegmentator sample; the network is the real H-SAM architecture at toy size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install -e '.[test]')")
+
+import SimpleITK as sitk  # noqa: E402
+import slicer_headless  # noqa: E402  (puts HSAMSlicer/ on sys.path)
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+
+from hsam.errors import HSAMError  # noqa: E402
+from hsam.inference import Cancelled, SegmentationResult, organ_volumes_ml  # noqa: E402
+from hsam.labels import CLASS_NAMES, ORGANS, remap_labels  # noqa: E402
+from hsam.model.checkpoint import ModelCard  # noqa: E402
+from HSAMSlicerLib import geometry  # noqa: E402
+from HSAMSlicerLib.export import segment_array  # noqa: E402
+from HSAMSlicerLib.logic import (  # noqa: E402
+    RESULT_ATTRIBUTE,
+    ROLE_CONFIDENCE,
+    ROLE_PREDICTION,
+    ROLE_TABLE,
+    HSAMSlicerLogic,
+    RunOptions,
+)
+from HSAMSlicerLib.testing import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def app():
+    """A fresh scene with its logics; the fixture keeps every logic object alive for the test."""
+    return slicer_headless.start()
+
+
+@pytest.fixture
+def ct_path(real_data):
+    return real_data / "totalsegmentator" / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture
+def reference_labels(real_data) -> sitk.Image:
+    """The sample's TotalSegmentator labels mapped to H-SAM values (all eight organs are present)."""
+    image = sitk.ReadImage(str(real_data / "totalsegmentator" / "example_seg.nii.gz"))
+    mapped = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(image), "totalseg_total"))
+    mapped.CopyInformation(image)
+    return mapped
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def result_from_labels(labels: sitk.Image) -> SegmentationResult:
+    """A SegmentationResult holding given labels, e.g. a reference segmentation (tests of the MRML side only)."""
+    confidence = sitk.Cast(labels * 20, sitk.sitkUInt8)
+    return SegmentationResult(labels=labels, confidence=confidence,
+                              volumes_ml=organ_volumes_ml(labels, CLASS_NAMES), device="cpu", seconds=0.0)  # fmt: skip
+
+
+def Card() -> ModelCard:
+    """The model card recorded for a result whose labels came from a reference file."""
+    return ModelCard(name="reference", title="TotalSegmentator reference labels", sha256="0" * 64)
+
+
+def node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+
+
+def test_volume_to_image_matches_simpleitk_reading_of_the_same_file(app, ct_path):
+    volume = app.load_volume(ct_path)
+    image = HSAMSlicerLogic(app.scene).volume_to_image(volume)
+    expected = sitk.ReadImage(str(ct_path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+    np.testing.assert_allclose(image.GetSpacing(), expected.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(image.GetOrigin(), expected.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), expected.GetDirection(), atol=1e-6)
+
+
+def test_geometry_round_trip_for_an_oblique_permuted_matrix():
+    rotation = vtk.vtkTransform()
+    rotation.RotateWXYZ(25, 0.3, -0.5, 0.8)
+    matrix = np.eye(4)
+    linear = np.array([[rotation.GetMatrix().GetElement(r, c) for c in range(3)] for r in range(3)])
+    matrix[:3, :3] = linear[:, [2, 0, 1]] @ np.diag([0.7, 1.3, 2.5])  # permuted axes, anisotropic voxels
+    matrix[:3, 3] = [12.5, -40.0, 7.25]
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    image = geometry.image_from_array(array, matrix)
+    np.testing.assert_allclose(geometry.ijk_to_ras_from_image(image), matrix, atol=1e-9)
+    # voxel (i, j, k) = (1, 2, 3) lands at the same physical point in both conventions (LPS = RAS with x, y negated)
+    ras = matrix @ np.array([1, 2, 3, 1.0])
+    lps = image.TransformIndexToPhysicalPoint((1, 2, 3))
+    np.testing.assert_allclose(lps, [-ras[0], -ras[1], ras[2]], atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_label_map_input_gets_a_clear_error(app, reference_labels):
+    label_map = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "organ labels")
+    slicer.util.updateVolumeFromArray(label_map, sitk.GetArrayFromImage(reference_labels))
+    with pytest.raises(HSAMError, match="label map.*select the CT"):
+        HSAMSlicerLogic(app.scene).volume_to_image(label_map)
+
+
+def test_four_d_input_gets_a_clear_error(app):
+    frames = np.zeros((6, 8, 10, 5), dtype=np.int16)  # [k, j, i, t]: five time points per voxel
+    vector = app.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "perfusion")
+    slicer.util.updateVolumeFromArray(vector, frames)
+    with pytest.raises(HSAMError, match="single 3-D CT"):
+        HSAMSlicerLogic(app.scene).volume_to_image(vector)
+    scalar = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "multi-frame")
+    image_data = vtk.vtkImageData()  # a scalar node whose voxels carry 5 components (what a 4-D NRRD loads as)
+    image_data.SetDimensions(10, 8, 6)
+    image_data.AllocateScalars(vtk.VTK_SHORT, 5)
+    scalar.SetAndObserveImageData(image_data)
+    with pytest.raises(HSAMError, match="5 values per voxel.*4-D"):
+        HSAMSlicerLogic(app.scene).volume_to_image(scalar)
+
+
+def test_missing_input_and_empty_organ_choice(app, ct_path, tiny_model):
+    logic = HSAMSlicerLogic(app.scene)
+    with pytest.raises(HSAMError, match="no input volume"):
+        logic.volume_to_image(None)
+    volume = app.load_volume(ct_path)
+    with pytest.raises(HSAMError, match="no organ is selected"):
+        logic.process(volume, RunOptions(model=str(tiny_model), device="cpu", organs=[]))
+
+
+# ---------------------------------------------------------------------------------------------------- result nodes
+
+
+def test_segmentation_node_from_real_labels(app, ct_path, reference_labels):
+    """Names, colours, terminology, voxels, geometry, hierarchy, provenance and the organ-volume table."""
+    volume = app.load_volume(ct_path)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(app.scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "study")
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(volume) or hierarchy.CreateItem(study, volume), study)
+
+    result = result_from_labels(reference_labels)
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, Card(),
+                                                           RunOptions(model="reference", confidence=True))  # fmt: skip
+
+    assert segmentation.GetName() == "CT organs"
+    assert segmentation.GetAttribute(RESULT_ATTRIBUTE) == "segmentation"
+    segments = segmentation.GetSegmentation()
+    assert segments.GetNumberOfSegments() == 8
+    expected = sitk.GetArrayFromImage(reference_labels)
+    for index, entry in enumerate(ORGANS):
+        segment = segments.GetNthSegment(index)
+        assert segments.GetNthSegmentID(index) == entry.name
+        assert segment.GetName() == entry.display_name
+        np.testing.assert_allclose(segment.GetColor(), entry.rgb_float, atol=1e-6)
+        assert segment.GetTerminology() == entry.terminology_entry
+        voxels = segment_array(segmentation, entry.name, volume)
+        assert voxels.any(), f"{entry.name} is in the reference labels"
+        np.testing.assert_array_equal(voxels, expected == entry.index, err_msg=entry.name)
+
+    geometry_role = segmentation.GetReferenceImageGeometryReferenceRole()
+    assert segmentation.GetNodeReference(geometry_role) is volume
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
+    assert segmentation.GetDisplayNode() is not None
+    assert segmentation.GetSegmentation().ContainsRepresentation("Closed surface"), "shown in 3D"
+    assert segmentation.GetAttribute("HSAMSlicer.ModelSHA256") == "0" * 64
+    assert segmentation.GetAttribute("HSAMSlicer.Device") == "cpu"
+    assert segmentation.GetAttribute("HSAMSlicer.Version")
+
+    prediction = segmentation.GetNodeReference(ROLE_PREDICTION)
+    assert prediction.GetHideFromEditors()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(prediction), expected)
+    confidence = segmentation.GetNodeReference(ROLE_CONFIDENCE)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(confidence), sitk.GetArrayFromImage(result.confidence))
+
+    table = segmentation.GetNodeReference(ROLE_TABLE).GetTable()
+    voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
+    for row, entry in enumerate(ORGANS):
+        assert table.GetValue(row, 0).ToString() == entry.display_name
+        count = int((expected == entry.index).sum())
+        assert table.GetValue(row, 2).ToInt() == count
+        assert table.GetValue(row, 3).ToDouble() == pytest.approx(count * voxel_ml, abs=1e-3)
+        assert table.GetValue(row, 3).ToDouble() == pytest.approx(result.volumes_ml[entry.name], abs=1e-3)
+
+
+def test_organ_subset_and_transformed_volume(app, ct_path, reference_labels):
+    volume = app.load_volume(ct_path)
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(
+        volume, result_from_labels(reference_labels), Card(), RunOptions(model="reference", organs=[5, 1])
+    )
+    segments = segmentation.GetSegmentation()
+    assert [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())] == ["spleen", "liver"]
+    assert segmentation.GetTransformNodeID() == transform.GetID(), "the result moves with its CT"
+    prediction = slicer.util.arrayFromVolume(segmentation.GetNodeReference(ROLE_PREDICTION))
+    assert set(np.unique(prediction)) == {0, 1, 5}
+
+
+def test_rerun_replaces_only_its_own_result(app, ct_path, reference_labels):
+    volume = app.load_volume(ct_path)
+    other = app.load_volume(ct_path, "second CT")
+    logic = HSAMSlicerLogic(app.scene)
+    user_made = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my organs")
+    user_made.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    result = result_from_labels(reference_labels)
+    first = logic.apply_result(volume, result, Card(), RunOptions(model="reference", confidence=True))
+    first_parts = [first.GetNodeReference(role).GetID() for role in (ROLE_PREDICTION, ROLE_CONFIDENCE, ROLE_TABLE)]
+    for_other = logic.apply_result(other, result, Card(), RunOptions(model="reference"))
+    assert logic.find_result(volume) is first
+
+    second = logic.apply_result(volume, result, Card(), RunOptions(model="reference"))
+    ids = node_ids(app.scene)
+    assert first.GetID() not in ids and not set(first_parts) & ids, "the earlier result and its parts are gone"
+    assert {second.GetID(), user_made.GetID(), for_other.GetID()} <= ids
+    assert logic.find_result(volume) is second
+    assert logic.find_result(other) is for_other
+    assert second.GetName() == "CT organs"
+
+
+def test_failed_apply_leaves_the_scene_as_it_was(app, ct_path, reference_labels):
+    volume = app.load_volume(ct_path)
+    logic = HSAMSlicerLogic(app.scene)
+    earlier = logic.apply_result(volume, result_from_labels(reference_labels), Card(), RunOptions(model="reference"))
+    before = node_ids(app.scene)
+    wrong_grid = sitk.Image(10, 10, 10, sitk.sitkUInt8)
+    with pytest.raises(HSAMError, match="does not match the CT"):
+        logic.apply_result(volume, result_from_labels(wrong_grid), Card(), RunOptions(model="reference"))
+    assert node_ids(app.scene) == before
+    assert logic.find_result(volume) is earlier
+
+
+# ---------------------------------------------------------------------------------------------------- whole path
+
+
+def test_whole_path_with_the_tiny_model_on_the_real_ct(app, ct_path, tiny_model):
+    volume = app.load_volume(ct_path)
+    logic = HSAMSlicerLogic(app.scene)
+    reports = []
+    segmentation = logic.process(volume, RunOptions(model=str(tiny_model), device="cpu", confidence=True),
+                                 progress=lambda k, n: reports.append((k, n)))  # fmt: skip
+    assert reports[0] == (0, 30) and reports[-1] == (30, 30)
+    assert [k for k, _ in reports] == sorted(k for k, _ in reports)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 8
+    assert segmentation.GetAttribute("HSAMSlicer.ModelName") == "hsam-tiny-test"
+    card_sha = (tiny_model / "model.json").read_text()
+    assert segmentation.GetAttribute("HSAMSlicer.ModelSHA256") in card_sha
+    # the segments hold exactly the network's labels, on the CT grid
+    prediction = slicer.util.arrayFromVolume(segmentation.GetNodeReference(ROLE_PREDICTION))
+    assert prediction.shape == slicer.util.arrayFromVolume(volume).shape
+    for entry in ORGANS:
+        np.testing.assert_array_equal(segment_array(segmentation, entry.name, volume), prediction == entry.index)
+
+
+def test_cancel_leaves_no_node_behind(app, ct_path, tiny_model):
+    volume = app.load_volume(ct_path)
+    logic = HSAMSlicerLogic(app.scene)
+    before = node_ids(app.scene)
+    with pytest.raises(Cancelled):
+        logic.process(volume, RunOptions(model=str(tiny_model), device="cpu"), cancel=lambda: True)
+    assert node_ids(app.scene) == before
+
+    reports = []
+
+    def cancel_after_a_few_slices() -> bool:
+        return bool(reports) and reports[-1][0] >= 6
+
+    with pytest.raises(Cancelled):
+        logic.process(volume, RunOptions(model=str(tiny_model), device="cpu"),
+                      progress=lambda k, n: reports.append((k, n)), cancel=cancel_after_a_few_slices)  # fmt: skip
+    assert 6 <= reports[-1][0] < 30, "it stopped part-way"
+    assert node_ids(app.scene) == before
+    assert logic.find_result(volume) is None
