@@ -2,8 +2,5 @@
 
 Nothing here imports qt, ctk or slicer's GUI classes, so the Logic runs headless (pytest with the PyPI ``slicer-core``
 wheel, or ``Slicer --no-main-window``). torch and the H-SAM network are imported lazily, only when a model is run.
+Import the submodules directly (``from HSAMSlicerLib.logic import HSAMSlicerLogic``); this file imports nothing.
 """
-
-from HSAMSlicerLib.logic import HSAMSlicerLogic, RunOptions
-
-__all__ = ["HSAMSlicerLogic", "RunOptions"]

@@ -1,0 +1,171 @@
+"""Export for fine-tuning against the real MRML library: files reload to identical arrays, the user's corrections
+are recorded per organ and slice, names are sanitised and no case is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install -e '.[test]')")
+
+import SimpleITK as sitk  # noqa: E402
+import slicer_headless  # noqa: E402  (puts HSAMSlicer/ on sys.path)
+import slicer  # noqa: E402
+
+from hsam.errors import HSAMError  # noqa: E402
+from hsam.inference import SegmentationResult, organ_volumes_ml  # noqa: E402
+from hsam.labels import CLASS_NAMES, ORGANS, color_table_csv, remap_labels  # noqa: E402
+from hsam.model.checkpoint import ModelCard  # noqa: E402
+from HSAMSlicerLib.export import (  # noqa: E402
+    PROVENANCE_FILE,
+    changes_versus_prediction,
+    export_case,
+    sanitize_case_name,
+    segment_array,
+)
+from HSAMSlicerLib.logic import HSAMSlicerLogic, RunOptions  # noqa: E402
+
+
+@pytest.fixture
+def app():
+    return slicer_headless.start()
+
+
+@pytest.fixture
+def case(app, real_data):
+    """The real CT loaded in Slicer and a module result holding its reference organ labels."""
+    folder = real_data / "totalsegmentator"
+    volume = app.load_volume(folder / "example_ct_sm.nii.gz", "CT abdomen")
+    reference = sitk.ReadImage(str(folder / "example_seg.nii.gz"))
+    labels = remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total")
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(reference)
+    result = SegmentationResult(labels=image, confidence=sitk.Cast(image, sitk.sitkUInt8),
+                                volumes_ml=organ_volumes_ml(image, CLASS_NAMES), device="cpu", seconds=1.5)  # fmt: skip
+    card = ModelCard(name="reference", title="reference labels", sha256="ab" * 32)
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, card,
+                                                           RunOptions(model="reference", show_3d=False))  # fmt: skip
+    return volume, segmentation, labels, folder / "example_ct_sm.nii.gz"
+
+
+def edit_segment(segmentation, segment_id: str, volume, change) -> None:
+    """Change a segment the way Segment Editor does: read its voxels, modify them, write them back."""
+    mask = segment_array(segmentation, segment_id, volume).astype(np.uint8)
+    change(mask)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment_id, volume)
+
+
+def test_export_reloads_to_identical_arrays_and_records_the_corrections(app, case, tmp_path):
+    volume, segmentation, labels, ct_file = case
+    liver_slices = np.flatnonzero((labels == 5).any(axis=(1, 2)))
+    erased = int(liver_slices[len(liver_slices) // 2])
+    edit_segment(segmentation, "liver", volume, lambda m: m.__setitem__(erased, 0))  # the user erases one slice
+    added_at = (3, 10, 10)  # and paints two voxels of spleen at the volume's edge
+    edit_segment(segmentation, "spleen", volume, lambda m: m.__setitem__((added_at[0], slice(10, 12), 10), 1))
+    expected = labels.copy()
+    expected[erased][expected[erased] == 5] = 0
+    expected[added_at[0], 10:12, 10] = 1
+
+    folder = export_case(segmentation, tmp_path / "cases")
+    assert folder.name == "CT_abdomen"
+    assert {p.name for p in folder.iterdir()} == {
+        "image.nii.gz", "labels.nii.gz", "segmentation.seg.nrrd", "hsam_labels.csv", "provenance.json",
+    }  # fmt: skip
+
+    image = sitk.ReadImage(str(folder / "image.nii.gz"))
+    original = sitk.ReadImage(str(ct_file))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(original))
+    np.testing.assert_allclose(image.GetOrigin(), original.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), original.GetDirection(), atol=1e-6)
+    exported = sitk.ReadImage(str(folder / "labels.nii.gz"))
+    assert exported.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(exported), expected)
+    np.testing.assert_allclose(exported.GetOrigin(), original.GetOrigin(), atol=1e-4)
+
+    # the .seg.nrrd reloads in Slicer with the same segments, names, terminology and voxels
+    reloaded = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(folder / "segmentation.seg.nrrd"))
+    assert storage.ReadData(reloaded)
+    segments = reloaded.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(8)] == [o.display_name for o in ORGANS]
+    for entry in ORGANS:
+        segment = segments.GetSegment(entry.name)
+        assert segment.GetTerminology() == entry.terminology_entry
+        np.testing.assert_array_equal(segment_array(reloaded, entry.name, volume), expected == entry.index)
+    assert (folder / "hsam_labels.csv").read_text() == color_table_csv()
+
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert provenance["model"]["ModelSHA256"] == "ab" * 32
+    assert provenance["model"]["ModelName"] == "reference"
+    assert provenance["exported"] and provenance["model"]["Time"]
+    changes = provenance["changes"]
+    assert changes["prediction_available"] is True
+    assert changes["changed_organs"] == ["spleen", "liver"]
+    assert changes["changed_slices"] == sorted({erased, added_at[0]})
+    liver = changes["organs"]["liver"]
+    assert liver["slices_changed"] == [erased] and liver["voxels_added"] == 0
+    assert liver["voxels_removed"] == int((labels[erased] == 5).sum())
+    assert changes["organs"]["spleen"]["voxels_added"] == 2
+    assert not changes["organs"]["aorta"]["changed"]
+    assert provenance["segments"]["ignored"] == []
+
+
+def test_exports_never_overwrite_and_names_are_sanitised(app, case, tmp_path):
+    _, segmentation, _, _ = case
+    root = tmp_path / "cases"
+    first = export_case(segmentation, root, case_name="../Patient 7: ÄBC*?")
+    second = export_case(segmentation, root, case_name="../Patient 7: ÄBC*?")
+    assert first.parent == root and second.parent == root
+    assert first.name == "Patient_7_BC" and second.name == "Patient_7_BC_2"
+    stamp = (first / PROVENANCE_FILE).stat().st_mtime_ns
+    third = export_case(segmentation, root, case_name="Patient_7_BC")
+    assert third.name == "Patient_7_BC_3"
+    assert (first / PROVENANCE_FILE).stat().st_mtime_ns == stamp
+    assert sanitize_case_name("") == sanitize_case_name("...") == sanitize_case_name("NUL") == "case"
+
+
+def test_user_segmentation_without_a_stored_prediction(app, case, tmp_path):
+    """A segmentation the user made (no H-SAM run) exports; unknown segments are listed as ignored."""
+    volume, _, labels, _ = case
+    own = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    own.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    own.GetSegmentation().AddEmptySegment("mine-liver", "Liver", [1, 0, 0])
+    own.GetSegmentation().AddEmptySegment("tumour", "tumour", [0, 1, 0])
+    slicer.util.updateSegmentBinaryLabelmapFromArray((labels == 5).astype(np.uint8), own, "mine-liver", volume)
+    folder = export_case(own, tmp_path, volume_node=volume)
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels.nii.gz")))
+    np.testing.assert_array_equal(exported, np.where(labels == 5, 5, 0))
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert provenance["changes"]["prediction_available"] is False
+    assert provenance["segments"] == {"exported": {"liver": "mine-liver"}, "ignored": ["tumour"], "overlapping_voxels": 0}
+    assert provenance["model"] is None
+
+
+def test_export_errors_leave_no_folder(app, case, tmp_path):
+    volume, segmentation, _, _ = case
+    empty = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    with pytest.raises(HSAMError, match="not linked to a CT"):
+        export_case(empty, tmp_path)
+    empty.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    with pytest.raises(HSAMError, match="no segment that is one of the eight"):
+        export_case(empty, tmp_path)
+    with pytest.raises(HSAMError, match="no export folder"):
+        export_case(segmentation, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_changes_versus_prediction_counts_per_slice():
+    prediction = np.zeros((4, 3, 3), dtype=np.uint8)
+    prediction[1:3, 1, 1] = 5
+    labels = prediction.copy()
+    labels[2, 1, 1] = 6  # slice 2: liver voxel relabelled as stomach
+    changes = changes_versus_prediction(labels, prediction, [5, 6, 1])
+    assert changes["changed_organs"] == ["liver", "stomach"]
+    assert changes["changed_slices"] == [2]
+    assert changes["organs"]["liver"]["voxels_removed"] == 1 and changes["organs"]["stomach"]["voxels_added"] == 1
+    assert changes["organs"]["spleen"] == {"changed": False, "voxels_added": 0, "voxels_removed": 0,
+                                           "voxels_predicted": 0, "voxels_final": 0, "slices_changed": []}  # fmt: skip
