@@ -124,8 +124,19 @@ class MaskModulatedTransformer(nn.Module):
         return self.norm_final_attn(queries + attn), keys
 
 
+def _pixel_layer(cin: int, cout: int, upscale: bool) -> nn.Module:
+    """One pixel-decoder layer: ConvT 2x2 stride 2 (released), or a 3x3 conv where the output is already at S."""
+    if upscale:
+        return nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
+    return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+
+
 class MaskDecoderStage2(nn.Module):
     """Stage-2 decoder for K = ``num_outputs`` classes on a ``grid`` x ``grid`` embedding.
+
+    ``pixel_upscale``: factor of the skip-connected pixel decoder after the 4g stage-1 resolution, so that stage 2
+    ends at S = 4g * pixel_upscale: 4 for SAM ViTs (g = S/16, released), 1 for the H-SAM-Lite TinyViT (g = S/4),
+    where its two ConvT 2x2 become 3x3 convs at S (a 1024x1024 decoder for a 256 input would cost ~40x more).
 
     ``cmattn``: ``"constant"`` (src doubled, the released computation) or ``"mask_guided"``;
     ``keep_cmattn_tensors`` registers the CMAttn parameters (width grid*grid) under their released names.
@@ -138,8 +149,11 @@ class MaskDecoderStage2(nn.Module):
         cmattn: str = "constant",
         keep_cmattn_tensors: bool = True,
         transformer_dim: int = 256,
+        pixel_upscale: int = 4,
     ) -> None:
         super().__init__()
+        if pixel_upscale not in (1, 2, 4):
+            raise ValueError(f"pixel_upscale must be 1, 2 or 4, got {pixel_upscale}")
         self.num_mask_tokens = num_outputs
         self.grid = grid
         self.cmattn = cmattn
@@ -153,10 +167,10 @@ class MaskDecoderStage2(nn.Module):
             nn.GELU(),
         )
         self.skip_connect = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            _pixel_layer(transformer_dim // 4, transformer_dim // 8, pixel_upscale >= 2),
             LayerNorm2d(transformer_dim // 8),
             nn.GELU(),
-            nn.ConvTranspose2d(transformer_dim // 8, transformer_dim // 16, kernel_size=2, stride=2),
+            _pixel_layer(transformer_dim // 8, transformer_dim // 16, pixel_upscale >= 4),
             LayerNorm2d(transformer_dim // 16),
             nn.GELU(),
         )
@@ -176,7 +190,7 @@ class MaskDecoderStage2(nn.Module):
         up_embed: Tensor,
         class_maps: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """-> (logits [B,K,16g,16g], iou [B,K]). ``class_maps`` [B,K,g*g] is needed in ``"mask_guided"`` mode."""
+        """-> (logits [B,K,4g*pixel_upscale,...], iou [B,K]). ``class_maps`` [B,K,g*g] is needed in ``"mask_guided"`` mode."""
         batch, channels, grid_h, grid_w = image_embeddings.shape
         src = image_embeddings + dense_embedding
         if self.cmattn == "mask_guided":

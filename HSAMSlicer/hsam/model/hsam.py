@@ -50,7 +50,8 @@ class HSAM(nn.Module):
         self.prompt_encoder = PromptFreeEncoder(self.grid, self.img_size)
         self.mask_decoder = MaskDecoderStage1(self.num_outputs)
         self.mask_decoder2 = MaskDecoderStage2(
-            self.num_outputs, self.grid, cmattn=config.cmattn, keep_cmattn_tensors=config.keep_cmattn_tensors
+            self.num_outputs, self.grid, cmattn=config.cmattn, keep_cmattn_tensors=config.keep_cmattn_tensors,
+            pixel_upscale=max(1, self.img_size // (4 * self.grid)),  # stage 2 ends at S (1 for the Lite TinyViT)
         )
 
     def _check_images(self, images: Tensor) -> Tensor:

@@ -350,3 +350,66 @@ def load_litemedsam_encoder(encoder: TinyViT, state: Mapping[str, torch.Tensor] 
     state = load_litemedsam_state_dict() if state is None else state
     encoder.load_state_dict(submodule_state(state, "image_encoder"), strict=True)
     return encoder
+
+
+# --- H-SAM-Lite: the "tiny_vit" backbone of the model registry and initialisation from LiteMedSAM ---------------------
+
+
+def build_lite_backbone(config: "ModelConfig") -> TinyViT:  # noqa: F821
+    """Backbone factory for ``ModelConfig(backbone="tiny_vit")``: a randomly initialised, frozen TinyViT.
+
+    H-SAM-Lite keeps LiteMedSAM's encoder fixed (its weights come from :func:`init_lite_from_litemedsam` in training
+    and from the saved model afterwards), so every parameter has ``requires_grad=False``. LoRA is not implemented for
+    this backbone.
+    """
+    if config.lora_rank:
+        raise ValueError("the tiny_vit backbone has no LoRA: set lora_rank to 0")
+    encoder = TinyViT()
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    return encoder
+
+
+def register() -> None:
+    """Add ``"tiny_vit"`` to :mod:`hsam.model.build`'s backbone registry (called by the registry itself)."""
+    from hsam.model.build import register_backbone
+
+    register_backbone("tiny_vit", build_lite_backbone, replace=True)
+
+
+@torch.no_grad()
+def init_lite_from_litemedsam(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Load LiteMedSAM into an H-SAM-Lite network (``model``: an :class:`~hsam.model.hsam.HSAM` with a TinyViT).
+
+    * ``image_encoder``: every tensor, strictly;
+    * ``prompt_encoder``: the positional-encoding matrix and ``no_mask_embed`` (the dense embedding of "no prompt"),
+      the mask-downscaling layers and the first 4 point embeddings (unused);
+    * ``mask_decoder`` (stage 1): the two-way transformer, IoU token and upscaling, as H-SAM initialises its
+      stage 1 from SAM's decoder. LiteMedSAM has 4 mask tokens and hyper-MLPs (its single-mask output is token 0);
+      each of the K class tokens and hyper-MLPs starts from token/MLP 0, the class tokens plus a small random
+      offset so that they differ. IoU-head output rows are left random (the IoU head is unused).
+    Stage 2 has no counterpart in LiteMedSAM and stays as initialised. Returns tensor counts per part.
+    """
+    state = load_litemedsam_state_dict() if state is None else state
+    load_litemedsam_encoder(model.image_encoder, state)
+    counts = {"image_encoder": len(submodule_state(state, "image_encoder"))}
+
+    own_prompt = model.prompt_encoder.state_dict()
+    prompt = {k: v for k, v in submodule_state(state, "prompt_encoder").items() if k in own_prompt}
+    model.prompt_encoder.load_state_dict(prompt, strict=False)
+    counts["prompt_encoder"] = len(prompt)
+
+    decoder = model.mask_decoder
+    own = decoder.state_dict()
+    source = submodule_state(state, "mask_decoder")
+    shared = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape
+              and not k.startswith(("output_hypernetworks_mlps.", "iou_prediction_head.layers.2"))}
+    decoder.load_state_dict(shared, strict=False)
+    token0 = source["mask_tokens.weight"][0]
+    offsets = torch.randn_like(decoder.mask_tokens.weight) * 0.02 * token0.std()
+    decoder.mask_tokens.weight.copy_(token0.expand_as(offsets) + offsets)
+    mlp0 = submodule_state(source, "output_hypernetworks_mlps.0")
+    for mlp in decoder.output_hypernetworks_mlps:
+        mlp.load_state_dict(mlp0, strict=True)
+    counts["mask_decoder"] = len(shared) + 1 + len(mlp0) * len(decoder.output_hypernetworks_mlps)
+    return counts
