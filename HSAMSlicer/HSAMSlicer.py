@@ -2,15 +2,15 @@
 
 The four classes Slicer expects live here: the module description, the GUI (a thin widget), the Logic (re-exported from
 HSAMSlicerLib.logic, where it is Qt-free and testable headless) and the self-test. Nothing heavy is imported at file
-scope: torch and the network load only when the user clicks Segment organs.
+scope: torch and the network load only when the user clicks Segment organs. No ``from __future__ import annotations``
+here: parameterNodeWrapper reads the parameter annotations as real types.
 """
-
-from __future__ import annotations
 
 import logging
 import os
 import pathlib
 import traceback
+from typing import Optional
 
 import ctk
 import qt
@@ -32,7 +32,9 @@ from HSAMSlicerLib.logic import HSAMSlicerLogic as _QtFreeLogic
 from HSAMSlicerLib.logic import RunOptions
 from HSAMSlicerLib.worker import BackgroundTask, format_eta
 
-__all__ = ["HSAMSlicer", "HSAMSlicerLogic", "HSAMSlicerParameterNode", "HSAMSlicerTest", "HSAMSlicerWidget", "RunOptions"]
+__all__ = [
+    "HSAMSlicer", "HSAMSlicerLogic", "HSAMSlicerParameterNode", "HSAMSlicerTest", "HSAMSlicerWidget", "RunOptions",
+]  # fmt: skip
 
 
 def _resource(relative: str) -> str:
@@ -181,7 +183,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(HSAMSlicerParameterNode(self.logic.getParameterNode()))
+        self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             volume = self._activeVolume()
             if volume:
@@ -251,7 +253,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.applyButton.toolTip = _("Segment the organs. While it runs, this button cancels.")
         hasSegmentation = bool(node and node.outputSegmentation)
         self.ui.reviewButton.enabled = hasSegmentation and not running
-        self.ui.exportButton.enabled = hasSegmentation and not running and bool(node and str(node.exportDirectory))
+        hasFolder = bool(node and str(node.exportDirectory) not in ("", "."))
+        self.ui.exportButton.enabled = hasSegmentation and not running and hasFolder
 
     def _fillOrganList(self) -> None:
         from hsam.labels import ORGANS
@@ -267,7 +270,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setIcon(qt.QIcon(pixmap))
             self.ui.organListWidget.addItem(item)
 
-    def _fillModelList(self, select: str | None = None) -> None:
+    def _fillModelList(self, select: Optional[str] = None) -> None:
         """Installed models first (most accurate first), then manifest models that can be downloaded."""
         from hsam import weights
 
@@ -411,8 +414,10 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(str(state.error), error=True)
             return
         if state.error is not None:
-            logging.error("".join(traceback.format_exception(state.error)))
-            self._setStatus(_("Segmentation failed: {error}. Details are in the Python console.").format(error=state.error), error=True)  # fmt: skip
+            error = state.error
+            logging.error("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+            message = _("Segmentation failed: {error}. Details are in the Python console.").format(error=error)
+            self._setStatus(message, error=True)
             return
         volume = slicer.mrmlScene.GetNodeByID(volumeID)
         if volume is None:
@@ -427,11 +432,12 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._parameterNode.outputSegmentation = segmentation
         found = sum(1 for value in result.volumes_ml.values() if value > 0) if result.volumes_ml else 0
-        self._setStatus(
-            _("Done in {seconds:.0f} s on {device}: {found} of {total} organs found. Check them with Review in "
-              "Segment Editor.").format(seconds=state.elapsed_s, device=result.device, found=found,
-                                         total=len(options.organs or []))  # fmt: skip
-        )
+        message = _("Done in {seconds:.0f} s on {device}: {found} of {total} organs found. Check them with Review in "
+                    "Segment Editor.").format(seconds=state.elapsed_s, device=result.device, found=found,
+                                              total=len(options.organs or []))  # fmt: skip
+        for warning in getattr(result, "warnings", None) or []:
+            message += " " + _("Warning: {text}.").format(text=warning)
+        self._setStatus(message, error=bool(getattr(result, "warnings", None)))
 
     # ------------------------------------------------------------------ dependencies (one confirmation)
     def _ensureDependencies(self) -> bool:
@@ -444,7 +450,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not needTorch and not missing:
             return True
         if slicer.app.testingEnabled():
-            self._setStatus(_("Missing Python packages: {names}").format(names=", ".join(missing) or "torch"), error=True)
+            names = ", ".join((["torch"] if needTorch else []) + missing)
+            self._setStatus(_("Missing Python packages: {names}").format(names=names), error=True)
             return False
         packaging = getattr(slicer, "packaging", None)
         if not needTorch and packaging is not None and hasattr(packaging, "pip_ensure"):
@@ -466,7 +473,10 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.errorDisplay(_("Install the PyTorch extension from the Extensions Manager, restart "
                                                "Slicer, and click Segment organs again."))  # fmt: skip
                     return False
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT) is None:  # fmt: skip
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT
+                )
+                if torch is None:
                     return False
             if missing:
                 if packaging is not None and hasattr(packaging, "pip_install"):
@@ -628,7 +638,8 @@ class HSAMSlicerTest(ScriptedLoadableModuleTest):
             for index, entry in enumerate(ORGANS):
                 segment = segmentation.GetSegmentation().GetNthSegment(index)
                 self.assertEqual(segment.GetTerminology(), entry.terminology_entry)
-            self.assertEqual(segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()), volume)
+            geometryRole = segmentation.GetReferenceImageGeometryReferenceRole()
+            self.assertEqual(segmentation.GetNodeReference(geometryRole), volume)
             self.assertIsNotNone(segmentation.GetAttribute("HSAMSlicer.ModelSHA256"))
 
             userSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my own")

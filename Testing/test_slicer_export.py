@@ -141,7 +141,9 @@ def test_user_segmentation_without_a_stored_prediction(app, case, tmp_path):
     np.testing.assert_array_equal(exported, np.where(labels == 5, 5, 0))
     provenance = json.loads((folder / PROVENANCE_FILE).read_text())
     assert provenance["changes"]["prediction_available"] is False
-    assert provenance["segments"] == {"exported": {"liver": "mine-liver"}, "ignored": ["tumour"], "overlapping_voxels": 0}
+    assert provenance["segments"] == {
+        "exported": {"liver": "mine-liver"}, "ignored": ["tumour"], "overlapping_voxels": 0,
+    }  # fmt: skip
     assert provenance["model"] is None
 
 

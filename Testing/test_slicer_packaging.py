@@ -26,7 +26,8 @@ TOP_CMAKE = (REPOSITORY / "CMakeLists.txt").read_text()
 def cmake_set(name: str, text: str = MODULE_CMAKE) -> list[str]:
     match = re.search(rf"set\({name}\s+(.*?)\)", text, re.S)
     assert match, f"set({name} ...) not found"
-    return [item.replace("${MODULE_NAME}", "HSAMSlicer") for item in match.group(1).split() if not item.startswith("${HSAM")]
+    items = match.group(1).split()
+    return [item.replace("${MODULE_NAME}", "HSAMSlicer") for item in items if not item.startswith("${HSAM")]
 
 
 def cmake_globs(name: str) -> list[str]:
@@ -38,9 +39,8 @@ def cmake_globs(name: str) -> list[str]:
 def glob_recurse(pattern: str) -> list[str]:
     """CMake's GLOB_RECURSE of 'dir/*.ext': every file below dir whose name matches."""
     folder, name_pattern = pattern.rsplit("/", 1)
-    return sorted(
-        str(p.relative_to(MODULE)) for p in (MODULE / folder).rglob(name_pattern) if p.is_file() and "__pycache__" not in p.parts
-    )
+    found = (MODULE / folder).rglob(name_pattern)
+    return sorted(str(p.relative_to(MODULE)) for p in found if p.is_file() and "__pycache__" not in p.parts)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -94,7 +94,8 @@ def test_every_shared_resource_is_listed_and_exists():
     on_disk = {str(p.relative_to(resources)) for p in resources.rglob("*")
                if p.is_file() and not p.name.startswith(".") and "__pycache__" not in p.parts}  # fmt: skip
     assert set(listed) == on_disk, f"HSAM_SHARED_RESOURCES differs from Resources/: {sorted(set(listed) ^ on_disk)}"
-    assert {"UI/HSAMSlicer.ui", "Icons/HSAMSlicer.png", "requirements.txt", "hsam_labels.csv", "models.json"} <= set(listed)
+    needed = {"UI/HSAMSlicer.ui", "Icons/HSAMSlicer.png", "requirements.txt", "hsam_labels.csv", "models.json"}
+    assert needed <= set(listed)
 
 
 def installed_layout(target: Path) -> Path:
@@ -122,7 +123,8 @@ def test_installed_module_finds_its_resources(tmp_path):
         "print(d.read_requirements(r / d.REQUIREMENTS_FILE))"
     )
     # -S: no site-packages, so neither the editable install nor anything else can supply hsam
-    done = subprocess.run([sys.executable, "-S", "-c", script, str(modules)], capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-S", "-c", script, str(modules)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     package_file, resources, manifest_entries, requirements = done.stdout.splitlines()
     assert Path(package_file).parent == modules / "hsam"

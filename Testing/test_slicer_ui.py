@@ -91,6 +91,8 @@ def test_required_controls_are_present():
 
 def parameter_annotations() -> dict[str, str]:
     tree = ast.parse(MODULE_FILE.read_text())
+    future = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    assert not future, "parameterNodeWrapper needs evaluated annotations: no 'from __future__ import annotations'"
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "HSAMSlicerParameterNode":
             assert any(ast.unparse(d) == "parameterNodeWrapper" for d in node.decorator_list)
@@ -127,6 +129,8 @@ def test_ui_file_declares_its_custom_widgets_and_scene_connections():
     declared = {c.findtext("class") for c in root.iter("customwidget")}
     used = {w.get("class") for w in root.iter("widget")}
     assert {c for c in used if not c.startswith("Q")} <= declared
-    receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    receivers = {
+        c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
     selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
     assert selectors <= receivers, "every node selector must receive the scene"

@@ -172,7 +172,7 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
             f"'{segmentation_node.GetName()}' is not linked to a CT: set its source volume in Segment Editor first"
         )
     HSAMSlicerLogic.check_input_volume(volume_node)
-    if not str(output_root or "").strip():
+    if str(output_root or "").strip() in ("", "."):
         raise HSAMError("no export folder: choose a folder for the training cases")
 
     image = _image(volume_node)

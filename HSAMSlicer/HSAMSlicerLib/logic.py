@@ -43,7 +43,8 @@ LABEL_VALUE_TAG = "HSAMSlicer.LabelValue"
 # Provenance attributes on the segmentation node (also written to provenance.json on export).
 PROVENANCE_PREFIX = "HSAMSlicer."
 PROVENANCE_KEYS = (
-    "ModelId", "ModelName", "ModelTitle", "ModelSHA256", "Device", "Precision", "Seconds", "Time", "Version", "Organs", "Warnings",
+    "ModelId", "ModelName", "ModelTitle", "ModelSHA256", "Device", "Precision", "Seconds", "Time", "Version",
+    "Organs", "Warnings",
 )  # fmt: skip
 
 
@@ -255,7 +256,8 @@ class HSAMSlicerLogic:
         if volume_node is None:
             return None
         for node in self._nodes_of_class("vtkMRMLSegmentationNode"):
-            if node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION and node.GetNodeReferenceID(ROLE_SOURCE) == volume_node.GetID():  # fmt: skip
+            ours = node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION
+            if ours and node.GetNodeReferenceID(ROLE_SOURCE) == volume_node.GetID():
                 return node
         return None
 
@@ -340,7 +342,8 @@ class HSAMSlicerLogic:
         try:
             temporary.CopyOrientation(volume_node)
             slicer.util.updateVolumeFromArray(temporary, labels)
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, segmentation_node, ids):  # fmt: skip
+            logic = slicer.vtkSlicerSegmentationsModuleLogic
+            if not logic.ImportLabelmapToSegmentationNode(temporary, segmentation_node, ids):
                 raise HSAMError("Slicer could not import the organ labels into the segmentation; report this bug")
         finally:
             self.scene.RemoveNode(temporary)

@@ -1,8 +1,8 @@
 """Run a long job (model loading + per-slice inference) in a Python thread; the GUI polls it from a QTimer.
 
 No Qt here: the thread never touches MRML or widgets. It only calls ``job(progress, cancel, status)``, where
-``progress(k, n)`` records "slice k of n", ``cancel()`` tells the job whether the user asked to stop and ``status(text)``
-posts a one-line message (download, model loading). PyTorch releases the GIL inside
+``progress(k, n)`` records "slice k of n", ``cancel()`` tells the job whether the user asked to stop and
+``status(text)`` posts a one-line message (download, model loading). PyTorch releases the GIL inside
 its kernels, so Slicer's event loop keeps running while the worker computes.
 """
 
