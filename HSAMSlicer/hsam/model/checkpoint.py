@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -131,8 +132,13 @@ class ModelCard:
         card = cls(**dict(data))
         if not (isinstance(card.classes, list) and card.classes and all(isinstance(c, str) for c in card.classes)):
             raise ValueError("'classes' must be a non-empty list of names")
-        if not (isinstance(card.window, list) and len(card.window) == 2 and card.window[0] < card.window[1]):
-            raise ValueError("'window' must be [lo, hi] with lo < hi")
+        if not (
+            isinstance(card.window, list)
+            and len(card.window) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in card.window)
+            and card.window[0] < card.window[1]
+        ):  # a hostile card could hold strings or NaN, which pass a bare '<' check
+            raise ValueError("'window' must be [lo, hi], two finite numbers with lo < hi")
         card.model_config()  # validates the network fields
         return card
 
@@ -285,7 +291,13 @@ def load_model(path_or_dir: str | os.PathLike[str], device: str | torch.device =
         raise HSAMError(f"{tensors}: unreadable safetensors file ({str(error).splitlines()[0][:120]})") from None
 
     config = card.model_config()
-    model = build_hsam(config, device="meta")
+    try:
+        model = build_hsam(config, device="meta")
+    except (RuntimeError, ValueError, OverflowError) as error:  # e.g. img_size 2**20: shapes overflow even on meta
+        raise HSAMError(
+            f"{folder / CARD_FILE}: the card describes a network that cannot be built "
+            f"({str(error).splitlines()[0][:120]}); the card is damaged"
+        ) from None
     wanted = f"{config.backbone}, {config.num_outputs} outputs, LoRA rank {config.lora_rank}, input {config.img_size}"
     check_state_matches(state, model.state_dict(), str(tensors), wanted)
     model.load_state_dict(state, strict=True, assign=True)
