@@ -119,8 +119,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task = None  # BackgroundTask while a segmentation runs
-        self._taskContext = None  # (volume node ID, RunOptions) of the running task
+        self._task = None  # BackgroundTask while a segmentation or a model import runs
+        self._taskFinish = None  # called with the task's final TaskState, on the main thread
+        self._taskContext = None  # (volume node ID, RunOptions) while a segmentation runs; None for an import
         self._deviceTask = None  # BackgroundTask that imports torch to detect the GPU
         self._timer = None
 
@@ -239,8 +240,11 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         node = self._parameterNode
         running = self._task is not None
+        segmenting = running and self._taskContext is not None
         ready = bool(node and node.inputVolume and node.modelId and node.organs)
-        self.ui.applyButton.enabled = running or ready
+        self.ui.applyButton.enabled = segmenting or (ready and not running)
+        self.ui.importModelButton.enabled = not running
+        self.ui.clearCacheButton.enabled = not running
         if not running:
             self.ui.applyButton.text = _("Segment organs")
             if not (node and node.inputVolume):
@@ -338,9 +342,10 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ segmentation
     def onApplyButton(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            self.ui.applyButton.enabled = False
-            self._setStatus(_("Cancelling after the current slices..."))
+            if self._taskContext is not None:
+                self._task.cancel()
+                self.ui.applyButton.enabled = False
+                self._setStatus(_("Cancelling after the current slices..."))
             return
         if not self._ensureDependencies():
             return
@@ -367,12 +372,18 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return logic.compute(image, options, progress=progress, cancel=cancel, status=status)
 
         self._taskContext = (volume.GetID(), options)
-        self._task = BackgroundTask(job).start()
-        self.ui.progressBar.setRange(0, 0)  # busy until the first slice is done
-        self.ui.progressBar.show()
+        self._startTask(job, self._finishSegmentation, _("Starting..."))
         self.ui.applyButton.text = _("Cancel")
         self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
-        self._setStatus(_("Starting..."))
+
+    def _startTask(self, job, finish, message: str) -> None:
+        """Run ``job(progress, cancel, status)`` in the worker; ``finish(state)`` runs on the main thread after."""
+        self._task = BackgroundTask(job).start()
+        self._taskFinish = finish
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
+        self.ui.progressBar.setFormat("")
+        self.ui.progressBar.show()
+        self._setStatus(message)
         self._updateButtons()
         self._timer.start()
 
@@ -396,28 +407,26 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif state.message:
                 self._setStatus(state.message)
             return
-        self._finishTask(state)
+        finish = self._taskFinish
+        self._task = None
+        self._taskFinish = None
+        self.ui.progressBar.hide()
+        try:
+            finish(state)
+        finally:
+            self._taskContext = None
+            self._updateButtons()
 
-    def _finishTask(self, state) -> None:
+    def _finishSegmentation(self, state) -> None:
         from hsam.errors import HSAMError
         from hsam.inference import Cancelled
 
         volumeID, options = self._taskContext
-        self._task = None
-        self._taskContext = None
-        self.ui.progressBar.hide()
-        self._updateButtons()
         if isinstance(state.error, Cancelled) or (state.error is None and state.cancel_requested):
             self._setStatus(_("Cancelled: nothing was added to the scene."))
             return
-        if isinstance(state.error, HSAMError):
-            self._setStatus(str(state.error), error=True)
-            return
         if state.error is not None:
-            error = state.error
-            logging.error("".join(traceback.format_exception(type(error), error, error.__traceback__)))
-            message = _("Segmentation failed: {error}. Details are in the Python console.").format(error=error)
-            self._setStatus(message, error=True)
+            self._reportError(state.error)
             return
         volume = slicer.mrmlScene.GetNodeByID(volumeID)
         if volume is None:
@@ -487,28 +496,27 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ models
     def onImportModel(self) -> None:
-        from hsam import weights
-        from hsam.errors import HSAMError
-
         path = qt.QFileDialog.getOpenFileName(
             self.parent, _("Import a model file"), "",
             _("H-SAM models (model.json model.safetensors *.pth);;All files (*)"),
         )  # fmt: skip
         if not path:
             return
-        try:
-            with slicer.util.WaitCursor():
-                if path.lower().endswith(".pth"):
-                    if not self._ensureDependencies():
-                        return
-                    folder = weights.import_official(path)  # an official H-SAM checkpoint (+ the SAM base weights)
-                else:
-                    folder = weights.import_model(path)
-        except HSAMError as error:
-            self._setStatus(str(error), error=True)
-            return
-        self._fillModelList(select=pathlib.Path(folder).name)
-        self._setStatus(_("Imported model {name} from {path}").format(name=pathlib.Path(folder).name, path=path))
+        if path.lower().endswith((".pth", ".pt")) and not self._ensureDependencies():
+            return  # converting an official checkpoint needs torch
+        logic = self.logic
+
+        def job(progress, cancel, status):  # download of the SAM base weights + conversion: worker thread
+            return logic.import_model_file(path, status=status)
+
+        def finish(state) -> None:
+            if state.error is not None:
+                self._reportError(state.error)
+                return
+            self._fillModelList(select=state.result)
+            self._setStatus(_("Imported model {name} from {path}").format(name=state.result, path=path))
+
+        self._startTask(job, finish, _("Importing {path}...").format(path=path))
 
     def onClearCache(self) -> None:
         from hsam import weights
@@ -525,7 +533,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         for model_id in downloaded:
             weights.remove_model(model_id)
-        self.logic = HSAMSlicerLogic()  # forget cached networks
+        self.logic.forget_models()
         self._fillModelList()
         self._setStatus(_("Deleted {count} downloaded models.").format(count=len(downloaded)))
 
@@ -553,6 +561,16 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(str(error), error=True)
             return
         self._setStatus(_("Exported a training case to {folder}").format(folder=folder))
+
+    def _reportError(self, error: BaseException) -> None:
+        """HSAMError: its one line says what to do. Anything else is a bug: short line here, traceback in the log."""
+        from hsam.errors import HSAMError
+
+        if isinstance(error, HSAMError):
+            self._setStatus(str(error), error=True)
+            return
+        logging.error("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        self._setStatus(_("Failed: {error}. Details are in the Python console.").format(error=error), error=True)
 
     def _setStatus(self, text: str, error: bool = False) -> None:
         self.ui.statusLabel.text = text

@@ -258,6 +258,23 @@ def test_whole_path_with_the_tiny_model_on_the_real_ct(app, ct_path, tiny_model)
         np.testing.assert_array_equal(segment_array(segmentation, entry.name, volume), prediction == entry.index)
 
 
+def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
+    """'Import model file...': the file goes into the (per-test) model cache and is then used by its id."""
+    from hsam import weights
+
+    logic = HSAMSlicerLogic(app.scene)
+    messages = []
+    model_id = logic.import_model_file(str(tiny_model / "model.json"), status=messages.append)
+    assert model_id == "hsam-tiny-test"
+    assert model_id in [m.id for m in weights.available_models()]
+    volume = app.load_volume(ct_path)
+    segmentation = logic.process(volume, RunOptions(model=model_id, device="cpu", organs=[5], show_3d=False))
+    assert segmentation.GetAttribute("HSAMSlicer.ModelId") == model_id
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    with pytest.raises(HSAMError, match="not an HSAMSlicer model|no readable model.json|model not found"):
+        logic.import_model_file(str(ct_path.parent / "missing-model"))
+
+
 def test_cancel_leaves_no_node_behind(app, ct_path, tiny_model):
     volume = app.load_volume(ct_path)
     logic = HSAMSlicerLogic(app.scene)

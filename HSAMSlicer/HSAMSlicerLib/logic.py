@@ -38,6 +38,8 @@ ROLE_PREDICTION = "HSAMSlicer.Prediction"
 ROLE_CONFIDENCE = "HSAMSlicer.Confidence"
 ROLE_TABLE = "HSAMSlicer.OrganVolumes"
 PART_ROLES = {PREDICTION: ROLE_PREDICTION, CONFIDENCE: ROLE_CONFIDENCE, TABLE: ROLE_TABLE}
+# The paper's model: what an official H-SAM .pth checkpoint is imported as.
+OFFICIAL_MODEL_ID = "hsam-vitb-synapse"
 # Segment tag holding the H-SAM label value, used by export next to the terminology.
 LABEL_VALUE_TAG = "HSAMSlicer.LabelValue"
 # Provenance attributes on the segmentation node (also written to provenance.json on export).
@@ -138,16 +140,40 @@ class HSAMSlicerLogic:
                 from hsam import weights
 
                 if _needs_download(str(model)):
-                    def downloaded(done: int, total: int | None) -> None:
-                        if status is not None:
-                            percent = f" {100 * done // total}%" if total else f" {done // (1 << 20)} MB"
-                            status(f"Downloading model {model}:{percent}")
-
-                    weights.fetch(str(model), progress=downloaded)
+                    weights.fetch(str(model), progress=_download_reporter(f"model {model}", status))
                 if status is not None:
                     status(f"Loading model {model} on {device}...")
                 self._models[key] = weights.load_named_model(str(model), device=device)
             return self._models[key]
+
+    def forget_models(self) -> None:
+        """Drop the cached networks (after models were deleted or replaced on disk)."""
+        with self._models_lock:
+            self._models.clear()
+
+    @staticmethod
+    def import_model_file(path: str, status: Callable[[str], None] | None = None) -> str:
+        """Install a model into the user's model cache and return its id (no MRML: may run in a worker thread).
+
+        ``path`` is a saved model (its folder, model.json or model.safetensors) or an official H-SAM ``.pth``
+        checkpoint, which is converted; the SAM base weights it needs are downloaded first when missing.
+        """
+        from pathlib import Path
+
+        from hsam import weights
+
+        source = Path(path)
+        if source.suffix.lower() in (".pth", ".pt"):
+            entry = weights.load_manifest().get(OFFICIAL_MODEL_ID)
+            base = entry.requires[0] if entry is not None and entry.requires else "sam-vit-b"
+            if weights.base_file(base) is None:
+                weights.fetch(base, progress=_download_reporter(f"the {base} base weights", status))
+            if status is not None:
+                status(f"Converting {source.name} to an HSAMSlicer model...")
+            folder = weights.import_official(source, model_id=OFFICIAL_MODEL_ID)
+        else:
+            folder = weights.import_model(source)
+        return Path(folder).name
 
     def compute(
         self,
@@ -420,6 +446,17 @@ def resolve_device(device: str) -> str:
     from hsam.inference import select_device
 
     return str(select_device({"": "auto"}.get((device or "").strip().lower(), (device or "").strip().lower())))
+
+
+def _download_reporter(what: str, status: Callable[[str], None] | None) -> Callable[[int, int | None], None]:
+    """A download progress callback that posts 'Downloading <what>: 42%' through ``status``."""
+
+    def report(done: int, total: int | None) -> None:
+        if status is not None:
+            amount = f"{100 * done // total}%" if total else f"{done // (1 << 20)} MB"
+            status(f"Downloading {what}: {amount}")
+
+    return report
 
 
 def _needs_download(model: str) -> bool:
