@@ -114,6 +114,20 @@ def test_export_reloads_to_identical_arrays_and_records_the_corrections(app, cas
     assert provenance["segments"]["ignored"] == []
 
 
+def test_exported_cases_load_as_training_data(app, case, tmp_path):
+    """The fine-tuning loader reads what the module exports, with the same organ voxels."""
+    from hsam.training.data import load_cases
+
+    _, segmentation, labels, _ = case
+    export_case(segmentation, tmp_path, case_name="first")
+    export_case(segmentation, tmp_path, case_name="second")
+    volumes = load_cases(tmp_path, window=(-125, 275), orientation="LPS")
+    assert [v.name for v in volumes] == ["first", "second"]
+    for entry in ORGANS:
+        assert int((volumes[0].label == entry.index).sum()) == int((labels == entry.index).sum()), entry.name
+    assert volumes[0].source["provenance"]["format"] == "hsam-case/1"
+
+
 def test_exports_never_overwrite_and_names_are_sanitised(app, case, tmp_path):
     _, segmentation, _, _ = case
     root = tmp_path / "cases"
