@@ -1,0 +1,190 @@
+"""Training data for the H-SAM-Lite demo model: a fixed pool of augmented 256x256 slices + held-out validation slices.
+
+Why a fixed pool: H-SAM-Lite keeps LiteMedSAM's encoder frozen, and the encoder is ~70 % of a CPU training step.
+With every augmented slice written once, ``hsam train`` sees identical inputs in every epoch and the TinyViT's
+embedding cache (``model.init.embedding_cache`` in the training config) computes each embedding once.
+
+Source: TotalSegmentator's test CT (``example_ct``: 122x101x112 at 3 mm, pelvis to upper abdomen) with its labels:
+``example_seg`` (TotalSegmentator ``total``) for z 82-111, where ``example_ct_sm`` is exactly ``example_ct[82:112]``,
+and ``example_seg_fast_force_split`` (``total --fast``) below. Labels are mapped to the 8 H-SAM organs.
+One patient, pseudo-labels: this is a demonstration model.
+
+Held out for early stopping: two blocks of 4 axial slices (z 68-71: kidneys, liver tip; z 96-99: spleen, pancreas,
+stomach, liver), written as two small NIfTI volumes; they are not used for training.
+
+Augmentation (per variant, on Hounsfield units before windowing; aimed at CT of other patients and scanners):
+* framing: with p=0.3 the slice as it comes (resized to 256, as inference does with this sample); otherwise a square
+  field of view of 320-500 mm around the body centre (clinical scans are square, 350-500 mm, with air around the
+  body), shifted by up to 25 mm, independent x/y scale jitter of +-10 % (body shape, pixel spacing), rotation
+  +-12 deg; image cubic, labels nearest;
+* intensity: HU' = (HU - 40) * a + 40 + b with a in [0.9, 1.1], b in [-20, 20] HU (scanner calibration, contrast
+  phase); Gaussian blur sigma in [0, 0.8] px or noise sigma in [0, 18] HU (reconstruction kernel / dose); gamma in
+  [0.85, 1.2] after windowing.
+No left-right flips: they would swap the kidneys.
+
+Usage (from the repository root; writes ``runs/lite-data``)::
+
+    python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+SIZE = 256
+WINDOW = (-160.0, 240.0)  # abdomen W400/L40, the CT window LiteMedSAM's encoder was trained with
+AIR_HU = -1024.0
+VAL_BLOCKS = ((68, 72), (96, 100))
+SM_OFFSET = 82  # example_ct_sm == example_ct[82:112]
+
+
+def load_canonical(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """[z, y, x] array in the LPS layout the model card states (the card's orientation), and (z, y, x) spacing."""
+    from hsam.volume import read_image, to_canonical
+
+    image = read_image(path)
+    array, how = to_canonical(image, "LPS")
+    sx, sy, sz = how.canonical_spacing
+    return np.asarray(array), (sz, sy, sx)
+
+
+def window01(hu: np.ndarray) -> np.ndarray:
+    lo, hi = WINDOW
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def plain(hu: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The slice resized to SIZE x SIZE as inference does (cubic image, nearest labels)."""
+    h, w = hu.shape
+    image = ndimage.zoom(hu, (SIZE / h, SIZE / w), order=3)
+    lab = ndimage.zoom(label, (SIZE / h, SIZE / w), order=0)
+    return image, lab
+
+
+def reframe(hu: np.ndarray, label: np.ndarray, spacing: float, rng: np.random.Generator,
+            centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resample into a square field of view (mm) around ``centre`` (pixel row/col) with rotation and scale jitter."""
+    fov = rng.uniform(320.0, 500.0)
+    scale = rng.uniform(0.9, 1.1, size=2)
+    angle = np.deg2rad(rng.uniform(-12.0, 12.0))
+    shift = rng.uniform(-25.0, 25.0, size=2)
+    mm_per_out = fov / SIZE
+    # output pixel (r, c) -> millimetres from the output centre -> rotate/scale -> input pixel
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    matrix = rot @ np.diag(mm_per_out / (spacing * scale))
+    out_centre = np.array([(SIZE - 1) / 2, (SIZE - 1) / 2])
+    offset = centre + shift / spacing - matrix @ out_centre
+    image = ndimage.affine_transform(hu, matrix, offset, output_shape=(SIZE, SIZE), order=3, mode="constant",
+                                     cval=AIR_HU)
+    lab = ndimage.affine_transform(label, matrix, offset, output_shape=(SIZE, SIZE), order=0, mode="constant",
+                                   cval=0)
+    return image, lab
+
+
+def intensity(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    a, b = rng.uniform(0.9, 1.1), rng.uniform(-20.0, 20.0)
+    hu = (hu - 40.0) * a + 40.0 + b
+    if rng.random() < 0.5:
+        hu = ndimage.gaussian_filter(hu, rng.uniform(0.0, 0.8))
+    else:
+        hu = hu + rng.normal(0.0, rng.uniform(0.0, 18.0), size=hu.shape)
+    return hu
+
+
+def variant(hu: np.ndarray, label: np.ndarray, spacing: float, rng: np.random.Generator, centre: np.ndarray,
+            augment: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not augment:
+        image, lab = plain(hu, label)
+        return window01(image), lab.astype(np.uint8)
+    if rng.random() < 0.3:
+        image, lab = plain(hu, label)
+    else:
+        image, lab = reframe(hu, label, spacing, rng, centre)
+    image = window01(intensity(image, rng))
+    image = np.clip(image, 0.0, 1.0) ** rng.uniform(0.85, 1.2)
+    return image.astype(np.float32), lab.astype(np.uint8)
+
+
+def body_centre(volume_hu: np.ndarray) -> np.ndarray:
+    """(row, col) centre of the body (voxels above -500 HU) over the whole volume."""
+    rows, cols = np.nonzero((volume_hu > -500).any(axis=0))
+    return np.array([(rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2])
+
+
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    temp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(temp, **arrays)
+    os.replace(temp, path)
+
+
+def write_volume(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+    """A [z, y, x] array as an LPS-identity-direction NIfTI (the canonical layout, so no reorientation applies)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((spacing[2], spacing[1], spacing[0]))
+    temp = path.with_name("tmp_" + path.name)
+    sitk.WriteImage(image, str(temp), useCompression=True)
+    os.replace(temp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/real"), help="folder with totalsegmentator/")
+    parser.add_argument("--out", type=Path, default=Path("runs/lite-data"))
+    parser.add_argument("--variants", type=int, default=8, help="augmented copies of each organ slice")
+    parser.add_argument("--negatives-every", type=int, default=4, help="keep every N-th organ-free pelvic slice")
+    parser.add_argument("--negative-variants", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=2345)
+    args = parser.parse_args()
+
+    from hsam.labels import remap_labels
+
+    folder = args.data / "totalsegmentator"
+    ct, spacing = load_canonical(folder / "example_ct.nii.gz")
+    fast, _ = load_canonical(folder / "example_seg_fast_force_split.nii.gz")
+    full, _ = load_canonical(folder / "example_seg.nii.gz")
+    labels = remap_labels(fast, "totalseg_total").astype(np.uint8)
+    labels[SM_OFFSET:SM_OFFSET + full.shape[0]] = remap_labels(full, "totalseg_total")
+    ct = ct.astype(np.float32)
+    if abs(spacing[1] - spacing[2]) > 1e-3:
+        raise SystemExit("expected square pixels")
+    centre = body_centre(ct)
+    held = {z for lo, hi in VAL_BLOCKS for z in range(lo, hi)}
+
+    out_train = args.out / "train"
+    out_train.mkdir(parents=True, exist_ok=True)
+    (args.out / "val").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    names: list[str] = []
+    counts = {"organ_slices": 0, "negative_slices": 0}
+    organ_slices = [z for z in range(ct.shape[0]) if labels[z].any()]
+    negatives = [z for z in range(ct.shape[0]) if not labels[z].any()][:: args.negatives_every]
+    for z in organ_slices + negatives:
+        if z in held:
+            continue
+        organ = z in organ_slices
+        counts["organ_slices" if organ else "negative_slices"] += 1
+        for v in range(args.variants if organ else args.negative_variants):
+            image, lab = variant(ct[z], labels[z], spacing[1], rng, centre, augment=v > 0)
+            name = f"lite{v}_slice{z:03d}"  # one "case" per variant; slice names stay Synapse-style
+            atomic_savez(out_train / f"{name}.npz", image=image, label=lab)
+            names.append(name)
+    (args.out / "train.txt").write_text("\n".join(names) + "\n")
+    for i, (lo, hi) in enumerate(VAL_BLOCKS):
+        write_volume(ct[lo:hi].astype(np.int16), spacing, args.out / "val" / f"heldout{i}_image.nii.gz")
+        write_volume(labels[lo:hi], spacing, args.out / "val" / f"heldout{i}_label.nii.gz")
+    organ_voxels = {int(k): int((labels[sorted(held)] == k).sum()) for k in range(1, 9)}
+    summary = {"train_samples": len(names), **counts, "held_out_z": sorted(held), "held_out_organ_voxels": organ_voxels,
+               "window": WINDOW, "size": SIZE, "seed": args.seed, "variants": args.variants}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
