@@ -232,19 +232,72 @@ def check_writable(path: str | os.PathLike[str], suffixes: Sequence[str] = LABEL
     return target
 
 
-def _atomic_write(target: Path, writer) -> Path:
-    """Call ``writer(temp_path)`` for a temp file beside ``target`` (same suffix), then move it into place."""
-    suffix = suffix_of(target)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=target.parent if str(target.parent) else ".")
-    os.close(fd)
+TEMP_PREFIX = ".tmp-hsam-"
+"""Temp files of :func:`_atomic_write` are ``.tmp-hsam-<host>-<pid>-<random><suffix>`` beside the target."""
+
+
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _remove_stale_temps(folder: Path, min_age_s: float = 60.0) -> None:
+    """Delete our temp files left in ``folder`` by a process of this host that was killed mid-write (SIGKILL, power).
+
+    Only files older than ``min_age_s`` whose writer process no longer exists are removed, so a concurrent write is
+    never touched; temp files of other hosts (shared folders) are left alone.
+    """
+    import time
+
+    host = _host_tag()
     try:
-        writer(temp)
+        candidates = list(folder.glob(f"{TEMP_PREFIX}{host}-*"))
+    except OSError:
+        return
+    for path in candidates:
+        try:
+            pid = int(path.name[len(TEMP_PREFIX) + len(host) + 1 :].split("-", 1)[0])
+            if time.time() - path.stat().st_mtime < min_age_s:
+                continue
+            os.kill(pid, 0)  # raises ProcessLookupError when the writer is gone
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            continue
+
+
+def _atomic_write(target: Path, writer) -> Path:
+    """Call ``writer(temp_path)`` for a temp file beside ``target`` (same suffix), then move it into place.
+
+    The written file is checked (ITK's NIfTI writer reports success on a full disk and leaves a short file) and
+    synced before ``os.replace``, so the target is either the previous file or the complete new one. The temp file
+    is created with the user's umask (not 0600), so the output gets the same permissions as any other file.
+    """
+    import secrets
+
+    suffix = suffix_of(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    _remove_stale_temps(folder)
+    temp = folder / f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    try:
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        writer(str(temp))
+        if suffix in (".nii", ".nii.gz"):
+            try:
+                _check_nifti_complete(temp)
+            except HSAMError:
+                raise OSError("the file came out shorter than its header says (disk full or file size limit?)") from None
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(temp, target)
     except OSError as error:
-        Path(temp).unlink(missing_ok=True)
-        raise HSAMError(f"could not write {target}: {error.strerror or error}") from None
+        temp.unlink(missing_ok=True)
+        detail = " ".join(str(error.strerror or error).split())[:200]  # ITK messages span several lines
+        raise HSAMError(f"could not write {target}: {detail}; check free disk space and permissions") from None
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return target
 
@@ -257,7 +310,10 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], suffixes: Seque
         try:
             sitk.WriteImage(image, temp, useCompression=True)
         except RuntimeError as error:
-            raise OSError(str(error).strip()[:160]) from None
+            # ITK's message is a stack of lines: keep its "Reason:" line, else its last line
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["unknown ITK error"]
+            reason = next((line for line in lines if line.startswith("Reason:")), lines[-1])
+            raise OSError(reason.removeprefix("Reason:").strip()[:160]) from None
 
     return _atomic_write(target, writer)
 
