@@ -72,6 +72,34 @@ class HSAMSlicer(ScriptedLoadableModule):
             "Please cite the paper when you use this module. Model weights carry their own licences, listed in the "
             "module's model list."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)  # registration needs the app to be up
+
+
+#
+# Sample data: a small real abdominal CT (TotalSegmentator's test image, Apache-2.0), for the tutorial in the README
+#
+
+SAMPLE_NAME = "HSAMAbdomenCT"
+SAMPLE_URL = (
+    "https://github.com/wasserth/TotalSegmentator/raw/0e65a448d557382b1e925276212b3bec7f5aff83/"
+    "tests/reference_files/example_ct_sm.nii.gz"
+)
+SAMPLE_SHA256 = "e50c00b2914e2cac0aaee8e7f3b5f57d44d9f21bfd5c0577271c54c0cb49e9fb"
+
+
+def registerSampleData() -> None:
+    """Add the sample CT to the Sample Data module (downloaded on demand, SHA-256 checked)."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="HSAMSlicer",
+        sampleName=SAMPLE_NAME,
+        thumbnailFileName=_resource("Icons/HSAMSlicer.png"),
+        uris=SAMPLE_URL,
+        fileNames=f"{SAMPLE_NAME}.nii.gz",
+        checksums=f"SHA256:{SAMPLE_SHA256}",
+        nodeNames=SAMPLE_NAME,
+    )
 
 
 #

@@ -134,3 +134,16 @@ def test_ui_file_declares_its_custom_widgets_and_scene_connections():
     }
     selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
     assert selectors <= receivers, "every node selector must receive the scene"
+
+
+def test_sample_data_checksum_matches_the_real_sample(real_data):
+    """The tutorial's sample CT is registered with the SHA-256 of the real file."""
+    import hashlib
+
+    values = {
+        node.targets[0].id: node.value.value
+        for node in ast.parse(MODULE_FILE.read_text()).body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+    }
+    digest = hashlib.sha256((real_data / "totalsegmentator" / "example_ct_sm.nii.gz").read_bytes()).hexdigest()
+    assert values["SAMPLE_SHA256"] == digest
