@@ -549,9 +549,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onClearCache(self) -> None:
         from hsam import weights
 
-        manifest = weights.load_manifest()
-        downloaded = [m.id for m in weights.available_models() if m.id in manifest]
-        downloaded += [e.id for e in manifest.values() if e.kind == "base" and weights.base_file(e.id) is not None]
+        downloaded = self.logic.downloaded_models()  # only what can be downloaded again
         if not downloaded:
             self._setStatus(_("No downloaded models to delete."))
             return

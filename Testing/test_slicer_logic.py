@@ -275,6 +275,19 @@ def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
         logic.import_model_file(str(ct_path.parent / "missing-model"))
 
 
+def test_only_re_downloadable_models_are_offered_for_deletion(tiny_model):
+    """'Delete downloaded models...' must not offer the user's converted or imported models."""
+    from hsam import weights
+
+    assert HSAMSlicerLogic.downloaded_models() == []
+    weights.import_model(tiny_model, model_id="hsam-vitb-synapse")  # converted by the user: no download link
+    weights.import_model(tiny_model)  # the user's own model
+    base = weights.load_manifest()["sam-vit-b"].files[0]
+    weights.downloads_dir().mkdir(parents=True, exist_ok=True)
+    (weights.downloads_dir() / base.name).write_bytes(b"stands in for the 375 MB download")
+    assert HSAMSlicerLogic.downloaded_models() == ["sam-vit-b"]
+
+
 def test_cancel_leaves_no_node_behind(app, ct_path, tiny_model):
     volume = app.load_volume(ct_path)
     logic = HSAMSlicerLogic(app.scene)

@@ -152,6 +152,20 @@ class HSAMSlicerLogic:
             self._models.clear()
 
     @staticmethod
+    def downloaded_models() -> list[str]:
+        """Ids of installed models and base weights that can be downloaded again (safe to delete).
+
+        Models the user imported or converted (no download link in the manifest) are not listed.
+        """
+        from hsam import weights
+
+        manifest = weights.load_manifest()
+        again = {e.id for e in manifest.values() if e.files and all(f.url and f.sha256 for f in e.files)}
+        found = [m.id for m in weights.available_models() if m.id in again]
+        found += [i for i in sorted(again) if manifest[i].kind == "base" and weights.base_file(i) is not None]
+        return found
+
+    @staticmethod
     def import_model_file(path: str, status: Callable[[str], None] | None = None) -> str:
         """Install a model into the user's model cache and return its id (no MRML: may run in a worker thread).
 
