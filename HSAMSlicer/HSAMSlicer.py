@@ -7,7 +7,6 @@ here: parameterNodeWrapper reads the parameter annotations as real types.
 """
 
 import logging
-import os
 import pathlib
 import traceback
 from typing import Optional
@@ -638,67 +637,17 @@ class HSAMSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_HSAMSlicer_rejects_label_map()
 
-    def _syntheticCT(self):
-        from HSAMSlicerLib.testing import synthetic_ct
-
-        volume = slicer.util.addVolumeFromArray(synthetic_ct(), name="Synthetic CT")
-        volume.SetSpacing(1.5, 1.5, 2.0)
-        volume.SetIJKToRASDirections(-1, 0, 0, 0, -1, 0, 0, 0, 1)
-        return volume
-
     def test_HSAMSlicer_whole_path(self) -> None:
-        import json
         import tempfile
 
-        import numpy as np
-        import SimpleITK as sitk
-
-        from hsam.inference import Cancelled
-        from hsam.labels import ORGANS
         from HSAMSlicerLib import dependencies
+        from HSAMSlicerLib.testing import check_whole_path
 
         if not dependencies.torch_installed():
-            self.delayDisplay("PyTorch is not installed: install it (PyTorch Utils) to run this test")
+            self.delayDisplay("PyTorch is not installed: install it (PyTorch Utils module) to run this test")
             return
-        self.delayDisplay("Segmenting a synthetic CT with a tiny model")
         with tempfile.TemporaryDirectory() as temporary:
-            from HSAMSlicerLib.testing import save_tiny_model
-
-            modelFolder = str(save_tiny_model(os.path.join(temporary, "tiny")))
-            volume = self._syntheticCT()
-            logic = HSAMSlicerLogic()
-            options = RunOptions(model=modelFolder, device="cpu", confidence=True)
-
-            nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-            with self.assertRaises(Cancelled):
-                logic.process(volume, options, cancel=lambda: True)
-            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore, "cancel must leave no node behind")
-
-            seen = []
-            segmentation = logic.process(volume, options, progress=lambda k, n: seen.append((k, n)))
-            self.assertTrue(seen and seen[-1][0] == seen[-1][1] == 10, f"progress reports: {seen}")
-            names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(8)]
-            self.assertEqual(names, [o.display_name for o in ORGANS])
-            for index, entry in enumerate(ORGANS):
-                segment = segmentation.GetSegmentation().GetNthSegment(index)
-                self.assertEqual(segment.GetTerminology(), entry.terminology_entry)
-            geometryRole = segmentation.GetReferenceImageGeometryReferenceRole()
-            self.assertEqual(segmentation.GetNodeReference(geometryRole), volume)
-            self.assertIsNotNone(segmentation.GetAttribute("HSAMSlicer.ModelSHA256"))
-
-            userSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my own")
-            again = logic.process(volume, options)
-            self.assertIsNone(slicer.mrmlScene.GetNodeByID(segmentation.GetID()), "the old result is replaced")
-            self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(userSegmentation.GetID()), "user segmentations stay")
-
-            self.delayDisplay("Exporting a training case")
-            case = logic.export_for_finetuning(again, os.path.join(temporary, "cases"))
-            image = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(case, "image.nii.gz")))
-            np.testing.assert_array_equal(image, slicer.util.arrayFromVolume(volume))
-            provenance = json.loads(open(os.path.join(case, "provenance.json")).read())
-            self.assertEqual(provenance["changes"]["changed_organs"], [])
-            second = logic.export_for_finetuning(again, os.path.join(temporary, "cases"))
-            self.assertNotEqual(str(case), str(second), "an export never overwrites an earlier case")
+            check_whole_path(HSAMSlicerLogic(), temporary, log=self.delayDisplay)  # also run headless by pytest
         self.delayDisplay("Test passed")
 
     def test_HSAMSlicer_rejects_label_map(self) -> None:

@@ -307,3 +307,12 @@ def test_cancel_leaves_no_node_behind(app, ct_path, tiny_model):
     assert 6 <= reports[-1][0] < 30, "it stopped part-way"
     assert node_ids(app.scene) == before
     assert logic.find_result(volume) is None
+
+
+def test_the_slicer_self_test_path_runs_headless(app, tmp_path):
+    """HSAMSlicerTest's body (HSAMSlicerLib.testing.check_whole_path) passes on the real MRML library."""
+    from HSAMSlicerLib.testing import check_whole_path
+
+    messages = []
+    case = check_whole_path(HSAMSlicerLogic(app.scene), tmp_path, log=messages.append)
+    assert (case / "provenance.json").is_file() and len(messages) >= 4
