@@ -460,3 +460,15 @@ def test_prompt_encoder2_wins_when_the_copies_differ(tiny_base, tmp_path):
     random_official_file(hsam_path, None, state=state, edit=lambda s: s.__setitem__("prompt_encoder2.no_mask_embed.weight", second))
     model, _ = import_official(hsam_path, sam_path, "x")
     assert torch.equal(model.prompt_encoder.no_mask_embed.weight, second)
+
+
+def test_init_from_sam_reads_a_file_path(tiny_base):
+    sam_path, _ = tiny_base
+    torch.manual_seed(0)
+    model = build_hsam(load_model_config("vit_tiny"))
+    report = init_from_sam(model, str(sam_path))
+    sam = load_pth(sam_path, "SAM checkpoint")
+    assert "image_encoder.pos_embed" in report.resized
+    assert torch.equal(model.image_encoder.patch_embed.proj.weight, sam["image_encoder.patch_embed.proj.weight"])
+    vit_b_model = build_hsam(ModelConfig(img_size=256), device="meta")
+    one_line_error(lambda: init_from_sam(vit_b_model, sam_path), "sam_tiny.pth", "SAM vit_tiny but the model is vit_b")

@@ -109,13 +109,21 @@ class SamInitReport:
 
 
 @torch.no_grad()
-def init_from_sam(model: nn.Module, sam_state: Mapping[str, Tensor], source: str = "SAM checkpoint") -> SamInitReport:
+def init_from_sam(
+    model: nn.Module,
+    sam_state: Mapping[str, Tensor] | str | os.PathLike[str],
+    source: str = "SAM checkpoint",
+) -> SamInitReport:
     """Initialise an :class:`~hsam.model.hsam.HSAM` from SAM weights as the released ``build_sam`` does (§4 step 1).
 
+    ``sam_state``: a SAM state dict, or the path of a SAM ``.pth`` (read with ``weights_only=True``).
     Also the starting point for training from SAM. LoRA, stage 2, point embeddings 4-10 are never touched.
     """
     from hsam.model.image_encoder import resize_pos_embed, resize_rel_pos
 
+    if isinstance(sam_state, (str, os.PathLike)):
+        source = str(sam_state)
+        sam_state = load_pth(sam_state, "SAM checkpoint")
     backbone = sam_backbone(sam_state, source)
     if backbone != model.config.backbone:
         raise HSAMError(f"{source} is SAM {backbone} but the model is {model.config.backbone}; use the matching SAM file")
