@@ -99,7 +99,7 @@ def test_oblique_volume_is_resampled_to_canonical_grid_and_back(ct):
     oblique = _rotated(ct, 25.0)
     canonical, how = to_canonical(oblique, "LPS")
     assert how.resampled and how.canonical_grid is not None
-    assert np.allclose(np.array(how.canonical_grid.GetDirection()).reshape(3, 3), direction_from_code("LPS"))
+    assert np.allclose(np.array(how.canonical_grid.direction).reshape(3, 3), direction_from_code("LPS"))
     # body mask computed on the canonical grid, mapped back with nearest neighbour, matches the mask on the input
     body = (canonical > -300).astype(np.uint8)
     back = from_canonical(body, how)

@@ -159,3 +159,22 @@ def test_shipped_manifest_records_the_official_sam_files():
         for f in entry.files:
             assert f.url or f.where, f"{entry.id}/{f.name} needs a url or instructions"
             assert f.sha256 is None or len(f.sha256) == 64
+
+
+def test_cli_download_with_progress_bar(server, tmp_path, monkeypatch, capsys):
+    from hsam.cli import main
+
+    manifest = {"models": [{"id": "base-y", "title": "y", "kind": "base", "backbone": "vit_b", "files": [
+        {"name": "y.pth", "url": server.url, "size": len(PAYLOAD), "sha256": DIGEST}]}]}
+    (tmp_path / "models.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
+    server.cut_at = len(PAYLOAD) // 2
+    assert main(["models", "download", "base-y"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: download of y.pth") and last.endswith("run the same command again to resume")
+    assert main(["models", "download", "base-y"]) == 0
+    captured = capsys.readouterr()
+    assert str(weights.downloads_dir() / "y.pth") in captured.out
+    assert "base-y" in captured.err  # the tqdm bar
+    assert (weights.downloads_dir() / "y.pth").read_bytes() == PAYLOAD

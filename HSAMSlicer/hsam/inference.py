@@ -52,6 +52,7 @@ class SegmentationResult:
     seconds: float
     batch_size: int = 1  # the batch size that finished the run (after any halving)
     precision: str = "fp32"
+    mode: str = "eager"  # speed mode that ran (hsam.speed.modes)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -125,11 +126,13 @@ def predict_slices(
     device: torch.device,
     dtype: torch.dtype | None = None,
     channels: Sequence[int] | None = None,
+    predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels and confidence (uint8 [b,H,W] each) for raw slices [b,H,W] (HU, any numeric dtype).
 
     The windowed slices are resized to the model input S x S (bicubic, clamped to [0, 1]); the fused logits
-    [b,K,S,S] are resized back to H x W (bilinear) *before* softmax/argmax.
+    [b,K,S,S] are resized back to H x W (bilinear) *before* softmax/argmax. ``predictor`` (images -> fused logits,
+    from :func:`hsam.speed.modes.prepare`) replaces ``model.predict``.
     """
     size = model.img_size
     batch = torch.from_numpy(window(slices, float(window_hu[0]), float(window_hu[1]))).to(device)[:, None]
@@ -137,12 +140,13 @@ def predict_slices(
     if (height, width) != (size, size):
         batch = F.interpolate(batch, (size, size), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
     images = batch.expand(-1, 3, -1, -1)
+    run = predictor or model.predict
     with torch.inference_mode():
         if dtype is not None:
             with torch.autocast(device_type=device.type, dtype=dtype):
-                logits = model.predict(images)
+                logits = run(images)
         else:
-            logits = model.predict(images)
+            logits = run(images)
         logits = logits.float()
         if channels is not None:
             logits = logits[:, list(channels)]
@@ -153,6 +157,38 @@ def predict_slices(
             index = torch.as_tensor(channels, device=index.device)[index]
         labels = index.to(torch.uint8).cpu().numpy()
         confidence = (probability * 255.0).round_().to(torch.uint8).cpu().numpy()
+    return labels, confidence
+
+
+def predict_slices_skipping_air(
+    model: "HSAM",
+    slices: np.ndarray,
+    window_hu: Sequence[float],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels: Sequence[int] | None,
+    predictor: Callable[[torch.Tensor], torch.Tensor] | None,
+    air_cache: dict,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_slices`, without running the network on air-only slices.
+
+    A slice with every voxel at or below the window's lower bound windows to an all-zero image, so the network sees
+    the same input for all of them: its labels/confidence are computed once per slice shape (kept in ``air_cache``)
+    and copied. Exact, and crop-free: slices with any tissue run as usual.
+    """
+    air = (slices.reshape(len(slices), -1) <= float(window_hu[0])).all(axis=1)
+    if not air.any():
+        return predict_slices(model, slices, window_hu, device, dtype, channels, predictor)
+    key = (slices.shape[1:], str(device), dtype)
+    if key not in air_cache:
+        air_cache[key] = predict_slices(model, slices[air][:1], window_hu, device, dtype, channels, predictor)
+    labels = np.empty(slices.shape, dtype=np.uint8)
+    confidence = np.empty(slices.shape, dtype=np.uint8)
+    labels[air], confidence[air] = air_cache[key][0][0], air_cache[key][1][0]
+    if not air.all():
+        labels[~air], confidence[~air] = predict_slices(
+            model, slices[~air], window_hu, device, dtype, channels, predictor
+        )
     return labels, confidence
 
 
@@ -184,6 +220,20 @@ def organ_volumes_ml(labels: sitk.Image, names: Sequence[str]) -> dict[str, floa
     return {name: float(counts[i]) * voxel_ml for i, name in enumerate(names) if i > 0}
 
 
+def _fall_back_to_cpu(
+    model: "HSAM", device: torch.device, batch_size: int | None, notes: list[str]
+) -> tuple[torch.device, None, str, int]:
+    """Move the model to the CPU after an out-of-memory error; warn once. Returns (device, dtype, precision, batch)."""
+    message = f"out of {device.type.upper()} memory even at batch size 1: continuing on the CPU (slower)"
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    log.warning(message)
+    notes.append(message)
+    model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return torch.device("cpu"), None, "fp32", batch_size or DEFAULT_BATCH["cpu"]
+
+
 def segment_volume(
     image: sitk.Image,
     model: "HSAM",
@@ -192,6 +242,7 @@ def segment_volume(
     device: str = "auto",
     batch_size: int | None = None,
     precision: str = "auto",
+    mode: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     largest_component: bool = False,
@@ -206,6 +257,8 @@ def segment_volume(
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"`` | ``"mps"``.
         batch_size: slices per forward pass (default 8 on CUDA, 4 on MPS, 2 on CPU).
         precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs).
+        mode: speed mode (:mod:`hsam.speed.modes`): ``"auto"`` (the measured fastest mode meeting the agreement bar
+            for the device), ``"eager"``, ``"fast"``, ``"int8"``, ``"ort"``, ``"ort-int8"``, ``"compile"``.
         progress: called as ``progress(k, n)`` with k slices of n done (first with k = 0).
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
         largest_component: keep only the largest connected component of each organ.
@@ -223,6 +276,12 @@ def segment_volume(
     target = select_device(device)
     precision_name, dtype = select_precision(precision, target)
     size = batch_size or DEFAULT_BATCH[target.type]
+    from hsam.speed.modes import prepare, resolve_mode
+
+    mode_name = resolve_mode(mode, target)
+    engine_device: torch.device | None = None  # device the current predictor was built for
+    predictor = None
+    air_cache: dict = {}
     notes: list[str] = []
 
     canonical, how = to_canonical(image, orientation)
@@ -236,7 +295,12 @@ def segment_volume(
     confidence = np.zeros(canonical.shape, dtype=np.uint8)
 
     model.eval()
-    model.to(target)
+    try:
+        model.to(target)
+    except Exception as error:  # noqa: BLE001
+        if not _is_oom(error) or target.type == "cpu":
+            raise
+        target, dtype, precision_name, size = _fall_back_to_cpu(model, target, batch_size, notes)
     if progress:
         progress(0, total)
     done = 0
@@ -244,8 +308,14 @@ def segment_volume(
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled after {done} of {total} slices")
         stop = min(total, done + size)
+        if engine_device != target:
+            if engine_device is not None:
+                mode_name = "fast"  # after an out-of-memory fallback to the CPU: no export/quantisation mid-run
+            predictor, engine_device = prepare(model, mode_name, target, say=log.info), target
         try:
-            batch_labels, batch_confidence = predict_slices(model, canonical[done:stop], window_hu, target, dtype, channels)
+            batch_labels, batch_confidence = predict_slices_skipping_air(
+                model, canonical[done:stop], window_hu, target, dtype, channels, predictor, air_cache
+            )
         except Exception as error:  # noqa: BLE001 (only out-of-memory is handled; everything else re-raised)
             if not _is_oom(error) or target.type == "cpu":
                 raise
@@ -255,12 +325,7 @@ def segment_volume(
                 size = max(1, size // 2)
                 log.warning("out of GPU memory: retrying with batch size %d", size)
                 continue
-            message = f"out of {target.type.upper()} memory even at batch size 1: continuing on the CPU (slower)"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            notes.append(message)
-            target, dtype, precision_name = torch.device("cpu"), None, "fp32"
-            size = batch_size or DEFAULT_BATCH["cpu"]
-            model.to(target)
+            target, dtype, precision_name, size = _fall_back_to_cpu(model, target, batch_size, notes)
             continue
         labels[done:stop] = batch_labels
         confidence[done:stop] = batch_confidence
@@ -282,5 +347,6 @@ def segment_volume(
         seconds=time.perf_counter() - started,
         batch_size=size,
         precision=precision_name,
+        mode=mode_name,
         warnings=notes,
     )

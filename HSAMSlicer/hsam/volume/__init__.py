@@ -16,10 +16,10 @@ from hsam.volume.io import (
     write_labels,
     write_segmentation,
 )
-from hsam.volume.orientation import Reorientation, code_from_direction, direction_from_code, from_canonical, to_canonical
+from hsam.volume.orientation import Grid, Reorientation, code_from_direction, direction_from_code, from_canonical, to_canonical
 
 __all__ = [
-    "LABEL_SUFFIXES", "Reorientation", "check_volume", "check_writable", "code_from_direction", "direction_from_code",
+    "LABEL_SUFFIXES", "Grid", "Reorientation", "check_volume", "check_writable", "code_from_direction", "direction_from_code",
     "from_canonical", "looks_like_ct", "read_image", "read_labels", "same_geometry", "suffix_of", "to_canonical",
     "window", "write_image", "write_labels", "write_segmentation",
 ]  # fmt: skip

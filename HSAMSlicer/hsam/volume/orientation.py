@@ -61,22 +61,50 @@ def _nearest_permutation(direction: np.ndarray) -> tuple[float, np.ndarray, np.n
 
 
 @dataclass(frozen=True)
+class Grid:
+    """A voxel grid's geometry without pixels: size (x, y, z), spacing, origin, direction (row-major 3x3)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        """The grid of ``image``."""
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),  # type: ignore[arg-type]
+                   tuple(image.GetDirection()))
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        """Give ``image`` (same size) this grid's spacing, origin and direction; returns it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def resample(self, image: sitk.Image, interpolator: int, default: float = 0.0) -> sitk.Image:
+        """``image`` resampled onto this grid (identity transform, physical space)."""
+        return sitk.Resample(image, list(self.size), sitk.Transform(), interpolator, self.origin, self.spacing,
+                             self.direction, default, image.GetPixelID())
+
+
+@dataclass(frozen=True)
 class Reorientation:
     """How an input grid maps to the canonical array; :func:`from_canonical` undoes it."""
 
-    reference: sitk.Image  # an empty image carrying the input grid's geometry (size, spacing, origin, direction)
+    reference: Grid  # the input's grid
     orientation: str  # the canonical orientation code
     resampled: bool  # True for oblique inputs (resampled onto ``canonical_grid``)
     axes: tuple[int, int, int] = (0, 1, 2)  # numpy [z,y,x] axis of the input feeding each canonical numpy axis
     flips: tuple[bool, bool, bool] = (False, False, False)  # canonical numpy axes flipped after the transpose
-    canonical_grid: sitk.Image | None = None  # for resampled inputs: an empty image with the canonical grid
+    canonical_grid: Grid | None = None  # for resampled inputs: the canonical grid
 
     @property
     def canonical_spacing(self) -> tuple[float, float, float]:
         """Spacing (x, y, z) in mm of the canonical array's axes."""
         if self.canonical_grid is not None:
-            return tuple(self.canonical_grid.GetSpacing())  # type: ignore[return-value]
-        spacing = self.reference.GetSpacing()
+            return self.canonical_grid.spacing
+        spacing = self.reference.spacing
         # numpy axis a is ITK axis 2-a
         return tuple(spacing[2 - self.axes[2 - itk]] for itk in range(3))  # type: ignore[return-value]
 
@@ -94,7 +122,7 @@ def to_canonical(
     target = direction_from_code(orientation)
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     angle, phys_axes, signs = _nearest_permutation(direction)
-    reference = _reference(image)
+    reference = Grid.of(image)
     if angle <= tolerance_degrees:
         # a copy in the input's pixel type: a view would dangle once the caller drops ``image``
         view = sitk.GetArrayViewFromImage(image)
@@ -118,18 +146,11 @@ def to_canonical(
         return canonical, Reorientation(reference, orientation.upper(), False, axes, flips)  # type: ignore[arg-type]
     grid = _canonical_grid(image, target, phys_axes)
     minimum = float(sitk.GetArrayViewFromImage(image).min())
-    resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, minimum, image.GetPixelID())
+    resampled = grid.resample(image, sitk.sitkLinear, minimum)
     return sitk.GetArrayFromImage(resampled), Reorientation(reference, orientation.upper(), True, canonical_grid=grid)
 
 
-def _reference(image: sitk.Image) -> sitk.Image:
-    """An image with the input's full geometry but 1-byte pixels, kept only for its grid."""
-    reference = sitk.Image(image.GetSize(), sitk.sitkUInt8)
-    reference.CopyInformation(image)
-    return reference
-
-
-def _canonical_grid(image: sitk.Image, target: np.ndarray, phys_axes: np.ndarray) -> sitk.Image:
+def _canonical_grid(image: sitk.Image, target: np.ndarray, phys_axes: np.ndarray) -> Grid:
     """The canonical-direction grid covering the input's field of view, with the input's spacings re-assigned."""
     spacing_in = np.array(image.GetSpacing())
     size_in = np.array(image.GetSize())
@@ -145,11 +166,8 @@ def _canonical_grid(image: sitk.Image, target: np.ndarray, phys_axes: np.ndarray
     low, high = local.min(axis=0), local.max(axis=0)
     size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
     origin = target @ (low + spacing / 2)
-    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    grid.SetSpacing(spacing.tolist())
-    grid.SetOrigin(origin.tolist())
-    grid.SetDirection(target.flatten().tolist())
-    return grid
+    return Grid(tuple(int(n) for n in size), tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+                tuple(float(v) for v in origin), tuple(float(v) for v in target.flatten()))
 
 
 def from_canonical(array: np.ndarray, how: Reorientation, interpolator: int = sitk.sitkNearestNeighbor) -> sitk.Image:
@@ -158,7 +176,7 @@ def from_canonical(array: np.ndarray, how: Reorientation, interpolator: int = si
     Exact for axis-aligned inputs; resampled with ``interpolator`` (nearest-neighbour by default) for oblique ones.
     """
     if not how.resampled:
-        expected = tuple(np.array(sitk.GetArrayViewFromImage(how.reference).shape)[list(how.axes)])
+        expected = tuple(np.array(how.reference.size[::-1])[list(how.axes)])
         if tuple(array.shape) != expected:
             raise ValueError(f"canonical array has shape {array.shape}, expected {expected}")
         back = array
@@ -166,10 +184,7 @@ def from_canonical(array: np.ndarray, how: Reorientation, interpolator: int = si
             if flip:
                 back = np.flip(back, axis=a)
         back = np.transpose(back, np.argsort(how.axes))
-        image = sitk.GetImageFromArray(np.ascontiguousarray(back))
-        image.CopyInformation(how.reference)
-        return image
+        return how.reference.apply(sitk.GetImageFromArray(back))
     assert how.canonical_grid is not None
-    canonical = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    canonical.CopyInformation(how.canonical_grid)
-    return sitk.Resample(canonical, how.reference, sitk.Transform(), interpolator, 0, canonical.GetPixelID())
+    canonical = how.canonical_grid.apply(sitk.GetImageFromArray(array))
+    return how.reference.resample(canonical, interpolator, 0)
