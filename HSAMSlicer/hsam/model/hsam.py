@@ -82,8 +82,8 @@ class HSAM(nn.Module):
         masks1 = F.interpolate(stage1.logits, size, mode="bilinear", align_corners=False)
         prior = prior_from_logits(stage1.logits, grid)
 
-        if embedding_noise > 0:
-            spread = (embedding.max() - embedding.min()).detach()
+        if embedding_noise > 0:  # as released: the spread is not detached
+            spread = embedding.max() - embedding.min()
             embedding = embedding + torch.randn_like(embedding) * (embedding_noise * spread)
         logits2, iou2 = self.mask_decoder2(embedding, image_pe, dense, prior, stage1.up_embed, stage1.class_maps)
         masks2 = logits2 if logits2.shape[-2:] == size else F.interpolate(

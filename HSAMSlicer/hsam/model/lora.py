@@ -41,7 +41,9 @@ class LoRAQKV(nn.Module):
         self.linear_b_v = nn.Linear(rank, dim, bias=False, device=device)
         self._base_weight: torch.Tensor | None = None  # set while merged
         self.reset_lora_parameters()
-        self.register_state_dict_post_hook(_unmerged_state_dict_hook)
+        # public name from torch 2.5 on; older versions have the same hook under a private name
+        register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        register(_unmerged_state_dict_hook)
         self._register_load_state_dict_pre_hook(self._unmerge_before_load)
 
     def reset_lora_parameters(self) -> None:
