@@ -203,6 +203,27 @@ def test_organ_subset_and_transformed_volume(app, ct_path, reference_labels):
     assert set(np.unique(prediction)) == {0, 1, 5}
 
 
+def test_model_with_its_own_class_order(app, ct_path, reference_labels):
+    """Label values are matched to organs through the card's class names, not assumed to be H-SAM's order."""
+    volume = app.load_volume(ct_path)
+    order = ["background", "liver", "aorta", "spleen", "lung"]  # 'lung' is no H-SAM organ: dropped
+    hsam_value = {"liver": 5, "aorta": 7, "spleen": 1}
+    expected = sitk.GetArrayFromImage(reference_labels)
+    model_labels = np.zeros_like(expected)
+    for value, name in enumerate(order[1:4], start=1):
+        model_labels[expected == hsam_value[name]] = value
+    model_labels[expected == 2] = 4  # 'lung' where the reference has the right kidney
+    image = sitk.GetImageFromArray(model_labels)
+    image.CopyInformation(reference_labels)
+    card = ModelCard(name="other-order", classes=order)
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result_from_labels(image), card,
+                                                           RunOptions(model="other-order", show_3d=False))  # fmt: skip
+    for entry in ORGANS:
+        voxels = segment_array(segmentation, entry.name, volume)
+        wanted = expected == entry.index if entry.name in hsam_value else np.zeros_like(voxels)
+        np.testing.assert_array_equal(voxels, wanted, err_msg=entry.name)
+
+
 def test_rerun_replaces_only_its_own_result(app, ct_path, reference_labels):
     volume = app.load_volume(ct_path)
     other = app.load_volume(ct_path, "second CT")

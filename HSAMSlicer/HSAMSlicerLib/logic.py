@@ -64,6 +64,22 @@ class RunOptions:
     extra: dict[str, Any] = field(default_factory=dict)  # passed through to segment_volume
 
 
+def hsam_organs_of_card(card) -> dict[int, Any]:
+    """{model label value: hsam.labels organ} for the card's classes that are H-SAM organs (others are dropped)."""
+    from hsam.labels import ORGANS, organ
+
+    classes = list(getattr(card, "classes", None) or ["background"] + [o.name for o in ORGANS])
+    found = {}
+    for value, name in enumerate(classes):
+        if value == 0:
+            continue
+        try:
+            found[value] = organ(name)
+        except KeyError:
+            continue  # a class H-SAM does not know: not shown (the model may segment more than the 8 organs)
+    return found
+
+
 def organs_selected(organs: Sequence[int] | None) -> list:
     """The hsam.labels organ entries for ``organs`` (label values), in H-SAM order; all eight when None."""
     from hsam.labels import ORGANS
@@ -203,7 +219,7 @@ class HSAMSlicerLogic:
         """
         from hsam.inference import segment_volume
 
-        organs = [o.index for o in organs_selected(options.organs)]
+        organs = [o.name for o in organs_selected(options.organs)]  # by name: a model may order its classes freely
         network, card = self.load_model(options.model, options.device, status=status)
         if cancel is not None and cancel():
             from hsam.inference import Cancelled
@@ -236,9 +252,13 @@ class HSAMSlicerLogic:
         reference_shape = slicer.util.arrayFromVolume(volume_node).shape
         if labels.shape != reference_shape:
             raise HSAMError(f"the label volume {labels.shape} does not match the CT {reference_shape}; report this bug")
-        keep = np.zeros(256, dtype=bool)
-        keep[[o.index for o in chosen]] = True
-        labels = np.where(keep[labels], labels, 0).astype(np.uint8)
+        # model label value -> H-SAM label value (by class name), keeping only the chosen organs
+        lut = np.zeros(256, dtype=np.uint8)
+        wanted = {o.index for o in chosen}
+        for value, entry in hsam_organs_of_card(card).items():
+            if entry.index in wanted:
+                lut[value] = entry.index
+        labels = lut[labels]
 
         old_nodes = self._result_nodes(volume_node)
         created: list = []
