@@ -70,7 +70,8 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(str(tuple(data.shape)).encode())
         digest.update(str(data.dtype).encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # reshape(-1): 0-d buffers (BatchNorm's num_batches_tracked in the Lite TinyViT) cannot be viewed as bytes
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
