@@ -302,6 +302,29 @@ class TinyViT(nn.Module):
         """
         self._cache: dict[bytes, torch.Tensor] | None = {} if max_items > 0 else None
         self._cache_limit = max_items
+        self.cache_stats = {"hits": 0, "misses": 0}
+
+    def load_embedding_cache(self, path: str | Path) -> int:
+        """Add the embeddings saved by :meth:`save_embedding_cache` (safetensors, keys = input digests). -> count."""
+        from safetensors.torch import load_file
+
+        if self._cache is None:
+            raise RuntimeError("enable_embedding_cache() first")
+        stored = load_file(str(path))
+        for key, value in stored.items():
+            if len(self._cache) >= self._cache_limit:
+                break
+            self._cache[bytes.fromhex(key)] = value
+        return len(stored)
+
+    def save_embedding_cache(self, path: str | Path) -> None:
+        """Write the cached embeddings (fp16) to a safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        temp = path.with_name(path.name + ".tmp")
+        save_file({key.hex(): value.contiguous() for key, value in (self._cache or {}).items()}, str(temp))
+        temp.replace(path)
 
     def _cached_forward(self, images: torch.Tensor) -> torch.Tensor:
         keys = []
@@ -310,6 +333,8 @@ class TinyViT(nn.Module):
             digest.update(str((tuple(image.shape), image.dtype)).encode())
             keys.append(digest.digest())
         missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        self.cache_stats["misses"] += len(missing)
+        self.cache_stats["hits"] += len(keys) - len(missing)
         if missing:
             fresh = self._encode(images[missing])
             for i, embedding in zip(missing, fresh):

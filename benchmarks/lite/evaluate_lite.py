@@ -1,0 +1,108 @@
+"""Per-organ Dice of an H-SAM(-Lite) model on the shared real volumes, through the product pipeline.
+
+Each volume goes through :func:`hsam.inference.segment_volume` (reorientation, the card's window, resize to S, resize
+back, argmax); Dice is computed per organ on the whole 3-D volume against the TotalSegmentator pseudo-labels mapped to
+the H-SAM organs (``nan``: organ absent from both).
+
+``--output stage1`` replaces the stage-3 fusion by the stage-1 decoder alone (the SAMed-style ablation);
+``--state`` loads the trainable tensors of a training checkpoint (``checkpoints/last.pt`` or ``epoch_N.pt``) into the
+model first, so runs can be compared at the same step.
+
+    python benchmarks/lite/evaluate_lite.py --model HSAMSlicer/hsam/models/hsam-lite-demo --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+CASES = (
+    # name, image, labels, label map, what it shows
+    ("ct_sm", "example_ct_sm.nii.gz", "example_seg.nii.gz", "totalseg_total", "training patient, upper abdomen"),
+    ("ct", "example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "totalseg_total",
+     "training patient, whole scan, --fast labels"),
+    ("mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "totalseg_total_mr", "MR: another modality (domain shift)"),
+)
+
+
+def load(model_dir: str, state: str | None, output: str):
+    from hsam.model.checkpoint import load_model
+
+    model, card = load_model(model_dir)
+    if state:
+        from hsam.training.state import load_state
+
+        tensors = load_state(Path(state))["model"]
+        model.unmerge_lora()
+        missing = model.load_state_dict(tensors, strict=False)
+        if missing.unexpected_keys:
+            raise SystemExit(f"{state}: unexpected tensors {missing.unexpected_keys[:3]}")
+        model.merge_lora()
+        model.eval()
+    if output == "stage1":
+        model.predict = torch.no_grad()(lambda images: model.forward(images)[0]["masks"])  # type: ignore[method-assign]
+    elif output == "stage2":
+        model.predict = torch.no_grad()(lambda images: model.forward(images)[1]["masks"])  # type: ignore[method-assign]
+    return model, card
+
+
+def evaluate(model, card, data: Path, precision: str = "fp32") -> dict:
+    from hsam.evaluation.metrics import dice_per_organ
+    from hsam.inference import segment_volume
+    from hsam.labels import remap_labels
+
+    results = {}
+    for name, image_file, label_file, label_map, what in CASES:
+        image = sitk.ReadImage(str(data / "totalsegmentator" / image_file))
+        reference = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(data / "totalsegmentator" / label_file))),
+                                 label_map)
+        started = time.perf_counter()
+        result = segment_volume(image, model, card, device="cpu", precision=precision)
+        seconds = time.perf_counter() - started
+        prediction = sitk.GetArrayFromImage(result.labels)
+        dice = dice_per_organ(prediction, reference, list(range(1, 9)))
+        values = [v for v in dice.values() if not math.isnan(v)]
+        results[name] = {"what": what, "slices": int(prediction.shape[0]), "seconds": round(seconds, 2),
+                         "dice": {card.classes[k]: (None if math.isnan(v) else round(float(v), 4)) for k, v in dice.items()},
+                         "mean_dice": round(float(np.mean(values)), 4) if values else None}
+    return results
+
+
+def markdown(label: str, results: dict, classes: list[str]) -> str:
+    lines = []
+    for name, r in results.items():
+        cells = " | ".join("—" if r["dice"][c] is None else f"{r['dice'][c]:.3f}" for c in classes[1:])
+        lines.append(f"| {label} | {name} | {cells} | {r['mean_dice']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="saved model folder (model.json + model.safetensors)")
+    parser.add_argument("--state", help="training checkpoint whose trainable tensors replace the model's")
+    parser.add_argument("--output", choices=("fused", "stage1", "stage2"), default="fused")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/real"))
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--label", default=None, help="row label in the markdown table")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, card = load(args.model, args.state, args.output)
+    results = evaluate(model, card, args.data, args.precision)
+    label = args.label or f"{Path(args.model).name} {args.output}"
+    print(markdown(label, results, list(card.classes)))
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "state": args.state, "output": args.output,
+                                         "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
