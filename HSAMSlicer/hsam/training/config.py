@@ -1,0 +1,180 @@
+"""Training configs: JSON data files, the released H-SAM recipe as the defaults.
+
+A config file holds only what differs from :data:`DEFAULTS` (the paper recipe, hsam-model.md §2); it is deep-merged
+onto them and every key is checked, so a typo is an error rather than a silent default. Shipped configs live in
+``hsam/configs/training/`` and are named by file stem (``hsam train --config synapse_10pct``). ``--set a.b=VALUE``
+overrides one key (VALUE parsed as JSON, else taken as a string).
+
+Relative paths inside a user's config file are relative to that file's folder; in shipped configs and ``--set``
+values they are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from hsam.errors import HSAMError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "training"
+
+# The released recipe (hsam-model.md §2) with its bugs fixed; see the module docs of augment/losses/schedule.
+DEFAULTS: dict[str, Any] = {
+    "name": "hsam-custom",  # id of the resulting model (registered under it)
+    "title": "",  # human-readable model title for the model card
+    "description": "",
+    "model": {
+        "config": "vit_b_512",  # a model config name (hsam/configs/model) or a dict of ModelConfig fields
+        "init": None,  # {"sam_checkpoint": path} | {"model": id or path} | {"state_dict": path} | None (random)
+        "freeze": [],  # parts to keep fixed: image_encoder, lora, prompt_encoder, mask_decoder, mask_decoder2
+        "dropout": True,  # False sets every nn.Dropout to p=0 (for exact DDP/equivalence checks)
+    },
+    "data": {
+        "train": None,  # a data source: {"format": "synapse_npz"|"synapse_h5"|"nnunet"|"cases"|"pairs", ...}
+        "val": None,  # held-out volumes (a volume source), or None
+        "holdout": {"fraction": 0.0, "count": None, "seed": 2345},  # hold out training volumes for validation
+        "label_map": None,  # btcv | totalseg_total | totalseg_total_mr | {source: target} | JSON file
+        "window": [-125, 275],  # HU window -> [0, 1] (volume sources; Synapse npz/h5 are already windowed)
+        "orientation": "LPS",  # canonical slice layout (model card field)
+        "few_shot": None,  # {"fraction": 0.1 | "count": N, "seed": 2345, "oversample_rare": 0.0}
+    },
+    "augmentation": {
+        "p_rotate": 0.45, "p_crop": 0.4125, "p_elastic": 0.116875, "rotate_degrees": 20,
+        "crop_scale": [0.2, 0.8], "elastic_alpha": 2.0, "elastic_sigma": 0.08, "elastic_affine": 0.08,
+    },  # fmt: skip
+    "loss": {"ce_weight": 0.1, "dice_weight": 0.9, "stage_weight_base": 0.6, "stage_weight_decay": 0.99,
+             "smooth": 1e-5},
+    "optim": {"base_lr": 0.0025, "weight_decay": 0.1, "betas": [0.9, 0.999], "warmup_iters": 250,
+              "poly_power": 0.9},
+    "epochs": 300,
+    "batch_size": 16,  # the global batch (all processes together); the release silently doubled it (n_gpu=2)
+    "embedding_noise": 0.2,  # N(0,1) * 0.2 * (max - min of the batch embedding) on the stage-2 input
+    "seed": 2345,
+    "num_workers": 4,
+    "amp": True,  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler); ignored on CPU
+    "device": "auto",  # auto | cpu | cuda | cuda:N | mps
+    "validation": {"every": 0, "batch_size": 8},  # every N epochs (0 = never: the release had no validation)
+    "checkpoint_every": 50,  # keep the weights of every N-th epoch (the release did the same)
+    "output_dir": None,  # default: runs/<name>
+    "card": {"training_data": "", "license": "", "demo": False},
+    "tensorboard": True,  # also log to TensorBoard when the package is installed
+}
+
+_OPEN_KEYS = {("model", "config"), ("model", "init"), ("data", "train"), ("data", "val"), ("data", "label_map"),
+              ("data", "few_shot")}  # values that are free-form dicts (checked where they are used)
+_PATH_KEYS = {"root", "list", "image", "label", "sam_checkpoint", "state_dict", "model"}
+
+
+def _merge(base: dict, override: Mapping, path: tuple[str, ...] = ()) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        here = path + (key,)
+        if key not in base:
+            raise HSAMError(f"unknown training config key {'.'.join(here)!r}")
+        if isinstance(base[key], dict) and isinstance(value, Mapping) and here not in _OPEN_KEYS:
+            out[key] = _merge(base[key], value, here)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_paths(value: Any, folder: Path) -> Any:
+    """Make relative data/init paths absolute against ``folder`` (a model id like ``hsam-lite`` is left alone)."""
+    if isinstance(value, dict):
+        return {k: (_absolute(v, folder) if k in _PATH_KEYS and isinstance(v, str) else _resolve_paths(v, folder))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_paths(v, folder) for v in value]
+    return value
+
+
+def _absolute(value: str, folder: Path) -> str:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = folder / path
+    # a bare name that is not a file there (e.g. a registered model id) stays as written
+    if "/" not in value and "\\" not in value and not candidate.exists():
+        return value
+    return str(candidate.resolve())
+
+
+def available_training_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=VALUE"`` -> (["a", "b"], VALUE parsed as JSON, or the raw string)."""
+    if "=" not in text:
+        raise HSAMError(f"--set needs KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _nest(keys: list[str], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def load_training_config(name_or_path: str | Path | Mapping[str, Any] | None,
+                         overrides: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full config dict: defaults <- config file (or dict) <- ``extra`` <- ``--set`` overrides."""
+    config = copy.deepcopy(DEFAULTS)
+    if isinstance(name_or_path, Mapping):
+        config = _merge(config, _resolve_paths(dict(name_or_path), Path.cwd()))
+    elif name_or_path is not None:
+        path = Path(name_or_path)
+        shipped = CONFIG_DIR / f"{name_or_path}.json"
+        if path.suffix == ".json" and path.is_file():
+            folder = path.resolve().parent
+        elif shipped.is_file():
+            path, folder = shipped, Path.cwd()
+        else:
+            raise HSAMError(f"no training config {str(name_or_path)!r}: give a JSON file or one of "
+                            f"{', '.join(available_training_configs())}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise HSAMError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise HSAMError(f"{path} must hold a JSON object")
+        config = _merge(config, _resolve_paths(data, folder))
+    if extra:
+        config = _merge(config, _resolve_paths(dict(extra), Path.cwd()))
+    for text in overrides:
+        keys, value = parse_override(text)
+        config = _merge(config, _resolve_paths(_nest(keys, value), Path.cwd()))
+    validate(config)
+    return config
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Range checks that do not need data or torch."""
+    if not isinstance(config["epochs"], int) or config["epochs"] < 1:
+        raise HSAMError(f"epochs must be a positive integer, got {config['epochs']!r}")
+    if not isinstance(config["batch_size"], int) or config["batch_size"] < 1:
+        raise HSAMError(f"batch_size must be a positive integer, got {config['batch_size']!r}")
+    if config["optim"]["base_lr"] <= 0:
+        raise HSAMError("optim.base_lr must be > 0")
+    if config["embedding_noise"] < 0:
+        raise HSAMError("embedding_noise must be >= 0")
+    if not isinstance(config["validation"]["every"], int) or config["validation"]["every"] < 0:
+        raise HSAMError("validation.every must be an integer >= 0")
+    parts = {"image_encoder", "lora", "prompt_encoder", "mask_decoder", "mask_decoder2"}
+    bad = set(config["model"]["freeze"]) - parts
+    if bad:
+        raise HSAMError(f"model.freeze names unknown parts {sorted(bad)}; use {sorted(parts)}")
+    window = config["data"]["window"]
+    if not (isinstance(window, list) and len(window) == 2 and window[1] > window[0]):
+        raise HSAMError(f"data.window must be [low, high] with high > low, got {window!r}")
+    train = config["data"]["train"]
+    if train is not None and not (isinstance(train, Mapping) and "format" in train):
+        raise HSAMError("data.train must be a data source object with a 'format' key")

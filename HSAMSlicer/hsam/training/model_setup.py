@@ -1,0 +1,151 @@
+"""Build the network a training config asks for: model config, initial weights, frozen parts, dropout.
+
+Initialisers (``model.init`` in the config) are pluggable: ``register_initializer("name", fn)`` where
+``fn(model, value, config)`` loads weights into ``model``. Built in:
+
+* ``{"sam_checkpoint": PATH | "auto"}``: SAM base weights (``"auto"``: the downloaded ``sam-vit-b``/``-l``/``-h``)
+  loaded the way H-SAM does (:func:`hsam.model.official.init_from_sam`).
+* ``{"model": ID | PATH}``: all weights of a saved/installed model (fine-tuning); its card fixes the network.
+* ``{"state_dict": PATH, "prefix": "image_encoder."}``: a plain tensor file (``torch.load(weights_only=True)``) or
+  ``.safetensors``, loaded into the parts named by ``prefix`` (unknown keys are an error, missing ones stay).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from hsam.errors import HSAMError
+
+Initializer = Callable[[nn.Module, Any, Mapping[str, Any]], None]
+_INITIALIZERS: dict[str, Initializer] = {}
+
+FREEZABLE = ("image_encoder", "lora", "prompt_encoder", "mask_decoder", "mask_decoder2")
+
+
+def register_initializer(name: str, fn: Initializer, *, replace: bool = False) -> None:
+    if name in _INITIALIZERS and not replace:
+        raise ValueError(f"initializer {name!r} is already registered")
+    _INITIALIZERS[name] = fn
+
+
+def _sam_backbone_id(backbone: str) -> str:
+    return "sam-" + backbone.replace("_", "-")
+
+
+def _init_from_sam(model: nn.Module, value: Any, config: Mapping[str, Any]) -> None:
+    from hsam.model import official
+
+    path = value
+    if value == "auto":
+        from hsam.weights import base_file
+
+        found = base_file(_sam_backbone_id(model.config.backbone))
+        if found is None:
+            raise HSAMError(f"SAM base weights are not downloaded: run `hsam models download "
+                            f"{_sam_backbone_id(model.config.backbone)}` or set model.init.sam_checkpoint to a file")
+        path = found
+    if not Path(path).is_file():
+        raise HSAMError(f"SAM checkpoint not found: {path}")
+    official.init_from_sam(model, str(path))
+
+
+def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise HSAMError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise HSAMError(f"cannot read {path} as a tensor file: {str(error).splitlines()[0][:160]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise HSAMError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+def _init_from_state_dict(model: nn.Module, value: Any, config: Mapping[str, Any]) -> None:
+    init = config["model"]["init"]
+    prefix = init.get("prefix", "")
+    state = {prefix + k: v for k, v in _load_tensor_file(Path(value)).items()}
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise HSAMError(f"{value}: {len(unknown)} tensors do not exist in the model, e.g. {unknown[0]!r} "
+                        "(set model.init.prefix?)")
+    wrong = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise HSAMError(f"{value}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the model has "
+                        f"{tuple(own[wrong[0]].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+register_initializer("sam_checkpoint", _init_from_sam)
+register_initializer("state_dict", _init_from_state_dict)
+
+
+def load_source_model(id_or_path: str) -> tuple[nn.Module, Any]:
+    """A saved/installed model as a trainable network (fresh build, LoRA unmerged, ``requires_grad`` as built)."""
+    from hsam.model.build import build_hsam
+    from hsam.weights import load_named_model
+
+    loaded, card = load_named_model(id_or_path, device="cpu")
+    loaded.unmerge_lora()
+    model = build_hsam(card.model_config())
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return model, card
+
+
+def build_training_model(config: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+    """``(model in train mode, source card or None)`` for the ``model`` section of a training config."""
+    from hsam.model.build import build_hsam
+    from hsam.model.config import ModelConfig, load_model_config
+
+    section = config["model"]
+    init = dict(section["init"] or {})
+    source_card = None
+    if "model" in init:
+        model, source_card = load_source_model(str(init.pop("model")))
+    else:
+        spec = section["config"]
+        try:
+            model_config = ModelConfig.from_dict(spec) if isinstance(spec, Mapping) else load_model_config(spec)
+        except ValueError as error:
+            raise HSAMError(f"model.config: {error}") from None
+        model = build_hsam(model_config)
+    init.pop("prefix", None)
+    for name, value in init.items():
+        if name not in _INITIALIZERS:
+            raise HSAMError(f"unknown model.init {name!r}; known: model, {', '.join(sorted(_INITIALIZERS))}")
+        _INITIALIZERS[name](model, value, config)
+    freeze(model, section["freeze"])
+    if not section["dropout"]:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    model.train()
+    return model, source_card
+
+
+def freeze(model: nn.Module, parts: list[str]) -> None:
+    """Set ``requires_grad=False`` on the named parts (``lora``: the LoRA adapters only)."""
+    from hsam.model.lora import lora_modules
+
+    for part in parts:
+        if part == "lora":
+            params = [p for m in lora_modules(model) for p in m.lora_parameters()]
+        else:
+            params = list(getattr(model, part).parameters())
+        for p in params:
+            p.requires_grad_(False)
+
+
+def encoder_is_frozen(model: nn.Module) -> bool:
+    return not any(p.requires_grad for p in model.image_encoder.parameters())

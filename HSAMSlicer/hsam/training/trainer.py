@@ -1,0 +1,494 @@
+"""The training loop: H-SAM's recipe (hsam-model.md §2) with validation, best-checkpoint selection, exact resume,
+AMP on CUDA, DDP through ``torchrun``, logs, and the result saved and registered as a model.
+
+Run folder (``output_dir``)::
+
+    config.json             the full resolved config
+    splits/train.txt(.json) the slices trained on (few-shot list, seed and per-organ counts)
+    splits/val.txt          held-out validation volumes
+    log.csv, curve.png      one row per epoch; the training curve
+    checkpoints/last.pt     everything needed to continue bit-identically (--resume)
+    checkpoints/best.pt     trainable tensors of the best validation epoch
+    checkpoints/epoch_N.pt  trainable tensors every ``checkpoint_every`` epochs
+    model/                  the result (model.safetensors + model.json), also installed under its name
+
+Distributed: started by ``torchrun --nproc_per_node=N -m hsam train ...``, each process takes its share of every
+global batch (``batch_size`` is the global batch) and the Dice sums are all-reduced, so N processes optimise exactly
+what one process with the same global batch does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hsam.errors import HSAMError
+from hsam.training import logs
+from hsam.training.augment import AugmentConfig
+from hsam.training.data import SliceStore, Volume, check_labels, load_slices, load_source_volumes
+from hsam.training.loader import EpochBatchSampler, TrainingSlices, iterations_per_epoch
+from hsam.training.losses import LossConfig, hsam_loss
+from hsam.training.model_setup import build_training_model, encoder_is_frozen
+from hsam.training.schedule import PaperSchedule
+from hsam.training.splits import few_shot_split, split_cases, write_list
+from hsam.training.state import (
+    capture_rng,
+    frozen_fingerprint,
+    load_state,
+    restore_rng,
+    save_state,
+    trainable_state,
+)
+from hsam.training.validate import validate
+
+# Config keys that may change between a run and its resumption (everything else must match).
+_RESUMABLE_CHANGES = {"num_workers", "device", "output_dir", "tensorboard"}
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device_kind: str) -> Distributed:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1); gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    here = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        here = True
+    return Distributed(rank, world, local, here)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HSAMError("device cuda was asked for but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise HSAMError("device mps was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    model: torch.nn.Module
+    card: Any = None
+    model_dir: Path | None = None
+    installed: Path | None = None
+    finished: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _label_map(config: Mapping[str, Any]) -> dict[int, int] | None:
+    from hsam.evaluation import resolve_label_map
+
+    return resolve_label_map(config["data"]["label_map"])
+
+
+def _prepare_data(config: Mapping[str, Any], num_classes: int, out: Path | None
+                  ) -> tuple[SliceStore, list[Volume], dict[str, Any]]:
+    """Training slices (after holdout and few-shot selection) and validation volumes."""
+    data = config["data"]
+    if data["train"] is None:
+        raise HSAMError("the config has no training data: set data.train (e.g. --set data.train.root=...)")
+    window, orientation, label_map = data["window"], data["orientation"], _label_map(config)
+    store, volumes = load_slices(data["train"], window, orientation, label_map)
+    info: dict[str, Any] = {}
+    val_volumes: list[Volume] = []
+    holdout = data["holdout"] or {}
+    if volumes and (holdout.get("fraction") or holdout.get("count")):
+        train_names, val_names = split_cases([v.name for v in volumes], holdout.get("fraction") or 0.0,
+                                             holdout.get("count"), holdout.get("seed", config["seed"]))
+        val_volumes = [v for v in volumes if v.name in set(val_names)]
+        volumes = [v for v in volumes if v.name in set(train_names)]
+        from hsam.training.data import VolumeSlices
+
+        store = VolumeSlices(volumes)
+        info["held_out"] = val_names
+    if data["val"] is not None:
+        val_volumes += load_source_volumes(data["val"], window, orientation, label_map)
+    check_labels(volumes + val_volumes, num_classes)
+    if not volumes:  # slice source: check a few slices for label values
+        for i in range(0, len(store), max(1, len(store) // 16)):
+            top = int(store.get(i)[1].max())
+            if top > num_classes:
+                raise HSAMError(f"slice {store.ids[i]} has label {top} > {num_classes}; set data.label_map")
+    few = data["few_shot"]
+    meta: dict[str, Any] = {"source": "all slices", "count": len(store)}
+    if few:
+        unknown = set(few) - {"fraction", "count", "seed", "oversample_rare", "max_repeat"}
+        if unknown:
+            raise HSAMError(f"unknown data.few_shot setting(s) {sorted(unknown)}")
+        split = few_shot_split(store, few.get("fraction"), few.get("count"), few.get("seed", config["seed"]),
+                               few.get("oversample_rare", 0.0), few.get("max_repeat", 4))
+        store, meta = store.subset(split.names), split.meta
+    if out is not None:
+        write_list(out / "splits" / "train.txt", store.ids, meta)
+        write_list(out / "splits" / "val.txt", [v.name for v in val_volumes] or ["# no validation volumes"])
+    info.update({"train_slices": len(store), "val_volumes": [v.name for v in val_volumes], "split": meta})
+    return store, val_volumes, info
+
+
+def _probe(model: torch.nn.Module, dataset: TrainingSlices, noise: float, device: torch.device) -> tuple[int, list[str]]:
+    """One forward/backward on one slice: the stage-1 output size and the trainable parameters that never get a
+    gradient (unused heads, the dead CMAttn branch). RNG states are restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        sample = dataset[(0, 0)]
+        stage1, stage2 = model(sample["image"][None].to(device), noise)
+        (stage1["low_res_logits"].float().mean() + stage2["low_res_logits"].float().mean()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return int(stage1["low_res_logits"].shape[-1]), unused
+
+
+def _autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None, str]:
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext, None, "fp32"
+    if torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None, "bf16"
+    return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda"), "fp16"
+
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}
+
+
+def _default_output(config: Mapping[str, Any]) -> Path:
+    return Path(config["output_dir"] or Path("runs") / config["name"])
+
+
+def _make_card(config: Mapping[str, Any], model: torch.nn.Module, source_card: Any, extra: dict[str, Any]) -> Any:
+    from hsam.labels import CLASS_NAMES
+    from hsam.model.checkpoint import ModelCard
+
+    card_cfg = config["card"]
+    classes = list(source_card.classes) if source_card is not None else list(CLASS_NAMES)
+    if len(classes) != model.config.num_outputs:
+        classes = ["background"] + [f"class_{i}" for i in range(1, model.config.num_outputs)]
+    training_data = card_cfg["training_data"] or _describe_data(config)
+    if source_card is not None and source_card.training_data:
+        training_data = f"{training_data}; fine-tuned from {source_card.name} ({source_card.training_data})"
+    return ModelCard.for_config(
+        model.config,
+        config["name"],
+        title=config["title"] or config["name"],
+        classes=classes,
+        window=[float(w) for w in config["data"]["window"]],
+        orientation=config["data"]["orientation"],
+        training_data=training_data,
+        license=card_cfg["license"] or (source_card.license if source_card is not None else ""),
+        demo=bool(card_cfg["demo"]),
+        extra=extra,
+    )
+
+
+def _describe_data(config: Mapping[str, Any]) -> str:
+    train = config["data"]["train"] or {}
+    where = train.get("root") or ", ".join(Path(p["image"]).name for p in train.get("pairs", []))
+    few = config["data"]["few_shot"]
+    part = ""
+    if few:
+        part = f", few-shot {few.get('fraction') or few.get('count')} (seed {few.get('seed', config['seed'])})"
+    return f"{train.get('format', '?')}: {where}{part}"
+
+
+def train(config: Mapping[str, Any], *, resume: bool = False, stop_after_epoch: int | None = None,
+          progress: bool = True, register: bool = True) -> TrainResult:
+    """Train as ``config`` (a dict from :func:`hsam.training.config.load_training_config`) says.
+
+    ``resume``: continue the run in ``output_dir`` from ``checkpoints/last.pt``. ``stop_after_epoch``: stop (as if
+    interrupted) once that many epochs are done; the run can be resumed later. ``register``: install the resulting
+    model under ``config["name"]`` so ``hsam models list`` and Slicer show it.
+    """
+    config = copy.deepcopy(dict(config))
+    device_name = config["device"]
+    kind = "cuda" if (device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())) else "cpu"
+    ddp = init_distributed(kind)
+    try:
+        return _train(config, ddp, resume, stop_after_epoch, progress, register)
+    finally:
+        from hsam.training.losses import use_reduce_group
+
+        use_reduce_group(None)
+        if ddp.initialized_here:
+            dist.destroy_process_group()
+
+
+def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_epoch: int | None, progress: bool,
+           register: bool) -> TrainResult:
+    device = resolve_device(config["device"], ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    out = _default_output(config).resolve()
+    last_path = out / "checkpoints" / "last.pt"
+    if ddp.main:
+        if last_path.exists() and not resume:
+            raise HSAMError(f"{out} already holds a run; add --resume to continue it or choose another --output")
+        if resume and not last_path.exists():
+            raise HSAMError(f"nothing to resume: {last_path} does not exist")
+        out.mkdir(parents=True, exist_ok=True)
+    ddp.barrier()
+
+    seed = int(config["seed"])
+    _seed_everything(seed)  # identical initial weights on every process
+    model, source_card = build_training_model(config)
+    model.to(device)
+    store, val_volumes, info = _prepare_data(config, model.config.num_classes, out if ddp.main else None)
+    if ddp.main:
+        logs._atomic_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+
+    augment = AugmentConfig.from_dict(config["augmentation"])
+    noise = float(config["embedding_noise"])
+    probe_set = TrainingSlices(store, model.img_size, max(1, model.img_size // 4), None, seed)
+    low_res, unused = _probe(model, probe_set, noise, device)
+    for name, p in model.named_parameters():
+        if name in set(unused):
+            p.requires_grad_(False)  # receives no gradient: leaving it out keeps AdamW's decay off it, as released
+    frozen_encoder = encoder_is_frozen(model)
+    info.update({"low_res": low_res, "never_trained": len(unused), "frozen_encoder": frozen_encoder})
+    dataset = TrainingSlices(store, model.img_size, low_res, augment, seed)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise HSAMError("nothing to train: every part of the model is frozen")
+    optim_cfg = config["optim"]
+    optimizer = torch.optim.AdamW(params, lr=optim_cfg["base_lr"], betas=tuple(optim_cfg["betas"]),
+                                  weight_decay=optim_cfg["weight_decay"], foreach=True)
+    batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
+    if batch_size < ddp.world_size:
+        raise HSAMError(f"batch_size {batch_size} is smaller than the number of processes {ddp.world_size}")
+    per_epoch = iterations_per_epoch(len(dataset), batch_size, ddp.world_size)
+    schedule = PaperSchedule(optimizer, optim_cfg["base_lr"], optim_cfg["warmup_iters"], epochs * per_epoch,
+                             optim_cfg["poly_power"])
+    autocast, scaler, precision = _autocast(device, bool(config["amp"]))
+    loss_cfg = LossConfig.from_dict(config["loss"])
+
+    fingerprint = frozen_fingerprint(model)
+    start_epoch, history, best = 0, [], None
+    # Each process gets its own dropout/noise stream; the data pipeline is seeded per sample and needs none.
+    torch.manual_seed(seed + 1000 * ddp.rank + 1)
+    if resume:
+        state = load_state(last_path)
+        saved_config = json.loads(state["config"])
+        if _comparable(saved_config) != _comparable(config):
+            changed = sorted(k for k in set(saved_config) | set(config)
+                             if k not in _RESUMABLE_CHANGES and saved_config.get(k) != config.get(k))
+            raise HSAMError(f"the config differs from the run being resumed in {changed}; resume with the same config")
+        if state["world_size"] != ddp.world_size:
+            raise HSAMError(f"the run used {state['world_size']} processes; resume it with the same number")
+        if state["frozen_fingerprint"] != fingerprint:
+            raise HSAMError("the frozen base weights differ from those of the run being resumed (another SAM file?)")
+        missing = set(trainable_state(model)) - set(state["model"])
+        if missing:
+            raise HSAMError(f"{last_path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"][ddp.rank])
+        start_epoch, history, best = int(state["epoch"]), list(state["history"]), state.get("best")
+
+    net: torch.nn.Module = model
+    if ddp.world_size > 1:
+        from hsam.training.losses import use_reduce_group
+
+        use_reduce_group(dist.new_group(backend="gloo" if device.type == "cpu" else None))
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    board = logs.TensorBoard(out / "tensorboard", bool(config["tensorboard"])) if ddp.main else None
+    organs = list(range(1, model.config.num_outputs))
+    val_every = int(config["validation"]["every"])
+    finished = True
+    try:
+        for epoch in range(start_epoch, epochs):
+            started = time.time()
+            row = _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast,
+                             loss_cfg, noise, frozen_encoder, progress, organs)
+            row["seconds"] = round(time.time() - started, 3)
+            validated = val_volumes and val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs)
+            if validated and ddp.main:
+                metrics = validate(model, val_volumes, organs, int(config["validation"]["batch_size"]), device,
+                                   autocast)
+                row["val_dice"] = metrics["dice"]
+                row.update({f"val_dice_{k}": metrics[f"dice_{k}"] for k in organs})
+                if best is None or (not math.isnan(metrics["dice"]) and metrics["dice"] > best["val_dice"]):
+                    best = {"epoch": epoch, "val_dice": metrics["dice"]}
+                    save_state(out / "checkpoints" / "best.pt", {"model": trainable_state(model), "epoch": epoch,
+                                                                   "metrics": metrics})
+            history.append(row)
+            rng_states = _gather_rng(ddp)
+            if ddp.main:
+                if config["checkpoint_every"] and (epoch + 1) % int(config["checkpoint_every"]) == 0:
+                    save_state(out / "checkpoints" / f"epoch_{epoch}.pt", {"model": trainable_state(model),
+                                                                         "epoch": epoch})
+                save_state(last_path, {
+                    "epoch": epoch + 1, "step": schedule.step_count, "model": trainable_state(model),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states,
+                    "history": history, "best": best, "config": json.dumps(config, sort_keys=True),
+                    "world_size": ddp.world_size, "frozen_fingerprint": fingerprint,
+                })
+                logs.write_csv(out / "log.csv", history)
+                logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
+                if board is not None:
+                    board.log(row, schedule.step_count)
+            ddp.barrier()
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
+                finished = False
+                break
+    finally:
+        if board is not None:
+            board.close()
+
+    result = TrainResult(out, history, best, model, finished=finished, info=info)
+    if not finished:
+        return result
+    if best is not None and ddp.main:  # the best validation epoch, not the last one, becomes the model
+        model.load_state_dict(load_state(out / "checkpoints" / "best.pt")["model"], strict=False)
+    if ddp.main:
+        extra = {"training": {"epochs": epochs, "batch_size": batch_size, "best": best, "precision": precision,
+                              "processes": ddp.world_size, "train_slices": info["train_slices"],
+                              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "final_train_loss": history[-1]["loss"] if history else None}}
+        card = _make_card(config, model, source_card, extra)
+        model.eval()
+        from hsam.model.checkpoint import save_model
+
+        result.model_dir = save_model(model, card, out / "model")
+        result.card = card
+        if register:
+            from hsam.weights import import_model
+
+            result.installed = import_model(result.model_dir, config["name"])
+    ddp.barrier()
+    return result
+
+
+def _gather_rng(ddp: Distributed) -> list[dict[str, Any]]:
+    mine = capture_rng()
+    if ddp.world_size == 1:
+        return [mine]
+    gathered: list[Any] = [None] * ddp.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast, loss_cfg,
+               noise, frozen_encoder, progress, organs) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    sampler = EpochBatchSampler(len(dataset), int(config["batch_size"]), epoch, int(config["seed"]), ddp.rank,
+                                ddp.world_size)
+    workers = int(config["num_workers"])
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(int(config["seed"]) + epoch),
+                        persistent_workers=False)
+    model.train()
+    if frozen_encoder:
+        model.image_encoder.eval()  # nothing to train there: no dropout/BN updates, and no graph is recorded
+    k = model.config.num_outputs
+    sums = torch.zeros(9, dtype=torch.float64)  # n, loss, l1, l2, ce1, dice1, ce2, dice2, weight
+    overlap = torch.zeros(3, k, dtype=torch.float64)  # hard Dice pieces of the stage-3 prediction per class
+    bar = None
+    if progress and ddp.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(sampler), desc=f"epoch {epoch + 1}/{config['epochs']}", leave=False, dynamic_ncols=True)
+    for batch, global_n in zip(loader, sampler.global_sizes):
+        images = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        low = batch["low_res_label"].to(device, non_blocking=True)
+        n = images.shape[0]
+        with autocast():
+            stage1, stage2 = net(images, noise)
+        parts = hsam_loss(stage1["low_res_logits"], stage2["low_res_logits"], low, label, epoch, loss_cfg,
+                          ce_share=n * ddp.world_size / global_n)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(parts.total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            parts.total.backward()
+            optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            share = n / global_n  # CE terms are scaled per process; Dice terms are already global
+            ce1, ce2 = parts.ce1.item() / (n * ddp.world_size / global_n), parts.ce2.item() / (n * ddp.world_size / global_n)
+            d1, d2, w = parts.dice1.item(), parts.dice2.item(), parts.weight
+            l1 = loss_cfg.ce_weight * ce1 + loss_cfg.dice_weight * d1
+            l2 = loss_cfg.ce_weight * ce2 + loss_cfg.dice_weight * d2
+            total = (1 - w) * l1 + w * l2
+            # per-process share of the global-batch averages, summed over processes below
+            sums += torch.tensor([share, share * total, share * l1, share * l2, share * ce1, d1 / ddp.world_size,
+                                  share * ce2, d2 / ddp.world_size, w / ddp.world_size], dtype=torch.float64)
+            fused = (stage1["masks"].float() + stage2["masks"].float()).argmax(1)
+            for c in range(1, k):
+                p, t = fused == c, label == c
+                overlap[0, c] += float((p & t).sum())
+                overlap[1, c] += float(p.sum())
+                overlap[2, c] += float(t.sum())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts.total.item():.4f}", lr=f"{schedule.current():.2e}")
+    if bar is not None:
+        bar.close()
+    if ddp.world_size > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(overlap)
+    batches = max(1, len(sampler))
+    sums = sums / batches  # mean over the epoch's batches
+    present = overlap[2] + overlap[1] > 0
+    present[0] = False
+    dice = (2 * overlap[0][present] / (overlap[1][present] + overlap[2][present])).mean().item() if present.any() \
+        else math.nan
+    return {
+        "epoch": epoch, "step": schedule.step_count, "lr": schedule.current(),
+        "loss": sums[1].item(), "loss_stage1": sums[2].item(), "loss_stage2": sums[3].item(),
+        "ce1": sums[4].item(), "dice_loss1": sums[5].item(), "ce2": sums[6].item(), "dice_loss2": sums[7].item(),
+        "stage_weight": sums[8].item(), "train_dice": dice,
+    }

@@ -1,0 +1,56 @@
+"""Validation on held-out volumes: slice-wise stage-3 prediction (as at inference) and Dice per organ per volume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hsam.evaluation.metrics import dice_per_organ
+from hsam.training.augment import resize_image
+from hsam.training.data import Volume
+
+
+@torch.no_grad()
+def predict_volume(model: torch.nn.Module, image: np.ndarray, batch_size: int = 8,
+                   device: torch.device | str = "cpu", autocast: Callable[[], Any] | None = None) -> np.ndarray:
+    """Label volume uint8 [D, H, W] for a canonical image [D, H, W] in [0, 1]: each slice cubic-resized to the
+    model input, stage-3 logits resized back (bilinear) to the slice, argmax. ``model`` must be in eval mode."""
+    size = model.img_size
+    depth, height, width = image.shape
+    out = np.zeros((depth, height, width), dtype=np.uint8)
+    for start in range(0, depth, batch_size):
+        chunk = np.stack([resize_image(s, size) for s in image[start : start + batch_size]])
+        batch = torch.from_numpy(chunk)[:, None].expand(-1, 3, -1, -1).to(device)
+        with (autocast or contextlib.nullcontext)():
+            logits = model.predict(batch)
+        logits = logits.float()
+        if (height, width) != (size, size):
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        out[start : start + len(chunk)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+    return out
+
+
+def validate(model: torch.nn.Module, volumes: Sequence[Volume], organs: Sequence[int], batch_size: int = 8,
+             device: torch.device | str = "cpu", autocast: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Mean Dice per organ over the volumes where the organ is present in prediction or reference, and their mean
+    (``dice``). Keys: ``dice``, ``dice_<organ index>``."""
+    was_training = model.training
+    model.eval()
+    try:
+        per_organ: dict[int, list[float]] = {k: [] for k in organs}
+        for volume in volumes:
+            pred = predict_volume(model, volume.image, batch_size, device, autocast)
+            for k, value in dice_per_organ(pred, volume.label, organs).items():
+                if not math.isnan(value):
+                    per_organ[k].append(value)
+    finally:
+        model.train(was_training)
+    means = {k: float(np.mean(v)) for k, v in per_organ.items() if v}
+    result = {f"dice_{k}": means.get(k, math.nan) for k in organs}
+    result["dice"] = float(np.mean(list(means.values()))) if means else math.nan
+    return result
