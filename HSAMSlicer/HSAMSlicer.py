@@ -467,6 +467,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(str(error), error=True)
             return
         self._parameterNode.outputSegmentation = segmentation
+        if self.ui.modelComboBox.findData(options.model) >= 0:
+            self._fillModelList(select=options.model)  # a model downloaded by this run is now listed as installed
         found = sum(1 for value in result.volumes_ml.values() if value > 0) if result.volumes_ml else 0
         message = _("Done in {seconds:.0f} s on {device}: {found} of {total} organs found. Check them with Review in "
                     "Segment Editor.").format(seconds=state.elapsed_s, device=result.device, found=found,
