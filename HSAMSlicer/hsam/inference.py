@@ -311,7 +311,13 @@ def segment_volume(
         if engine_device != target:
             if engine_device is not None:
                 mode_name = "fast"  # after an out-of-memory fallback to the CPU: no export/quantisation mid-run
-            predictor, engine_device = prepare(model, mode_name, target, say=log.info), target
+            try:
+                predictor = prepare(model, mode_name, target, say=log.info)
+            except OSError as error:  # e.g. the exported-graph cache cannot be written (disk full): run without it
+                notes.append(f"speed mode {mode_name} could not be prepared ({error.strerror or error}); ran in fast mode")
+                mode_name = "fast"
+                predictor = prepare(model, mode_name, target, say=log.info)
+            engine_device = target
         try:
             batch_labels, batch_confidence = predict_slices_skipping_air(
                 model, canonical[done:stop], window_hu, target, dtype, channels, predictor, air_cache

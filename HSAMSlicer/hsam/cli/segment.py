@@ -66,14 +66,34 @@ def _check_outputs(args: argparse.Namespace) -> list[Path]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
+    from hsam.errors import HSAMError
+
     fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the user's usual permissions
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        Path(temp).unlink(missing_ok=True)
+        raise HSAMError(f"could not write {path}: {error.strerror or error}; check free disk space and permissions") from None
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read without changing it, via /proc where available)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def stats_csv(result, class_names) -> str:  # noqa: ANN001 (SegmentationResult; typed loosely to keep imports light)
@@ -100,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     """Segment ``args.input`` and write the requested outputs."""
     import SimpleITK as sitk
 
-    from hsam.inference import segment_volume
+    from hsam.errors import HSAMError
+    from hsam.inference import _selected_channels, segment_volume, select_device, select_precision
     from hsam.volume import read_image, write_image, write_labels
     from hsam.weights import available_models, load_named_model, resolve_model
 
@@ -121,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     organs = None
     if args.organs:
         organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
+    # settle every user choice before the progress bar starts, so a mistake prints one error line only
+    _selected_channels(organs, list(card.classes))
+    select_precision(args.precision, select_device(args.device))
+    if args.batch_size is not None and args.batch_size < 1:
+        raise HSAMError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     bar = None
     if not args.quiet:
@@ -142,25 +168,37 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
 
-    written: list[Path] = []
+    # All or nothing without losing the previous run: every output is written to a hidden file beside it first
+    # and only moved onto its name once all of them were written (deleting a half-set would delete the files the
+    # previous run left there, as the new ones have already replaced them).
+    from hsam.volume.io import TEMP_PREFIX, _host_tag
+
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(final: Path) -> Path:
+        temp = final.with_name(f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-out-{final.name}")
+        staged.append((temp, final))
+        return temp
+
     try:
-        written.append(write_labels(result.labels, outputs[0]))
+        write_labels(result.labels, stage(outputs[0]))
         rest = iter(outputs[1:])
         if args.confidence:
-            written.append(write_image(result.confidence, next(rest)))
+            write_image(result.confidence, stage(next(rest)))
         if args.stats:
-            path = next(rest)
-            _write_text_atomic(path, stats_csv(result, list(card.classes)))
-            written.append(path)
+            _write_text_atomic(stage(next(rest)), stats_csv(result, list(card.classes)))
         if args.overlay:
             from hsam.overlay import render_overlay
 
-            written.append(render_overlay(image, result.labels, next(rest), list(card.classes),
-                                          title=f"{Path(args.input).name} - {model_id}"))
+            render_overlay(image, result.labels, stage(next(rest)), list(card.classes),
+                           title=f"{Path(args.input).name} - {model_id}")
+        for temp, final in staged:
+            os.replace(temp, final)
     except BaseException:
-        for path in written:  # all or nothing: do not leave a partial set of outputs
-            path.unlink(missing_ok=True)
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
         raise
+    written = [final for _, final in staged]
 
     for message in result.warnings:
         say(f"warning: {message}")
