@@ -185,3 +185,39 @@ def test_changes_versus_prediction_counts_per_slice():
     assert changes["organs"]["liver"]["voxels_removed"] == 1 and changes["organs"]["stomach"]["voxels_added"] == 1
     assert changes["organs"]["spleen"] == {"changed": False, "voxels_added": 0, "voxels_removed": 0,
                                            "voxels_predicted": 0, "voxels_final": 0, "slices_changed": []}  # fmt: skip
+
+
+def save_and_reload(app, nodes, folder):
+    """Save nodes and the scene (.mrml) the way Slicer's Save dialog does, then load it into a fresh scene."""
+    folder.mkdir()
+    for node in nodes:
+        if node.GetStorageNode() is None:
+            node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+        storage.SetFileName(str(folder / f"{node.GetID()}.{storage.GetDefaultWriteFileExtension()}"))
+        assert storage.WriteData(node), node.GetName()
+    app.scene.SetRootDirectory(str(folder))
+    app.scene.SetURL(str(folder / "scene.mrml"))
+    assert app.scene.Commit()
+    fresh = slicer_headless.start()
+    fresh.scene.SetURL(str(folder / "scene.mrml"))
+    assert fresh.scene.Connect()
+    return fresh
+
+
+def test_a_saved_and_reloaded_scene_still_knows_the_prediction(app, case, tmp_path):
+    """Users save between segmenting and exporting: the result, its provenance and the stored prediction survive."""
+    from HSAMSlicerLib.logic import ROLE_PREDICTION, ROLE_TABLE
+
+    volume, segmentation, labels, _ = case
+    parts = [segmentation.GetNodeReference(role) for role in (ROLE_PREDICTION, ROLE_TABLE)]
+    ours = [volume, segmentation, *parts]
+    reloaded = save_and_reload(app, ours, tmp_path / "scene")
+    volume = reloaded.scene.GetFirstNodeByName("CT abdomen")
+    segmentation = HSAMSlicerLogic(reloaded.scene).find_result(volume)
+    assert segmentation is not None and segmentation.GetAttribute("HSAMSlicer.ModelSHA256") == "ab" * 32
+    aorta_slices = np.flatnonzero((labels == 7).any(axis=(1, 2)))
+    edit_segment(segmentation, "aorta", volume, lambda m: m.__setitem__(int(aorta_slices[0]), 0))
+    provenance = json.loads((export_case(segmentation, tmp_path / "cases") / PROVENANCE_FILE).read_text())
+    assert provenance["changes"]["changed_organs"] == ["aorta"]
+    assert provenance["changes"]["changed_slices"] == [int(aorta_slices[0])]
