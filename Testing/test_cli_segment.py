@@ -110,11 +110,14 @@ def _bad_inputs(tmp_path: Path, ct_path: Path) -> dict[str, tuple[list[str], str
         "unwritable": ([str(ct_path), "-o", str(_unwritable(tmp_path) / "labels.nii.gz")], "not writable"),
         "extension": ([str(ct_path), "-o", str(tmp_path / "out" / "labels.png")], "extension"),
         "no-model": ([str(ct_path), "-o", out, "--model", "not-installed"], "no model"),
+        "organ": ([str(ct_path), "-o", out, "--organs", "liver,heart"], "unknown organ"),
+        "batch": ([str(ct_path), "-o", out, "--batch-size", "0"], "at least 1"),
+        "half-on-cpu": ([str(ct_path), "-o", out, "--precision", "fp16"], "only on a GPU"),
     }
 
 
 @pytest.mark.parametrize("case", ["2-D", "4-D", "empty", "truncated", "NaN", "missing", "unwritable", "extension",
-                                  "no-model"])
+                                  "no-model", "organ", "batch", "half-on-cpu"])
 def test_bad_input_exits_2_with_one_error_line_and_no_output(installed, ct_path, tmp_path, capfd, case):
     (tmp_path / "out").mkdir()
     argv, words = _bad_inputs(tmp_path, ct_path)[case]
@@ -167,3 +170,39 @@ def test_import_official_rejects_an_unknown_sam_file(tmp_path, capsys):
     assert "not an official SAM base file" in capsys.readouterr().err
     assert main(["models", "import-official", str(tmp_path / "h.pth")]) == 2
     assert "hsam models download sam-vit-b" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_import_official_installs_the_converted_model_as_default(tmp_path, monkeypatch, capsys):
+    """Random weights in the official file layouts: SAM ViT-B base (checksum listed in a test manifest) + H-SAM."""
+    import hashlib
+    import json
+
+    import torch
+
+    from hsam.model.build import build_hsam
+    from hsam.model.config import load_model_config
+    from hsam.model.official import export_official
+    from hsam.model.sam_compat import build_sam
+    from hsam.weights import load_named_model
+
+    torch.manual_seed(0)
+    sam_path, hsam_path = tmp_path / "sam_vit_b_01ec64.pth", tmp_path / "220_epoch_299.pth"
+    torch.save(build_sam().sam_model_registry["vit_b"]().state_dict(), sam_path)
+    export_official(build_hsam(load_model_config("vit_b_512")), hsam_path)
+    digest = hashlib.sha256(sam_path.read_bytes()).hexdigest()
+    manifest = {"models": [
+        {"id": "hsam-vitb-synapse", "title": "paper model", "kind": "hsam", "backbone": "vit_b", "priority": 100,
+         "install": "import-official", "requires": ["sam-vit-b"], "files": [{"name": "220_epoch_299.pth"}]},
+        {"id": "sam-vit-b", "title": "SAM", "kind": "base", "backbone": "vit_b",
+         "files": [{"name": "sam_vit_b_01ec64.pth", "url": "http://127.0.0.1:9/x", "sha256": digest}]}]}
+    (tmp_path / "models.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("HSAM_MANIFEST", str(tmp_path / "models.json"))
+    assert main(["models", "import", str(_save_tiny(tmp_path, "tiny-user", False))]) == 0
+    assert main(["models", "import-official", str(hsam_path), "--sam", str(sam_path)]) == 0
+    capsys.readouterr()
+    assert main(["models", "list"]) == 0
+    assert "* hsam-vitb-synapse" in capsys.readouterr().out  # the paper model outranks a user model
+    model, card = load_named_model()
+    assert card.name == "hsam-vitb-synapse" and card.backbone == "vit_b" and card.img_size == 512
+    assert card.extra["source"]["hsam_checkpoint"] == "220_epoch_299.pth"

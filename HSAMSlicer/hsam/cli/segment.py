@@ -24,15 +24,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Segment spleen, kidneys, gallbladder, liver, stomach, aorta and pancreas in a CT volume "
         "(NIfTI, NRRD, MHA or a DICOM series folder). The output has exactly the input's grid.",
     )
-    parser.add_argument("input", help="CT volume file or DICOM series folder")
+    parser.add_argument("input", help="CT volume file or DICOM series folder; or a cohort: a folder of volumes "
+                        "(and/or DICOM series sub-folders) or a list file (.txt, one path per line)")
     parser.add_argument("-o", "--output", required=True,
-                        help="labels file; the extension picks the format: .seg.nrrd, .nii.gz, .nii, .nrrd, .mha")
+                        help="labels file; the extension picks the format: .seg.nrrd, .nii.gz, .nii, .nrrd, .mha "
+                        "(for a cohort: the output folder)")
+    parser.add_argument("--suffix", default=".nii.gz",
+                        help="cohort only: output name = case name + this suffix (default .nii.gz); finished "
+                        "outputs are skipped, so a killed run resumes. Under torchrun each process takes its share")
     parser.add_argument("--model", default=None,
                         help="installed model id or model folder (default: the most accurate installed model)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: by device)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="half precision only on GPUs (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--mode", "--speed", dest="mode", default="auto",
+                        choices=["auto", "eager", "fast", "int8", "ort", "ort-int8", "compile"],
+                        help="speed mode (default auto: the fastest mode that keeps eager fp32's labels on this "
+                        "device; see benchmarks/RESULTS.md)")
     parser.add_argument("--confidence", metavar="PATH", default=None,
                         help="also write the confidence map (uint8, 255 x max class probability)")
     parser.add_argument("--stats", metavar="CSV", default=None, help="also write per-organ volumes (ml) as CSV")
@@ -116,9 +125,67 @@ def stats_csv(result, class_names) -> str:  # noqa: ANN001 (SegmentationResult; 
     return buffer.getvalue()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Segment ``args.input`` and write the requested outputs."""
+def run_cohort(args: argparse.Namespace) -> int:
+    """Segment every case of a folder or list file into the folder ``args.output`` (resumable, sharded)."""
     import SimpleITK as sitk
+
+    from hsam import cohort
+    from hsam.errors import HSAMError
+    from hsam.inference import segment_volume
+    from hsam.volume import read_image, write_labels
+    from hsam.volume.io import LABEL_SUFFIXES
+    from hsam.weights import load_named_model, resolve_model
+
+    if args.confidence or args.stats or args.overlay:
+        raise HSAMError("--confidence, --stats and --overlay are for single volumes; segment the cohort without them")
+    if args.suffix not in LABEL_SUFFIXES:
+        raise HSAMError(f"--suffix {args.suffix!r} is not a label format; use one of {', '.join(LABEL_SUFFIXES)}")
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HSAMError(f"{out_dir} is a file; for a cohort -o must be a folder")
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    rank, world, local_rank = cohort.rank_and_world()
+    cases = cohort.cohort_inputs(args.input)
+    mine = cohort.shard(cases, rank, world)
+    device = args.device
+    import torch
+
+    if world > 1:
+        if device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        elif device == "auto" or device == "cpu":
+            local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    model_id, folder = resolve_model(args.model)
+    model, card = load_named_model(str(folder), device="cpu")
+    say(f"{tag}model: {model_id}; {len(mine)} of {len(cases)} cases; device {device}")
+    organs = None
+    if args.organs:
+        organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
+
+    def segment_one(case: Path, output: Path) -> None:
+        image = read_image(str(case))
+        result = segment_volume(image, model, card, device=device, batch_size=args.batch_size,
+                                precision=args.precision, mode=args.mode, largest_component=args.largest_component,
+                                organs=organs)
+        write_labels(result.labels, output)
+
+    summary = cohort.run_cohort(mine, out_dir, args.suffix, segment_one, say=lambda text: say(tag + text))
+    say(f"{tag}done: {len(summary.done)} segmented, {len(summary.skipped)} already finished, "
+        f"{len(summary.failed)} failed, {summary.seconds:.1f} s")
+    return 1 if summary.failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment ``args.input`` and write the requested outputs (a whole cohort for a folder or list file)."""
+    import SimpleITK as sitk
+
+    from hsam.cohort import is_cohort_source
+
+    if is_cohort_source(args.input):
+        return run_cohort(args)
 
     from hsam.errors import HSAMError
     from hsam.inference import _selected_channels, segment_volume, select_device, select_precision
@@ -130,23 +197,23 @@ def run(args: argparse.Namespace) -> int:
     image = read_image(args.input)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
 
+    select_precision(args.precision, select_device(args.device))
+    if args.batch_size is not None and args.batch_size < 1:
+        raise HSAMError(f"--batch-size must be at least 1, got {args.batch_size}")
     model_id, folder = resolve_model(args.model)
+    model, card = load_named_model(str(folder), device="cpu")
+    organs = None
+    if args.organs:
+        organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
+    _selected_channels(organs, list(card.classes))
+    # every user choice is settled above, before anything is printed: a mistake gives one error line only
     if args.model is None:
         others = len(available_models()) - 1
         say(f"model: {model_id} (the most accurate installed model{f'; {others} other(s) installed' if others else ''})")
     else:
         say(f"model: {model_id} ({folder})")
-    model, card = load_named_model(str(folder), device="cpu")
     if card.demo:
         say(f"warning: {model_id} is a demo model (card says demo=true); its labels are not meant for real use")
-    organs = None
-    if args.organs:
-        organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
-    # settle every user choice before the progress bar starts, so a mistake prints one error line only
-    _selected_channels(organs, list(card.classes))
-    select_precision(args.precision, select_device(args.device))
-    if args.batch_size is not None and args.batch_size < 1:
-        raise HSAMError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     bar = None
     if not args.quiet:
@@ -162,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = segment_volume(
             image, model, card, device=args.device, batch_size=args.batch_size, precision=args.precision,
-            progress=progress, largest_component=args.largest_component, organs=organs,
+            mode=args.mode, progress=progress, largest_component=args.largest_component, organs=organs,
         )
     finally:
         if bar is not None:
@@ -203,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     for message in result.warnings:
         say(f"warning: {message}")
     if not args.quiet:
-        say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, batch {result.batch_size})")
+        say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, mode {result.mode}, "
+            f"batch {result.batch_size})")
         for name, ml in result.volumes_ml.items():
             say(f"  {name:<14} {ml:9.1f} ml")
         for path in written:
