@@ -469,7 +469,10 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = segmentation
         if self.ui.modelComboBox.findData(options.model) >= 0:
             self._fillModelList(select=options.model)  # a model downloaded by this run is now listed as installed
-        found = sum(1 for value in result.volumes_ml.values() if value > 0) if result.volumes_ml else 0
+        from hsam.labels import organ
+
+        chosen = [organ(int(value)).name for value in options.organs or []]
+        found = sum(1 for name in chosen if (result.volumes_ml or {}).get(name, 0.0) > 0)
         message = _("Done in {seconds:.0f} s on {device}: {found} of {total} organs found. Check them with Review in "
                     "Segment Editor.").format(seconds=state.elapsed_s, device=result.device, found=found,
                                               total=len(options.organs or []))  # fmt: skip
