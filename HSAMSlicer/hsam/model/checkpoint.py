@@ -169,6 +169,7 @@ def save_model(model: "torch.nn.Module", card: ModelCard, directory: str | os.Pa
     Network fields of the card are taken from ``model.config``; ``hsam_version`` and ``sha256`` are filled in.
     The tensors are the unmerged state dict (a merged model saves the same file as before merging).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     folder = Path(directory)
@@ -177,15 +178,22 @@ def save_model(model: "torch.nn.Module", card: ModelCard, directory: str | os.Pa
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     tensors = folder / TENSORS_FILE
     staged = folder / f".{TENSORS_FILE}.{os.getpid()}.tmp"
+    staged_card = folder / f".{CARD_FILE}.{os.getpid()}.tmp"
     try:
+        # both files are written in full before either replaces its predecessor: a full disk or a kill while
+        # writing leaves the previous model as it was (only the two renames below are not one atomic step)
         save_file(state, str(staged), {"format": CARD_FORMAT})
         card = dataclasses.replace(card, sha256=sha256_file(staged))
+        staged_card.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
         os.replace(staged, tensors)
+        os.replace(staged_card, folder / CARD_FILE)
+    except (OSError, SafetensorError) as error:  # disk full, file size limit, permissions
+        detail = " ".join(str(error).split())[:160]
+        raise HSAMError(f"could not save the model in {folder}: {detail}; check free disk space and permissions") from None
     finally:
-        if staged.exists():
-            staged.unlink()
-    text = json.dumps(card.to_dict(), indent=2) + "\n"
-    atomic_write(folder / CARD_FILE, lambda temp: temp.write_text(text, encoding="utf-8"))
+        for leftover in (staged, staged_card):
+            if leftover.exists():
+                leftover.unlink()
     return folder
 
 
