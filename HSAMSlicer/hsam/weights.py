@@ -298,9 +298,13 @@ _BACKBONE_RANK = {"vit_h": 4, "vit_l": 3, "vit_b": 2, "tiny_vit": 1}
 def available_models() -> list[InstalledModel]:
     """Installed models, most accurate first: manifest priority, then backbone size; demo models last."""
     manifest = load_manifest()
+    if models_dir().is_dir():
+        _tidy_models_dir(models_dir())
     found = []
     folder = models_dir()
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue  # an install in progress or one that was killed (see _tidy_models_dir), never a model
         card = _read_card(path)
         if card is None or not (path / "model.safetensors").is_file():
             continue
@@ -351,17 +355,50 @@ def verify_model_folder(folder: Path) -> None:
         )
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _tidy_models_dir(folder: Path) -> None:
+    """Repair what an install killed mid-way (SIGKILL, power loss) left in ``models/``.
+
+    ``.staging-<host>-<pid>-<id>-*`` is a copy in progress, ``.old-<host>-<pid>-<id>-*/<id>`` the copy it replaces.
+    For installs of this host whose process is gone: a replaced copy whose successor never arrived (killed between
+    the two renames) is moved back, and the leftovers are deleted. Running installs and other hosts are left alone.
+    """
+    host = _host_tag()
+    try:
+        leftovers = [p for p in folder.iterdir() if p.name.startswith((f".staging-{host}-", f".old-{host}-"))]
+    except OSError:
+        return
+    for path in leftovers:
+        try:
+            os.kill(int(path.name.split("-")[2]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue
+        if path.name.startswith(".old-") and path.is_dir():
+            for inner in path.iterdir():
+                if not (folder / inner.name).exists():
+                    os.replace(inner, folder / inner.name)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _install_folder(source: Path, model_id: str) -> Path:
     """Verify a model folder and copy it into ``models/<id>`` atomically (replacing an older copy)."""
     verify_model_folder(source)
     target = models_dir() / model_id
     _ensure(models_dir())
-    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=models_dir()))
+    _tidy_models_dir(models_dir())
+    tag = f"{_host_tag()}-{os.getpid()}-{model_id}-"  # lets a later run tell a dead install from a running one
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{tag}", dir=models_dir()))
     try:
         for name in MODEL_FILES:
             shutil.copy2(source / name, staging / name)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{model_id}-", dir=models_dir()))
+            old = Path(tempfile.mkdtemp(prefix=f".old-{tag}", dir=models_dir()))
             os.replace(target, old / model_id)
             os.replace(staging, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -464,6 +501,8 @@ def resolve_model(id_or_path: str | os.PathLike[str] | None = None) -> tuple[str
         model_id = default_model_id()
         return model_id, models_dir() / model_id
     text = str(id_or_path)
+    if models_dir().is_dir():
+        _tidy_models_dir(models_dir())
     installed = models_dir() / text
     if "/" not in text and "\\" not in text and (installed / "model.json").is_file():
         return text, installed
