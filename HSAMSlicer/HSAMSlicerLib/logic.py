@@ -40,7 +40,7 @@ ROLE_TABLE = "HSAMSlicer.OrganVolumes"
 PART_ROLES = {PREDICTION: ROLE_PREDICTION, CONFIDENCE: ROLE_CONFIDENCE, TABLE: ROLE_TABLE}
 # The paper's model: what an official H-SAM .pth checkpoint is imported as.
 OFFICIAL_MODEL_ID = "hsam-vitb-synapse"
-# Segment tag holding the H-SAM label value, used by export next to the terminology.
+# Segment tag holding the H-SAM label value (for scripts; export matches segments by terminology, then by name).
 LABEL_VALUE_TAG = "HSAMSlicer.LabelValue"
 # Provenance attributes on the segmentation node (also written to provenance.json on export).
 PROVENANCE_PREFIX = "HSAMSlicer."
