@@ -63,5 +63,7 @@ def test_out_of_memory_halves_the_batch_then_falls_back_to_cpu(tiny, ct, caplog)
     messages = [r.getMessage() for r in caplog.records]
     assert [m for m in messages if "retrying" in m] == [f"out of GPU memory: retrying with batch size {b}" for b in (4, 2, 1)]
     assert result.device == "cpu" and any("continuing on the CPU" in w for w in result.warnings)
-    reference = segment_volume(ct, model, card, device="cpu")
+    # after the fallback the run continues in speed mode "fast" on the CPU (no export or quantisation mid-run)
+    assert result.mode == "fast"
+    reference = segment_volume(ct, model, card, device="cpu", mode="fast", batch_size=8)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(reference.labels))

@@ -70,6 +70,9 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--json", default=None, help="also write the result as JSON here")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="on CUDA, do not run one batch before the baseline (then CUDA/cuBLAS/cuDNN start-up "
+                        "memory counts as pipeline memory)")
     args = parser.parse_args()
 
     import torch
@@ -87,7 +90,11 @@ def main() -> int:
     cuda = args.device.startswith("cuda")
     if cuda:
         model.to(args.device)
+        if not args.no_warmup:  # initialise CUDA libraries so their host memory is part of the baseline
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model.predict(torch.zeros(1, 3, config.img_size, config.img_size, device=args.device))
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         gpu_model = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     rss_model = _status("VmRSS")
@@ -104,6 +111,7 @@ def main() -> int:
         "volume": [args.size, args.size, args.slices],
         "device": result.device,
         "precision": result.precision,
+        "mode": getattr(result, "mode", "eager"),
         "batch_size": result.batch_size,
         "seconds_total": round(seconds, 2),
         "seconds_segment": round(result.seconds, 2),
@@ -112,6 +120,7 @@ def main() -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+        "warmup": bool(cuda and not args.no_warmup),
     }
     if cuda:
         record["gpu"] = torch.cuda.get_device_name()
