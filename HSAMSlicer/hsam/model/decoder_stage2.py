@@ -125,10 +125,11 @@ class MaskModulatedTransformer(nn.Module):
 
 
 def _pixel_layer(cin: int, cout: int, upscale: bool) -> nn.Module:
-    """One pixel-decoder layer: ConvT 2x2 stride 2 (released), or a 3x3 conv where the output is already at S."""
+    """One pixel-decoder layer: ConvT 2x2 stride 2 (released), or, where the output is already at S, its stride-1
+    analogue: a 1x1 conv (a 2x2/2 ConvT is also a per-pixel linear map, followed by a pixel shuffle)."""
     if upscale:
         return nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
-    return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+    return nn.Conv2d(cin, cout, kernel_size=1)
 
 
 class MaskDecoderStage2(nn.Module):
@@ -136,7 +137,7 @@ class MaskDecoderStage2(nn.Module):
 
     ``pixel_upscale``: factor of the skip-connected pixel decoder after the 4g stage-1 resolution, so that stage 2
     ends at S = 4g * pixel_upscale: 4 for SAM ViTs (g = S/16, released), 1 for the H-SAM-Lite TinyViT (g = S/4),
-    where its two ConvT 2x2 become 3x3 convs at S (a 1024x1024 decoder for a 256 input would cost ~40x more).
+    where its two ConvT 2x2 become 1x1 convs at S (a 1024x1024 decoder for a 256 input would cost ~40x more).
 
     ``cmattn``: ``"constant"`` (src doubled, the released computation) or ``"mask_guided"``;
     ``keep_cmattn_tensors`` registers the CMAttn parameters (width grid*grid) under their released names.

