@@ -163,11 +163,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             temp.unlink()
 
 
-def save_model(model: "torch.nn.Module", card: ModelCard, directory: str | os.PathLike[str]) -> Path:
+def save_model(
+    model: "torch.nn.Module", card: ModelCard, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> Path:
     """Write ``model`` (an :class:`~hsam.model.hsam.HSAM`) and its card to ``directory``; returns the folder.
 
     Network fields of the card are taken from ``model.config``; ``hsam_version`` and ``sha256`` are filled in.
     The tensors are the unmerged state dict (a merged model saves the same file as before merging).
+    ``dtype`` (e.g. ``torch.float16``) stores the floating-point tensors in that type (half the file size for models
+    shipped inside the package); :func:`load_model` always computes in float32.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -176,6 +180,8 @@ def save_model(model: "torch.nn.Module", card: ModelCard, directory: str | os.Pa
     folder.mkdir(parents=True, exist_ok=True)
     card = dataclasses.replace(card.with_config(model.config), hsam_version=_version())
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    if dtype is not None:
+        state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
     tensors = folder / TENSORS_FILE
     staged = folder / f".{TENSORS_FILE}.{os.getpid()}.tmp"
     staged_card = folder / f".{CARD_FILE}.{os.getpid()}.tmp"
@@ -297,6 +303,9 @@ def load_model(path_or_dir: str | os.PathLike[str], device: str | torch.device =
         state = load_file(str(tensors), device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise HSAMError(f"{tensors}: unreadable safetensors file ({str(error).splitlines()[0][:120]})") from None
+    # files saved with save_model(dtype=torch.float16) (the bundled Lite demo): compute in float32
+    state = {key: value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+             for key, value in state.items()}
 
     config = card.model_config()
     try:
