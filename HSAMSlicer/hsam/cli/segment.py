@@ -13,6 +13,7 @@ import io
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 
@@ -50,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="keep only the largest connected component of each organ")
     parser.add_argument("--organs", default=None,
                         help="comma-separated organ names or label values to segment (default: all)")
+    parser.add_argument("--allow-non-ct", action="store_true",
+                        help="segment an image that does not look like CT in Hounsfield units (MR, normalised "
+                             "images); the models are trained on CT, so expect poor results")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(run=run)
 
@@ -194,8 +198,20 @@ def run(args: argparse.Namespace) -> int:
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
     outputs = _check_outputs(args)
-    image = read_image(args.input)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "the folder holds 2 DICOM series: using ..."
+        warnings.simplefilter("always", UserWarning)
+        image = read_image(args.input)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)  # also with -q: the user must know what was read
+    if not getattr(args, "allow_non_ct", False):
+        from hsam.volume import looks_like_ct
+
+        if not looks_like_ct(sitk.GetArrayViewFromImage(image)):
+            raise HSAMError(
+                f"{Path(args.input).name} does not look like CT in Hounsfield units (no air near -1000 HU: MR or a "
+                "normalised image?); H-SAM models are trained on CT: pass --allow-non-ct to segment it anyway"
+            )
 
     select_precision(args.precision, select_device(args.device))
     if args.batch_size is not None and args.batch_size < 1:

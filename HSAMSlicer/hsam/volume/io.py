@@ -106,7 +106,18 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         series = ()
     if not series:
         raise HSAMError(f"no DICOM series found in folder {folder}; point to a folder of .dcm files or to a volume file")
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    candidates = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
+    files = max(candidates, key=len)
+    if len(candidates) > 1:
+        import warnings
+
+        others = sorted((len(c) for c in candidates if c is not files), reverse=True)
+        warnings.warn(
+            f"{folder.name} holds {len(candidates)} DICOM series: using the largest ({len(files)} slices), ignoring "
+            f"the others ({', '.join(map(str, others))} slices); put one series per folder to choose another",
+            UserWarning,
+            stacklevel=3,
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
