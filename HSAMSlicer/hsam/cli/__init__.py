@@ -15,7 +15,7 @@ from typing import Sequence
 from hsam import __version__
 from hsam.errors import HSAMError
 
-COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "models", "bench")  # each command module adds its name here
+COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "models", "bench", "train")  # each command module adds its name here
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ onto them and every key is checked, so a typo is an error rather than a silent d
 ``hsam/configs/training/`` and are named by file stem (``hsam train --config synapse_10pct``). ``--set a.b=VALUE``
 overrides one key (VALUE parsed as JSON, else taken as a string).
 
+A config file may start from another one: ``"extends": "tiny"`` (a shipped name, or a path relative to the file).
+
 Relative paths inside a user's config file are relative to that file's folder; in shipped configs and ``--set``
 values they are relative to the current directory.
 """
@@ -64,17 +66,21 @@ DEFAULTS: dict[str, Any] = {
 
 _OPEN_KEYS = {("model", "config"), ("model", "init"), ("data", "train"), ("data", "val"), ("data", "label_map"),
               ("data", "few_shot")}  # values that are free-form dicts (checked where they are used)
+_REPLACE_KEYS = {("model", "init")}  # one initial-weights choice at a time: an override replaces it whole
 _PATH_KEYS = {"root", "list", "image", "label", "sam_checkpoint", "state_dict", "model"}
 
 
-def _merge(base: dict, override: Mapping, path: tuple[str, ...] = ()) -> dict:
+def _merge(base: dict, override: Mapping, path: tuple[str, ...] = (), strict: bool = True) -> dict:
+    """Deep-merge ``override`` onto ``base``. Known sections reject unknown keys; the free-form values in
+    ``_OPEN_KEYS`` (data sources, init, ...) merge key by key when both sides are objects, else are replaced."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         here = path + (key,)
-        if key not in base:
+        if strict and key not in base:
             raise HSAMError(f"unknown training config key {'.'.join(here)!r}")
-        if isinstance(base[key], dict) and isinstance(value, Mapping) and here not in _OPEN_KEYS:
-            out[key] = _merge(base[key], value, here)
+        current = base.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping) and here not in _REPLACE_KEYS:
+            out[key] = _merge(current, value, here, strict and here not in _OPEN_KEYS)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -124,29 +130,50 @@ def _nest(keys: list[str], value: Any) -> dict:
     return out
 
 
+def _find_config(name_or_path: str | Path) -> tuple[Path, Path]:
+    """(file, folder its relative paths are resolved against) for a config file path or a shipped config name."""
+    path = Path(name_or_path)
+    shipped = CONFIG_DIR / f"{name_or_path}.json"
+    if path.suffix == ".json" and path.is_file():
+        return path, path.resolve().parent
+    if shipped.is_file():
+        return shipped, Path.cwd()
+    raise HSAMError(f"no training config {str(name_or_path)!r}: give a JSON file or one of "
+                    f"{', '.join(available_training_configs())}")
+
+
+def _apply_file(config: dict, name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Merge a config file onto ``config``; a file may name a base config with ``"extends": NAME_OR_PATH``
+    (a path relative to the file), applied first."""
+    path, folder = _find_config(name_or_path)
+    if path.resolve() in seen:
+        raise HSAMError(f"config {path} extends itself")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise HSAMError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise HSAMError(f"{path} must hold a JSON object")
+    base = data.pop("extends", None)
+    if base is not None:
+        candidate = Path(base) if Path(base).is_absolute() else path.parent / base
+        config = _apply_file(config, candidate if candidate.suffix == ".json" and candidate.is_file() else base,
+                             seen + (path.resolve(),))
+    return _merge(config, _resolve_paths(data, folder))
+
+
 def load_training_config(name_or_path: str | Path | Mapping[str, Any] | None,
                          overrides: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The full config dict: defaults <- config file (or dict) <- ``extra`` <- ``--set`` overrides."""
+    """The full config dict: defaults <- config file (and the configs it extends) <- ``extra`` <- ``--set``."""
     config = copy.deepcopy(DEFAULTS)
     if isinstance(name_or_path, Mapping):
-        config = _merge(config, _resolve_paths(dict(name_or_path), Path.cwd()))
+        data = dict(name_or_path)
+        base = data.pop("extends", None)
+        if base is not None:
+            config = _apply_file(config, base)
+        config = _merge(config, _resolve_paths(data, Path.cwd()))
     elif name_or_path is not None:
-        path = Path(name_or_path)
-        shipped = CONFIG_DIR / f"{name_or_path}.json"
-        if path.suffix == ".json" and path.is_file():
-            folder = path.resolve().parent
-        elif shipped.is_file():
-            path, folder = shipped, Path.cwd()
-        else:
-            raise HSAMError(f"no training config {str(name_or_path)!r}: give a JSON file or one of "
-                            f"{', '.join(available_training_configs())}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as error:
-            raise HSAMError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(data, dict):
-            raise HSAMError(f"{path} must hold a JSON object")
-        config = _merge(config, _resolve_paths(data, folder))
+        config = _apply_file(config, name_or_path)
     if extra:
         config = _merge(config, _resolve_paths(dict(extra), Path.cwd()))
     for text in overrides:

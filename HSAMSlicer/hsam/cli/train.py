@@ -1,0 +1,120 @@
+"""``hsam train`` (a config file) and ``hsam finetune`` (an installed model + exported Slicer cases)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set epochs=50 --set data.train.root=/data/train_npz "
+                        "(VALUE is JSON, else a string); repeatable")
+    parser.add_argument("--output", default=None, help="run folder (default: runs/<name>)")
+    parser.add_argument("--epochs", type=int, default=None, help="number of epochs (overrides the config)")
+    parser.add_argument("--device", default=None, help="auto (default) | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last "
+                        "checkpoint (bit-identical to an uninterrupted run)")
+    parser.add_argument("--no-register", action="store_true",
+                        help="do not install the resulting model into the local model list")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train an H-SAM model from a config file",
+        description="Train H-SAM as a JSON config says (the paper recipe by default; see hsam/configs/training/). "
+        "Writes the run folder (config, split lists, log.csv, curve.png, checkpoints) and the resulting model, "
+        "which is installed under the config's name. For several GPUs: torchrun --nproc_per_node=N -m hsam train ...",
+    )
+    parser.add_argument("--config", required=True,
+                        help="a JSON config file or a shipped config name (synapse_10pct, finetune, tiny)")
+    parser.add_argument("--name", default=None, help="id of the resulting model (overrides the config's name)")
+    _common(parser)
+    parser.set_defaults(run=run_train)
+
+    finetune = subparsers.add_parser(
+        "finetune",
+        help="fine-tune an installed model on cases exported from Slicer",
+        description="Fine-tune a model on case folders written by the HSAMSlicer module's 'Export for fine-tuning' "
+        "(image.nii.gz + labels.nii.gz in H-SAM indices + provenance.json). With two or more cases, about a fifth "
+        "(at least one) is held out to pick the best epoch. The new model is installed under --name.",
+    )
+    finetune.add_argument("--model", required=True, help="installed model id or model folder to start from")
+    finetune.add_argument("--cases", required=True, help="folder of exported case folders (or one case folder)")
+    finetune.add_argument("--name", default=None, help="id of the new model (default: <model>-ft)")
+    finetune.add_argument("--config", default="finetune", help="training config to start from (default: finetune)")
+    finetune.add_argument("--val-cases", type=int, default=None,
+                          help="cases held out for validation (default: a fifth of them, none with one case)")
+    _common(finetune)
+    finetune.set_defaults(run=run_finetune)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    import json
+
+    extra = list(args.overrides)
+    if args.output:
+        extra.append(f"output_dir={json.dumps(args.output)}")
+    if args.epochs is not None:
+        extra.append(f"epochs={args.epochs}")
+    if args.device:
+        extra.append(f"device={json.dumps(args.device)}")
+    if getattr(args, "name", None):
+        extra.append(f"name={json.dumps(args.name)}")
+    return extra
+
+
+def _report(result) -> int:
+    last = result.history[-1] if result.history else {}
+    print(f"run folder: {result.output_dir}")
+    if not result.finished:
+        print(f"stopped after epoch {last.get('epoch', -1) + 1}; continue with --resume")
+        return 0
+    if result.best:
+        print(f"best validation Dice {result.best['val_dice']:.4f} at epoch {result.best['epoch'] + 1}")
+    if "loss" in last:
+        print(f"final training loss {last['loss']:.4f}")
+    if result.model_dir is not None:
+        print(f"model saved: {result.model_dir}")
+    if result.installed is not None:
+        print(f"installed as '{result.installed.name}' (hsam models list; hsam segment --model {result.installed.name})")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from hsam.training.config import load_training_config
+    from hsam.training.trainer import train
+
+    config = load_training_config(args.config, _overrides(args))
+    result = train(config, resume=args.resume, progress=not args.quiet, register=not args.no_register)
+    return _report(result)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from hsam.errors import HSAMError
+    from hsam.model.checkpoint import read_card
+    from hsam.training.config import load_training_config
+    from hsam.training.data import case_folders
+    from hsam.training.trainer import train
+    from hsam.weights import resolve_model
+
+    model_id, folder = resolve_model(args.model)
+    card = read_card(folder)
+    cases = case_folders(args.cases)
+    n_val = args.val_cases if args.val_cases is not None else (max(1, round(len(cases) / 5)) if len(cases) > 1 else 0)
+    if n_val >= len(cases):
+        raise HSAMError(f"--val-cases {n_val} leaves no case to train on ({len(cases)} found in {args.cases})")
+    extra = {
+        "name": f"{model_id}-ft",
+        "title": f"{card.title or model_id}, fine-tuned on {len(cases)} case(s)",
+        "model": {"init": {"model": str(folder)}},
+        "data": {"train": {"format": "cases", "root": str(args.cases)}, "label_map": None,
+                 "window": list(card.window), "orientation": card.orientation,
+                 "holdout": {"fraction": 0.0, "count": n_val, "seed": 2345}},
+    }
+    if n_val == 0:
+        extra["validation"] = {"every": 0}
+    config = load_training_config(args.config, _overrides(args), extra=extra)
+    result = train(config, resume=args.resume, progress=not args.quiet, register=not args.no_register)
+    return _report(result)
