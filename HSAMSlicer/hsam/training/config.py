@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
     },  # fmt: skip
     "loss": {"ce_weight": 0.1, "dice_weight": 0.9, "stage_weight_base": 0.6, "stage_weight_decay": 0.99,
              "smooth": 1e-5},
-    "optim": {"base_lr": 0.0025, "weight_decay": 0.1, "betas": [0.9, 0.999], "warmup_iters": 250,
+    "optim": {"base_lr": 0.0025, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_iters": 250,
               "poly_power": 0.9},
     "epochs": 300,
     "batch_size": 16,  # the global batch (all processes together); the release silently doubled it (n_gpu=2)

@@ -290,12 +290,23 @@ def case_folders(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise HSAMError(f"cases folder {root} does not exist")
+    # The export writes provenance.json last: a case folder without it is an export that was interrupted (killed,
+    # disk full) and must not be trained on.
     if _find(root, "image") and _find(root, "labels"):
+        if not (root / "provenance.json").is_file():
+            raise HSAMError(f"{root} has no provenance.json: its export was interrupted; export the case again")
         return [root]
-    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and _find(p, "image") and _find(p, "labels")]
+    candidates = [p for p in sorted(root.iterdir()) if p.is_dir() and _find(p, "image") and _find(p, "labels")]
+    folders = [p for p in candidates if (p / "provenance.json").is_file()]
+    skipped = [p.name for p in candidates if p not in folders]
+    if skipped:
+        import warnings
+
+        warnings.warn(f"skipped {len(skipped)} case folder(s) in {root} without provenance.json (interrupted "
+                      f"exports): {', '.join(skipped[:5])}; export them again or delete them", UserWarning, stacklevel=2)
     if not folders:
-        raise HSAMError(f"no exported cases in {root}: each case is a folder with image.nii.gz and labels.nii.gz "
-                        "(use the HSAMSlicer module's 'Export for fine-tuning')")
+        raise HSAMError(f"no exported cases in {root}: each case is a folder with image.nii.gz, labels.nii.gz and "
+                        "provenance.json (use the HSAMSlicer module's 'Export for fine-tuning')")
     return folders
 
 

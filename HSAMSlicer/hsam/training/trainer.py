@@ -295,7 +295,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
         raise HSAMError("nothing to train: every part of the model is frozen")
     optim_cfg = config["optim"]
     optimizer = torch.optim.AdamW(params, lr=optim_cfg["base_lr"], betas=tuple(optim_cfg["betas"]),
-                                  weight_decay=optim_cfg["weight_decay"], foreach=True)
+                                  weight_decay=optim_cfg["weight_decay"], eps=optim_cfg["eps"], foreach=True)
     batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
     if batch_size < ddp.world_size:
         raise HSAMError(f"batch_size {batch_size} is smaller than the number of processes {ddp.world_size}")

@@ -1,0 +1,78 @@
+"""Stopping a run and resuming it (`hsam train --resume`) gives bit-identical results to an uninterrupted run, with
+augmentation, embedding noise, dropout and validation all active."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hsam.cli import main
+from hsam.errors import HSAMError
+from hsam.training.config import load_training_config
+from hsam.training.state import load_state
+from hsam.training.trainer import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config_file(tmp_path, real_data) -> str:
+    folder = real_data / "totalsegmentator"
+    pairs = {"format": "pairs", "pairs": [{"image": str(folder / "example_ct_sm.nii.gz"),
+                                           "label": str(folder / "example_seg.nii.gz")}]}
+    path = tmp_path / "resume.json"
+    path.write_text(json.dumps({
+        "extends": "tiny", "name": "resume-check", "epochs": 3,
+        "augmentation": {"p_rotate": 0.45, "p_crop": 0.4125, "p_elastic": 0.116875},  # the released recipe
+        "data": {"train": pairs, "val": pairs, "label_map": "totalseg_total", "few_shot": {"count": 10, "seed": 4}},
+        "validation": {"every": 1}, "checkpoint_every": 2,
+    }))
+    return str(path)
+
+
+def _without_time(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, real_data):
+    path = _config_file(tmp_path, real_data)
+    whole = train(load_training_config(path, [f"output_dir={json.dumps(str(tmp_path / 'whole'))}"]), progress=False,
+                  register=False)
+    config = load_training_config(path, [f"output_dir={json.dumps(str(tmp_path / 'parts'))}"])
+    first = train(config, stop_after_epoch=1, progress=False, register=False)
+    assert not first.finished and len(first.history) == 1 and first.model_dir is None
+    with pytest.raises(HSAMError, match="already holds a run"):
+        train(config, progress=False, register=False)
+    # the second part through the CLI, as a user would resume
+    assert main(["train", "--config", path, "--output", str(tmp_path / "parts"), "--resume", "--quiet",
+                 "--no-register"]) == 0
+
+    a = load_state(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = load_state(tmp_path / "parts" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 9 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _without_time(a["history"]) == _without_time(b["history"])
+    assert a["best"] == b["best"]
+    for key in ("model.safetensors",):
+        assert (tmp_path / "whole" / "model" / key).read_bytes() == (tmp_path / "parts" / "model" / key).read_bytes()
+    assert (tmp_path / "parts" / "checkpoints" / "epoch_1.pt").is_file()
+
+
+def test_resume_refuses_a_changed_config(tmp_path, real_data):
+    path = _config_file(tmp_path, real_data)
+    out = json.dumps(str(tmp_path / "run"))
+    train(load_training_config(path, [f"output_dir={out}", "epochs=2"]), stop_after_epoch=1, progress=False,
+          register=False)
+    with pytest.raises(HSAMError, match=r"differs from the run being resumed in \['optim'\]"):
+        train(load_training_config(path, [f"output_dir={out}", "epochs=2", "optim.base_lr=0.01"]), resume=True,
+              progress=False, register=False)
+    with pytest.raises(HSAMError, match="nothing to resume"):
+        train(load_training_config(path, [f"output_dir={json.dumps(str(tmp_path / 'none'))}"]), resume=True,
+              progress=False, register=False)
