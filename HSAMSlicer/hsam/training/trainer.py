@@ -181,10 +181,14 @@ def _probe(model: torch.nn.Module, dataset: TrainingSlices, noise: float, device
     return int(stage1["low_res_logits"].shape[-1]), unused
 
 
-def _autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.amp.GradScaler | None, str]:
-    if not enabled or device.type != "cuda":
+def _autocast(device: torch.device, amp: bool | str) -> tuple[Any, torch.amp.GradScaler | None, str]:
+    """(autocast factory, grad scaler or None, precision name). ``amp``: true (bf16 where the GPU supports it, else
+    fp16 with a grad scaler), "bf16", "fp16", or false. Only on CUDA; elsewhere fp32."""
+    if amp not in (True, False, "bf16", "fp16"):
+        raise HSAMError(f"amp must be true, false, \"bf16\" or \"fp16\", got {amp!r}")
+    if not amp or device.type != "cuda":
         return contextlib.nullcontext, None, "fp32"
-    if torch.cuda.is_bf16_supported():
+    if amp == "bf16" or (amp is True and torch.cuda.is_bf16_supported()):
         return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None, "bf16"
     return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda"), "fp16"
 
@@ -302,7 +306,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     per_epoch = iterations_per_epoch(len(dataset), batch_size, ddp.world_size)
     schedule = PaperSchedule(optimizer, optim_cfg["base_lr"], optim_cfg["warmup_iters"], epochs * per_epoch,
                              optim_cfg["poly_power"])
-    autocast, scaler, precision = _autocast(device, bool(config["amp"]))
+    autocast, scaler, precision = _autocast(device, config["amp"])
     loss_cfg = LossConfig.from_dict(config["loss"])
 
     fingerprint = frozen_fingerprint(model)
@@ -486,9 +490,12 @@ def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, sched
     present[0] = False
     dice = (2 * overlap[0][present] / (overlap[1][present] + overlap[2][present])).mean().item() if present.any() \
         else math.nan
+    extra = {}
+    if device.type == "cuda":
+        extra["gpu_max_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return {
         "epoch": epoch, "step": schedule.step_count, "lr": schedule.current(),
         "loss": sums[1].item(), "loss_stage1": sums[2].item(), "loss_stage2": sums[3].item(),
         "ce1": sums[4].item(), "dice_loss1": sums[5].item(), "ce2": sums[6].item(), "dice_loss2": sums[7].item(),
-        "stage_weight": sums[8].item(), "train_dice": dice,
+        "stage_weight": sums[8].item(), "train_dice": dice, **extra,
     }
