@@ -123,19 +123,23 @@ def test_finetune_from_a_saved_model_on_exported_cases(tmp_path, real_data, caps
 
 
 @pytest.mark.slow
-def test_tiny_training_with_augmentation_generalises_to_the_other_scan(tmp_path, real_data):
-    """Longer run with the released augmentation: Dice on the training slices well above the untrained model."""
+def test_tiny_training_with_the_released_augmentation_fits_the_training_slices(tmp_path, real_data):
+    """30 epochs (240 steps) with the released augmentation: only ~2% of the batches are unaugmented, so the tiny
+    model needs a lower learning rate than the quick fit (0.005 stalls at loss ~0.8 and predicts background)."""
+    from hsam.model.build import build_hsam
     from hsam.training.config import load_training_config
     from hsam.training.trainer import train
 
-    config = load_training_config("tiny", [f"output_dir={json.dumps(str(tmp_path / 'run'))}", "epochs=30"], extra={
+    config = load_training_config("tiny", [f"output_dir={json.dumps(str(tmp_path / 'run'))}", "epochs=30",
+                                           "optim.base_lr=0.002"], extra={
         "data": {"train": _pairs(real_data), "label_map": "totalseg_total"},
         "augmentation": {"p_rotate": 0.45, "p_crop": 0.4125, "p_elastic": 0.116875},
     })
     volume = _training_volume(real_data)
     result = train(config, progress=False, register=False)
-    before = _organ_dice(__import__("hsam.model.build", fromlist=["build_hsam"]).build_hsam(result.model.config),
-                         volume)
+    torch.manual_seed(config["seed"])
+    before = _organ_dice(build_hsam(result.model.config), volume)
     after = _organ_dice(result.model, volume)
-    assert np.nanmean(list(after.values())) > 0.4
-    assert np.nanmean(list(after.values())) > np.nanmean([0.0 if np.isnan(v) else v for v in before.values()]) + 0.3
+    print("untrained:", {k: round(v, 3) for k, v in before.items()}, "trained:", {k: round(v, 3) for k, v in after.items()})
+    assert np.nanmean(list(after.values())) > 0.5  # measured 0.68 (liver 0.85)
+    assert np.nanmean([0.0 if np.isnan(v) else v for v in before.values()]) < 0.1
