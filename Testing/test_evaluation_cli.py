@@ -90,6 +90,21 @@ def test_mismatched_grids_and_unknown_label_map_are_user_errors(tmp_path, seg, c
     sitk.WriteImage(image, str(tmp_path / "pred.nii.gz"))
     with pytest.raises(HSAMError, match="grid"):
         evaluate_files(tmp_path / "pred.nii.gz", seg)
+    flipped = sitk.Flip(ref, [True, False, False])  # same voxels reversed along x: a different direction
+    sitk.WriteImage(flipped, str(tmp_path / "flipped.nii.gz"))
+    with pytest.raises(HSAMError, match="different origin or direction"):
+        evaluate_files(tmp_path / "flipped.nii.gz", seg)
     assert main(["evaluate", "--pred", str(seg), "--ref", str(seg), "--label-map", "nope",
                  "-o", str(tmp_path / "r.csv")]) == 2
     assert "unknown label map 'nope'" in capsys.readouterr().err
+
+
+def test_slicer_segmentation_prediction_is_read_by_terminology(tmp_path, seg):
+    from hsam.volume import write_segmentation
+
+    ref = sitk.ReadImage(str(seg))
+    labels = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(ref), "totalseg_total"))
+    labels.CopyInformation(ref)
+    write_segmentation(labels, tmp_path / "ct1.seg.nrrd")
+    rows = evaluate_files(tmp_path / "ct1.seg.nrrd", seg, label_map="totalseg_total")
+    assert [r.score.dice for r in rows] == [1.0] * 8

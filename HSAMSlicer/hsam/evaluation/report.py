@@ -89,6 +89,12 @@ def read_label_volume(path: str | os.PathLike[str]) -> LabelVolume:
             return LabelVolume(np.rint(data["label"]).astype(np.int32), None)
     import SimpleITK as sitk
 
+    if lower.endswith(".seg.nrrd"):  # a Slicer segmentation: segments matched to H-SAM organs by terminology/name
+        from hsam.volume import read_labels
+
+        image = read_labels(path)
+        return LabelVolume(sitk.GetArrayFromImage(image).astype(np.int32), tuple(reversed(image.GetSpacing())),
+                           image.GetOrigin(), image.GetDirection())
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -157,6 +163,11 @@ def _check_grids(case: str, pred: LabelVolume, ref: LabelVolume, protocol: str) 
             f"case {case}: prediction grid {pred.array.shape[::-1]} differs from reference {ref.array.shape[::-1]} "
             "(x, y, z); resample the prediction onto the reference grid"
         )
+    if pred.direction is not None and ref.direction is not None and pred.origin is not None and ref.origin is not None:
+        if not (np.allclose(pred.direction, ref.direction, atol=1e-4) and
+                np.allclose(pred.origin, ref.origin, atol=1e-3 * max(1.0, float(np.max(ref.spacing or (1.0,)))))):
+            raise HSAMError(f"case {case}: prediction and reference have different origin or direction (same voxels "
+                            "would not be the same place); resample the prediction onto the reference grid")
     if protocol == "mm" and pred.spacing is not None and ref.spacing is not None:
         if not np.allclose(pred.spacing, ref.spacing, rtol=1e-3, atol=1e-4):
             raise HSAMError(f"case {case}: prediction spacing {pred.spacing[::-1]} differs from reference "
