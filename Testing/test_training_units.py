@@ -199,3 +199,19 @@ def test_global_batches_cover_the_epoch_and_split_evenly_over_processes():
     parts = [local_batch(batches[0], r, 3) for r in range(3)]
     assert np.array_equal(np.concatenate(parts), batches[0]) and [len(p) for p in parts] == [3, 3, 2]
     assert iterations_per_epoch(30, 8) == 4 and iterations_per_epoch(29, 4, world_size=2) == 7
+
+
+def test_batches_do_not_depend_on_loader_workers():
+    from torch.utils.data import DataLoader
+
+    from hsam.training.loader import EpochBatchSampler, TrainingSlices
+
+    rng = np.random.default_rng(0)
+    volumes = [Volume("v", rng.random((12, 40, 40)).astype(np.float32), rng.integers(0, 9, (12, 40, 40)).astype(np.uint8))]
+    dataset = TrainingSlices(VolumeSlices(volumes), 32, 8, AugmentConfig(), seed=3)
+
+    def batches(workers):
+        loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), 4, 1, 3), num_workers=workers)
+        return [b["image"] for b in loader]
+
+    assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2)))
