@@ -215,3 +215,26 @@ def test_batches_do_not_depend_on_loader_workers():
         return [b["image"] for b in loader]
 
     assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2)))
+
+
+def test_bad_data_fails_before_the_network_is_built(tmp_path):
+    import time
+
+    from hsam.training.trainer import train
+
+    config = load_training_config("synapse_10pct", [f"output_dir={json.dumps(str(tmp_path / 'run'))}",
+                                                    f"data.train.root={json.dumps(str(tmp_path))}",
+                                                    f"data.train.list={json.dumps(str(tmp_path / 'missing.txt'))}"])
+    started = time.time()
+    with pytest.raises(HSAMError, match="missing.txt does not exist"):
+        train(config, progress=False, register=False)
+    assert time.time() - started < 5  # no ViT-B was built
+    with pytest.raises(HSAMError, match="data.holdout needs a volume source"):
+        (tmp_path / "l.txt").write_text("a_slice000\n")
+        import numpy as _np
+
+        _np.savez(tmp_path / "a_slice000.npz", image=_np.zeros((8, 8), _np.float32), label=_np.zeros((8, 8)))
+        train(load_training_config("synapse_10pct", [f"output_dir={json.dumps(str(tmp_path / 'run2'))}",
+                                                     f"data.train.root={json.dumps(str(tmp_path))}",
+                                                     f"data.train.list={json.dumps(str(tmp_path / 'l.txt'))}",
+                                                     "data.holdout.count=1"]), progress=False, register=False)

@@ -125,9 +125,9 @@ def _label_map(config: Mapping[str, Any]) -> dict[int, int] | None:
     return resolve_label_map(config["data"]["label_map"])
 
 
-def _prepare_data(config: Mapping[str, Any], num_classes: int, out: Path | None
-                  ) -> tuple[SliceStore, list[Volume], dict[str, Any]]:
-    """Training slices (after holdout and few-shot selection) and validation volumes."""
+def _prepare_data(config: Mapping[str, Any], out: Path | None) -> tuple[SliceStore, list[Volume], dict[str, Any]]:
+    """Training slices (after holdout and few-shot selection) and validation volumes. Read before the network is
+    built, so a wrong data path fails in seconds, not after loading a ViT."""
     data = config["data"]
     if data["train"] is None:
         raise HSAMError("the config has no training data: set data.train (e.g. --set data.train.root=...)")
@@ -136,6 +136,9 @@ def _prepare_data(config: Mapping[str, Any], num_classes: int, out: Path | None
     info: dict[str, Any] = {}
     val_volumes: list[Volume] = []
     holdout = data["holdout"] or {}
+    if (holdout.get("fraction") or holdout.get("count")) and not volumes:
+        raise HSAMError("data.holdout needs a volume source (synapse_h5, nnunet, cases, pairs); for Synapse npz slices "
+                        "give held-out volumes with data.val")
     if volumes and (holdout.get("fraction") or holdout.get("count")):
         train_names, val_names = split_cases([v.name for v in volumes], holdout.get("fraction") or 0.0,
                                              holdout.get("count"), holdout.get("seed", config["seed"]))
@@ -147,12 +150,6 @@ def _prepare_data(config: Mapping[str, Any], num_classes: int, out: Path | None
         info["held_out"] = val_names
     if data["val"] is not None:
         val_volumes += load_source_volumes(data["val"], window, orientation, label_map)
-    check_labels(volumes + val_volumes, num_classes)
-    if not volumes:  # slice source: check a few slices for label values
-        for i in range(0, len(store), max(1, len(store) // 16)):
-            top = int(store.get(i)[1].max())
-            if top > num_classes:
-                raise HSAMError(f"slice {store.ids[i]} has label {top} > {num_classes}; set data.label_map")
     few = data["few_shot"]
     meta: dict[str, Any] = {"source": "all slices", "count": len(store)}
     if few:
@@ -165,8 +162,18 @@ def _prepare_data(config: Mapping[str, Any], num_classes: int, out: Path | None
     if out is not None:
         write_list(out / "splits" / "train.txt", store.ids, meta)
         write_list(out / "splits" / "val.txt", [v.name for v in val_volumes] or ["# no validation volumes"])
-    info.update({"train_slices": len(store), "val_volumes": [v.name for v in val_volumes], "split": meta})
+    info.update({"train_slices": len(store), "val_volumes": [v.name for v in val_volumes], "split": meta,
+                 "volumes": volumes})
     return store, val_volumes, info
+
+
+def _check_label_range(store: SliceStore, volumes: list[Volume], val_volumes: list[Volume], num_classes: int) -> None:
+    check_labels(volumes + val_volumes, num_classes)
+    if not volumes:  # slice source: check a spread of slices
+        for i in range(0, len(store), max(1, len(store) // 16)):
+            top = int(store.get(i)[1].max())
+            if top > num_classes:
+                raise HSAMError(f"slice {store.ids[i]} has label {top} > {num_classes}; set data.label_map")
 
 
 def _probe(model: torch.nn.Module, dataset: TrainingSlices, noise: float, device: torch.device) -> tuple[int, list[str]]:
@@ -276,10 +283,11 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     ddp.barrier()
 
     seed = int(config["seed"])
+    store, val_volumes, info = _prepare_data(config, out if ddp.main else None)
     _seed_everything(seed)  # identical initial weights on every process
     model, source_card = build_training_model(config)
     model.to(device)
-    store, val_volumes, info = _prepare_data(config, model.config.num_classes, out if ddp.main else None)
+    _check_label_range(store, info.pop("volumes"), val_volumes, model.config.num_classes)
     if ddp.main:
         logs._atomic_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
 
