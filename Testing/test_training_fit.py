@@ -107,8 +107,10 @@ def test_finetune_from_a_saved_model_on_exported_cases(tmp_path, real_data, caps
                                           training_data="nothing"), tmp_path / "tiny-base")
     cases = _exported_cases(tmp_path, real_data, ["a", "b"])
     out = tmp_path / "ft"
+    # with a frozen encoder (what the Lite model trains with): no graph is recorded through it, its weights stay
     assert main(["finetune", "--model", str(tmp_path / "tiny-base"), "--cases", str(cases), "--config", "tiny",
-                 "--epochs", "2", "--set", "validation.every=1", "--output", str(out), "--quiet"]) == 0
+                 "--epochs", "2", "--set", "validation.every=1", "--set", 'model.freeze=["image_encoder"]',
+                 "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "installed as 'tiny-base-ft'" in printed and "best validation Dice" in printed
     assert (out / "splits" / "val.txt").read_text().split() in (["a"], ["b"])  # one of two cases held out
@@ -120,6 +122,7 @@ def test_finetune_from_a_saved_model_on_exported_cases(tmp_path, real_data, caps
     changed = [k for k, v in tuned.state_dict().items() if k.startswith("mask_decoder.")
                and not torch.equal(v, base_state[k])]
     assert changed
+    assert all(torch.equal(v, base_state[k]) for k, v in tuned.state_dict().items() if k.startswith("image_encoder."))
 
 
 @pytest.mark.slow
