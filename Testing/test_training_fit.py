@@ -146,3 +146,37 @@ def test_tiny_training_with_the_released_augmentation_fits_the_training_slices(t
     print("untrained:", {k: round(v, 3) for k, v in before.items()}, "trained:", {k: round(v, 3) for k, v in after.items()})
     assert np.nanmean(list(after.values())) > 0.5  # measured 0.68 (liver 0.85)
     assert np.nanmean([0.0 if np.isnan(v) else v for v in before.values()]) < 0.1
+
+
+def test_paper_config_on_synapse_layout_data_via_cli(tmp_path, real_data):
+    """The shipped synapse_10pct recipe, pointed at TransUNet-layout data (npz slices + h5 test volume) made from the
+    real CT, with a tiny network: seeded few-shot list written out, validation on the h5 volume, best epoch kept."""
+    h5py = pytest.importorskip("h5py")
+    volume = _training_volume(real_data)
+    (tmp_path / "train_npz").mkdir()
+    names = [f"case0001_slice{z:03d}" for z in range(volume.image.shape[0])]
+    for z, name in enumerate(names):
+        np.savez(tmp_path / "train_npz" / f"{name}.npz", image=volume.image[z], label=volume.label[z].astype(np.float32))
+    (tmp_path / "train.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "test_vol_h5").mkdir()
+    with h5py.File(tmp_path / "test_vol_h5" / "case0001.npy.h5", "w") as handle:
+        handle["image"], handle["label"] = volume.image, volume.label.astype(np.float32)
+    out = tmp_path / "run"
+    tiny = json.dumps({"backbone": "vit_tiny", "img_size": 64, "lora_rank": 2, "keep_cmattn_tensors": False})
+    assert main(["train", "--config", "synapse_10pct", "--output", str(out), "--epochs", "2", "--quiet",
+                 "--no-register", "--set", f"model.config={tiny}", "--set", "model.init=null",
+                 "--set", f"data.train.root={tmp_path / 'train_npz'}", "--set", f"data.train.list={tmp_path / 'train.txt'}",
+                 "--set", "data.few_shot.fraction=0.5",
+                 "--set", "data.val=" + json.dumps({"format": "synapse_h5", "root": str(tmp_path / "test_vol_h5")}),
+                 "--set", "batch_size=4", "--set", "num_workers=0", "--set", "validation.every=1",
+                 "--set", "optim.warmup_iters=4"]) == 0
+    listed = (out / "splits" / "train.txt").read_text().split()
+    meta = json.loads((out / "splits" / "train.json").read_text())
+    assert len(listed) == 15 and set(listed) <= set(names) and meta["seed"] == 2345 and meta["of_total"] == 30
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == {"ce_weight": 0.1, "dice_weight": 0.9, "stage_weight_base": 0.6,
+                              "stage_weight_decay": 0.99, "smooth": 1e-5}
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [r["val_dice"] != "" for r in rows] == [True, True]
+    assert float(rows[0]["stage_weight"]) == pytest.approx(0.6) and float(rows[1]["stage_weight"]) == pytest.approx(0.6 ** 0.99)
+    assert (out / "model" / "model.json").is_file() and (out / "checkpoints" / "best.pt").is_file()
