@@ -43,8 +43,8 @@ def _without_time(history):
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path, real_data):
     path = _config_file(tmp_path, real_data)
-    whole = train(load_training_config(path, [f"output_dir={json.dumps(str(tmp_path / 'whole'))}"]), progress=False,
-                  register=False)
+    train(load_training_config(path, [f"output_dir={json.dumps(str(tmp_path / 'whole'))}"]), progress=False,
+          register=False)
     config = load_training_config(path, [f"output_dir={json.dumps(str(tmp_path / 'parts'))}"])
     first = train(config, stop_after_epoch=1, progress=False, register=False)
     assert not first.finished and len(first.history) == 1 and first.model_dir is None
