@@ -111,7 +111,9 @@ def main() -> int:
         predicted = torch.cat([model.predict(images[i : i + 1].contiguous()).argmax(1) for i in range(0, len(index), 4)])
     sample = targets[:: 4]
     agree = (predicted == sample).float().mean().item()
-    print(f"training-slice pixel accuracy {agree:.4f}", flush=True)
+    organ_recall = ((predicted == sample) & (sample > 0)).sum().item() / max(1, (sample > 0).sum().item())
+    print(f"training-slice pixel accuracy {agree:.4f}, organ-pixel recall {organ_recall:.4f}, predicted classes "
+          f"{torch.bincount(predicted.flatten(), minlength=model.num_outputs).tolist()}", flush=True)
     card.extra = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "encoder": "random init, frozen"}
     folder = save_model(model, card, args.out)
     print(f"wrote {folder}")
