@@ -5,6 +5,7 @@
     python fault_child.py install FOLDER [REPEAT]           hsam.weights.import_model(FOLDER), REPEAT times
     python fault_child.py fetch MODEL_ID                    hsam.weights.fetch(MODEL_ID)
     python fault_child.py cli ARG...                        hsam.cli.main([ARG...])
+    python fault_child.py export DATA ROOT NAME [REPEAT]    Slicer export_case of the real CT + reference labels
 
 Exit status: 0 done, 2 HSAMError (its message on stderr as ``error: ...``), 3 any other exception (type and message).
 SIGXFSZ is ignored so that a file size limit (RLIMIT_FSIZE, set by the parent) makes writes fail with EFBIG, as a
@@ -42,6 +43,32 @@ def tiny_model(seed: int):
     return build_hsam(config), ModelCard.for_config(config, "tiny", title=f"tiny seed {seed}", demo=True)
 
 
+def slicer_case(data: Path):
+    """Headless Slicer scene with the real CT and a module result holding its reference organ labels."""
+    import numpy as np
+    import SimpleITK as sitk
+    import slicer_headless
+
+    from hsam.inference import SegmentationResult, organ_volumes_ml
+    from hsam.labels import CLASS_NAMES, remap_labels
+    from hsam.model.checkpoint import ModelCard
+    from HSAMSlicerLib.logic import HSAMSlicerLogic, RunOptions
+
+    app = slicer_headless.start()
+    folder = data / "totalsegmentator"
+    volume = app.load_volume(folder / "example_ct_sm.nii.gz", "CT abdomen")
+    reference = sitk.ReadImage(str(folder / "example_seg.nii.gz"))
+    labels = remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total").astype(np.uint8)
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(reference)
+    result = SegmentationResult(labels=image, confidence=sitk.Cast(image, sitk.sitkUInt8),
+                                volumes_ml=organ_volumes_ml(image, CLASS_NAMES), device="cpu", seconds=1.0)
+    card = ModelCard(name="reference", title="reference labels", sha256="ab" * 32)
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, card,
+                                                           RunOptions(model="reference", show_3d=False))
+    return app, volume, segmentation, labels
+
+
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from hsam.errors import HSAMError
@@ -68,6 +95,12 @@ def main(argv: list[str]) -> int:
             from hsam.weights import fetch
 
             fetch(args[0])
+        elif action == "export":
+            _, volume, segmentation, _ = slicer_case(Path(args[0]))
+            from HSAMSlicerLib.export import export_case
+
+            for _ in range(int(args[3]) if len(args) > 3 else 1):
+                print(export_case(segmentation, args[1], case_name=args[2]), flush=True)
         elif action == "cli":
             from hsam.cli import main as cli
 

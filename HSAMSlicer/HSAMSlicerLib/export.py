@@ -37,11 +37,16 @@ IMAGE_FILE, LABELS_FILE, SEGMENTATION_FILE, TABLE_FILE, PROVENANCE_FILE = (
 )  # fmt: skip
 
 
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+
+
 def sanitize_case_name(name: str) -> str:
     """A folder name safe on every OS: letters, digits, '-', '_' and '.', no leading dot, at most 80 characters."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._-")[:80].strip("._-")
-    if not cleaned or cleaned.upper() in {"CON", "PRN", "AUX", "NUL", "COM1", "LPT1"}:
+    if not cleaned or cleaned.upper() in _RESERVED:
         cleaned = "case"
+    elif cleaned.split(".")[0].upper() in _RESERVED:  # Windows devices also with an extension ("con.nii", "COM2.a")
+        cleaned = f"case_{cleaned}"[:80].rstrip("._-")
     return cleaned
 
 
@@ -160,6 +165,7 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
     """Write the case folder (module docstring) and return its path. Raises HSAMError for user-fixable problems."""
     from hsam import __version__
     from hsam.labels import ORGANS, write_color_table
+    from hsam.volume import write_image
     from HSAMSlicerLib.logic import (
         PROVENANCE_KEYS, PROVENANCE_PREFIX, RESULT_ATTRIBUTE, ROLE_PREDICTION, HSAMSlicerLogic,
     )  # fmt: skip
@@ -195,10 +201,11 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
     root = Path(output_root).expanduser()
     folder = reserve_case_folder(root, sanitize_case_name(case_name or volume_node.GetName()))
     try:
-        sitk.WriteImage(image, str(folder / IMAGE_FILE), useCompression=True)
+        # hsam.volume.write_image checks what it wrote: ITK's NIfTI writer reports success on a full disk
+        write_image(image, folder / IMAGE_FILE)
         label_image = sitk.GetImageFromArray(labels)
         label_image.CopyInformation(image)
-        sitk.WriteImage(label_image, str(folder / LABELS_FILE), useCompression=True)
+        write_image(label_image, folder / LABELS_FILE)
         storage = slicer.vtkMRMLSegmentationStorageNode()
         storage.SetFileName(str(folder / SEGMENTATION_FILE))
         if not storage.WriteData(segmentation_node):
