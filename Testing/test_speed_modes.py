@@ -230,3 +230,23 @@ def test_air_slices_reuse_one_prediction(trained_tiny):
     assert np.array_equal(labels, full_labels)
     # confidence is rounded to 1/255: batch composition can move a rounding by one step, never more
     assert np.abs(confidence.astype(int) - full_confidence.astype(int)).max() <= 1
+
+
+def test_constant_cmattn_branch_is_never_run():
+    """In the released "constant" mode the CMAttn branch is dead: inference must not spend time on it."""
+    from hsam.model.build import build_hsam
+    from hsam.model.cmattn import CMATTN_MODULE_NAMES
+    from hsam.model.config import load_model_config
+
+    model = build_hsam(load_model_config("vit_tiny")).eval()
+    calls = []
+    hooked = 0
+    for name in CMATTN_MODULE_NAMES:
+        module = getattr(model.mask_decoder2, name, None)
+        if module is not None:
+            module.register_forward_hook(lambda *_args, n=name: calls.append(n))
+            hooked += 1
+    assert hooked  # the tensors are kept (official round trip) ...
+    with torch.inference_mode():
+        model.predict(torch.rand(1, 3, 128, 128))
+    assert calls == []  # ... but never run
