@@ -198,6 +198,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
     import SimpleITK as sitk
     import torch
 
+    from hsam.errors import HSAMError
     from hsam.inference import segment_volume, select_device, select_precision
     from hsam.speed.modes import prepare, resolve_mode
 
@@ -215,9 +216,18 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
 
     results = {mode: ModeResult(mode) for mode in all_modes}
     predictors: dict[str, Callable] = {}
-    for mode in all_modes:
+    for mode in list(all_modes):
         started = time.perf_counter()
-        predictors[mode] = prepare(model, mode, device, say=say)
+        try:
+            predictors[mode] = prepare(model, mode, device, say=say)
+        except HSAMError as error:  # e.g. int8 needs a SAM ViT: a Lite model skips it
+            if mode == "eager":
+                raise
+            say(f"  skipped {mode}: {error}")
+            all_modes.remove(mode)
+            modes.remove(mode)
+            del results[mode]
+            continue
         results[mode].prepare_s = time.perf_counter() - started
         say(f"  prepared {mode} in {results[mode].prepare_s:.1f} s")
 
