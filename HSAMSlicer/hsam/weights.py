@@ -116,6 +116,23 @@ def models_dir() -> Path:
     return hsam_home() / "models"
 
 
+def bundled_models_dir() -> Path:
+    """``hsam/bundled_models``: models shipped inside the package (the H-SAM-Lite demo), available offline after
+    ``pip install`` (package data) and in the Slicer extension (its CMake copies ``hsam/**/*.safetensors``) without
+    any download. Read-only: an installed model with the same id takes precedence."""
+    return Path(__file__).resolve().parent / "bundled_models"
+
+
+def _model_folders() -> list[Path]:
+    """Installed model folders, then bundled ones whose id is not installed."""
+    folders = sorted(models_dir().iterdir()) if models_dir().is_dir() else []
+    installed = {path.name for path in folders}
+    bundled = bundled_models_dir()
+    if bundled.is_dir():
+        folders += [path for path in sorted(bundled.iterdir()) if path.is_dir() and path.name not in installed]
+    return folders
+
+
 def downloads_dir() -> Path:
     """``HSAM_HOME/downloads``: verified raw files (base weights, official checkpoints)."""
     return hsam_home() / "downloads"
@@ -301,8 +318,7 @@ def available_models() -> list[InstalledModel]:
     if models_dir().is_dir():
         _tidy_models_dir(models_dir())
     found = []
-    folder = models_dir()
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for path in _model_folders():
         if path.name.startswith("."):
             continue  # an install in progress or one that was killed (see _tidy_models_dir), never a model
         card = _read_card(path)
@@ -506,6 +522,9 @@ def resolve_model(id_or_path: str | os.PathLike[str] | None = None) -> tuple[str
     installed = models_dir() / text
     if "/" not in text and "\\" not in text and (installed / "model.json").is_file():
         return text, installed
+    bundled = bundled_models_dir() / text
+    if "/" not in text and "\\" not in text and not text.startswith(".") and (bundled / "model.json").is_file():
+        return text, bundled
     path = Path(text).expanduser()
     if path.exists():
         folder = path.parent if path.is_file() else path

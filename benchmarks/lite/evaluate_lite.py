@@ -53,7 +53,7 @@ def load(model_dir: str, state: str | None, output: str):
     return model, card
 
 
-def evaluate(model, card, data: Path, precision: str = "fp32") -> dict:
+def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eager") -> dict:
     from hsam.evaluation.metrics import dice_per_organ
     from hsam.inference import segment_volume
     from hsam.labels import remap_labels
@@ -64,7 +64,7 @@ def evaluate(model, card, data: Path, precision: str = "fp32") -> dict:
         reference = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(data / "totalsegmentator" / label_file))),
                                  label_map)
         started = time.perf_counter()
-        result = segment_volume(image, model, card, device="cpu", precision=precision)
+        result = segment_volume(image, model, card, device="cpu", precision=precision, mode=mode)
         seconds = time.perf_counter() - started
         prediction = sitk.GetArrayFromImage(result.labels)
         dice = dice_per_organ(prediction, reference, list(range(1, 9)))
@@ -90,17 +90,19 @@ def main() -> None:
     parser.add_argument("--output", choices=("fused", "stage1", "stage2"), default="fused")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/real"))
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--mode", default="eager", help="speed mode of segment_volume (eager: the fp32 reference)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--label", default=None, help="row label in the markdown table")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, card = load(args.model, args.state, args.output)
-    results = evaluate(model, card, args.data, args.precision)
+    results = evaluate(model, card, args.data, args.precision, args.mode)
     label = args.label or f"{Path(args.model).name} {args.output}"
     print(markdown(label, results, list(card.classes)))
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "state": args.state, "output": args.output,
+                                         "mode": args.mode,
                                          "results": results}, indent=2) + "\n")
 
 

