@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 MODES: tuple[str, ...] = ("auto", "eager", "fast", "int8", "ort", "ort-int8", "compile")
 CPU_ONLY = ("int8", "ort", "ort-int8")
 # Measured defaults (benchmarks/RESULTS.md, section "Speed"): what ``auto`` means on each device type.
-DEFAULT_MODES: dict[str, str] = {"cpu": "ort-int8", "cuda": "fast", "mps": "fast"}
+DEFAULT_MODES: dict[str, str] = {"cpu": "ort", "cuda": "fast", "mps": "fast"}
 # When a mode cannot run here (missing onnxruntime), ``auto`` tries the next one.
 FALLBACKS: dict[str, str] = {"ort-int8": "int8", "ort": "fast", "int8": "fast"}
 
@@ -73,8 +73,14 @@ def resolve_mode(mode: str | None, device: torch.device) -> str:
 
 
 def _weights_version(model: nn.Module) -> tuple:
-    """Changes when any parameter is replaced or modified in place (so cached engines are rebuilt)."""
-    return tuple((p.data_ptr(), p._version, p.device.type) for p in model.parameters())
+    """Changes when a parameter is modified in place (load_state_dict, optimiser step), moved or cast, or LoRA is
+    merged/unmerged, so cached engines are rebuilt. Not the data pointer: ``model.to()`` re-merges LoRA into fresh
+    tensors of the same values on every call, which must not throw the engines away (ONNX caches are content-keyed).
+    """
+    from hsam.model.lora import lora_modules
+
+    params = tuple((id(p), p._version, p.device.type, p.dtype) for p in model.parameters())
+    return params, tuple(m.merged for m in lora_modules(model))
 
 
 def _fast_model(model: nn.Module) -> nn.Module:
