@@ -250,3 +250,23 @@ def test_constant_cmattn_branch_is_never_run():
     with torch.inference_mode():
         model.predict(torch.rand(1, 3, 128, 128))
     assert calls == []  # ... but never run
+
+
+def test_engine_cache_survives_model_to_and_follows_weight_changes():
+    """``model.to()`` re-merges LoRA into new tensors (same values): the cached engine stays; new weights rebuild it."""
+    from hsam.model.build import build_hsam
+    from hsam.model.config import load_model_config
+
+    model = build_hsam(load_model_config("vit_tiny")).eval()
+    model.merge_lora()
+    cpu = torch.device("cpu")
+    first = prepare(model, "int8", cpu)
+    model.to("cpu")
+    assert prepare(model, "int8", cpu) is first
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    assert prepare(model, "int8", cpu) is not first
+    model.merge_lora()  # (load_state_dict unmerged it)
+    merged_fast = prepare(model, "fast", cpu)
+    model.unmerge_lora()  # the fast blocks bypass merged adapters: unmerging must give a new engine
+    assert prepare(model, "fast", cpu) is not merged_fast
