@@ -174,7 +174,6 @@ def main() -> int:
             "label_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
         }
         measure("fast-bf16-weights", run_half, [8, 32, 64])
-        del half
         torch.cuda.empty_cache()
     except Exception as error:  # noqa: BLE001
         record["errors"].append(f"bf16 weights: {error!r}")
