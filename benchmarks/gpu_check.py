@@ -130,9 +130,9 @@ def main() -> int:
     record["accuracy_vs_fp32"] = accuracy
     save()
 
-    def measure(variant: str, run, batches) -> None:  # noqa: ANN001
+    def measure(variant: str, run, batches, limit: float = 0.55) -> None:  # noqa: ANN001
         for batch in batches:
-            if elapsed() > args.budget * 0.55:
+            if elapsed() > args.budget * limit:
                 record["errors"].append(f"skipped {variant} batch {batch}: time budget")
                 return
             try:
@@ -206,7 +206,7 @@ def main() -> int:
                 return static_out
 
             diff = float((replay(pool[:batch]).float() - run(pool[:batch]).float()).abs().max())
-            measure("fast-bf16-cudagraph", replay, [batch])
+            measure("fast-bf16-cudagraph", replay, [batch], limit=0.7)
             record.setdefault("cudagraph_max_abs_diff", {})[str(batch)] = diff
             del graph
         except Exception as error:  # noqa: BLE001
@@ -227,7 +227,7 @@ def main() -> int:
             torch.cuda.synchronize()
             record["compile_seconds"] = round(time.perf_counter() - started, 1)
             log(f"compiled in {record['compile_seconds']} s")
-            measure("fast-bf16-compile", run_compiled, [best_batch])
+            measure("fast-bf16-compile", run_compiled, [best_batch], limit=0.9)
         except Exception as error:  # noqa: BLE001
             record["errors"].append(f"torch.compile: {error!r}")
             traceback.print_exc()
@@ -235,7 +235,7 @@ def main() -> int:
         record["errors"].append("skipped torch.compile: time budget")
 
     # end to end: segment_volume on a 512 x 512 x 160 phantom (windowing, resizing, transfers, argmax included)
-    if elapsed() < args.budget * 0.85:
+    if elapsed() < args.budget * 0.92:
         try:
             import numpy as np
             import SimpleITK as sitk
