@@ -47,6 +47,8 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
             raise HSAMError(f"input file is empty (0 bytes): {source}; copy or export it again")
         if suffix_of(source) in (".nii", ".nii.gz"):
             _check_nifti_complete(source)  # ITK reads a short NIfTI silently, padding with zeros
+        if suffix_of(source) in (".mha", ".mhd"):
+            _check_metaimage_header(source)  # ITK's MetaIO crashes the process on some hostile headers
         try:
             image = sitk.ReadImage(str(source))
         except RuntimeError as error:
@@ -96,6 +98,44 @@ def _check_nifti_complete(source: Path) -> None:
                 total += len(chunk)
     except (EOFError, zlib.error, gzip.BadGzipFile):
         raise truncated from None
+
+
+def _check_metaimage_header(source: Path) -> None:
+    """Raise HSAMError for a MetaImage header ITK must not see: ``NDims = 2147483648`` makes MetaIO segfault (found
+    by Testing/test_fuzz_readers.py), so the size fields are checked here first."""
+    bad = lambda why: HSAMError(f"could not read {source.name}: its MetaImage header is invalid ({why})")  # noqa: E731
+    with open(source, "rb") as handle:
+        head = handle.read(1 << 16)
+    fields: dict[str, str] = {}
+    for raw in head.split(b"\n"):
+        key, sep, value = raw.decode("latin-1").partition("=")
+        if not sep:
+            continue
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    try:
+        ndims = int(fields.get("NDims", "3"))
+        sizes = [int(v) for v in fields.get("DimSize", "1").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        header_size = int(fields.get("HeaderSize", "0"))
+    except ValueError as error:
+        raise bad(str(error)[:80]) from None
+    if not 1 <= ndims <= 6:
+        raise bad(f"NDims = {ndims}")
+    if len(sizes) < ndims or any(not 0 < v < 2**31 for v in sizes[:ndims]):
+        raise bad(f"DimSize = {fields.get('DimSize')!r} for NDims = {ndims}")
+    if not 1 <= channels <= 1024 or header_size < -1:
+        raise bad(f"ElementNumberOfChannels = {channels}, HeaderSize = {header_size}")
+    # a geometry value near the float limit (TransformMatrix ... 1e308 ...) makes ITK loop forever
+    for key in ("TransformMatrix", "Rotation", "Orientation", "Offset", "Position", "Origin", "ElementSpacing",
+                "ElementSize", "CenterOfRotation"):
+        try:
+            values = [float(v) for v in fields.get(key, "").split()]
+        except ValueError:
+            raise bad(f"{key} = {fields[key][:40]!r}") from None
+        if not all(abs(v) < 1e30 for v in values):  # also False for NaN and inf
+            raise bad(f"{key} = {fields[key][:40]!r}")
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -191,7 +231,18 @@ def _read_seg_nrrd(source: Path) -> sitk.Image:
     try:
         segmentation = slicerio_segmentation.read_segmentation(str(source))
     except Exception as error:  # slicerio/pynrrd raise several types for a bad file
-        raise HSAMError(f"could not read segmentation {source.name}: {str(error)[:160]}") from None
+        detail = " ".join(str(error).split())[:160]  # their messages can span lines
+        raise HSAMError(f"could not read segmentation {source.name}: {detail}") from None
+    try:
+        return _seg_to_image(segmentation, source, label_table)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, np.linalg.LinAlgError) as error:
+        # a damaged file can parse as NRRD yet hold nonsense segment fields or geometry
+        raise HSAMError(f"could not read segmentation {source.name}: damaged segment or geometry fields "
+                        f"({type(error).__name__}: {' '.join(str(error).split())[:100]})") from None
+
+
+def _seg_to_image(segmentation: dict, source: Path, label_table) -> sitk.Image:
+    """The H-SAM label image of a parsed .seg.nrrd (see :func:`_read_seg_nrrd`)."""
     voxels = np.asarray(segmentation["voxels"])  # pynrrd default: Fortran order (i, j, k[, list first])
     if voxels.ndim == 3:
         voxels = voxels[np.newaxis]
@@ -215,8 +266,14 @@ def _read_seg_nrrd(source: Path) -> sitk.Image:
 
 def _organ_of_segment(segment: dict, label_table) -> int | None:
     terminology = segment.get("terminology") or {}
-    type_code = (terminology.get("type") or [None, None])[1]
-    modifier = (terminology.get("typeModifier") or [None, ""])[1] or ""
+    if not isinstance(terminology, dict):
+        terminology = {}
+
+    def code_value(key: str) -> str:  # a damaged file can hold short lists or other types here
+        code = terminology.get(key)
+        return str(code[1]) if isinstance(code, (list, tuple)) and len(code) > 1 and code[1] else ""
+
+    type_code, modifier = code_value("type"), code_value("typeModifier")
     for entry in label_table.ORGANS:
         if type_code and type_code == entry.type_code[1] and modifier == entry.modifier_code[1]:
             return entry.index
