@@ -54,10 +54,10 @@ def _seed_mha(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _read_in_child(path: Path) -> subprocess.CompletedProcess:
+def _read_in_child(path: Path, reader: str) -> subprocess.CompletedProcess:
     code = (
-        "import sys\nfrom hsam.errors import HSAMError\nfrom hsam.volume import read_image\n"
-        "try:\n    read_image(sys.argv[1])\nexcept HSAMError as e:\n    print('error:', e)\n"
+        f"import sys\nfrom hsam.errors import HSAMError\nfrom hsam.volume import {reader}\n"
+        f"try:\n    {reader}(sys.argv[1])\nexcept HSAMError as e:\n    print('error:', e)\n"
     )
     return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
 
@@ -76,10 +76,11 @@ def test_hostile_metaimage_headers_are_refused_before_itk_sees_them(tmp_path, ol
     assert old in data
     path = tmp_path / "hostile.mha"
     path.write_bytes(data.replace(old, new, 1))
-    done = _read_in_child(path)
-    assert done.returncode == 0, f"crashed: {done.returncode} {done.stderr[-500:]}"
-    assert done.stdout.startswith("error: could not read hostile.mha: its MetaImage header is invalid")
-    assert field in done.stdout
+    for reader in ("read_image", "read_labels"):
+        done = _read_in_child(path, reader)
+        assert done.returncode == 0, f"{reader} crashed: {done.returncode} {done.stderr[-500:]}"
+        assert done.stdout.startswith("error: could not read hostile.mha: its MetaImage header is invalid")
+        assert field in done.stdout
 
 
 def test_segmentation_with_damaged_terminology_fields(tmp_path):

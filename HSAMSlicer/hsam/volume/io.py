@@ -211,6 +211,8 @@ def read_labels(path: str | os.PathLike[str]) -> sitk.Image:
         raise HSAMError(f"label file not found: {source}")
     if suffix_of(source) == ".seg.nrrd":
         return _read_seg_nrrd(source)
+    if suffix_of(source) in (".mha", ".mhd"):
+        _check_metaimage_header(source)
     try:
         image = sitk.ReadImage(str(source))
     except RuntimeError:
