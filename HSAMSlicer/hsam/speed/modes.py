@@ -7,14 +7,15 @@ eager       any     ``model.predict`` as built (fp32, or fp16/bf16 autocast on G
 fast        any     exact rewrites of the SAM ViT (:mod:`hsam.speed.vit`): no work on window padding, fused
                     attention with relative positions; same labels as eager
 int8        CPU     ``fast`` + dynamic int8 ``nn.Linear`` in the encoder blocks (PyTorch, fbgemm)
-ort         CPU     the whole network through ONNX Runtime fp32 (needs ``hsam[onnx]``)
+ort         CPU     the whole network through ONNX Runtime fp32 (onnxruntime + onnx; the CPU default)
 ort-int8    CPU     ONNX Runtime with int8 per-channel weights in the encoder blocks' linear layers
 compile     GPU     ``fast`` under ``torch.compile`` (pays a compile on first use)
 ==========  ======  ======================================================================================
 
 ``auto`` picks :data:`DEFAULT_MODES` for the device (the fastest mode that met the agreement bar in
-benchmarks/RESULTS.md: >= 99.5 % voxels identical to eager fp32 and per-organ Dice >= 0.99), falling back along
-:data:`FALLBACKS` when an optional dependency is missing. Models whose encoder is not a SAM ViT (H-SAM-Lite) run
+benchmarks/RESULTS.md: >= 99.5 % voxels identical to eager fp32 and per-organ Dice >= 0.99; on the 2-core CPU that is
+``ort``, 2.75x eager per slice with identical labels, while both int8 modes missed the Dice bar), falling back along
+:data:`FALLBACKS` when onnxruntime/onnx are missing. Models whose encoder is not a SAM ViT (H-SAM-Lite) run
 eager in ``fast``/``compile`` (nothing to rewrite) and support the ONNX modes too.
 """
 
