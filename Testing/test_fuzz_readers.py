@@ -107,3 +107,28 @@ def test_segmentation_with_damaged_terminology_fields(tmp_path):
             read_labels(path)
         except HSAMError as error:
             assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"models": [{"title": "no id"}]},
+        {"models": "not a list"},
+        {"models": [{"id": "x", "files": [{"nme": "typo"}]}]},
+        {"models": [{"id": "x", "priority": "high"}]},
+        [],
+        {"models": [{"id": "../../escape", "files": []}]},
+        {"models": [{"id": "x", "files": [{"name": "../../.bashrc", "url": "http://127.0.0.1/x", "sha256": "0" * 64}]}]},
+        {"models": [{"id": "x", "files": [{"name": ".hidden"}]}]},
+    ],
+)
+def test_malformed_or_hostile_manifest_gets_one_line_error(tmp_path, manifest):
+    """A mirror's manifest (HSAM_MANIFEST) that is malformed, or names files outside the cache, is refused."""
+    from hsam.errors import HSAMError
+    from hsam.weights import load_manifest
+
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(HSAMError) as caught:
+        load_manifest(path)
+    assert "\n" not in str(caught.value) and "manifest" in str(caught.value)

@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 MANIFEST_ENV = "HSAM_MANIFEST"
 """Environment variable naming another manifest JSON (a mirror, or a test server)."""
 MANIFEST_FILENAME = "models.json"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 MODEL_FILES = ("model.safetensors", "model.json")
 CHUNK = 1 << 20
 
@@ -88,23 +90,30 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> dict[str, Manif
         data = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise HSAMError(f"cannot read the model manifest {source}: {error}") from None
-    entries: dict[str, ManifestEntry] = {}
-    known = {"id", "title", "kind", "backbone", "priority", "install", "license", "homepage", "requires", "files"}
-    for item in data.get("models", []):
-        files = tuple(ManifestFile(**{k: f.get(k) for k in ("name", "url", "size", "sha256", "where")}) for f in item.get("files", []))
-        entries[item["id"]] = ManifestEntry(
-            id=item["id"],
-            title=item.get("title", item["id"]),
-            kind=item.get("kind", "hsam"),
-            backbone=item.get("backbone", ""),
-            priority=int(item.get("priority", 0)),
-            install=item.get("install", "download"),
-            license=item.get("license", ""),
-            homepage=item.get("homepage", ""),
-            requires=tuple(item.get("requires", ())),
-            files=files,
-            extra={k: v for k, v in item.items() if k not in known},
-        )
+    try:
+        entries: dict[str, ManifestEntry] = {}
+        known = {"id", "title", "kind", "backbone", "priority", "install", "license", "homepage", "requires", "files"}
+        for item in data.get("models", []):
+            files = tuple(ManifestFile(**{k: f.get(k) for k in ("name", "url", "size", "sha256", "where")}) for f in item.get("files", []))
+            entries[item["id"]] = ManifestEntry(
+                id=item["id"],
+                title=item.get("title", item["id"]),
+                kind=item.get("kind", "hsam"),
+                backbone=item.get("backbone", ""),
+                priority=int(item.get("priority", 0)),
+                install=item.get("install", "download"),
+                license=item.get("license", ""),
+                homepage=item.get("homepage", ""),
+                requires=tuple(item.get("requires", ())),
+                files=files,
+                extra={k: v for k, v in item.items() if k not in known},
+            )
+    except (KeyError, TypeError, AttributeError, ValueError) as error:  # a damaged or hostile mirror manifest
+        raise HSAMError(f"the model manifest {source} is malformed ({type(error).__name__}: {str(error)[:80]})") from None
+    for entry in entries.values():  # ids and file names become paths in the cache: no separators, no dot files
+        for name in (entry.id, *(f.name for f in entry.files)):
+            if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+                raise HSAMError(f"the model manifest {source} names {name!r}: not a plain file name; fix the manifest")
     return entries
 
 
