@@ -57,7 +57,8 @@ def case(real_data):
 
 
 @pytest.mark.parametrize(
-    "name", ["../../escaped", "/etc/cron.d/x", "..", "C:\\Windows\\x", "a/../../b", "~/x", "\\\\server\\share", "con.nii"]
+    "name",
+    ["../../escaped", "/etc/cron.d/x", "..", "C:\\Windows\\x", "a/../../b", "~/x", "\\\\server\\share", "con.nii"],
 )
 def test_hostile_case_names_stay_in_the_export_folder(case, tmp_path, name):
     _, _, segmentation, _ = case
