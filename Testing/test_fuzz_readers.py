@@ -84,6 +84,19 @@ def test_hostile_metaimage_headers_are_refused_before_itk_sees_them(tmp_path, ol
         assert field in done.stdout
 
 
+def test_evaluation_reader_refuses_hostile_metaimage_headers(tmp_path):
+    data = _seed_mha(tmp_path)
+    path = tmp_path / "case0001.mha"
+    path.write_bytes(data.replace(b"NDims = 3", b"NDims = 2147483648", 1))
+    code = (
+        "import sys\nfrom hsam.errors import HSAMError\nfrom hsam.evaluation.report import read_label_volume\n"
+        "try:\n    read_label_volume(sys.argv[1])\nexcept HSAMError as e:\n    print('error:', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"crashed: {done.returncode} {done.stderr[-500:]}"
+    assert "MetaImage header is invalid" in done.stdout
+
+
 def test_segmentation_with_damaged_terminology_fields(tmp_path):
     """A .seg.nrrd with a one-element terminology code, a non-numeric label value or a layer that does not exist
     (IndexError/ValueError before) gets a one-line HSAMError or is read with that segment unmatched."""

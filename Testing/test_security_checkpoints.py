@@ -119,8 +119,7 @@ def test_pickled_objects_in_npz_label_files_are_not_unpickled(tmp_path):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "case0001.npz"
     np.savez(evil, label=np.array([_Payload(str(marker))], dtype=object))
-    with pytest.raises((HSAMError, ValueError)):
-        read_label_volume(evil)
+    _one_line(lambda: read_label_volume(evil), "case0001.npz")
     assert not marker.exists()
 
 

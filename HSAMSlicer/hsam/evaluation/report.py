@@ -83,10 +83,13 @@ def read_label_volume(path: str | os.PathLike[str]) -> LabelVolume:
                 raise HSAMError(f"{path} has no 'label' dataset")
             return LabelVolume(np.rint(handle["label"][()]).astype(np.int32), None)
     if lower.endswith(".npz"):
-        with np.load(path) as data:
-            if "label" not in data:
-                raise HSAMError(f"{path} has no 'label' array")
-            return LabelVolume(np.rint(data["label"]).astype(np.int32), None)
+        try:
+            with np.load(path) as data:  # allow_pickle stays False: an object array is refused, never unpickled
+                if "label" not in data:
+                    raise HSAMError(f"{path} has no 'label' array")
+                return LabelVolume(np.rint(data["label"]).astype(np.int32), None)
+        except (ValueError, OSError) as error:
+            raise HSAMError(f"cannot read {path} as a label array: {' '.join(str(error).split())[:120]}") from None
     import SimpleITK as sitk
 
     if lower.endswith(".seg.nrrd"):  # a Slicer segmentation: segments matched to H-SAM organs by terminology/name
@@ -95,6 +98,10 @@ def read_label_volume(path: str | os.PathLike[str]) -> LabelVolume:
         image = read_labels(path)
         return LabelVolume(sitk.GetArrayFromImage(image).astype(np.int32), tuple(reversed(image.GetSpacing())),
                            image.GetOrigin(), image.GetDirection())
+    if lower.endswith((".mha", ".mhd")):
+        from hsam.volume.io import _check_metaimage_header
+
+        _check_metaimage_header(path)  # ITK's MetaIO crashes or hangs on some hostile headers
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
