@@ -316,3 +316,19 @@ def test_non_ascii_and_space_paths_everywhere(saved_tiny, ct, real_data, tmp_pat
         f"{kind} {name} ✓.{ext}" for kind, ext in (("labels", "seg.nrrd"), ("volumes", "csv"))
         for name in ("from file", "from dicom")
     )  # fmt: skip
+
+
+def test_cohort_refuses_the_mr_case_and_segments_the_ct_case(installed, ct, real_data, tmp_path, capsys):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    sitk.WriteImage(ct[:, :, 10:13], str(folder / "ct_case.nii.gz"))
+    sitk.WriteImage(read_image(real_data / "totalsegmentator" / "example_mr_sm.nii.gz")[:, :, 8:11],
+                    str(folder / "mr_case.nii.gz"))  # fmt: skip
+    out = tmp_path / "labels"
+    argv = ["segment", str(folder), "-o", str(out), "--model", installed, "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "mr_case.nii.gz does not look like CT" in err and "--allow-non-ct" in err, err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ct_case.nii.gz"]
+    assert main([*argv, "--allow-non-ct"]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ct_case.nii.gz", "mr_case.nii.gz"]

@@ -171,6 +171,12 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     def segment_one(case: Path, output: Path) -> None:
         image = read_image(str(case))
+        if not getattr(args, "allow_non_ct", False):
+            from hsam.volume import looks_like_ct
+
+            if not looks_like_ct(sitk.GetArrayViewFromImage(image)):  # as for one volume: MR is refused unless asked
+                raise HSAMError(f"{case.name} does not look like CT in Hounsfield units; pass --allow-non-ct to "
+                                "segment it anyway")
         result = segment_volume(image, model, card, device=device, batch_size=args.batch_size,
                                 precision=args.precision, mode=args.mode, largest_component=args.largest_component,
                                 organs=organs)
