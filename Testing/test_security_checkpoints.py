@@ -330,3 +330,15 @@ def test_model_ids_from_the_command_line_cannot_escape(tmp_path):
     assert (victim / "keep.txt").read_text() == "x"
 
     assert os.path.isdir(victim)
+
+
+def test_training_init_from_a_lying_safetensors_file(tmp_path):
+    """The fine-tune initialiser reads user-given .safetensors: a lying header gets a one-line error."""
+    from hsam.training.model_setup import _load_tensor_file
+    from safetensors.torch import save_file
+
+    path = tmp_path / "init.safetensors"
+    save_file({"a": torch.zeros(4, 4), "b": torch.ones(3)}, str(path))
+    header, body = _split(path.read_bytes())
+    path.write_bytes(_lie_past_end(header, body))
+    _one_line(lambda: _load_tensor_file(path), "init.safetensors")

@@ -59,7 +59,10 @@ def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as error:  # SafetensorError and friends: a damaged or lying header
+            raise HSAMError(f"cannot read {path} as a tensor file: {' '.join(str(error).split())[:160]}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
