@@ -36,7 +36,8 @@ def test_reader_survives_mutated_files(target, tmp_path):
                     f"{out / 'last_input'}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["examples"] >= 5, report  # the budget bought real work
+    # the budget bought real work (a safetensors example re-reads and hashes a 49 MB model: few fit in 2 s)
+    assert report["examples"] >= (2 if target == "safetensors" else 10), report
     assert report["findings"] == [], json.dumps(report, indent=1)
 
 
