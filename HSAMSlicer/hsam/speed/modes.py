@@ -97,9 +97,12 @@ def _int8_model(model: nn.Module) -> nn.Module:
 
     from hsam.speed.vit import FastEncoder, with_encoder
 
+    from hsam.model.tiny_vit import TinyViT
+
     fast = _fast_model(model)
-    if not isinstance(fast.image_encoder, FastEncoder):
-        raise HSAMError("mode int8 needs a SAM ViT encoder; use --mode ort-int8 or fast for this model")
+    lite = isinstance(fast.image_encoder, TinyViT)  # H-SAM-Lite: the same recipe on TinyViT's attention/MLP linears
+    if not isinstance(fast.image_encoder, FastEncoder) and not lite:
+        raise HSAMError("mode int8 needs a SAM ViT or TinyViT encoder; use --mode ort-int8 or fast for this model")
     engines = torch.backends.quantized.supported_engines
     torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
     from torch.ao.quantization import per_channel_dynamic_qconfig
