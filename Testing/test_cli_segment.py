@@ -55,7 +55,11 @@ def test_segment_writes_all_outputs_on_the_input_grid(installed, ct_path, tmp_pa
     err = capsys.readouterr().err
     assert code == 0, err
     # the default is the most accurate installed model: the non-demo one, and it says so
-    assert "model: tiny-user (the most accurate installed model; 1 other(s) installed)" in err
+    # (the others: tiny-demo and the H-SAM-Lite demo bundled with the package)
+    from hsam.weights import available_models
+
+    others = len(available_models()) - 1
+    assert f"model: tiny-user (the most accurate installed model; {others} other(s) installed)" in err
     ct = sitk.ReadImage(str(ct_path))
     labels = read_labels(out)
     assert same_geometry(labels, ct, 1e-4)
@@ -130,7 +134,11 @@ def test_bad_input_exits_2_with_one_error_line_and_no_output(installed, ct_path,
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_no_model_installed_says_what_to_do(ct_path, tmp_path, capsys):
+def test_no_model_installed_says_what_to_do(ct_path, tmp_path, capsys, monkeypatch):
+    import hsam.weights
+
+    # a package without the bundled H-SAM-Lite demo (a fresh package has it: Testing/test_lite_model.py)
+    monkeypatch.setattr(hsam.weights, "bundled_models_dir", lambda: tmp_path / "no-bundled-models")
     assert main(["segment", str(ct_path), "-o", str(tmp_path / "x.nii.gz")]) == 2
     assert "no segmentation model is installed" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
@@ -144,7 +152,9 @@ def test_models_list_import_remove(installed, capsys):
     assert main(["models", "remove", "tiny-user"]) == 0
     capsys.readouterr()
     assert main(["models", "list"]) == 0
-    assert "* tiny-demo" in capsys.readouterr().out
+    # of the two demo models left, the bundled H-SAM-Lite (pretrained backbone) ranks above the random tiny one
+    listed = capsys.readouterr().out
+    assert "* hsam-lite-demo" in listed and "  tiny-demo" in listed
     assert main(["models", "remove", "tiny-user"]) == 2
     assert "not installed" in capsys.readouterr().err
 
