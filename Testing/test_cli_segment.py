@@ -182,6 +182,18 @@ def test_import_official_rejects_an_unknown_sam_file(tmp_path, capsys):
     assert "hsam models download sam-vit-b" in capsys.readouterr().err
 
 
+def test_import_official_takes_the_issue_spelling_and_needs_exactly_one_checkpoint(tmp_path, capsys):
+    (tmp_path / "h.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "sam.pth").write_bytes(b"not sam either")
+    args = ["models", "import-official", "--hsam", str(tmp_path / "h.pth"), "--sam", str(tmp_path / "sam.pth")]
+    assert main([*args, "--name", "mine"]) == 2
+    assert "not an official SAM base file" in capsys.readouterr().err
+    assert main(["models", "import-official", "--sam", str(tmp_path / "sam.pth")]) == 2
+    assert "give the official H-SAM checkpoint once" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "h.pth")]) == 2
+    assert "give the official H-SAM checkpoint once" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_import_official_installs_the_converted_model_as_default(tmp_path, monkeypatch, capsys):
     """Random weights in the official file layouts: SAM ViT-B base (checksum listed in a test manifest) + H-SAM."""

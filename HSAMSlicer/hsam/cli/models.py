@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hsam.errors import HSAMError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``models`` command and its sub-commands (no torch import here)."""
@@ -25,9 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imported.set_defaults(run=run_import)
 
     official = actions.add_parser("import-official", help="convert an official H-SAM .pth checkpoint and install it")
-    official.add_argument("checkpoint", help="official H-SAM LoRA checkpoint, e.g. 220_epoch_299.pth")
+    official.add_argument("checkpoint", nargs="?", help="official H-SAM LoRA checkpoint, e.g. 220_epoch_299.pth")
+    official.add_argument("--hsam", default=None, help="the same checkpoint given as an option")
     official.add_argument("--sam", default=None, help="SAM base .pth (default: the downloaded sam-vit-b)")
-    official.add_argument("--id", default="hsam-vitb-synapse", help="id to install it as")
+    official.add_argument("--id", "--name", dest="id", default="hsam-vitb-synapse", help="id to install it as")
     official.set_defaults(run=run_import_official)
 
     remove = actions.add_parser("remove", help="delete an installed model or a downloaded base file")
@@ -91,7 +94,9 @@ def run_import_official(args: argparse.Namespace) -> int:
     """Convert and install an official H-SAM checkpoint."""
     from hsam.weights import import_official
 
-    print(f"installed {import_official(args.checkpoint, args.sam, args.id)}")
+    if (args.checkpoint is None) == (args.hsam is None):
+        raise HSAMError("give the official H-SAM checkpoint once: hsam models import-official FILE.pth (or --hsam FILE.pth)")
+    print(f"installed {import_official(args.checkpoint or args.hsam, args.sam, args.id)}")
     return 0
 
 
