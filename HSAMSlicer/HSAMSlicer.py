@@ -11,7 +11,6 @@ import pathlib
 import traceback
 from typing import Optional
 
-import ctk
 import qt
 import slicer
 import vtk

@@ -94,9 +94,9 @@ def test_color_table_loads_in_slicer_mrml_with_terminology(tmp_path):
 
 
 def test_terminology_entry_has_seven_parts_and_slicerio_reads_it():
-    slicerio = pytest.importorskip("slicerio")
+    segmentation = pytest.importorskip("slicerio.segmentation")
     entry = labels.organ("kidney_left").terminology_entry
     assert len(entry.split("~")) == 7
-    parsed = __import__("slicerio.segmentation").segmentation.terminology_entry_from_string(entry)
+    parsed = segmentation.terminology_entry_from_string(entry)
     assert parsed["type"] == ["SCT", "64033007", "Kidney"]
     assert parsed["typeModifier"] == ["SCT", "7771000", "Left"]

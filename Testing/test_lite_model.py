@@ -7,7 +7,6 @@ Needs no LiteMedSAM wheel: the bundled file holds the whole network (fp16).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 DEMO_ID = "hsam-lite-demo"
 
@@ -39,14 +38,12 @@ def test_installed_model_with_the_same_id_takes_precedence(tmp_path) -> None:
 
 def test_demo_model_segments_the_sample_ct(real_data) -> None:
     import SimpleITK as sitk
-    import torch
 
     from hsam.evaluation.metrics import dice
     from hsam.inference import segment_volume
     from hsam.labels import remap_labels
     from hsam.weights import load_named_model
 
-    torch.set_num_threads(1)
     model, card = load_named_model(None)  # the default model with an empty cache: the bundled demo
     assert card.name == DEMO_ID
     folder = real_data / "totalsegmentator"

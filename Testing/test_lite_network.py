@@ -81,7 +81,6 @@ def test_litemedsam_initialises_encoder_and_stage1(lite_model) -> None:
 def test_embedding_cache_serves_identical_embeddings(tmp_path) -> None:
     from hsam.model.tiny_vit import load_litemedsam_encoder
 
-    torch.set_num_threads(1)
     encoder = load_litemedsam_encoder(TinyViT()).eval().requires_grad_(False)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -23,14 +23,6 @@ from hsam.model.checkpoint import (
 from hsam.model.config import ModelConfig, load_model_config
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: one thread avoids OpenMP hand-offs, which dominate on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture()
 def tiny_model():

@@ -14,14 +14,6 @@ from hsam.model.hsam import prior_from_logits
 from hsam.model.lora import LoRAQKV, lora_modules
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: one thread avoids OpenMP hand-offs, which dominate on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def _torch_seed():

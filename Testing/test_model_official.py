@@ -35,14 +35,6 @@ from hsam.model.official import (
 from hsam.model.sam_compat import build_sam, modeling
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: one thread avoids OpenMP hand-offs, which dominate on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 KEYS_TSV = REPOSITORY.parent / "shared" / "design" / "hsam-official-checkpoint-keys.tsv"
 
 # ------------------------------------------------------------------------------------------------ layouts

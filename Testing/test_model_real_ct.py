@@ -12,14 +12,6 @@ from hsam.model.build import build_hsam
 from hsam.model.config import load_model_config
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: one thread avoids OpenMP hand-offs, which dominate on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def windowed_slices(real_data, indices, size: int) -> torch.Tensor:
     """Axial slices [N,3,size,size]: HU clipped to [-125, 275], scaled to [0, 1], resized, copied to 3 channels."""

@@ -15,15 +15,6 @@ from hsam.errors import HSAMError
 from hsam.labels import CLASS_NAMES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:

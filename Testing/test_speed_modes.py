@@ -18,13 +18,6 @@ from hsam.speed.modes import MODES, prepare, resolve_mode
 from hsam.speed.vit import FastEncoder, with_encoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: thread hand-offs dominate on the shared 2-core box
-    yield
-    torch.set_num_threads(previous)
-
 
 def _encoder_with_padding():
     """vit_tiny at 144 px: a 9x9 token grid padded to 12x12 for 4x4 windows, random non-zero relative positions."""
@@ -86,7 +79,6 @@ def trained_tiny(real_data):
     from hsam.model.hsam import prior_from_logits
     from hsam.volume import to_canonical, window
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     config = ModelConfig(backbone="vit_tiny", img_size=64, lora_rank=2, keep_cmattn_tensors=False)
     model = build_hsam(config)

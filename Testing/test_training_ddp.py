@@ -15,13 +15,6 @@ from hsam.training.state import load_state
 from hsam.training.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_two_gloo_processes_match_one_process(tmp_path, real_data):
     folder = real_data / "totalsegmentator"

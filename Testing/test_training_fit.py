@@ -19,14 +19,6 @@ from hsam.training.data import load_source_volumes
 from hsam.training.validate import predict_volume
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared by several jobs: one thread per process is several times faster than two under contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _pairs(real_data, ct="example_ct_sm", seg="example_seg"):
     folder = real_data / "totalsegmentator"

@@ -15,13 +15,6 @@ from hsam.training.state import load_state
 from hsam.training.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _config_file(tmp_path, real_data) -> str:
     folder = real_data / "totalsegmentator"

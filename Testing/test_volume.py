@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from hsam.volume import (
     same_geometry,
     to_canonical,
     window,
-    write_image,
     write_labels,
 )
 from hsam.volume.intensity import looks_like_ct

@@ -167,7 +167,7 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
     from hsam.labels import ORGANS, write_color_table
     from hsam.volume import write_image
     from HSAMSlicerLib.logic import (
-        PROVENANCE_KEYS, PROVENANCE_PREFIX, RESULT_ATTRIBUTE, ROLE_PREDICTION, HSAMSlicerLogic,
+        PROVENANCE_KEYS, RESULT_ATTRIBUTE, ROLE_PREDICTION, HSAMSlicerLogic,
     )  # fmt: skip
 
     if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
