@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,8 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from HSAMSlicerLib import geometry
 from hsam.errors import HSAMError
+from HSAMSlicerLib import geometry
 
 CASE_FORMAT = "hsam-case/1"
 IMAGE_FILE, LABELS_FILE, SEGMENTATION_FILE, TABLE_FILE, PROVENANCE_FILE = (
@@ -166,9 +164,7 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
     from hsam import __version__
     from hsam.labels import ORGANS, write_color_table
     from hsam.volume import write_image
-    from HSAMSlicerLib.logic import (
-        PROVENANCE_KEYS, RESULT_ATTRIBUTE, ROLE_PREDICTION, HSAMSlicerLogic,
-    )  # fmt: skip
+    from HSAMSlicerLib.logic import PROVENANCE_KEYS, RESULT_ATTRIBUTE, ROLE_PREDICTION, HSAMSlicerLogic
 
     if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
         raise HSAMError("no segmentation to export: run Segment organs first or select a segmentation")
@@ -243,12 +239,6 @@ def _image(volume_node) -> sitk.Image:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from hsam import atomic
+
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
+
+from hsam import atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -163,16 +164,7 @@ def color_table_csv() -> str:
 
 def write_color_table(path: str | os.PathLike[str]) -> Path:
     """Write :func:`color_table_csv` to ``path`` atomically; returns the path."""
-    target = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(color_table_csv())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic.write_text(path, color_table_csv())
 
 
 def segment_metadata(indices: list[int] | None = None) -> list[dict]:

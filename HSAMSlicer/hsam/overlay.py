@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from hsam import atomic
 from hsam import labels as label_table
 
 
@@ -73,13 +73,9 @@ def render_overlay(
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0.08 if present else 0, 1, 1))
-    target = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=target.parent if str(target.parent) else ".")
-    os.close(fd)
     try:
-        figure.savefig(temp, dpi=110)
-        os.replace(temp, target)
+        with atomic.replacing(path, suffix=".png") as temp:
+            figure.savefig(temp, dpi=110)
     finally:
         plt.close(figure)
-        Path(temp).unlink(missing_ok=True)
-    return target
+    return Path(path)

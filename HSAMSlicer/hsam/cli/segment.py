@@ -12,9 +12,10 @@ import csv
 import io
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+
+from hsam import atomic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,32 +82,10 @@ def _check_outputs(args: argparse.Namespace) -> list[Path]:
 def _write_text_atomic(path: Path, text: str) -> None:
     from hsam.errors import HSAMError
 
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the user's usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        atomic.write_text(path, text)
     except OSError as error:
-        Path(temp).unlink(missing_ok=True)
         raise HSAMError(f"could not write {path}: {error.strerror or error}; check free disk space and permissions") from None
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process umask (read without changing it, via /proc where available)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def stats_csv(result, class_names) -> str:  # noqa: ANN001 (SegmentationResult; typed loosely to keep imports light)
@@ -198,7 +177,12 @@ def run(args: argparse.Namespace) -> int:
         return run_cohort(args)
 
     from hsam.errors import HSAMError
-    from hsam.inference import _selected_channels, segment_volume, select_device, select_precision
+    from hsam.inference import (
+        _selected_channels,
+        segment_volume,
+        select_device,
+        select_precision,
+    )
     from hsam.volume import read_image, write_image, write_labels
     from hsam.weights import available_models, load_named_model, resolve_model
 

@@ -12,13 +12,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from hsam import atomic
 from hsam.errors import HSAMError
 from hsam.evaluation.metrics import PROTOCOLS, OrganScore, score_volume
 
@@ -246,19 +246,8 @@ def write_csv(rows: Sequence[Row], path: str | os.PathLike[str], protocol: str =
         s = row.score
         writer.writerow([row.case, row.organ, row.organ_name, _fmt(s.dice), _fmt(s.hd95), s.status,
                          s.pred_voxels, s.ref_voxels])
-    _atomic_write(target, buffer.getvalue())
+    atomic.write_text(target, buffer.getvalue())
     return target
-
-
-def _atomic_write(target: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -303,7 +292,7 @@ def write_summary(rows: Sequence[Row], path: str | os.PathLike[str], protocol: s
     """Write :func:`markdown_summary` to ``path`` atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, markdown_summary(rows, protocol))
+    atomic.write_text(target, markdown_summary(rows, protocol))
     return target
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hsam import atomic
 from hsam.errors import HSAMError
 
 log = logging.getLogger(__name__)
@@ -87,14 +86,8 @@ def cache_dir(model: nn.Module, root: Path | None = None) -> Path:
 
 def _atomic_save(write, path: Path) -> None:  # noqa: ANN001 (write: Callable[[str], None])
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic.replacing(path, suffix=".onnx") as temp:
+        write(str(temp))
 
 
 def export_fp32(fast_model: nn.Module, path: Path) -> Path:

@@ -5,22 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-
-def _atomic_bytes(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=target.suffix, dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+from hsam import atomic
 
 
 def write_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
@@ -33,7 +21,7 @@ def write_csv(path: Path, history: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    _atomic_bytes(path, buffer.getvalue().encode("utf-8"))
+    atomic.write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
 def _fmt(value: Any) -> Any:
@@ -72,7 +60,7 @@ def plot_curve(path: Path, history: Sequence[dict[str, Any]], title: str = "") -
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    _atomic_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def _missing(value: Any) -> bool:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from hsam import atomic
 from hsam.errors import HSAMError
 from hsam.training.data import SliceStore
 
@@ -107,18 +107,7 @@ def write_list(path: str | os.PathLike[str], names: Sequence[str], meta: dict | 
     """Write a list file (one name per line, TransUNet style) and, with ``meta``, a ``.json`` beside it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(target, "".join(f"{n}\n" for n in names))
+    atomic.write_text(target, "".join(f"{n}\n" for n in names))
     if meta is not None:
-        _atomic_text(target.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+        atomic.write_text(target.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return target
-
-
-def _atomic_text(target: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -6,15 +6,14 @@ lists and dicts are stored (RNG states converted accordingly), so loading never 
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from hsam import atomic
 from hsam.errors import HSAMError
 
 STATE_FORMAT = "hsam-train-state/1"
@@ -63,14 +62,8 @@ def frozen_fingerprint(model: torch.nn.Module) -> dict[str, float]:
 def save_state(path: Path, state: dict[str, Any]) -> Path:
     """Write atomically (temp file in the same folder, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic.replacing(path) as temp:
         torch.save({"format": STATE_FORMAT, **state}, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
     return path
 
 

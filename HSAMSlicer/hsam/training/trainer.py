@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hsam import atomic
 from hsam.errors import HSAMError
 from hsam.training import logs
 from hsam.training.augment import AugmentConfig
@@ -289,7 +290,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     model.to(device)
     _check_label_range(store, info.pop("volumes"), val_volumes, model.config.num_classes)
     if ddp.main:
-        logs._atomic_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        atomic.write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
     augment = AugmentConfig.from_dict(config["augmentation"])
     noise = float(config["embedding_noise"])
