@@ -33,9 +33,11 @@ class ClassTokenBlock(_sam.transformer.TwoWayAttentionBlock):
     encoding and no residual (``skip_first_layer_pe``), as in SAM.
     """
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor, prior: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=k, v=keys))
+        queries = self.norm2(queries + self.attend_tokens_to_image(q=queries + query_pe, k=k, v=keys, prior=prior))
 
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
@@ -47,8 +49,16 @@ class ClassTokenBlock(_sam.transformer.TwoWayAttentionBlock):
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        keys = self.norm4(keys + self.attend_image_to_tokens(q=k, k=q, v=queries, prior=prior))
         return queries, keys
+
+    def attend_tokens_to_image(self, q: Tensor, k: Tensor, v: Tensor, prior: Optional[Tensor]) -> Tensor:
+        """The tokens->image cross-attention step; stage 2 overrides it to modulate by the prior."""
+        return self.cross_attn_token_to_image(q=q, k=k, v=v)
+
+    def attend_image_to_tokens(self, q: Tensor, k: Tensor, v: Tensor, prior: Optional[Tensor]) -> Tensor:
+        """The image->tokens cross-attention step; stage 2 overrides it to modulate by the prior."""
+        return self.cross_attn_image_to_token(q=q, k=k, v=v)
 
 
 class ClassTokenTransformer(nn.Module):

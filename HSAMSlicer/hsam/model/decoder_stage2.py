@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hsam.model.cmattn import add_cmattn_modules, mask_guided_gain
+from hsam.model.decoder_stage1 import ClassTokenBlock
 from hsam.model.sam_compat import modeling
 
 _sam = modeling()
@@ -58,8 +59,9 @@ class MaskModulatedAttention(Attention):
         return self.out_proj(self._recombine_heads(attn @ v))
 
 
-class MaskModulatedBlock(_sam.transformer.TwoWayAttentionBlock):
-    """Two-way block in H-SAM order with both cross-attentions full width and modulated by the prior P.
+class MaskModulatedBlock(ClassTokenBlock):
+    """Stage-1's two-way block (same H-SAM order) with both cross-attentions full width and modulated by the prior P,
+    and dropout 0.2 on the tokens->image output.
 
     forward(queries [B,K,256], keys [B,N,256], query_pe, key_pe, prior [B,K,N]) -> (queries, keys).
     """
@@ -77,26 +79,11 @@ class MaskModulatedBlock(_sam.transformer.TwoWayAttentionBlock):
         self.cross_attn_image_to_token = MaskModulatedAttention(embedding_dim, num_heads)
         self.dropout = nn.Dropout(0.2)
 
-    def forward(  # type: ignore[override]
-        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor, prior: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        k = keys + key_pe
-        attn = self.cross_attn_token_to_image(q=queries + query_pe, k=k, v=keys, modulation=prior)
-        queries = self.norm2(queries + self.dropout(attn))
+    def attend_tokens_to_image(self, q: Tensor, k: Tensor, v: Tensor, prior: Tensor) -> Tensor:  # type: ignore[override]
+        return self.dropout(self.cross_attn_token_to_image(q=q, k=k, v=v, modulation=prior))
 
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
-
-        queries = self.norm3(queries + self.mlp(queries))
-
-        q = queries + query_pe
-        attn = self.cross_attn_image_to_token(q=k, k=q, v=queries, modulation=prior.transpose(1, 2))
-        keys = self.norm4(keys + attn)
-        return queries, keys
+    def attend_image_to_tokens(self, q: Tensor, k: Tensor, v: Tensor, prior: Tensor) -> Tensor:  # type: ignore[override]
+        return self.cross_attn_image_to_token(q=q, k=k, v=v, modulation=prior.transpose(1, 2))
 
 
 class MaskModulatedTransformer(nn.Module):
