@@ -45,3 +45,16 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def one_line_error(call, *patterns: str) -> str:
+    """Run ``call``, which must raise an HSAMError whose message is one line containing every pattern; return it."""
+    from hsam.errors import HSAMError
+
+    with pytest.raises(HSAMError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for pattern in patterns:
+        assert pattern in message, message
+    return message

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hsam.errors import HSAMError
+from conftest import one_line_error
 from hsam.model.build import build_hsam
 from hsam.model.checkpoint import (
     CARD_FILE,
@@ -38,16 +38,6 @@ def saved(tiny_model, tmp_path):
     card = ModelCard.for_config(tiny_model.config, "tiny-test", title="Tiny test model", training_data="none", demo=True)
     folder = save_model(tiny_model, card, tmp_path / "tiny-test")
     return tiny_model, folder
-
-
-def one_line_error(call, *patterns: str) -> str:
-    with pytest.raises(HSAMError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    for pattern in patterns:
-        assert pattern in message, message
-    return message
 
 
 def test_round_trip_is_exact(saved):

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPOSITORY
-from hsam.errors import HSAMError
+from conftest import REPOSITORY, one_line_error
 from hsam.model.build import build_hsam
 from hsam.model.checkpoint import load_model, save_model
 from hsam.model.config import ModelConfig, load_model_config
@@ -366,16 +365,6 @@ def test_tiny_import_runs_deterministically_and_round_trips(tiny_files, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ errors
-
-
-def one_line_error(call, *patterns: str) -> str:
-    with pytest.raises(HSAMError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    for pattern in patterns:
-        assert pattern in message, message
-    return message
 
 
 class _NotATensor:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import one_line_error
 from hsam.errors import HSAMError
 from hsam.model.build import build_hsam
 from hsam.model.checkpoint import CARD_FILE, TENSORS_FILE, ModelCard, load_model, save_model, sha256_file
@@ -35,16 +36,6 @@ class _Payload:
 
     def __reduce__(self):
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
-
-
-def _one_line(call, *patterns: str) -> str:
-    with pytest.raises(HSAMError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    for pattern in patterns:
-        assert pattern in message, message
-    return message
 
 
 def _hostile_files(folder: Path, marker: Path) -> dict[str, Path]:
@@ -87,7 +78,7 @@ def test_code_running_pth_is_refused_by_the_official_importer(hostile, kind):
     from hsam.model.official import load_pth
 
     files, marker = hostile
-    _one_line(lambda: load_pth(files[kind], "H-SAM checkpoint"), files[kind].name, "H-SAM checkpoint")
+    one_line_error(lambda: load_pth(files[kind], "H-SAM checkpoint"), files[kind].name, "H-SAM checkpoint")
     assert not marker.exists()
 
 
@@ -98,8 +89,8 @@ def test_code_running_pth_is_refused_everywhere_a_pth_is_read(hostile, tmp_path)
 
     files, marker = hostile
     evil = files["zip"]
-    _one_line(lambda: import_official(str(evil), str(files["legacy"]), "x"), "evil_")
-    _one_line(lambda: load_model(evil), "evil_zip.pth", "import-official")
+    one_line_error(lambda: import_official(str(evil), str(files["legacy"]), "x"), "evil_")
+    one_line_error(lambda: load_model(evil), "evil_zip.pth", "import-official")
     # the CLI: hsam models import-official (the SAM file is checked by SHA-256 before anything is unpickled)
     assert main(["models", "import-official", str(evil), "--sam", str(files["legacy"])]) == 2
     assert main(["segment", str(evil), "-o", str(tmp_path / "out.nii.gz"), "--model", str(evil)]) == 2
@@ -108,7 +99,7 @@ def test_code_running_pth_is_refused_everywhere_a_pth_is_read(hostile, tmp_path)
     except ImportError:  # training package still being written
         load_state = None
     if load_state is not None:
-        _one_line(lambda: load_state(evil), "evil_zip.pth")
+        one_line_error(lambda: load_state(evil), "evil_zip.pth")
     assert not marker.exists()
 
 
@@ -119,7 +110,7 @@ def test_pickled_objects_in_npz_label_files_are_not_unpickled(tmp_path):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "case0001.npz"
     np.savez(evil, label=np.array([_Payload(str(marker))], dtype=object))
-    _one_line(lambda: read_label_volume(evil), "case0001.npz")
+    one_line_error(lambda: read_label_volume(evil), "case0001.npz")
     assert not marker.exists()
 
 
@@ -223,7 +214,7 @@ def test_lying_safetensors_header_gets_one_line_error(saved, tmp_path, lie):
     folder = _copy(saved, tmp_path / "lying")
     header, body = _split((saved / TENSORS_FILE).read_bytes())
     _rewrite_tensors(folder, LIES[lie](header, body))
-    _one_line(lambda: load_model(folder), TENSORS_FILE)
+    one_line_error(lambda: load_model(folder), TENSORS_FILE)
 
 
 # ------------------------------------------------------------------------------------------------- cards that lie
@@ -267,7 +258,7 @@ def test_card_with_wrong_shapes_or_types_gets_one_line_error(saved, tmp_path, ch
         if "orientation" in changes:
             from hsam.volume import direction_from_code
 
-            _one_line(lambda: direction_from_code(loaded.orientation), "orientation")
+            one_line_error(lambda: direction_from_code(loaded.orientation), "orientation")
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mib < 500, f"checking the card allocated {grown_mib:.0f} MiB"
 
@@ -279,12 +270,12 @@ def test_checkpoint_for_another_class_count(saved, tmp_path):
     other = save_model(build_hsam(config), ModelCard.for_config(config, "k14"), tmp_path / "k14")
     folder = _copy(saved, tmp_path / "k9-card")
     _rewrite_tensors(folder, (other / TENSORS_FILE).read_bytes())
-    message = _one_line(lambda: load_model(folder), TENSORS_FILE, "different network", "14 outputs", "9 outputs")
+    message = one_line_error(lambda: load_model(folder), TENSORS_FILE, "different network", "14 outputs", "9 outputs")
     assert len(message) < 400
 
     reverse = _copy(other, tmp_path / "k14-card")
     _rewrite_tensors(reverse, (saved / TENSORS_FILE).read_bytes())
-    _one_line(lambda: load_model(reverse), "different network", "9 outputs", "14 outputs")
+    one_line_error(lambda: load_model(reverse), "different network", "9 outputs", "14 outputs")
 
 
 def test_segment_with_card_and_network_of_different_class_counts(saved):
@@ -295,7 +286,7 @@ def test_segment_with_card_and_network_of_different_class_counts(saved):
     model, card = load_model(saved)
     short = dataclasses.replace(card, classes=card.classes[:5])
     image = sitk.GetImageFromArray(np.full((2, 16, 16), -1000, dtype=np.int16))
-    _one_line(lambda: segment_volume(image, model, short, device="cpu"), "5 classes", "9 outputs")
+    one_line_error(lambda: segment_volume(image, model, short, device="cpu"), "5 classes", "9 outputs")
 
 
 # --------------------------------------------------------------------------------------- names from hostile cards
@@ -313,7 +304,7 @@ def test_model_card_name_cannot_escape_the_model_cache(saved, tmp_path, name):
     if name == "":  # an empty name falls back to the folder name, which is fine
         assert import_model(folder).parent == models_dir()
         return
-    _one_line(lambda: import_model(folder), "invalid model id")
+    one_line_error(lambda: import_model(folder), "invalid model id")
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
     assert set(tmp_path.parent.rglob("*")) == before
 
@@ -341,4 +332,4 @@ def test_training_init_from_a_lying_safetensors_file(tmp_path):
     save_file({"a": torch.zeros(4, 4), "b": torch.ones(3)}, str(path))
     header, body = _split(path.read_bytes())
     path.write_bytes(_lie_past_end(header, body))
-    _one_line(lambda: _load_tensor_file(path), "init.safetensors")
+    one_line_error(lambda: _load_tensor_file(path), "init.safetensors")

@@ -103,6 +103,17 @@ class Stage1Output:
     class_maps: Optional[Tensor]
 
 
+def upscaling(transformer_dim: int) -> nn.Sequential:
+    """SAM's 4x upscaling of the image tokens: [B,C,g,g] -> [B,C/8,4g,4g] (ConvT, LN2d, GELU, ConvT, GELU)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+        LayerNorm2d(transformer_dim // 4),
+        nn.GELU(),
+        nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+        nn.GELU(),
+    )
+
+
 class MaskDecoderStage1(nn.Module):
     """Stage-1 decoder with ``num_outputs`` (K) class tokens; all K channels are kept (0 = background)."""
 
@@ -112,13 +123,7 @@ class MaskDecoderStage1(nn.Module):
         self.transformer = ClassTokenTransformer(embedding_dim=transformer_dim)
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(num_outputs, transformer_dim)
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            nn.GELU(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+        self.output_upscaling = upscaling(transformer_dim)
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(num_outputs)
         )

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hsam.model.cmattn import add_cmattn_modules, mask_guided_gain
-from hsam.model.decoder_stage1 import ClassTokenBlock
+from hsam.model.decoder_stage1 import ClassTokenBlock, upscaling
 from hsam.model.sam_compat import modeling
 
 _sam = modeling()
@@ -147,13 +147,7 @@ class MaskDecoderStage2(nn.Module):
         self.cmattn = cmattn
         self.transformer2 = MaskModulatedTransformer(embedding_dim=transformer_dim)
         self.mask_tokens = nn.Embedding(num_outputs, transformer_dim)
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            nn.GELU(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+        self.output_upscaling = upscaling(transformer_dim)
         self.skip_connect = nn.Sequential(
             _pixel_layer(transformer_dim // 4, transformer_dim // 8, pixel_upscale >= 2),
             LayerNorm2d(transformer_dim // 8),
