@@ -12,12 +12,9 @@ import os
 import random
 import resource
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = HERE / "fault_child.py"
 sys.path.insert(0, str(HERE))
 from fault_child import labels_volume, tiny_model  # noqa: E402
+from local_http import serve_files  # noqa: E402
 
 
 def run_child(*args: str, fsize: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -244,70 +242,26 @@ def test_killed_while_installing_a_model_keeps_a_complete_model(tiny_files):
 # ------------------------------------------------------------------------------------------------ downloads
 
 
-class _Files(BaseHTTPRequestHandler):
-    """Serves ``server.files`` (name -> bytes) with Range support; ``server.cut_at`` cuts the next body after that
-    many bytes; ``server.delay`` sleeps between 64 KiB pieces (a slow link)."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):  # noqa: N802
-        server = self.server
-        data = server.files.get(self.path.lstrip("/"))
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if self.headers.get("Range"):
-            start = int(self.headers["Range"].split("=")[1].split("-")[0])
-            server.ranged.append(start)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        limit = len(body) if server.cut_at is None else min(server.cut_at, len(body))
-        server.cut_at = None
-        try:
-            for offset in range(0, limit, 1 << 16):
-                self.wfile.write(body[offset : min(limit, offset + (1 << 16))])
-                if server.delay:
-                    time.sleep(server.delay)
-        except (BrokenPipeError, ConnectionResetError):
-            return
-        if limit < len(body):
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.fixture()
 def model_server(tiny_files, tmp_path, monkeypatch):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    httpd.cut_at, httpd.delay, httpd.ranged = None, 0.0, []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    """A local server publishing version ``v1``/``v2`` of the tiny model as manifest entry ``tiny-dl``."""
     manifest = tmp_path / "models.json"
     monkeypatch.setenv(weights.MANIFEST_ENV, str(manifest))
+    with serve_files({}) as httpd:
 
-    def publish(version: str) -> None:
-        folder = tiny_files[version]
-        httpd.files = {f"{version}/{n}": (folder / n).read_bytes() for n in weights.MODEL_FILES}
-        files = [
-            {"name": n, "url": f"{base}/{version}/{n}", "size": len(httpd.files[f"{version}/{n}"]),
-             "sha256": hashlib.sha256(httpd.files[f"{version}/{n}"]).hexdigest()}
-            for n in weights.MODEL_FILES
-        ]  # fmt: skip
-        entry = {"id": "tiny-dl", "title": "tiny", "kind": "hsam", "backbone": "vit_tiny", "files": files}
-        manifest.write_text(json.dumps({"models": [entry]}))
+        def publish(version: str) -> None:
+            folder = tiny_files[version]
+            httpd.files = {f"{version}/{n}": (folder / n).read_bytes() for n in weights.MODEL_FILES}
+            files = [
+                {"name": n, "url": httpd.url(f"{version}/{n}"), "size": len(httpd.files[f"{version}/{n}"]),
+                 "sha256": hashlib.sha256(httpd.files[f"{version}/{n}"]).hexdigest()}
+                for n in weights.MODEL_FILES
+            ]  # fmt: skip
+            entry = {"id": "tiny-dl", "title": "tiny", "kind": "hsam", "backbone": "vit_tiny", "files": files}
+            manifest.write_text(json.dumps({"models": [entry]}))
 
-    httpd.publish = publish
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+        httpd.publish = publish
+        yield httpd
 
 
 def _installed_digest() -> str:
@@ -339,7 +293,7 @@ def test_cut_download_keeps_the_installed_model_and_resumes(model_server, tiny_f
     assert _installed_digest() == v1
     _no_partial_files_outside_partial()
     weights.fetch("tiny-dl")  # the retry resumes where the cut left off
-    assert model_server.ranged and model_server.ranged[-1] >= 5 * weights.CHUNK
+    assert model_server.range_starts() and model_server.range_starts()[-1] >= 5 * weights.CHUNK
     assert _installed_digest() == digest(tiny_files["v2"] / "model.safetensors")
     _no_partial_files_outside_partial()
 

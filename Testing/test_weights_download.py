@@ -6,64 +6,22 @@ import hashlib
 import json
 import os
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from hsam import weights
 from hsam.errors import HSAMError
+from local_http import serve_files
 
 PAYLOAD = os.urandom(3 * weights.CHUNK + 12345)  # a few chunks, so a cut lands mid-file
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Serves ``server.payload``; ``server.cut_at`` closes the connection after that many bytes of the body."""
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_GET(self):  # noqa: N802 (http.server API)
-        server = self.server
-        server.requests.append(dict(self.headers))
-        data = server.payload
-        start = 0
-        ranged = self.headers.get("Range")
-        if ranged and server.ranges:
-            start = int(ranged.split("=")[1].split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if server.cut_at is not None:
-            self.wfile.write(body[: server.cut_at])
-            self.wfile.flush()
-            server.cut_at = None  # only the first request is cut
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture()
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.payload, httpd.cut_at, httpd.ranges, httpd.requests = PAYLOAD, None, True, []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/sam.pth"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_files({"sam.pth": PAYLOAD}) as files:
+        yield files
 
 
 def _cache_files() -> list[str]:
@@ -73,19 +31,19 @@ def _cache_files() -> list[str]:
 
 def test_good_file_is_downloaded_verified_and_reused(server):
     seen = []
-    path = weights.download_file(server.url, "sam.pth", DIGEST, size=len(PAYLOAD), progress=lambda d, t: seen.append((d, t)))
+    path = weights.download_file(server.url("sam.pth"), "sam.pth", DIGEST, size=len(PAYLOAD), progress=lambda d, t: seen.append((d, t)))
     assert path == weights.downloads_dir() / "sam.pth"
     assert path.read_bytes() == PAYLOAD
     assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert list(weights.partial_dir().iterdir()) == []
-    weights.download_file(server.url, "sam.pth", DIGEST)
+    weights.download_file(server.url("sam.pth"), "sam.pth", DIGEST)
     assert len(server.requests) == 1  # verified cached file reused, no second request
 
 
 def test_wrong_sha256_is_rejected_and_nothing_is_cached(server):
     with pytest.raises(HSAMError, match="SHA-256") as info:
-        weights.download_file(server.url, "sam.pth", "0" * 64)
+        weights.download_file(server.url("sam.pth"), "sam.pth", "0" * 64)
     assert "discarded" in str(info.value)
     assert _cache_files() == []
     assert list(weights.partial_dir().iterdir()) == []
@@ -93,19 +51,19 @@ def test_wrong_sha256_is_rejected_and_nothing_is_cached(server):
 
 def test_wrong_size_is_rejected(server):
     with pytest.raises(HSAMError, match="expected"):
-        weights.download_file(server.url, "sam.pth", DIGEST, size=len(PAYLOAD) + 1)
+        weights.download_file(server.url("sam.pth"), "sam.pth", DIGEST, size=len(PAYLOAD) + 1)
     assert _cache_files() == []
 
 
 def test_cut_connection_leaves_no_file_in_cache_and_retry_resumes(server):
     server.cut_at = len(PAYLOAD) // 2
     with pytest.raises(HSAMError, match="again to resume"):
-        weights.download_file(server.url, "sam.pth", DIGEST, size=len(PAYLOAD))
+        weights.download_file(server.url("sam.pth"), "sam.pth", DIGEST, size=len(PAYLOAD))
     assert _cache_files() == []
     partial = weights.partial_dir() / "sam.pth.part"
     kept = partial.stat().st_size
     assert 0 < kept < len(PAYLOAD)
-    path = weights.download_file(server.url, "sam.pth", DIGEST, size=len(PAYLOAD))
+    path = weights.download_file(server.url("sam.pth"), "sam.pth", DIGEST, size=len(PAYLOAD))
     assert path.read_bytes() == PAYLOAD
     assert server.requests[-1].get("Range") == f"bytes={kept}-"  # resumed, not restarted
     assert not partial.exists()
@@ -114,9 +72,9 @@ def test_cut_connection_leaves_no_file_in_cache_and_retry_resumes(server):
 def test_server_without_range_support_gives_a_clean_restart(server):
     server.cut_at = len(PAYLOAD) // 3
     with pytest.raises(HSAMError):
-        weights.download_file(server.url, "sam.pth", DIGEST)
+        weights.download_file(server.url("sam.pth"), "sam.pth", DIGEST)
     server.ranges = False
-    path = weights.download_file(server.url, "sam.pth", DIGEST)
+    path = weights.download_file(server.url("sam.pth"), "sam.pth", DIGEST)
     assert path.read_bytes() == PAYLOAD  # 200 answer: the partial bytes were discarded, not appended to
 
 
@@ -134,7 +92,7 @@ def test_offline_message_says_where_to_put_the_file():
 
 def test_fetch_from_manifest_and_remove(server, tmp_path, monkeypatch):
     manifest = {"models": [{"id": "base-x", "title": "x", "kind": "base", "backbone": "vit_b", "files": [
-        {"name": "x.pth", "url": server.url, "size": len(PAYLOAD), "sha256": DIGEST}]},
+        {"name": "x.pth", "url": server.url("sam.pth"), "size": len(PAYLOAD), "sha256": DIGEST}]},
         {"id": "manual", "title": "m", "kind": "hsam", "backbone": "vit_b", "install": "import-official",
          "requires": ["base-x"], "files": [{"name": "m.pth", "url": None, "where": "the authors' drive"}]}]}
     (tmp_path / "models.json").write_text(json.dumps(manifest))
@@ -165,7 +123,7 @@ def test_cli_download_with_progress_bar(server, tmp_path, monkeypatch, capsys):
     from hsam.cli import main
 
     manifest = {"models": [{"id": "base-y", "title": "y", "kind": "base", "backbone": "vit_b", "files": [
-        {"name": "y.pth", "url": server.url, "size": len(PAYLOAD), "sha256": DIGEST}]}]}
+        {"name": "y.pth", "url": server.url("sam.pth"), "size": len(PAYLOAD), "sha256": DIGEST}]}]}
     (tmp_path / "models.json").write_text(json.dumps(manifest))
     monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
     server.cut_at = len(PAYLOAD) // 2
