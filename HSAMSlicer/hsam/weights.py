@@ -272,7 +272,7 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
         f = missing[0]
         how = {
             "import-official": f"then run: hsam models import-official {f.name}",
-            "pip": "then import it with: hsam models import PATH",
+            "pip": "nothing to import: hsam reads it from the installed package",
         }.get(entry.install, "then run: hsam models import PATH")
         needs = f" (it also needs: hsam models download {' '.join(entry.requires)})" if entry.requires else ""
         raise HSAMError(f"{model_id} cannot be downloaded automatically: get {f.name} from {f.where or entry.homepage}, {how}{needs}")

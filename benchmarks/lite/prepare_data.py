@@ -13,13 +13,17 @@ Held out for early stopping: two blocks of 4 axial slices (z 68-71: kidneys, liv
 stomach, liver), written as two small NIfTI volumes; they are not used for training.
 
 Augmentation (per variant, on Hounsfield units before windowing; aimed at CT of other patients and scanners):
-* framing: with p=0.3 the slice as it comes (resized to 256, as inference does with this sample); otherwise a square
-  field of view of 320-500 mm around the body centre (clinical scans are square, 350-500 mm, with air around the
-  body), shifted by up to 25 mm, independent x/y scale jitter of +-10 % (body shape, pixel spacing), rotation
-  +-12 deg; image cubic, labels nearest;
-* intensity: HU' = (HU - 40) * a + 40 + b with a in [0.9, 1.1], b in [-20, 20] HU (scanner calibration, contrast
-  phase); Gaussian blur sigma in [0, 0.8] px or noise sigma in [0, 18] HU (reconstruction kernel / dose); gamma in
+* framing: with p=0.2 the slice as it comes (resized to 256, as inference does with this sample); otherwise a square
+  field of view of 300-500 mm around the body centre (clinical scans are square, 350-500 mm, with air around the
+  body), shifted by up to 25 mm, body size x0.8-1.2 with independent x/y jitter of +-8 % (patient size and shape),
+  rotation +-12 deg; image cubic, labels nearest;
+* shape: with p=0.6 a smooth elastic deformation (displacement field: noise smoothed with sigma 10-16 px, up to
+  ~8 px), so organs take shapes this one patient does not have;
+* intensity: HU' = (HU - 40) * a + 40 + b with a in [0.85, 1.15], b in [-25, 25] HU (scanner calibration, contrast
+  phase); then one of: Gaussian blur sigma in [0, 0.8] px, noise sigma in [0, 18] HU (reconstruction kernel / dose),
+  or an unsharp mask (sharper kernels and the finer pixels of 512x512 scans, this sample being 3 mm); gamma in
   [0.85, 1.2] after windowing.
+Slices with the small, rare organs (gallbladder, pancreas) get twice the copies.
 No left-right flips: they would swap the kidneys.
 
 Usage (from the repository root; writes ``runs/lite-data``)::
@@ -43,6 +47,7 @@ WINDOW = (-160.0, 240.0)  # abdomen W400/L40, the CT window LiteMedSAM's encoder
 AIR_HU = -1024.0
 VAL_BLOCKS = ((68, 72), (96, 100))
 SM_OFFSET = 82  # example_ct_sm == example_ct[82:112]
+RARE_ORGANS = (4, 8)  # gallbladder, pancreas
 
 
 def load_canonical(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -71,8 +76,8 @@ def plain(hu: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def reframe(hu: np.ndarray, label: np.ndarray, spacing: float, rng: np.random.Generator,
             centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Resample into a square field of view (mm) around ``centre`` (pixel row/col) with rotation and scale jitter."""
-    fov = rng.uniform(320.0, 500.0)
-    scale = rng.uniform(0.9, 1.1, size=2)
+    fov = rng.uniform(300.0, 500.0)
+    scale = rng.uniform(0.8, 1.2) * rng.uniform(0.92, 1.08, size=2)
     angle = np.deg2rad(rng.uniform(-12.0, 12.0))
     shift = rng.uniform(-25.0, 25.0, size=2)
     mm_per_out = fov / SIZE
@@ -88,13 +93,31 @@ def reframe(hu: np.ndarray, label: np.ndarray, spacing: float, rng: np.random.Ge
     return image, lab
 
 
+def elastic(hu: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same smooth random displacement applied to image (cubic) and labels (nearest)."""
+    sigma = rng.uniform(10.0, 16.0)
+    amplitude = rng.uniform(3.0, 8.0)
+    fields = []
+    for _ in range(2):
+        field = ndimage.gaussian_filter(rng.standard_normal(hu.shape), sigma)
+        fields.append(field * amplitude / (np.abs(field).max() + 1e-6))
+    rows, cols = np.meshgrid(np.arange(hu.shape[0]), np.arange(hu.shape[1]), indexing="ij")
+    coords = np.stack([rows + fields[0], cols + fields[1]])
+    image = ndimage.map_coordinates(hu, coords, order=3, mode="constant", cval=AIR_HU)
+    lab = ndimage.map_coordinates(label, coords, order=0, mode="constant", cval=0)
+    return image, lab
+
+
 def intensity(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    a, b = rng.uniform(0.9, 1.1), rng.uniform(-20.0, 20.0)
+    a, b = rng.uniform(0.85, 1.15), rng.uniform(-25.0, 25.0)
     hu = (hu - 40.0) * a + 40.0 + b
-    if rng.random() < 0.5:
+    kind = rng.random()
+    if kind < 0.35:
         hu = ndimage.gaussian_filter(hu, rng.uniform(0.0, 0.8))
-    else:
+    elif kind < 0.75:
         hu = hu + rng.normal(0.0, rng.uniform(0.0, 18.0), size=hu.shape)
+    else:
+        hu = hu + rng.uniform(0.3, 1.0) * (hu - ndimage.gaussian_filter(hu, rng.uniform(1.0, 2.0)))
     return hu
 
 
@@ -103,10 +126,12 @@ def variant(hu: np.ndarray, label: np.ndarray, spacing: float, rng: np.random.Ge
     if not augment:
         image, lab = plain(hu, label)
         return window01(image), lab.astype(np.uint8)
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         image, lab = plain(hu, label)
     else:
         image, lab = reframe(hu, label, spacing, rng, centre)
+    if rng.random() < 0.6:
+        image, lab = elastic(image, lab, rng)
     image = window01(intensity(image, rng))
     image = np.clip(image, 0.0, 1.0) ** rng.uniform(0.85, 1.2)
     return image.astype(np.float32), lab.astype(np.uint8)
@@ -137,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/real"), help="folder with totalsegmentator/")
     parser.add_argument("--out", type=Path, default=Path("runs/lite-data"))
-    parser.add_argument("--variants", type=int, default=8, help="augmented copies of each organ slice")
+    parser.add_argument("--variants", type=int, default=20, help="copies of each organ slice (x2 with rare organs)")
     parser.add_argument("--negatives-every", type=int, default=4, help="keep every N-th organ-free pelvic slice")
     parser.add_argument("--negative-variants", type=int, default=3)
     parser.add_argument("--seed", type=int, default=2345)
@@ -170,7 +195,8 @@ def main() -> None:
             continue
         organ = z in organ_slices
         counts["organ_slices" if organ else "negative_slices"] += 1
-        for v in range(args.variants if organ else args.negative_variants):
+        copies = args.variants * (2 if np.isin(labels[z], RARE_ORGANS).any() else 1)
+        for v in range(copies if organ else args.negative_variants):
             image, lab = variant(ct[z], labels[z], spacing[1], rng, centre, augment=v > 0)
             name = f"lite{v}_slice{z:03d}"  # one "case" per variant; slice names stay Synapse-style
             atomic_savez(out_train / f"{name}.npz", image=image, label=lab)
