@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/lite-data"))
     parser.add_argument("--variants", type=int, default=20, help="copies of each organ slice (x2 with rare organs)")
     parser.add_argument("--negatives-every", type=int, default=4, help="keep every N-th organ-free pelvic slice")
-    parser.add_argument("--negative-variants", type=int, default=3)
+    parser.add_argument("--negative-variants", type=int, default=4)
     parser.add_argument("--seed", type=int, default=2345)
     args = parser.parse_args()
 
