@@ -218,9 +218,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def _stopAllJobs(self) -> None:
-        for job in (self._job, self._deviceJob):
-            if job is not None:
-                (job.job if isinstance(job, SegmentationJob) else job).cleanup()
+        if self.logic is not None:
+            self.logic.stop_jobs()
         self._job = self._jobFinish = self._deviceJob = None
         self._jobKind = ""
 
@@ -235,7 +234,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:  # its result would have no volume to attach to: end it now
+        if self._job is not None:  # the Logic ends its child (its result would have no volume to attach to)
             self._stopAllJobs()
             self.ui.progressBar.hide()
             self._setStatus(_("The scene was closed: the running job was stopped."))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -144,11 +145,26 @@ class HSAMSlicerLogic:
     """Segment abdominal organs in a CT volume node with H-SAM and manage the resulting nodes.
 
     ``scene`` defaults to ``slicer.mrmlScene``. ``child_env`` adds environment variables for the child processes.
+    Closing the scene ends every child job this Logic started.
     """
 
     def __init__(self, scene=None, child_env: dict[str, str] | None = None):
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.child_env = dict(child_env or {})
+        self._jobs: list[ChildJob] = []
+        logic = weakref.ref(self)  # the scene must not keep the Logic alive (a reference cycle through VTK)
+        self.scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
+                               lambda caller, event: logic() is not None and logic().stop_jobs())
+
+    def stop_jobs(self) -> None:
+        """End every child job this Logic started and remove their folders (scene closed, module closed, exit)."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.cleanup()
+
+    def _track(self, job: ChildJob) -> ChildJob:
+        self._jobs = [j for j in self._jobs if j.process is None or j.process.poll() is None] + [job]
+        return job
 
     # ------------------------------------------------------------------ step 1: volume node -> SimpleITK image
     @staticmethod
@@ -199,7 +215,7 @@ class HSAMSlicerLogic:
 
         organs = [o.name for o in organs_selected(options.organs)]  # by name: a model may order its classes freely
         image = self.volume_to_image(volume_node)
-        job = ChildJob([], env=self.child_env)
+        job = self._track(ChildJob([], env=self.child_env))
         try:
             source = job.folder / "input.nrrd"
             sitk.WriteImage(image, str(source), False)  # uncompressed: written and read in a fraction of a second
@@ -279,7 +295,7 @@ class HSAMSlicerLogic:
 
     def start_job(self, arguments: Sequence[str]) -> ChildJob:
         """Any other ``hsam`` command as a child job (``--progress json`` is added)."""
-        return ChildJob(arguments, env=self.child_env).start()
+        return self._track(ChildJob(arguments, env=self.child_env)).start()
 
     def start_device_detection(self) -> ChildJob:
         """``hsam devices``: imports torch in the child; the result's ``devices`` says what PyTorch can use."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import IO, Any
 
 STYLES = ("bar", "json", "none")
@@ -106,16 +107,18 @@ class Reporter:
             self._bar_key = None
 
 
-def download_progress(reporter: Reporter, what: str):
+def download_progress(reporter: Reporter, what: str, every_s: float = 0.25):
     """A ``progress(done_bytes, total_bytes)`` callback for :func:`hsam.weights.fetch` that reports through
-    ``reporter`` (a status line first, then byte counts)."""
-    announced = False
+    ``reporter``: a status line first, then byte counts (at most one line per ``every_s`` in JSON mode)."""
+    last = [-1.0]
 
     def report(done: int, total: int | None) -> None:
-        nonlocal announced
-        if not announced:
+        now = time.monotonic()
+        if last[0] < 0:
             reporter.status(f"Downloading {what}", "download")
-            announced = True
+        elif reporter.json and now - last[0] < every_s and done != total:
+            return
+        last[0] = now
         reporter.progress(done, total, "download", unit="B")
 
     return report
