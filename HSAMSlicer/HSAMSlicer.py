@@ -674,8 +674,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model = (state.result.get("model") or {}).get("id") or name
             self._fillModelList(select=model)
             summary = self._describeEpoch(state.epochs[-1]) if state.epochs else ""
-            self.ui.finetuneResultLabel.text = _("New model {model} (chosen above). {summary} Run folder: {folder}").format(
-                model=model, summary=summary, folder=state.result.get("run_folder", ""))  # fmt: skip
+            self.ui.finetuneResultLabel.text = _("New model {model} (chosen above). {summary} Run folder: "
+                                                 "{folder}").format(model=model, summary=summary,
+                                                                    folder=state.result.get("run_folder", ""))
             self._setStatus(_("Fine-tuned model {model} is ready; it is selected for the next segmentation.").format(
                 model=model))  # fmt: skip
 
@@ -692,7 +693,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if epoch.get("val_dice") is not None:
             organs = ", ".join(f"{name} {value:.2f}" for name, value in (epoch.get("val_dice_organs") or {}).items()
                                if value is not None)
-            text += _(", validation Dice {dice:.2f}").format(dice=epoch["val_dice"]) + (f" ({organs})" if organs else "")
+            text += _(", validation Dice {dice:.2f}").format(dice=epoch["val_dice"])
+            text += f" ({organs})" if organs else ""
         return text
 
     # ------------------------------------------------------------------ review and export

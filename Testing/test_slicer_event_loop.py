@@ -27,7 +27,6 @@ import slicer  # noqa: E402
 from conftest import needs_litemedsam  # noqa: E402
 from local_http import serve_files  # noqa: E402
 
-from hsam.labels import remap_labels  # noqa: E402
 from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput  # noqa: E402
 from HSAMSlicerLib.process import ChildCrashed, JobCancelled  # noqa: E402
 from HSAMSlicerLib.testing import save_tiny_model  # noqa: E402

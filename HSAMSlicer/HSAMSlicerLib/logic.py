@@ -82,7 +82,7 @@ class ModelInfo:
 
 @dataclass
 class SegmentationOutput:
-    """A finished segmentation read back from the child: arrays on the CT's voxel grid ([k, j, i]) and the run's facts."""
+    """A finished segmentation read back from the child: arrays on the CT's voxel grid ([k, j, i]), the run's facts."""
 
     labels: np.ndarray  # uint8, values are the model's class indices
     confidence: np.ndarray | None  # uint8, 255 x max class probability
@@ -485,7 +485,8 @@ class HSAMSlicerLogic:
         for entry in chosen:
             segment_id = segmentation.AddEmptySegment(entry.name, entry.display_name, list(entry.rgb_float))
             segment = segmentation.GetSegment(segment_id)
-            segment.SetTag(segment.GetTerminologyEntryTagName(), entry.terminology_entry)  # Slicer 5.8 has no SetTerminology
+            # a tag, not SetTerminology: that method exists only from Slicer 5.10
+            segment.SetTag(segment.GetTerminologyEntryTagName(), entry.terminology_entry)
             segment.SetTag(LABEL_VALUE_TAG, str(entry.index))
         if not labels.any():
             return

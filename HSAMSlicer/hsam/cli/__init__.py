@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not reporter.json:
             raise
         traceback.print_exc(file=sys.stderr)
-        reporter.error(f"unexpected error ({type(error).__name__}: {error}); this is a bug, please report it with the log")
+        reporter.error(f"unexpected error ({type(error).__name__}: {error}); this is a bug: please report it with "
+                       "the log")
         return 1
 
 
