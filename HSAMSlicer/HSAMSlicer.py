@@ -220,10 +220,14 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _stopAllJobs(self) -> None:
         if self.logic is not None:
             self.logic.stop_jobs()
+        if self._deviceJob is not None:
+            self.ui.deviceInfoLabel.text = ""  # detected again when the module is entered
         self._job = self._jobFinish = self._deviceJob = None
         self._jobKind = ""
 
     def enter(self) -> None:
+        if slicerVersionProblem():
+            return
         self.initializeParameterNode()
         self._detectDevices()
 
@@ -234,10 +238,10 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:  # the Logic ends its child (its result would have no volume to attach to)
-            self._stopAllJobs()
-            self.ui.progressBar.hide()
+        if self._job is not None:
             self._setStatus(_("The scene was closed: the running job was stopped."))
+        self._stopAllJobs()  # the Logic ends its children too (a result would have no volume to attach to)
+        self.ui.progressBar.hide()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
