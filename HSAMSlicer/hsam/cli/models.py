@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hsam.cli import progress
 from hsam.errors import HSAMError
@@ -99,6 +100,8 @@ def run_import_official(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.hsam is None):
         raise HSAMError("give the official H-SAM checkpoint once: hsam models import-official FILE.pth (or --hsam FILE.pth)")
+    if not Path(args.checkpoint or args.hsam).is_file():
+        raise HSAMError(f"H-SAM checkpoint not found: {args.checkpoint or args.hsam}")
     if args.sam is None:
         entry = load_manifest().get(args.id)
         base_id = entry.requires[0] if entry is not None and entry.requires else "sam-vit-b"

@@ -55,12 +55,9 @@ class Reporter:
             self._stream.flush()
 
     def status(self, text: str, stage: str) -> None:
-        """What the command is doing now."""
-        if self.json:
-            self.emit(status=text, stage=stage)
-        elif not self.quiet:
-            self.close_bar()
-            print(text, file=sys.stderr)
+        """What the command is doing now (for programs: people see the progress bar and the command's own lines, and
+        a mistake in their options must still give one error line only)."""
+        self.emit(status=text, stage=stage)
 
     def progress(self, done: int, total: int | None, stage: str, unit: str = "slice") -> None:
         """``done`` of ``total`` units finished in ``stage``."""
