@@ -403,6 +403,10 @@ def write_segmentation(labels: sitk.Image, path: str | os.PathLike[str], organs:
 
     target = check_writable(path, (".seg.nrrd",))
     array = sitk.GetArrayViewFromImage(labels)  # [z, y, x]
+    # Slicer crops each segment to its Extent (i, j, k order): state the full grid, since slicerio would derive it
+    # from the C-order array shape and write it reversed (k, j, i)
+    size_x, size_y, size_z = labels.GetSize()
+    extent = [0, size_x - 1, 0, size_y - 1, 0, size_z - 1]
     direction = np.array(labels.GetDirection(), dtype=float).reshape(3, 3)
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction * np.array(labels.GetSpacing())
@@ -413,7 +417,8 @@ def write_segmentation(labels: sitk.Image, path: str | os.PathLike[str], organs:
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
         "referenceImageExtentOffset": [0, 0, 0],
-        "segments": label_table.segment_metadata(list(organs) if organs is not None else None),
+        "segments": [{**segment, "extent": extent}
+                     for segment in label_table.segment_metadata(list(organs) if organs is not None else None)],
     }
 
     def writer(temp: str) -> None:
