@@ -94,3 +94,14 @@ def test_confidence_map_reads_back_with_the_real_readers(organ_labels, tmp_path,
         assert array.dtype == np.uint8, reader.__name__
         np.testing.assert_array_equal(array, sitk.GetArrayViewFromImage(confidence), err_msg=reader.__name__)
         _same_place(matrix, ijk_to_lps(confidence))
+
+
+@pytest.mark.parametrize("kind", ["ras", "oblique"])
+def test_ct_image_as_exported_reads_back_in_nibabel(real_data, tmp_path, kind):
+    """A case exported for fine-tuning holds the CT written by the same writer (hsam.volume.write_image)."""
+    ct = geometry(sitk.ReadImage(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz")), kind)
+    path = write_image(ct, tmp_path / "image.nii.gz")
+    for reader in LABEL_MAP_READERS[".nii.gz"]:
+        array, matrix = reader(path)
+        np.testing.assert_array_equal(array, sitk.GetArrayViewFromImage(ct), err_msg=reader.__name__)
+        _same_place(matrix, ijk_to_lps(ct))
