@@ -115,3 +115,20 @@ def test_finetune_loader_trains_on_a_slicer_saved_segmentation(slicer_saved):
     from_nifti = load_volume(ct, ref_path, (-125, 275), "LPS")
     np.testing.assert_array_equal(from_slicer.label, from_nifti.label)
     assert from_slicer.label.any()
+
+
+def test_a_case_folder_with_a_slicer_saved_segmentation_loads_for_finetuning(slicer_saved, tmp_path):
+    import shutil
+
+    from hsam.training.data import load_cases
+
+    path, ct, expected, _ = slicer_saved
+    case = tmp_path / "cases" / "corrected"
+    case.mkdir(parents=True)
+    shutil.copy(ct, case / "image.nii.gz")
+    shutil.copy(path, case / "labels.seg.nrrd")
+    (case / "provenance.json").write_text("{}")
+    (volume,) = load_cases(tmp_path / "cases", (-125, 275), "LPS")
+    assert volume.source["label"].endswith("labels.seg.nrrd")
+    # LPS canonical layout of this RAS-stored CT: x and y reversed
+    np.testing.assert_array_equal(volume.label, expected[:, ::-1, ::-1])
