@@ -107,7 +107,7 @@ def test_slicer_segmentation_prediction_is_read_by_terminology(tmp_path, seg):
     assert [r.score.dice for r in rows] == [1.0] * 8
 
 
-def test_predictions_on_other_grids_are_placed_on_the_reference_grid(tmp_path, seg):
+def test_predictions_on_other_grids_are_placed_on_the_reference_grid(tmp_path, seg, capsys):
     """Stored with an axis reversed: the same voxels, placed exactly. On a finer grid: resampled, with a warning."""
     ref = sitk.ReadImage(str(seg))
     flipped = sitk.Flip(ref, [True, False, False])  # x stored the other way round, same physical image
@@ -120,6 +120,11 @@ def test_predictions_on_other_grids_are_placed_on_the_reference_grid(tmp_path, s
     finer = sitk.Resample(ref, [s * 2 for s in ref.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
                           corner, [s / 2 for s in ref.GetSpacing()], ref.GetDirection())
     sitk.WriteImage(finer, str(tmp_path / "finer.nii.gz"))
-    with pytest.warns(UserWarning, match="resampled onto the reference grid with nearest neighbour"):
+    with pytest.warns(UserWarning, match=r"spacing \(1.5, 1.5, 1.5\) vs \(3, 3, 3\) mm\): resampled onto the "
+                      "reference grid with nearest neighbour"):
         rows = evaluate_files(tmp_path / "finer.nii.gz", seg, "totalseg_total", "totalseg_total")
     assert min(r.score.dice for r in rows) > 0.99
+    assert main(["evaluate", "--pred", str(tmp_path / "finer.nii.gz"), "--ref", str(seg), "--label-map",
+                 "totalseg_total", "--pred-label-map", "totalseg_total", "-o", str(tmp_path / "r.csv")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: case ") and "nearest neighbour" in err and err.count("\n") == 1

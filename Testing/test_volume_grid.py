@@ -46,8 +46,13 @@ def test_half_voxel_shift_is_not_exact_and_far_away_labels_are_refused(labels):
     half = sitk.Image(labels)
     half.SetOrigin(labels.TransformContinuousIndexToPhysicalPoint((0.5, 0, 0)))
     assert not is_exact(index_map(half, labels))
-    with pytest.warns(UserWarning, match="nearest neighbour"):
+    with pytest.warns(UserWarning, match=r"origin shifted by a fraction of a voxel\): resampled .* nearest neighbour"):
         onto_grid(half, labels)
+    tilted = sitk.Image(labels)
+    turn = np.array([[np.cos(0.1), -np.sin(0.1), 0], [np.sin(0.1), np.cos(0.1), 0], [0, 0, 1]])
+    tilted.SetDirection((turn @ np.array(labels.GetDirection()).reshape(3, 3)).flatten().tolist())
+    with pytest.warns(UserWarning, match="axes at an angle to the reference's"):
+        onto_grid(tilted, labels)
     far = sitk.Image(labels)
     far.SetOrigin((5000.0, 0.0, 0.0))
     with pytest.raises(HSAMError, match="do not overlap the reference image"):

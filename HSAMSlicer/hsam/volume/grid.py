@@ -56,13 +56,26 @@ def onto_grid(labels: sitk.Image, reference: sitk.Image, name: str = "the labels
         raise HSAMError(f"{name} do not overlap the reference image in space (origin {_mm(labels.GetOrigin())} vs "
                         f"{_mm(reference.GetOrigin())} mm): they belong to another image; pair the right files")
     if not is_exact(index_map(labels, reference)):
-        warnings.warn(f"{name} are on another voxel grid (spacing {_mm(labels.GetSpacing())} vs "
-                      f"{_mm(reference.GetSpacing())} mm, or oblique axes): resampled onto the reference grid with "
-                      "nearest neighbour", UserWarning, stacklevel=2)
+        warnings.warn(f"{name} are on another voxel grid ({_difference(labels, reference)}): resampled onto the "
+                      "reference grid with nearest neighbour", UserWarning, stacklevel=2)
     elif kept < labelled:
         warnings.warn(f"{name}: {labelled - kept} labelled voxels lie outside the reference grid and were dropped",
                       UserWarning, stacklevel=2)
     return placed
+
+
+def _difference(labels: sitk.Image, reference: sitk.Image) -> str:
+    """What keeps the voxels of ``labels`` off the reference's voxel centres, in words."""
+    linear = np.eye(4)
+    linear[:3, :3] = index_map(labels, reference)[:3, :3]
+    if is_exact(linear):
+        return "origin shifted by a fraction of a voxel"
+    axes = np.eye(4)  # the labels' axis directions in the reference's axes
+    axes[:3, :3] = (np.array(reference.GetDirection()).reshape(3, 3).T
+                    @ np.array(labels.GetDirection()).reshape(3, 3))
+    if is_exact(axes):
+        return f"spacing {_mm(labels.GetSpacing())} vs {_mm(reference.GetSpacing())} mm"
+    return "axes at an angle to the reference's"
 
 
 def _mm(values) -> str:
