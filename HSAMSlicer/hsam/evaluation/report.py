@@ -14,13 +14,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from hsam import atomic
 from hsam.errors import HSAMError
 from hsam.evaluation.metrics import PROTOCOLS, OrganScore, score_volume
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".npy.h5", ".h5", ".npz")
 # Suffixes that prediction/reference tools append to a case name (H-SAM's --is_savenii writes _pred/_gt).
@@ -164,7 +167,8 @@ def _organ_names() -> dict[int, str]:
     return {o.index: o.name for o in ORGANS}
 
 
-def _image_of(volume: LabelVolume):
+def _image_of(volume: LabelVolume) -> sitk.Image:
+    """The label volume as a SimpleITK image with its recorded geometry (spacing, origin and direction known)."""
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(volume.array)
