@@ -1,4 +1,4 @@
-"""The ``hsam`` command line: ``hsam segment | train | finetune | evaluate | bench | models``.
+"""The ``hsam`` command line: ``hsam segment | train | finetune | evaluate | bench | models | devices | sample``.
 
 Each command lives in its own module of this package with two functions: ``register(subparsers)`` adds its parser
 (light: no torch import), and ``run(args) -> int`` does the work, reporting through ``args.reporter``
@@ -18,7 +18,8 @@ from typing import Sequence
 from hsam import __version__
 from hsam.errors import HSAMError
 
-COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "models", "bench", "train", "devices")  # each command module adds its name here
+# each command module adds its name here
+COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "models", "bench", "train", "devices", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
