@@ -31,8 +31,11 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
     return Path(name).suffix
 
 
-def read_image(path: str | os.PathLike[str]) -> sitk.Image:
-    """Read a CT volume from a file (NIfTI, NRRD, MHA, ...) or a DICOM series folder and check it is usable.
+def read_image(path: str | os.PathLike[str], series: str | None = None) -> sitk.Image:
+    """Read a CT volume from a file (NIfTI, NRRD, MHA, ...) or a DICOM folder and check it is usable.
+
+    A folder may hold a whole study: ``series`` (a Series Instance UID) picks one, else the axial CT series with the
+    most slices is read and a warning names it (:func:`hsam.volume.dicom_series.pick_series`).
 
     Returns a 3-D scalar image (a 4-D file with one time point is reduced to 3-D). Raises HSAMError for a missing
     path, an empty, truncated or unreadable file, a 2-D or 4-D image, a multi-component image, or NaN/inf voxels.
@@ -41,8 +44,10 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     if not source.exists():
         raise HSAMError(f"input not found: {source}; check the path")
     if source.is_dir():
-        image = _read_dicom_folder(source)
+        image = _read_dicom_folder(source, series)
     else:
+        if series:
+            raise HSAMError(f"--series picks a series of a DICOM folder, but {source.name} is a file")
         if source.stat().st_size == 0:
             raise HSAMError(f"input file is empty (0 bytes): {source}; copy or export it again")
         if suffix_of(source) in (".nii", ".nii.gz"):
@@ -138,32 +143,16 @@ def _check_metaimage_header(source: Path) -> None:
             raise bad(f"{key} = {fields[key][:40]!r}")
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    """Read the largest DICOM series in ``folder`` with GDCM (slices sorted by position)."""
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError:
-        series = ()
-    if not series:
-        raise HSAMError(f"no DICOM series found in folder {folder}; point to a folder of .dcm files or to a volume file")
-    candidates = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
-    files = max(candidates, key=len)
-    if len(candidates) > 1:
+def _read_dicom_folder(folder: Path, series_uid: str | None = None) -> sitk.Image:
+    """Read one DICOM series under ``folder`` (see :mod:`hsam.volume.dicom_series`); says which when there are several."""
+    from hsam.volume.dicom_series import choose_series, describe_choice, read_series
+
+    chosen, found = choose_series(folder, series_uid)
+    if len(found) > 1 and not series_uid:
         import warnings
 
-        others = sorted((len(c) for c in candidates if c is not files), reverse=True)
-        warnings.warn(
-            f"{folder.name} holds {len(candidates)} DICOM series: using the largest ({len(files)} slices), ignoring "
-            f"the others ({', '.join(map(str, others))} slices); put one series per folder to choose another",
-            UserWarning,
-            stacklevel=3,
-        )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        return reader.Execute()
-    except RuntimeError as error:
-        raise HSAMError(f"could not read the DICOM series in {folder}: {str(error).strip()[:160]}") from None
+        warnings.warn(describe_choice(folder, chosen, found), UserWarning, stacklevel=3)
+    return read_series(chosen)
 
 
 def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
