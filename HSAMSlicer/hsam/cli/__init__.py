@@ -1,4 +1,4 @@
-"""The ``hsam`` command line: ``hsam segment | train | finetune | evaluate | bench | models``.
+"""The ``hsam`` command line: ``hsam segment | series | train | finetune | evaluate | bench | models``.
 
 Each command lives in its own module of this package with two functions: ``register(subparsers)`` adds its parser
 (light: no torch import), and ``run(args) -> int`` does the work. Problems the user can fix raise
@@ -15,7 +15,7 @@ from typing import Sequence
 from hsam import __version__
 from hsam.errors import HSAMError
 
-COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "models", "bench", "train")  # each command module adds its name here
+COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "series", "models", "bench", "train")  # each command module adds its name here
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,8 @@ _TAGS = (
     "NumberOfFrames",
 )  # fmt: skip
 _LOCALIZER_WORDS = re.compile(r"scout|topogram|localizer|localiser|surview|scanogram|pilot|survey", re.IGNORECASE)
+# Modalities of objects that are not images to segment (segmentations, structure sets, reports, key images, states).
+_NOT_IMAGES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "KO", "PR", "REG", "DOC"}
 MIN_SLICES = 3
 """A series with fewer slices is not a volume H-SAM can segment (scouts, single key images)."""
 
@@ -141,7 +143,7 @@ def _analyse(series: DicomSeries, headers: list) -> None:
     """Fill in geometry and ``problem``; sort ``files`` along the slice normal."""
     series.files = [path for path, _ in headers]
     datasets = [header for _, header in headers]
-    if any("Rows" not in d for d in datasets):
+    if series.modality in _NOT_IMAGES or any("Rows" not in d for d in datasets):
         series.problem = f"not an image series ({series.modality or 'no modality'})"
         return
     if any(int(d.get("NumberOfFrames", 1) or 1) > 1 for d in datasets):

@@ -144,15 +144,28 @@ def _check_metaimage_header(source: Path) -> None:
 
 
 def _read_dicom_folder(folder: Path, series_uid: str | None = None) -> sitk.Image:
-    """Read one DICOM series under ``folder`` (see :mod:`hsam.volume.dicom_series`); says which when there are several."""
+    """Read one DICOM series under ``folder`` (see :func:`read_dicom_volume`)."""
+    return read_dicom_volume(folder, series_uid)[0]
+
+
+def read_dicom_volume(folder: str | os.PathLike[str], series_uid: str | None = None):
+    """Read one DICOM series under ``folder`` and return ``(image, series)``; ``series`` lists its source files.
+
+    ``series_uid`` picks the series, else :func:`hsam.volume.dicom_series.pick_series` does and a UserWarning names
+    it when the folder holds several. The image is checked like :func:`read_image`'s.
+    """
+    import warnings
+
     from hsam.volume.dicom_series import choose_series, describe_choice, read_series
 
-    chosen, found = choose_series(folder, series_uid)
+    source = Path(folder)
+    if not source.is_dir():
+        raise HSAMError(f"{source} is not a DICOM folder; a DICOM SEG output needs the DICOM series as input (it "
+                        "references the source images): give the series folder, or write .seg.nrrd / .nii.gz")
+    chosen, found = choose_series(source, series_uid)
     if len(found) > 1 and not series_uid:
-        import warnings
-
-        warnings.warn(describe_choice(folder, chosen, found), UserWarning, stacklevel=3)
-    return read_series(chosen)
+        warnings.warn(describe_choice(source, chosen, found), UserWarning, stacklevel=2)
+    return check_volume(read_series(chosen), source.name), chosen
 
 
 def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
@@ -189,17 +202,22 @@ def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
     return image
 
 
-def read_labels(path: str | os.PathLike[str]) -> sitk.Image:
-    """Read a label map (NIfTI/NRRD/MHA) or a Slicer ``.seg.nrrd`` as a uint8 image of H-SAM label values.
+def read_labels(path: str | os.PathLike[str], reference: sitk.Image | None = None) -> sitk.Image:
+    """Read a label map (NIfTI/NRRD/MHA), a Slicer ``.seg.nrrd`` or a DICOM SEG as a uint8 image of H-SAM label values.
 
-    For ``.seg.nrrd`` segments are matched to H-SAM organs by terminology (type + modifier) or name; others become 0.
-    Plain label maps are returned as stored (values must fit in 0..255).
+    For ``.seg.nrrd`` and DICOM SEG, segments are matched to H-SAM organs by terminology (type + modifier) or name;
+    others become 0. A DICOM SEG stores only the slices it segments, so it is placed on ``reference``'s grid (the CT)
+    when given. Plain label maps are returned as stored (values must fit in 0..255).
     """
     source = Path(path)
     if not source.is_file():
         raise HSAMError(f"label file not found: {source}")
     if suffix_of(source) == ".seg.nrrd":
         return _read_seg_nrrd(source)
+    if suffix_of(source) == ".dcm":
+        from hsam.volume.dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(source, reference)
     if suffix_of(source) in (".mha", ".mhd"):
         _check_metaimage_header(source)
     try:
