@@ -188,6 +188,6 @@ def test_segment_a_study_and_a_cohort_of_studies(study, real_data, tiny_model, t
     err = capsys.readouterr().err
     assert code == 1, err  # patient C failed
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["patient A.nii.gz", "patient B.nii.gz"]
-    assert "patient B: patient B holds 2 DICOM series: using series #2 'Abdomen' (CT, 6 slices, 3 mm apart)" in err, err
+    assert "patient B holds 2 DICOM series: using series #2 'Abdomen' (CT, 6 slices, 3 mm apart)" in err, err
     assert "[3/3] patient C: error: no DICOM series found" in err, err
     assert sitk.ReadImage(str(tmp_path / "out" / "patient B.nii.gz")).GetSize() == (122, 101, 6)

@@ -172,7 +172,7 @@ def run_cohort(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", UserWarning)
             image, source = read_dicom_volume(case) if case.is_dir() else (read_image(str(case)), None)
         for warning in caught:
-            say(f"{tag}{case.name}: {warning.message}")
+            say(f"{tag}{warning.message}")  # it names the case folder
         if args.suffix == ".dcm" and source is None:
             raise HSAMError(f"{case.name} is not a DICOM folder, so it cannot get a DICOM SEG; use another --suffix")
         if not getattr(args, "allow_non_ct", False):
