@@ -27,8 +27,6 @@ _TAGS = (
 _LOCALIZER_WORDS = re.compile(r"scout|topogram|localizer|localiser|surview|scanogram|pilot|survey", re.IGNORECASE)
 # Modalities of objects that are not images to segment (segmentations, structure sets, reports, key images, states).
 _NOT_IMAGES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "KO", "PR", "REG", "DOC"}
-MIN_SLICES = 3
-"""A series with fewer slices is not a volume H-SAM can segment (scouts, single key images)."""
 
 
 @dataclass
@@ -71,8 +69,6 @@ class DicomSeries:
             return self.problem
         if self.is_localizer:
             return "localizer/scout"
-        if self.slices < MIN_SLICES:
-            return f"only {self.slices} slice(s)"
         if self.modality != "CT":
             return f"{self.modality or 'unknown'} modality, not CT"
         if not self.is_axial:
@@ -116,27 +112,42 @@ def scan_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
     for path in _dicom_files(root):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAGS))
+            uid = str(header.get("SeriesInstanceUID", "") or "")
         except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError, KeyError):
             continue  # not DICOM, or too damaged to tell which series it belongs to
-        uid = str(header.get("SeriesInstanceUID", "") or "")
         if not uid:
             continue
         if uid not in series:
-            number = header.get("SeriesNumber", None)
-            series[uid] = DicomSeries(
-                uid=uid,
-                study_uid=str(header.get("StudyInstanceUID", "") or ""),
-                modality=str(header.get("Modality", "") or ""),
-                description=str(header.get("SeriesDescription", "") or "").strip(),
-                number=int(number) if number not in (None, "") else None,
-                image_type=tuple(str(v).upper() for v in (header.get("ImageType", None) or ())),
-            )
+            series[uid] = _new_series(uid, header)
         headers.setdefault(uid, []).append((path, header))
     if not series:
         raise HSAMError(f"no DICOM series found in folder {root}; point to a folder of .dcm files or to a volume file")
     for uid, entry in series.items():
-        _analyse(entry, headers[uid])
+        try:
+            _analyse(entry, headers[uid])
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, OverflowError):
+            entry.problem = "damaged header fields (size, position or orientation)"
     return sorted(series.values(), key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+
+def _new_series(uid: str, header) -> DicomSeries:  # noqa: ANN001 (a pydicom Dataset)
+    """A series' identity from its first file's header (a malformed number or type is left out, not fatal)."""
+    def text(keyword: str) -> str:
+        try:
+            return str(header.get(keyword, "") or "").strip()
+        except (TypeError, ValueError):
+            return ""
+
+    try:
+        number: int | None = int(header.get("SeriesNumber", None))
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    try:
+        image_type = tuple(str(v).upper() for v in (header.get("ImageType", None) or ()))
+    except (TypeError, ValueError):
+        image_type = ()
+    return DicomSeries(uid=uid, study_uid=text("StudyInstanceUID"), modality=text("Modality"),
+                       description=text("SeriesDescription"), number=number, image_type=image_type)
 
 
 def _analyse(series: DicomSeries, headers: list) -> None:
@@ -202,7 +213,7 @@ def pick_series(series: list[DicomSeries], uid: str | None = None, folder: str |
         return chosen
     candidates = [s for s in series if not s.unsuitable()]
     if not candidates:  # e.g. an MR study: let the caller's CT check explain, or --allow-non-ct segment it
-        candidates = [s for s in series if not s.problem and not s.is_localizer and s.slices >= MIN_SLICES]
+        candidates = [s for s in series if not s.problem and not s.is_localizer]
     if not candidates:
         reasons = "; ".join(f"{s.label()}: {s.unsuitable()}" for s in series[:4])
         raise HSAMError(f"no series{where} can be segmented ({reasons}{'; ...' if len(series) > 4 else ''})")
