@@ -160,9 +160,9 @@ def _slice_indices(labels: sitk.Image, sources: list) -> list[int]:
             position = [float(v) for v in source.ImagePositionPatient]
             rows, columns = int(source.Rows), int(source.Columns)
             row_spacing, column_spacing = (float(v) for v in source.PixelSpacing)
-        except (AttributeError, TypeError, ValueError):
-            raise HSAMError(f"source instance {source.get('SOPInstanceUID', '?')} has no image geometry; "
-                            "a DICOM SEG needs an image series") from None
+        except Exception:  # noqa: BLE001 (missing or undecodable values; pydicom raises many types)
+            raise HSAMError("a source instance has no readable image geometry (orientation, position, size, pixel "
+                            "spacing); a DICOM SEG needs an image series") from None
         if (columns, rows) != size[:2] or not (
             np.allclose(orientation[:3], direction[:, 0], atol=1e-4)
             and np.allclose(orientation[3:], direction[:, 1], atol=1e-4)
@@ -254,7 +254,7 @@ def _read_frames(path: Path) -> _Frames:
             else:
                 masks_array = frames > 0
             frame_organs = [segment_organs.get(n) or 0 for n in numbers]
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 (pydicom decodes values and pixels on access; many error types)
         raise HSAMError(f"could not read DICOM SEG {path.name}: missing or damaged frame fields "
                         f"({type(error).__name__}: {' '.join(str(error).split())[:80]})") from None
     if not any(frame_organs):

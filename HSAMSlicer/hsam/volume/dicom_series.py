@@ -102,7 +102,6 @@ def scan_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
     Raises HSAMError when the folder does not exist or holds no DICOM file.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     root = Path(folder)
     if not root.is_dir():
@@ -113,19 +112,19 @@ def scan_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAGS))
             uid = str(header.get("SeriesInstanceUID", "") or "")
-        except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError, KeyError):
+            if uid and uid not in series:
+                series[uid] = _new_series(uid, header)
+        except Exception:  # noqa: BLE001 (pydicom raises many types: struct.error, BytesLengthException, ...)
             continue  # not DICOM, or too damaged to tell which series it belongs to
         if not uid:
             continue
-        if uid not in series:
-            series[uid] = _new_series(uid, header)
         headers.setdefault(uid, []).append((path, header))
     if not series:
         raise HSAMError(f"no DICOM series found in folder {root}; point to a folder of .dcm files or to a volume file")
     for uid, entry in series.items():
         try:
             _analyse(entry, headers[uid])
-        except (AttributeError, KeyError, IndexError, TypeError, ValueError, OverflowError):
+        except Exception:  # noqa: BLE001 (pydicom decodes values on access, and raises many types for damaged ones)
             entry.problem = "damaged header fields (size, position or orientation)"
     return sorted(series.values(), key=lambda s: (s.number is None, s.number or 0, s.uid))
 
@@ -135,16 +134,16 @@ def _new_series(uid: str, header) -> DicomSeries:  # noqa: ANN001 (a pydicom Dat
     def text(keyword: str) -> str:
         try:
             return str(header.get(keyword, "") or "").strip()
-        except (TypeError, ValueError):
+        except Exception:  # noqa: BLE001 (a value pydicom cannot decode)
             return ""
 
     try:
         number: int | None = int(header.get("SeriesNumber", None))
-    except (TypeError, ValueError, OverflowError):
+    except Exception:  # noqa: BLE001 (missing, empty or undecodable)
         number = None
     try:
         image_type = tuple(str(v).upper() for v in (header.get("ImageType", None) or ()))
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 (undecodable)
         image_type = ()
     return DicomSeries(uid=uid, study_uid=text("StudyInstanceUID"), modality=text("Modality"),
                        description=text("SeriesDescription"), number=number, image_type=image_type)
