@@ -112,7 +112,11 @@ def write_dicom_seg(
     charset = first.get("SpecificCharacterSet", None) or None  # '' (as GE writes it) means the default repertoire
     with warnings.catch_warnings():  # a source's one-part patient name ("JANCT000") is kept as it is, not "fixed"
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        seg = _segmentation(hd, sources, pixel_array, descriptions, series_number, algorithm, charset)
+        try:
+            seg = _segmentation(hd, sources, pixel_array, descriptions, series_number, algorithm, charset)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks of the sources
+            raise HSAMError(f"could not build a DICOM SEG over this series (highdicom: "
+                            f"{' '.join(str(error).split())[:160]})") from None
     return _atomic_write(target, lambda temp: seg.save_as(temp, enforce_file_format=True))
 
 
