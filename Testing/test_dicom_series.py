@@ -7,6 +7,7 @@ coronal reformat, an MR series, and a broken series with duplicate slice positio
 
 from __future__ import annotations
 
+import locale
 import shutil
 import warnings
 from pathlib import Path
@@ -29,6 +30,15 @@ def write_series(image: sitk.Image, folder: Path, uid: str, study_uid: str, numb
                  modality: str = "CT", image_type: str = "ORIGINAL\\PRIMARY\\AXIAL",
                  positions: list[tuple[float, float, float]] | None = None) -> None:
     """Write a 3-D image as a classic single-frame DICOM series (one file per slice)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_series(image, folder, uid, study_uid, number, description, modality, image_type, positions)
+    finally:  # ITK's GDCM writer leaves the process in the C locale: later tests would read UTF-8 text as ASCII
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(image: sitk.Image, folder: Path, uid: str, study_uid: str, number: int, description: str,
+                  modality: str, image_type: str, positions: list[tuple[float, float, float]] | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
