@@ -50,7 +50,7 @@ def _write_series(image: sitk.Image, folder: Path, uid: str, study_uid: str, num
         tags = {
             "0008|0008": image_type, "0008|0060": modality, "0008|103e": description,
             "0008|0016": "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4",
-            "0008|0018": f"{uid}.{k + 1}", "0020|000d": study_uid, "0020|000e": uid, "0020|0011": str(number),
+            "0008|0018": f"{uid}.{k + 1}", "0020|000d": study_uid, "0020|000e": uid, "0020|0011": str(number), "0020|0052": f"{study_uid}.1",
             "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.4f}" for v in position),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
             "0028|0030": f"{image.GetSpacing()[1]:.4f}\\{image.GetSpacing()[0]:.4f}",
@@ -201,3 +201,12 @@ def test_segment_a_study_and_a_cohort_of_studies(study, real_data, tiny_model, t
     assert "patient B holds 2 DICOM series: using series #2 'Abdomen' (CT, 6 slices, 3 mm apart)" in err, err
     assert "[3/3] patient C: error: no DICOM series found" in err, err
     assert sitk.ReadImage(str(tmp_path / "out" / "patient B.nii.gz")).GetSize() == (122, 101, 6)
+    # DICOM SEG per study: each references the series picked in its study (patient B: the 6-slice CT, not the scout)
+    code = main(["segment", str(studies), "-o", str(tmp_path / "seg"), "--suffix", ".dcm", "--model", tiny_model,
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1, err  # patient C again
+    for name, series_uid in (("patient A", study["ge"]), ("patient B", f"{UID_ROOT}.31")):
+        assert (tmp_path / "seg" / f"{name}.dcm").is_file(), err
+        seg = pydicom.dcmread(tmp_path / "seg" / f"{name}.dcm")
+        assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid

@@ -110,18 +110,27 @@ def write_dicom_seg(
     first = sources[0]
     series_number = int(first.get("SeriesNumber", 0) or 0) + 1000  # sorts after its CT in a PACS series list
     charset = first.get("SpecificCharacterSet", None) or None  # '' (as GE writes it) means the default repertoire
+    # SliceThickness is type 2 (may be absent or empty) but highdicom reads it from the first source: the in-memory
+    # header (never written back) gets the slice spacing then. SpacingBetweenSlices lets readers rebuild the grid.
+    if first.get("SliceThickness", None) in (None, ""):
+        first.SliceThickness = float(labels.GetSpacing()[2])
+    measures = hd.PixelMeasuresSequence(
+        pixel_spacing=[float(v) for v in first.PixelSpacing],
+        slice_thickness=float(first.SliceThickness),
+        spacing_between_slices=float(labels.GetSpacing()[2]),
+    )
     with warnings.catch_warnings():  # a source's one-part patient name ("JANCT000") is kept as it is, not "fixed"
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         try:
-            seg = _segmentation(hd, sources, pixel_array, descriptions, series_number, algorithm, charset)
+            seg = _segmentation(hd, sources, pixel_array, descriptions, series_number, algorithm, charset, measures)
         except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks of the sources
             raise HSAMError(f"could not build a DICOM SEG over this series (highdicom: "
                             f"{' '.join(str(error).split())[:160]})") from None
     return _atomic_write(target, lambda temp: seg.save_as(temp, enforce_file_format=True))
 
 
-def _segmentation(hd, sources: list, pixel_array: np.ndarray, descriptions: list, series_number: int,
-                  algorithm: Algorithm, charset):
+def _segmentation(hd, sources: list, pixel_array: np.ndarray, descriptions: list, series_number: int,  # noqa: ANN001
+                  algorithm: Algorithm, charset, measures):  # noqa: ANN001
     """The highdicom Segmentation object (new UIDs; patient, study and references taken from ``sources``)."""
     from pydicom.uid import generate_uid
 
@@ -144,6 +153,7 @@ def _segmentation(hd, sources: list, pixel_array: np.ndarray, descriptions: list
         content_description=f"H-SAM organs ({algorithm.name})"[:64],
         series_description=f"H-SAM organs ({algorithm.name})"[:64],
         specific_character_set=charset,
+        pixel_measures=measures,
     )
 
 
