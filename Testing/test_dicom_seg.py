@@ -257,3 +257,34 @@ def test_segment_dicom_folder_to_dicom_seg_end_to_end(dcmqi, ct, tmp_path, capsy
 
     card = read_card(resolve_model("hsam-lite-demo")[1])
     assert algorithm.AlgorithmName == "hsam-lite-demo" and card.sha256 in algorithm.AlgorithmParameters
+
+
+def test_reads_a_label_map_segmentation_written_by_highdicom(ct, dcmqi, source_files, tmp_path):
+    """DICOM 2024's Label Map Segmentation (one frame per slice, pixel = segment number), as highdicom writes it."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    labels = all_organs(ct, dcmqi)
+    array = sitk.GetArrayFromImage(labels)
+    sources = [pydicom.dcmread(f) for f in source_files]
+    order = [int(round(ct.TransformPhysicalPointToContinuousIndex([float(v) for v in s.ImagePositionPatient])[2]))
+             for s in sources]
+    organs = [label_table.organ(i) for i in (5, 1)]  # segment 1 = liver, 2 = spleen: numbers differ from H-SAM's
+    relabelled = np.zeros_like(array)
+    for number, organ in enumerate(organs, start=1):
+        relabelled[array == organ.index] = number
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=o.display_name,
+        segmented_property_category=hd.sr.CodedConcept("123037004", "SCT", "Anatomical Structure"),
+        segmented_property_type=hd.sr.CodedConcept(o.type_code[1], "SCT", o.type_code[2]),
+        algorithm_type="MANUAL") for n, o in enumerate(organs, start=1)]  # fmt: skip
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=np.stack([relabelled[k] for k in order]),
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP, segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(), series_number=9, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+        specific_character_set=None)  # fmt: skip
+    seg.save_as(tmp_path / "labelmap.dcm")
+    assert pydicom.dcmread(tmp_path / "labelmap.dcm").SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    back = sitk.GetArrayFromImage(read_labels(tmp_path / "labelmap.dcm", reference=ct))
+    assert np.array_equal(back, np.where(np.isin(array, (1, 5)), array, 0))
