@@ -14,10 +14,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hsam.errors import HSAMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import SimpleITK as sitk
 
 _TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
@@ -219,7 +223,7 @@ def pick_series(series: list[DicomSeries], uid: str | None = None, folder: str |
     return max(candidates, key=lambda s: (s.slices, -(s.slice_spacing or 0.0), -(s.number or 0), s.uid))
 
 
-def read_series(series: DicomSeries):
+def read_series(series: DicomSeries) -> "sitk.Image":
     """Read a series (analysed by :func:`scan_series`) as a SimpleITK image; slices in the sorted file order."""
     import SimpleITK as sitk
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from hsam.errors import HSAMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hsam.volume.dicom_series import DicomSeries
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 LABEL_SUFFIXES: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
@@ -148,7 +151,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None = None) -> sitk.Imag
     return read_dicom_volume(folder, series_uid)[0]
 
 
-def read_dicom_volume(folder: str | os.PathLike[str], series_uid: str | None = None):
+def read_dicom_volume(folder: str | os.PathLike[str], series_uid: str | None = None) -> tuple[sitk.Image, "DicomSeries"]:
     """Read one DICOM series under ``folder`` and return ``(image, series)``; ``series`` lists its source files.
 
     ``series_uid`` picks the series, else :func:`hsam.volume.dicom_series.pick_series` does and a UserWarning names
