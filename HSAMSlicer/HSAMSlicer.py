@@ -1,9 +1,10 @@
 """HSAMSlicer: prompt-free segmentation of eight abdominal organs in CT with H-SAM (Cheng et al., CVPR 2024).
 
 The four classes Slicer expects live here: the module description, the GUI (a thin widget), the Logic (re-exported from
-HSAMSlicerLib.logic, where it is Qt-free and testable headless) and the self-test. Nothing heavy is imported at file
-scope: torch and the network load only when the user clicks Segment organs. No ``from __future__ import annotations``
-here: parameterNodeWrapper reads the parameter annotations as real types.
+HSAMSlicerLib.logic, where it is Qt-free and testable headless) and the self-test. Slicer's process never imports torch,
+SimpleITK or the network: every long job (segmentation, model download and import, device detection, fine-tuning) is
+an ``hsam`` command in a child process, followed from a QTimer (HSAMSlicerLib.process). No
+``from __future__ import annotations`` here: parameterNodeWrapper reads the parameter annotations as real types.
 """
 
 import logging
@@ -27,12 +28,15 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from HSAMSlicerLib.logic import HSAMSlicerLogic as _QtFreeLogic
-from HSAMSlicerLib.logic import RunOptions
-from HSAMSlicerLib.worker import BackgroundTask, format_eta
+from HSAMSlicerLib.logic import RunOptions, SegmentationJob
+from HSAMSlicerLib.process import ChildCrashed, JobCancelled, format_eta
 
 __all__ = [
     "HSAMSlicer", "HSAMSlicerLogic", "HSAMSlicerParameterNode", "HSAMSlicerTest", "HSAMSlicerWidget", "RunOptions",
 ]  # fmt: skip
+
+
+MINIMUM_SLICER = (5, 6)  # parameterNodeWrapper GUI connection and slicer.i18n; also in README and CMakeLists.txt
 
 
 def _resource(relative: str) -> str:
@@ -60,7 +64,8 @@ class HSAMSlicer(ScriptedLoadableModule):
             "Segments eight abdominal organs in a CT volume without any prompt: spleen, right and left kidney, "
             "gallbladder, liver, stomach, aorta and pancreas. Pick the CT and a model, click <b>Segment organs</b>, "
             "watch the per-slice progress (you can cancel at any time), correct the result in Segment Editor, and "
-            "<b>Export for fine-tuning</b> to collect training cases for <code>hsam finetune</code>. "
+            "<b>Export for fine-tuning</b> to collect training cases, and <b>Fine-tune</b> a model on them. "
+            "<b>Not for clinical use:</b> research software; every result must be checked by a qualified person. "
             'See the <a href="https://github.com/hsamslicer/SlicerHSAM#readme">documentation</a>.'
         )
         self.parent.acknowledgementText = _(
@@ -70,7 +75,18 @@ class HSAMSlicer(ScriptedLoadableModule):
             "Please cite the paper when you use this module. Model weights carry their own licences, listed in the "
             "module's model list."
         )
+        self.parent.icon = qt.QIcon(_resource("Icons/HSAMSlicer.png"))  # also found in a source checkout
         slicer.app.connect("startupCompleted()", registerSampleData)  # registration needs the app to be up
+
+
+def slicerVersionProblem() -> str:
+    """Why this Slicer is too old for the module, or '' when it is recent enough."""
+    version = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    if version >= MINIMUM_SLICER:
+        return ""
+    return _("H-SAM Organ Segmentation needs 3D Slicer {minimum} or later; this is {version}. Install a recent Slicer "
+             "from download.slicer.org.").format(minimum="{}.{}".format(*MINIMUM_SLICER),
+                                                 version="{}.{}".format(*version))  # fmt: skip
 
 
 #
@@ -116,6 +132,7 @@ class HSAMSlicerParameterNode:
     organs - comma-separated H-SAM label values to keep (1 spleen ... 8 pancreas).
     createConfidence / largestComponent / showIn3D - options of a run.
     exportDirectory - the folder that collects training cases.
+    finetuneCases / finetuneEpochs / finetuneModelName - the Fine-tune section (empty name: "<base model>-ft").
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -127,6 +144,9 @@ class HSAMSlicerParameterNode:
     largestComponent: bool = False
     showIn3D: bool = True
     exportDirectory: pathlib.Path = pathlib.Path.home() / "HSAMSlicer-cases"
+    finetuneCases: pathlib.Path = pathlib.Path.home() / "HSAMSlicer-cases"
+    finetuneEpochs: int = 10
+    finetuneModelName: str = ""
 
 
 #
@@ -135,7 +155,7 @@ class HSAMSlicerParameterNode:
 
 
 class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The GUI. It only reads the parameter node, starts the worker, polls it and shows what happened."""
+    """The GUI. It reads the parameter node, starts child jobs through the Logic, polls them and shows what happened."""
 
     POLL_INTERVAL_MS = 200
 
@@ -145,10 +165,11 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._task = None  # BackgroundTask while a segmentation or a model import runs
-        self._taskFinish = None  # called with the task's final TaskState, on the main thread
-        self._taskContext = None  # (volume node ID, RunOptions) while a segmentation runs; None for an import
-        self._deviceTask = None  # BackgroundTask that imports torch to detect the GPU
+        self._job = None  # the running ChildJob or SegmentationJob (one at a time)
+        self._jobFinish = None  # called with the job's final JobState, on the main thread
+        self._jobKind = ""  # "segment", "import" or "finetune": which button cancels it
+        self._deviceJob = None  # ChildJob running `hsam devices` (imports torch in the child)
+        self._devicesKnown = False
         self._timer = None
 
     def setup(self) -> None:
@@ -177,22 +198,38 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewButton.connect("clicked(bool)", self.onReview)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChanged)
         self.ui.organListWidget.connect("itemChanged(QListWidgetItem*)", self._onOrgansChanged)
 
+        problem = slicerVersionProblem()
+        if problem:
+            self._setStatus(problem, error=True)
+            self.ui.applyButton.enabled = False
+            return
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """The module is closed or Slicer quits: end every child process now and remove its files."""
+        self._stopAllJobs()
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
 
+    def _stopAllJobs(self) -> None:
+        if self.logic is not None:
+            self.logic.stop_jobs()
+        if self._deviceJob is not None:
+            self.ui.deviceInfoLabel.text = ""  # detected again when the module is entered
+        self._job = self._jobFinish = self._deviceJob = None
+        self._jobKind = ""
+
     def enter(self) -> None:
+        if slicerVersionProblem():
+            return
         self.initializeParameterNode()
-        self._detectDevicesInBackground()
+        self._detectDevices()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -201,8 +238,10 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._task is not None:
-            self._task.cancel()  # its result will find no volume to attach to and is dropped
+        if self._job is not None:
+            self._setStatus(_("The scene was closed: the running job was stopped."))
+        self._stopAllJobs()  # the Logic ends its children too (a result would have no volume to attach to)
+        self.ui.progressBar.hide()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -265,13 +304,14 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, caller=None, event=None) -> None:
         node = self._parameterNode
-        running = self._task is not None
-        segmenting = running and self._taskContext is not None
+        running = self._job is not None
         ready = bool(node and node.inputVolume and node.modelId and node.organs)
-        self.ui.applyButton.enabled = segmenting or (ready and not running)
+        self.ui.applyButton.enabled = self._jobKind == "segment" or (ready and not running)
+        self.ui.finetuneButton.enabled = self._jobKind == "finetune" or (
+            not running and self.ui.finetuneBaseComboBox.count > 0 and bool(node and str(node.finetuneCases) != "."))
         self.ui.importModelButton.enabled = not running
         self.ui.clearCacheButton.enabled = not running
-        if not running:
+        if self._jobKind != "segment":
             self.ui.applyButton.text = _("Segment organs")
             if not (node and node.inputVolume):
                 self.ui.applyButton.toolTip = _("Select a CT volume first.")
@@ -281,6 +321,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.applyButton.toolTip = _("Tick at least one organ.")
             else:
                 self.ui.applyButton.toolTip = _("Segment the organs. While it runs, this button cancels.")
+        if self._jobKind != "finetune":
+            self.ui.finetuneButton.text = _("Fine-tune")
         hasSegmentation = bool(node and node.outputSegmentation)
         self.ui.reviewButton.enabled = hasSegmentation and not running
         hasFolder = bool(node and str(node.exportDirectory) not in ("", "."))
@@ -301,18 +343,24 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.organListWidget.addItem(item)
 
     def _fillModelList(self, select: Optional[str] = None) -> None:
-        """Installed models first (most accurate first), then manifest models that can be downloaded."""
+        """Installed models first (most accurate first; demo models say so), then manifest models to download. The
+        Fine-tune section lists the installed models."""
         from hsam import weights
 
-        combo = self.ui.modelComboBox
+        combo, bases = self.ui.modelComboBox, self.ui.finetuneBaseComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
+        bases.clear()
         installed = set()
         try:
             for model in weights.available_models():
                 installed.add(model.id)
-                combo.addItem(f"{model.title} ({model.id})", model.id)
+                title = f"{model.title} ({model.id})"
+                if model.demo:
+                    title += " - " + _("demo, not for real use")
+                combo.addItem(title, model.id)
                 combo.setItemData(combo.count - 1, str(model.path), qt.Qt.ToolTipRole)
+                bases.addItem(title, model.id)
             for entry in sorted(weights.load_manifest().values(), key=lambda e: -e.priority):
                 if entry.kind != "hsam" or entry.id in installed:
                     continue
@@ -320,7 +368,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 suffix = _("download on first use") if downloadable else _("needs import, see tooltip")
                 combo.addItem(f"{entry.title} ({entry.id}, {suffix})", entry.id)
                 combo.setItemData(combo.count - 1, f"{entry.license}\n{entry.homepage}", qt.Qt.ToolTipRole)
-        except Exception as error:  # a broken manifest must not prevent the module from opening
+        except Exception as error:  # a broken manifest or model folder must not prevent the module from opening
             logging.error(f"HSAMSlicer: could not list models: {error}")
             self._setStatus(_("Could not read the model list: {error}").format(error=error), error=True)
         if select is not None and combo.findData(select) >= 0:
@@ -338,47 +386,47 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         return volume
 
-    # ------------------------------------------------------------------ device detection (imports torch: background)
-    def _detectDevicesInBackground(self) -> None:
+    # ------------------------------------------------------------------ device detection (imports torch: a child)
+    def _detectDevices(self, again: bool = False) -> None:
         from HSAMSlicerLib import dependencies
 
-        if self._deviceTask is not None:
+        if self._deviceJob is not None or (self._devicesKnown and not again):
             return
         if not dependencies.torch_installed():
             self.ui.deviceInfoLabel.text = _("PyTorch is not installed yet (installed on first run)")
             return
         self.ui.deviceInfoLabel.text = _("Detecting...")
-        self._deviceTask = BackgroundTask(lambda progress, cancel, status: dependencies.detect_devices(),
-                                          name="HSAMSlicer device detection").start()  # fmt: skip
+        try:
+            self._deviceJob = self.logic.start_device_detection()
+        except Exception as error:  # noqa: BLE001 (shown, never raised into Qt)
+            self.ui.deviceInfoLabel.text = _("Could not detect devices: {error}").format(error=error)
+            return
         self._timer.start()
 
-    def _pollDeviceTask(self) -> None:
+    def _pollDeviceJob(self) -> None:
         from HSAMSlicerLib import dependencies
 
-        state = self._deviceTask.poll()
+        state = self._deviceJob.poll()
         if not state.done:
             return
         if state.error is None:
-            self.ui.deviceInfoLabel.text = dependencies.describe_devices(state.result)
-            self.ui.deviceInfoLabel.toolTip = _("PyTorch {version}").format(version=state.result.get("torch", "?"))
+            devices = state.result["devices"]
+            self.ui.deviceInfoLabel.text = dependencies.describe_devices(devices)
+            self.ui.deviceInfoLabel.toolTip = _("PyTorch {version}").format(version=devices.get("torch", "?"))
+            self._devicesKnown = True
         else:
             self.ui.deviceInfoLabel.text = _("PyTorch could not be loaded: {error}").format(error=state.error)
-        self._deviceTask = "done"
+        self._deviceJob.cleanup()
+        self._deviceJob = None
 
     # ------------------------------------------------------------------ segmentation
     def onApplyButton(self) -> None:
-        if self._task is not None:
-            if self._taskContext is not None:
-                self._task.cancel()
-                self.ui.applyButton.enabled = False
-                self._setStatus(_("Cancelling after the current slices..."))
+        if self._jobKind == "segment":
+            self._cancelJob()
             return
-        if not self._ensureDependencies():
+        if self._job is not None or not self._ensureDependencies():
             return
-        from hsam.errors import HSAMError
-
         node = self._parameterNode
-        volume = node.inputVolume
         options = RunOptions(
             model=node.modelId,
             device=node.device,
@@ -387,25 +435,31 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             largest_component=node.largestComponent,
             show_3d=node.showIn3D,
         )
-        try:
-            image = self.logic.volume_to_image(volume)  # MRML is read here, on the main thread
-        except HSAMError as error:
-            self._setStatus(str(error), error=True)
+        if not self._acceptDownload(options.model):
             return
-        logic = self.logic
+        with self._reportingErrors():
+            job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read here, on the main thread
+            self._startJob(job, "segment", lambda state: self._finishSegmentation(job, state), _("Starting..."))
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
 
-        def job(progress, cancel, status):  # runs in the worker thread: no MRML, no Qt
-            return logic.compute(image, options, progress=progress, cancel=cancel, status=status)
+    def _acceptDownload(self, modelId: str) -> bool:
+        """A manifest model is downloaded on first use: show what it is and its licence, and ask once."""
+        from hsam import weights
 
-        self._taskContext = (volume.GetID(), options)
-        self._startTask(job, self._finishSegmentation, _("Starting..."))
-        self.ui.applyButton.text = _("Cancel")
-        self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
+        if not weights.needs_download(modelId):
+            return True
+        entry = weights.load_manifest()[modelId]
+        size = sum(f.size or 0 for f in entry.files)
+        text = _("{title} is downloaded now ({size} MB), then checked (SHA-256) and kept in {folder}.\n\n"
+                 "Licence: {license}\n{homepage}\n\nDownload it?").format(
+            title=entry.title, size=round(size / 2**20) if size else "?", folder=weights.hsam_home(),
+            license=entry.license or _("see the homepage"), homepage=entry.homepage)  # fmt: skip
+        return slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Download a model"))
 
-    def _startTask(self, job, finish, message: str) -> None:
-        """Run ``job(progress, cancel, status)`` in the worker; ``finish(state)`` runs on the main thread after."""
-        self._task = BackgroundTask(job).start()
-        self._taskFinish = finish
+    def _startJob(self, job, kind: str, finish, message: str) -> None:
+        """Follow ``job`` (a started child); ``finish(state)`` runs on the main thread when it has ended."""
+        self._job, self._jobKind, self._jobFinish = job, kind, finish
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
         self.ui.progressBar.setFormat("")
         self.ui.progressBar.show()
@@ -413,75 +467,91 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         self._timer.start()
 
+    def _cancelJob(self) -> None:
+        if self._job is None:
+            return
+        self._job.cancel()  # the child stops within about a second; _poll sees it end
+        self.ui.applyButton.enabled = False
+        self.ui.finetuneButton.enabled = False
+        self._setStatus(_("Cancelling..."))
+
     def _poll(self) -> None:
-        if isinstance(self._deviceTask, BackgroundTask):
-            self._pollDeviceTask()
-        if self._task is None:
-            if not isinstance(self._deviceTask, BackgroundTask):
+        if self._deviceJob is not None:
+            self._pollDeviceJob()
+        if self._job is None:
+            if self._deviceJob is None:
                 self._timer.stop()
             return
-        state = self._task.poll()
+        state = self._job.poll()
         if not state.done:
-            if state.total:
-                self.ui.progressBar.setRange(0, state.total)
-                self.ui.progressBar.setValue(state.current)
-                eta = format_eta(state.eta_s)
-                text = _("Slice {current}/{total}").format(current=state.current, total=state.total)
-                self.ui.progressBar.setFormat(text + (_(", about {eta} left").format(eta=eta) if eta else ""))
-                if not state.cancel_requested:
-                    self._setStatus(_("Segmenting..."))
-            elif state.message:
-                self._setStatus(state.message)
+            self._showProgress(state)
             return
-        finish = self._taskFinish
-        self._task = None
-        self._taskFinish = None
+        finish, job = self._jobFinish, self._job
+        self._job, self._jobFinish, self._jobKind = None, None, ""
         self.ui.progressBar.hide()
         try:
-            finish(state)
+            with self._reportingErrors():
+                finish(state)
         finally:
-            self._taskContext = None
+            (job.job if isinstance(job, SegmentationJob) else job).cleanup()
             self._updateButtons()
 
-    def _finishSegmentation(self, state) -> None:
-        from hsam.errors import HSAMError
-        from hsam.inference import Cancelled
+    def _showProgress(self, state) -> None:
+        if state.cancel_requested:
+            return
+        if state.total and state.stage in ("segment", "train", "download"):
+            self.ui.progressBar.setRange(0, 1000)
+            self.ui.progressBar.setValue(int(1000 * min(state.current, state.total) / state.total))
+            eta = format_eta(state.eta_s)
+            if state.stage == "segment":
+                text = _("Slice {current}/{total}").format(current=state.current, total=state.total)
+            elif state.stage == "train":
+                text = _("Step {current}/{total}").format(current=state.current, total=state.total)
+            else:
+                text = _("{done} of {total} MB").format(done=state.current >> 20, total=state.total >> 20)
+            self.ui.progressBar.setFormat(text + (_(", about {eta} left").format(eta=eta) if eta else ""))
+        if state.epochs:
+            self._setStatus(self._describeEpoch(state.epochs[-1]))
+        elif state.stage == "segment" and state.total:
+            self._setStatus(_("Segmenting..."))
+        elif state.message:
+            self._setStatus(state.message + "...")
 
-        volumeID, options = self._taskContext
-        if isinstance(state.error, Cancelled) or (state.error is None and state.cancel_requested):
+    def _finishSegmentation(self, job: SegmentationJob, state) -> None:
+        if isinstance(state.error, JobCancelled):
             self._setStatus(_("Cancelled: nothing was added to the scene."))
             return
-        if state.error is not None:
-            self._reportError(state.error)
-            return
-        volume = slicer.mrmlScene.GetNodeByID(volumeID)
-        if volume is None:
-            self._setStatus(_("The input volume was removed while segmenting: the result was dropped."), error=True)
-            return
-        result, card = state.result
-        try:
-            with slicer.util.WaitCursor():
-                segmentation = self.logic.apply_result(volume, result, card, options)
-        except HSAMError as error:
-            self._setStatus(str(error), error=True)
-            return
+        with slicer.util.WaitCursor():
+            segmentation = self.logic.finish_segmentation(job, state)
         self._parameterNode.outputSegmentation = segmentation
-        if self.ui.modelComboBox.findData(options.model) >= 0:
-            self._fillModelList(select=options.model)  # a model downloaded by this run is now listed as installed
+        self._fillModelList(select=self._parameterNode.modelId)  # a model downloaded by this run is now installed
+        self._resetViewsTo(segmentation)
+        result = state.result["result"]
+        organs = [int(v) for v in self._parameterNode.organs.split(",") if v.strip()]
         from hsam.labels import organ
 
-        chosen = [organ(int(value)).name for value in options.organs or []]
-        found = sum(1 for name in chosen if (result.volumes_ml or {}).get(name, 0.0) > 0)
+        found = sum(1 for value in organs if (result.get("volumes_ml") or {}).get(organ(value).name, 0.0) > 0)
         message = _("Done in {seconds:.0f} s on {device}: {found} of {total} organs found. Check them with Review in "
-                    "Segment Editor.").format(seconds=state.elapsed_s, device=result.device, found=found,
-                                              total=len(options.organs or []))  # fmt: skip
-        for warning in getattr(result, "warnings", None) or []:
+                    "Segment Editor.").format(seconds=state.elapsed_s, device=result.get("device", "?"), found=found,
+                                              total=len(organs))  # fmt: skip
+        for warning in state.warnings:  # the run's own (e.g. not CT-like, CPU fallback) and the model's (demo)
             message += " " + _("Warning: {text}.").format(text=warning)
-        self._setStatus(message, error=bool(getattr(result, "warnings", None)))
+        self._setStatus(message, error=bool(result.get("warnings")))
+
+    def _resetViewsTo(self, segmentation) -> None:
+        """Show the CT in the slice views and centre the 3D view on the organs."""
+        volume = self.logic.source_volume(segmentation)
+        if volume is not None:
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and layoutManager.threeDViewCount > 0:
+            layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
 
     # ------------------------------------------------------------------ dependencies (one confirmation)
     def _ensureDependencies(self) -> bool:
         """torch through PyTorchUtils, requirements.txt and the weight-only wheels, after one confirmation."""
+        import importlib
+
         from HSAMSlicerLib import dependencies
 
         requirements = pathlib.Path(_resource(dependencies.REQUIREMENTS_FILE))
@@ -499,11 +569,18 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             names = ", ".join((["torch"] if needTorch else []) + missing + weightWheels)
             self._setStatus(_("Missing Python packages: {names}").format(names=names), error=True)
             return False
-        packaging = getattr(slicer, "packaging", None)
+        try:
+            packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12+; never imported by slicer itself
+        except ImportError:
+            packaging = None
         if not needTorch and not weightWheels and packaging is not None and hasattr(packaging, "pip_ensure"):
             # Slicer 5.12+: checks, asks once, installs with progress and offers a restart if needed.
-            packaging.pip_ensure(packaging.load_requirements(str(requirements)), requester="HSAMSlicer")
-            return satisfied()
+            with self._reportingErrors(_("Installing Python packages failed.")):
+                packaging.pip_ensure(packaging.load_requirements(str(requirements)), requester="HSAMSlicer")
+            if not satisfied():
+                self._setStatus(_("Python packages were not installed: segmentation needs them."), error=True)
+                return False
+            return True
         lines = ([_("PyTorch (through the PyTorch extension; it picks the build for your GPU, up to a few GB)")]
                  if needTorch else []) + missing + weightWheels  # fmt: skip
         question = _("H-SAM Organ Segmentation needs these Python packages. Download and install them now?")
@@ -511,7 +588,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                   windowTitle=_("Install Python packages")):  # fmt: skip
             self._setStatus(_("Python packages were not installed: segmentation needs them."), error=True)
             return False
-        with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed."), waitCursor=True):
+        with self._reportingErrors(_("Installing Python packages failed.")), slicer.util.WaitCursor():
             if needTorch:
                 try:
                     import PyTorchUtils
@@ -523,6 +600,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT
                 )
                 if torch is None:
+                    self._setStatus(_("PyTorch was not installed: segmentation needs it."), error=True)
                     return False
             if missing:
                 if packaging is not None and hasattr(packaging, "pip_install"):
@@ -531,31 +609,36 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.pip_install(missing)
             if weightWheels:
                 slicer.util.pip_install("--no-deps " + " ".join(weightWheels))
-        return satisfied()
+        if needTorch and dependencies.torch_installed():
+            self._detectDevices(again=True)
+        if not satisfied():
+            self._setStatus(_("Some Python packages could not be installed; see the Python console."), error=True)
+            return False
+        return True
 
     # ------------------------------------------------------------------ models
     def onImportModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
             self.parent, _("Import a model file"), "",
-            _("H-SAM models (model.json model.safetensors *.pth);;All files (*)"),
+            _("H-SAM models (model.json model.safetensors *.pth *.pt);;All files (*)"),
         )  # fmt: skip
-        if not path:
+        if not path or self._job is not None:
             return
-        if path.lower().endswith((".pth", ".pt")) and not self._ensureDependencies():
-            return  # converting an official checkpoint needs torch
-        logic = self.logic
-
-        def job(progress, cancel, status):  # download of the SAM base weights + conversion: worker thread
-            return logic.import_model_file(path, status=status)
+        if not self._ensureDependencies():
+            return
 
         def finish(state) -> None:
-            if state.error is not None:
-                self._reportError(state.error)
+            if isinstance(state.error, JobCancelled):
+                self._setStatus(_("Import cancelled: nothing was installed."))
                 return
-            self._fillModelList(select=state.result)
-            self._setStatus(_("Imported model {name} from {path}").format(name=state.result, path=path))
+            if state.error is not None:
+                raise state.error
+            self._fillModelList(select=state.result["id"])
+            self._setStatus(_("Imported model {name} from {path}").format(name=state.result["id"], path=path))
 
-        self._startTask(job, finish, _("Importing {path}...").format(path=path))
+        with self._reportingErrors():
+            self._startJob(self.logic.start_model_import(path), "import", finish,
+                           _("Importing {path}").format(path=path))  # fmt: skip
 
     def onClearCache(self) -> None:
         from hsam import weights
@@ -568,11 +651,55 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Delete these downloaded models from {folder}? They are downloaded again when needed.").format(
                 folder=weights.hsam_home()) + "\n\n" + "\n".join(downloaded)):  # fmt: skip
             return
-        for model_id in downloaded:
-            weights.remove_model(model_id)
-        self.logic.forget_models()
+        with self._reportingErrors():
+            for model_id in downloaded:
+                weights.remove_model(model_id)
         self._fillModelList()
         self._setStatus(_("Deleted {count} downloaded models.").format(count=len(downloaded)))
+
+    # ------------------------------------------------------------------ fine-tuning
+    def onFinetuneButton(self) -> None:
+        if self._jobKind == "finetune":
+            self._cancelJob()
+            return
+        if self._job is not None or not self._ensureDependencies():
+            return
+        node = self._parameterNode
+        base = self.ui.finetuneBaseComboBox.itemData(self.ui.finetuneBaseComboBox.currentIndex) or ""
+        name = node.finetuneModelName.strip() or f"{base}-ft"
+        cases = node.finetuneCases
+
+        def finish(state) -> None:
+            if isinstance(state.error, JobCancelled):
+                self._setStatus(_("Fine-tuning cancelled: no model was added."))
+                return
+            if state.error is not None:
+                raise state.error
+            model = (state.result.get("model") or {}).get("id") or name
+            self._fillModelList(select=model)
+            summary = self._describeEpoch(state.epochs[-1]) if state.epochs else ""
+            self.ui.finetuneResultLabel.text = _("New model {model} (chosen above). {summary} Run folder: "
+                                                 "{folder}").format(model=model, summary=summary,
+                                                                    folder=state.result.get("run_folder", ""))
+            self._setStatus(_("Fine-tuned model {model} is ready; it is selected for the next segmentation.").format(
+                model=model))  # fmt: skip
+
+        with self._reportingErrors():
+            job = self.logic.start_finetune(cases, base, node.finetuneEpochs, name, device=node.device)
+            self._startJob(job, "finetune", finish, _("Starting fine-tuning of {base}").format(base=base))
+            self.ui.finetuneButton.text = _("Cancel fine-tuning")
+
+    @staticmethod
+    def _describeEpoch(epoch: dict) -> str:
+        """'Epoch 3/10: loss 0.412, validation Dice 0.81 (spleen 0.93, liver 0.95, ...)'."""
+        text = _("Epoch {epoch}/{epochs}: loss {loss:.3f}").format(
+            epoch=epoch.get("epoch"), epochs=epoch.get("epochs"), loss=epoch.get("loss") or 0.0)
+        if epoch.get("val_dice") is not None:
+            organs = ", ".join(f"{name} {value:.2f}" for name, value in (epoch.get("val_dice_organs") or {}).items()
+                               if value is not None)
+            text += _(", validation Dice {dice:.2f}").format(dice=epoch["val_dice"])
+            text += f" ({organs})" if organs else ""
+        return text
 
     # ------------------------------------------------------------------ review and export
     def onReview(self) -> None:
@@ -588,26 +715,45 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
 
     def onExport(self) -> None:
-        from hsam.errors import HSAMError
-
         node = self._parameterNode
-        try:
-            with slicer.util.WaitCursor():
-                folder = self.logic.export_for_finetuning(node.outputSegmentation, node.exportDirectory)
-        except HSAMError as error:
-            self._setStatus(str(error), error=True)
-            return
-        self._setStatus(_("Exported a training case to {folder}").format(folder=folder))
+        with self._reportingErrors(), slicer.util.WaitCursor():
+            folder = self.logic.export_for_finetuning(node.outputSegmentation, node.exportDirectory)
+            self._setStatus(_("Exported a training case to {folder}").format(folder=folder))
 
-    def _reportError(self, error: BaseException) -> None:
-        """HSAMError: its one line says what to do. Anything else is a bug: short line here, traceback in the log."""
+    # ------------------------------------------------------------------ errors and status
+    def _reportingErrors(self, what: Optional[str] = None):
+        """A context that shows any error to the user and never lets it escape into Qt."""
+        widget = self
+
+        class Reporting:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, kind, error, trace) -> bool:
+                if error is not None:
+                    widget._reportError(error, what)
+                return True
+
+        return Reporting()
+
+    def _reportError(self, error: BaseException, what: Optional[str] = None) -> None:
+        """HSAMError: its one line says what to do. A crashed child or anything unexpected: a dialog with details."""
         from hsam.errors import HSAMError
 
-        if isinstance(error, HSAMError):
+        self._job, self._jobFinish, self._jobKind = None, None, ""
+        self.ui.progressBar.hide()
+        self._updateButtons()
+        if isinstance(error, HSAMError) and not isinstance(error, ChildCrashed):
             self._setStatus(str(error), error=True)
             return
-        logging.error("".join(traceback.format_exception(type(error), error, error.__traceback__)))
-        self._setStatus(_("Failed: {error}. Details are in the Python console.").format(error=error), error=True)
+        if isinstance(error, ChildCrashed):
+            details = error.details
+        else:
+            details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            logging.error(details)
+        self._setStatus(_("Failed: {error}").format(error=error), error=True)
+        slicer.util.errorDisplay((what + "\n\n" if what else "") + str(error), detailedText=details,
+                                 windowTitle=_("H-SAM Organ Segmentation"))  # fmt: skip
 
     def _setStatus(self, text: str, error: bool = False) -> None:
         self.ui.statusLabel.text = text
@@ -624,9 +770,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class HSAMSlicerLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):
     """The Qt-free HSAMSlicerLib logic plus Slicer's parameter-node plumbing (getParameterNode)."""
 
-    def __init__(self, scene=None) -> None:
+    def __init__(self, scene=None, child_env=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        _QtFreeLogic.__init__(self, scene)
+        _QtFreeLogic.__init__(self, scene, child_env)
 
     def getParameterNode(self):
         return HSAMSlicerParameterNode(super().getParameterNode())
@@ -638,7 +784,8 @@ class HSAMSlicerLogic(ScriptedLoadableModuleLogic, _QtFreeLogic):
 
 
 class HSAMSlicerTest(ScriptedLoadableModuleTest):
-    """The whole path in a real Slicer on CPU with a tiny random-weight model: seconds, no download."""
+    """The whole path in a real Slicer on CPU with a tiny random-weight model, run in a child process as the GUI
+    runs it: seconds, no download, a temporary model home."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -650,16 +797,28 @@ class HSAMSlicerTest(ScriptedLoadableModuleTest):
         self.test_HSAMSlicer_rejects_label_map()
 
     def test_HSAMSlicer_whole_path(self) -> None:
+        import os
         import tempfile
 
         from HSAMSlicerLib import dependencies
         from HSAMSlicerLib.testing import check_whole_path
 
-        if not dependencies.torch_installed():
-            self.delayDisplay("PyTorch is not installed: install it (PyTorch Utils module) to run this test")
+        missing = (["torch"] if not dependencies.torch_installed() else []) + dependencies.missing_requirements(
+            pathlib.Path(_resource(dependencies.REQUIREMENTS_FILE)))
+        if missing:
+            self.delayDisplay(f"Skipped: Python packages missing ({', '.join(missing)}); click Segment organs once "
+                              "to install them, then run this test again")
             return
         with tempfile.TemporaryDirectory() as temporary:
-            check_whole_path(HSAMSlicerLogic(), temporary, log=self.delayDisplay)  # also run headless by pytest
+            previous = os.environ.get("HSAM_HOME")
+            os.environ["HSAM_HOME"] = os.path.join(temporary, "hsam-home")  # never the user's ~/.hsam
+            try:
+                check_whole_path(HSAMSlicerLogic(), temporary, log=self.delayDisplay)  # also run headless by pytest
+            finally:
+                if previous is None:
+                    os.environ.pop("HSAM_HOME", None)
+                else:
+                    os.environ["HSAM_HOME"] = previous
         self.delayDisplay("Test passed")
 
     def test_HSAMSlicer_rejects_label_map(self) -> None:

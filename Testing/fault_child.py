@@ -49,10 +49,9 @@ def slicer_case(data: Path):
     import SimpleITK as sitk
     import slicer_headless
 
-    from hsam.inference import SegmentationResult, organ_volumes_ml
+    from hsam.inference import organ_volumes_ml
     from hsam.labels import CLASS_NAMES, remap_labels
-    from hsam.model.checkpoint import ModelCard
-    from HSAMSlicerLib.logic import HSAMSlicerLogic, RunOptions
+    from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput
 
     app = slicer_headless.start()
     folder = data / "totalsegmentator"
@@ -61,11 +60,12 @@ def slicer_case(data: Path):
     labels = remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total").astype(np.uint8)
     image = sitk.GetImageFromArray(labels)
     image.CopyInformation(reference)
-    result = SegmentationResult(labels=image, confidence=sitk.Cast(image, sitk.sitkUInt8),
+    model = ModelInfo(id="reference", name="reference", title="reference labels", sha256="ab" * 32,
+                      classes=list(CLASS_NAMES))
+    result = SegmentationOutput(labels=labels, confidence=labels, model=model,
                                 volumes_ml=organ_volumes_ml(image, CLASS_NAMES), device="cpu", seconds=1.0)
-    card = ModelCard(name="reference", title="reference labels", sha256="ab" * 32)
-    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, card,
-                                                           RunOptions(model="reference", show_3d=False))
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, RunOptions(model="reference",
+                                                                                      show_3d=False))
     return app, volume, segmentation, labels
 
 

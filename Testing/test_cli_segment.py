@@ -173,13 +173,27 @@ def test_import_rejects_a_tampered_model(saved_models, tmp_path, capsys):
     assert "tampered" not in capsys.readouterr().out
 
 
-def test_import_official_rejects_an_unknown_sam_file(tmp_path, capsys):
+def test_import_official_rejects_an_unknown_sam_file(tmp_path, capsys, monkeypatch):
     (tmp_path / "h.pth").write_bytes(b"not a checkpoint")
     (tmp_path / "sam.pth").write_bytes(b"not sam either")
     assert main(["models", "import-official", str(tmp_path / "h.pth"), "--sam", str(tmp_path / "sam.pth")]) == 2
     assert "not an official SAM base file" in capsys.readouterr().err
+    assert main(["models", "import-official", str(tmp_path / "missing.pth")]) == 2
+    assert "H-SAM checkpoint not found" in capsys.readouterr().err
+    # without --sam the SAM base weights are downloaded first; offline that fails with where to put the file
+    import json
+
+    from hsam import weights
+
+    manifest = json.loads(weights.manifest_path().read_text())
+    for entry in manifest["models"]:
+        for file in entry["files"]:
+            if file.get("url"):
+                file["url"] = "http://127.0.0.1:9/" + file["name"]  # nothing listens there: as offline, no traffic out
+    (tmp_path / "models.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
     assert main(["models", "import-official", str(tmp_path / "h.pth")]) == 2
-    assert "hsam models download sam-vit-b" in capsys.readouterr().err
+    assert "could not download sam_vit_b_01ec64.pth" in capsys.readouterr().err
 
 
 def test_import_official_takes_the_issue_spelling_and_needs_exactly_one_checkpoint(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -87,13 +88,9 @@ def test_mismatched_grids_and_unknown_label_map_are_user_errors(tmp_path, seg, c
     ref = sitk.ReadImage(str(seg))
     small = sitk.GetArrayFromImage(ref)[:10]
     image = sitk.GetImageFromArray(small)
-    sitk.WriteImage(image, str(tmp_path / "pred.nii.gz"))
-    with pytest.raises(HSAMError, match="grid"):
+    sitk.WriteImage(image, str(tmp_path / "pred.nii.gz"))  # 1 mm voxels at the origin: nowhere near the reference
+    with pytest.raises(HSAMError, match="do not overlap the reference image"):
         evaluate_files(tmp_path / "pred.nii.gz", seg)
-    flipped = sitk.Flip(ref, [True, False, False])  # same voxels reversed along x: a different direction
-    sitk.WriteImage(flipped, str(tmp_path / "flipped.nii.gz"))
-    with pytest.raises(HSAMError, match="different origin or direction"):
-        evaluate_files(tmp_path / "flipped.nii.gz", seg)
     assert main(["evaluate", "--pred", str(seg), "--ref", str(seg), "--label-map", "nope",
                  "-o", str(tmp_path / "r.csv")]) == 2
     assert "unknown label map 'nope'" in capsys.readouterr().err
@@ -108,3 +105,26 @@ def test_slicer_segmentation_prediction_is_read_by_terminology(tmp_path, seg):
     write_segmentation(labels, tmp_path / "ct1.seg.nrrd")
     rows = evaluate_files(tmp_path / "ct1.seg.nrrd", seg, label_map="totalseg_total")
     assert [r.score.dice for r in rows] == [1.0] * 8
+
+
+def test_predictions_on_other_grids_are_placed_on_the_reference_grid(tmp_path, seg, capsys):
+    """Stored with an axis reversed: the same voxels, placed exactly. On a finer grid: resampled, with a warning."""
+    ref = sitk.ReadImage(str(seg))
+    flipped = sitk.Flip(ref, [True, False, False])  # x stored the other way round, same physical image
+    sitk.WriteImage(flipped, str(tmp_path / "flipped.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = evaluate_files(tmp_path / "flipped.nii.gz", seg, "totalseg_total", "totalseg_total")
+    assert [r.score.dice for r in rows] == [1.0] * 8
+    corner = ref.TransformContinuousIndexToPhysicalPoint([-0.25, -0.25, -0.25])  # half-size voxels, corners aligned
+    finer = sitk.Resample(ref, [s * 2 for s in ref.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                          corner, [s / 2 for s in ref.GetSpacing()], ref.GetDirection())
+    sitk.WriteImage(finer, str(tmp_path / "finer.nii.gz"))
+    with pytest.warns(UserWarning, match=r"spacing \(1.5, 1.5, 1.5\) vs \(3, 3, 3\) mm\): resampled onto the "
+                      "reference grid with nearest neighbour"):
+        rows = evaluate_files(tmp_path / "finer.nii.gz", seg, "totalseg_total", "totalseg_total")
+    assert min(r.score.dice for r in rows) > 0.99
+    assert main(["evaluate", "--pred", str(tmp_path / "finer.nii.gz"), "--ref", str(seg), "--label-map",
+                 "totalseg_total", "--pred-label-map", "totalseg_total", "-o", str(tmp_path / "r.csv")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: case ") and "nearest neighbour" in err and err.count("\n") == 1

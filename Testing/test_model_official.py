@@ -453,3 +453,27 @@ def test_init_from_sam_reads_a_file_path(tiny_base):
     assert torch.equal(model.image_encoder.patch_embed.proj.weight, sam["image_encoder.patch_embed.proj.weight"])
     vit_b_model = build_hsam(ModelConfig(img_size=256), device="meta")
     one_line_error(lambda: init_from_sam(vit_b_model, sam_path), "sam_tiny.pth", "SAM vit_tiny but the model is vit_b")
+
+
+def test_the_torchvision_free_loader_leaves_no_stand_in_for_other_libraries():
+    """Without a working torchvision the loader must not leave its partial ``segment_anything`` in sys.modules,
+    where another extension's ``from segment_anything import SamPredictor`` would find it."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from hsam.model.sam_compat import build_sam, modeling
+assert hasattr(modeling(), "ImageEncoderViT") and "vit_b" in build_sam().sam_model_registry
+assert modeling() is modeling()
+left = sorted(m for m in sys.modules if m.split(".")[0] == "segment_anything")
+try:
+    import torchvision  # noqa: F401
+    works = True
+except Exception:
+    works = False
+print("LEFT", left if not works else "torchvision works")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LEFT []" in done.stdout or "torchvision works" in done.stdout, done.stdout

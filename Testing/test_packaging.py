@@ -21,3 +21,14 @@ def test_readme_commands_are_marked_for_ci():
     readme = (REPOSITORY / "README.md").read_text()
     for marker in ("main-command", "test-command"):
         assert f"<!-- {marker} -->" in readme and f"<!-- /{marker} -->" in readme
+
+
+def test_every_data_file_of_the_hsam_package_is_in_package_data():
+    """A data file that no package-data pattern matches is silently left out of the wheel."""
+    data = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = REPOSITORY / "HSAMSlicer" / "hsam"
+    files = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
+             and "__pycache__" not in p.parts}
+    shipped = {p for pattern in data["hsam"] + data["*"] for p in package.glob(pattern)}
+    assert files, "no data files found"
+    assert files <= shipped, f"add {sorted(str(p.relative_to(package)) for p in files - shipped)} to package-data"

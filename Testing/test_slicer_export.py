@@ -16,9 +16,8 @@ import slicer_headless  # noqa: E402  (puts HSAMSlicer/ on sys.path)
 import slicer  # noqa: E402
 
 from hsam.errors import HSAMError  # noqa: E402
-from hsam.inference import SegmentationResult, organ_volumes_ml  # noqa: E402
+from hsam.inference import organ_volumes_ml  # noqa: E402
 from hsam.labels import CLASS_NAMES, ORGANS, color_table_csv, remap_labels  # noqa: E402
-from hsam.model.checkpoint import ModelCard  # noqa: E402
 from HSAMSlicerLib.export import (  # noqa: E402
     PROVENANCE_FILE,
     changes_versus_prediction,
@@ -26,7 +25,7 @@ from HSAMSlicerLib.export import (  # noqa: E402
     sanitize_case_name,
     segment_array,
 )
-from HSAMSlicerLib.logic import HSAMSlicerLogic, RunOptions  # noqa: E402
+from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput  # noqa: E402
 
 
 @pytest.fixture
@@ -43,10 +42,11 @@ def case(app, real_data):
     labels = remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total")
     image = sitk.GetImageFromArray(labels)
     image.CopyInformation(reference)
-    result = SegmentationResult(labels=image, confidence=sitk.Cast(image, sitk.sitkUInt8),
+    model = ModelInfo(id="reference", name="reference", title="reference labels", sha256="ab" * 32,
+                      classes=list(CLASS_NAMES))
+    result = SegmentationOutput(labels=labels, confidence=labels.astype(np.uint8), model=model,
                                 volumes_ml=organ_volumes_ml(image, CLASS_NAMES), device="cpu", seconds=1.5)  # fmt: skip
-    card = ModelCard(name="reference", title="reference labels", sha256="ab" * 32)
-    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, card,
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result,
                                                            RunOptions(model="reference", show_3d=False))  # fmt: skip
     return volume, segmentation, labels, folder / "example_ct_sm.nii.gz"
 
@@ -94,7 +94,7 @@ def test_export_reloads_to_identical_arrays_and_records_the_corrections(app, cas
     assert [segments.GetNthSegment(i).GetName() for i in range(8)] == [o.display_name for o in ORGANS]
     for entry in ORGANS:
         segment = segments.GetSegment(entry.name)
-        assert segment.GetTerminology() == entry.terminology_entry
+        assert segment_terminology(segment) == entry.terminology_entry
         np.testing.assert_array_equal(segment_array(reloaded, entry.name, volume), expected == entry.index)
     assert (folder / "hsam_labels.csv").read_text() == color_table_csv()
 

@@ -1,5 +1,6 @@
 """HSAMSlicerLogic against the real MRML library (PyPI slicer-core, headless): geometry, segments, replacement,
-cancel, bad input. The CT is the real TotalSegmentator sample; the network is the real H-SAM architecture at toy size.
+cancel, bad input. The CT is the real TotalSegmentator sample; the network is the real H-SAM architecture at toy size,
+run by ``hsam`` in a child process as in Slicer.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ import slicer  # noqa: E402
 import vtk  # noqa: E402
 
 from hsam.errors import HSAMError  # noqa: E402
-from hsam.inference import Cancelled, SegmentationResult, organ_volumes_ml  # noqa: E402
+from hsam.inference import organ_volumes_ml  # noqa: E402
 from hsam.labels import CLASS_NAMES, ORGANS, remap_labels  # noqa: E402
-from hsam.model.checkpoint import ModelCard  # noqa: E402
 from HSAMSlicerLib import geometry  # noqa: E402
-from HSAMSlicerLib.export import segment_array  # noqa: E402
+from HSAMSlicerLib.export import segment_array, segment_terminology  # noqa: E402
 from HSAMSlicerLib.logic import (  # noqa: E402
     RESULT_ATTRIBUTE,
     ROLE_CONFIDENCE,
     ROLE_PREDICTION,
     ROLE_TABLE,
     HSAMSlicerLogic,
+    ModelInfo,
     RunOptions,
+    SegmentationOutput,
 )
+from HSAMSlicerLib.process import JobCancelled  # noqa: E402
 from HSAMSlicerLib.testing import save_tiny_model  # noqa: E402
 
 
@@ -56,16 +59,15 @@ def tiny_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
-def result_from_labels(labels: sitk.Image) -> SegmentationResult:
-    """A SegmentationResult holding given labels, e.g. a reference segmentation (tests of the MRML side only)."""
-    confidence = sitk.Cast(labels * 20, sitk.sitkUInt8)
-    return SegmentationResult(labels=labels, confidence=confidence,
-                              volumes_ml=organ_volumes_ml(labels, CLASS_NAMES), device="cpu", seconds=0.0)  # fmt: skip
+REFERENCE_MODEL = ModelInfo(id="reference", name="reference", title="TotalSegmentator reference labels",
+                            sha256="0" * 64, classes=list(CLASS_NAMES))
 
 
-def Card() -> ModelCard:
-    """The model card recorded for a result whose labels came from a reference file."""
-    return ModelCard(name="reference", title="TotalSegmentator reference labels", sha256="0" * 64)
+def output_from_labels(labels: sitk.Image, model: ModelInfo = REFERENCE_MODEL) -> SegmentationOutput:
+    """A finished segmentation holding given labels, e.g. a reference segmentation (tests of the MRML side only)."""
+    confidence = sitk.GetArrayFromImage(sitk.Cast(labels * 20, sitk.sitkUInt8))
+    return SegmentationOutput(labels=sitk.GetArrayFromImage(labels), confidence=confidence, model=model,
+                              volumes_ml=organ_volumes_ml(labels, model.classes), device="cpu")  # fmt: skip
 
 
 def node_ids(scene) -> set[str]:
@@ -132,7 +134,7 @@ def test_missing_input_and_empty_organ_choice(app, ct_path, tiny_model):
         logic.volume_to_image(None)
     volume = app.load_volume(ct_path)
     with pytest.raises(HSAMError, match="no organ is selected"):
-        logic.process(volume, RunOptions(model=str(tiny_model), device="cpu", organs=[]))
+        logic.start_segmentation(volume, RunOptions(model=str(tiny_model), device="cpu", organs=[]))
 
 
 # ---------------------------------------------------------------------------------------------------- result nodes
@@ -145,9 +147,9 @@ def test_segmentation_node_from_real_labels(app, ct_path, reference_labels):
     study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "study")
     hierarchy.SetItemParent(hierarchy.GetItemByDataNode(volume) or hierarchy.CreateItem(study, volume), study)
 
-    result = result_from_labels(reference_labels)
-    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, Card(),
-                                                           RunOptions(model="reference", confidence=True))  # fmt: skip
+    result = output_from_labels(reference_labels)
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result, RunOptions(model="reference",
+                                                                                      confidence=True))
 
     assert segmentation.GetName() == "CT organs"
     assert segmentation.GetAttribute(RESULT_ATTRIBUTE) == "segmentation"
@@ -159,7 +161,7 @@ def test_segmentation_node_from_real_labels(app, ct_path, reference_labels):
         assert segments.GetNthSegmentID(index) == entry.name
         assert segment.GetName() == entry.display_name
         np.testing.assert_allclose(segment.GetColor(), entry.rgb_float, atol=1e-6)
-        assert segment.GetTerminology() == entry.terminology_entry
+        assert segment_terminology(segment) == entry.terminology_entry
         voxels = segment_array(segmentation, entry.name, volume)
         assert voxels.any(), f"{entry.name} is in the reference labels"
         np.testing.assert_array_equal(voxels, expected == entry.index, err_msg=entry.name)
@@ -177,7 +179,7 @@ def test_segmentation_node_from_real_labels(app, ct_path, reference_labels):
     assert prediction.GetHideFromEditors()
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(prediction), expected)
     confidence = segmentation.GetNodeReference(ROLE_CONFIDENCE)
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(confidence), sitk.GetArrayFromImage(result.confidence))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(confidence), result.confidence)
 
     table = segmentation.GetNodeReference(ROLE_TABLE).GetTable()
     voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
@@ -194,7 +196,7 @@ def test_organ_subset_and_transformed_volume(app, ct_path, reference_labels):
     transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     volume.SetAndObserveTransformNodeID(transform.GetID())
     segmentation = HSAMSlicerLogic(app.scene).apply_result(
-        volume, result_from_labels(reference_labels), Card(), RunOptions(model="reference", organs=[5, 1])
+        volume, output_from_labels(reference_labels), RunOptions(model="reference", organs=[5, 1])
     )
     segments = segmentation.GetSegmentation()
     assert [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())] == ["spleen", "liver"]
@@ -215,8 +217,8 @@ def test_model_with_its_own_class_order(app, ct_path, reference_labels):
     model_labels[expected == 2] = 4  # 'lung' where the reference has the right kidney
     image = sitk.GetImageFromArray(model_labels)
     image.CopyInformation(reference_labels)
-    card = ModelCard(name="other-order", classes=order)
-    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, result_from_labels(image), card,
+    model = ModelInfo(id="other-order", name="other-order", classes=order)
+    segmentation = HSAMSlicerLogic(app.scene).apply_result(volume, output_from_labels(image, model),
                                                            RunOptions(model="other-order", show_3d=False))  # fmt: skip
     for entry in ORGANS:
         voxels = segment_array(segmentation, entry.name, volume)
@@ -230,13 +232,13 @@ def test_rerun_replaces_only_its_own_result(app, ct_path, reference_labels):
     logic = HSAMSlicerLogic(app.scene)
     user_made = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my organs")
     user_made.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    result = result_from_labels(reference_labels)
-    first = logic.apply_result(volume, result, Card(), RunOptions(model="reference", confidence=True))
+    result = output_from_labels(reference_labels)
+    first = logic.apply_result(volume, result, RunOptions(model="reference", confidence=True))
     first_parts = [first.GetNodeReference(role).GetID() for role in (ROLE_PREDICTION, ROLE_CONFIDENCE, ROLE_TABLE)]
-    for_other = logic.apply_result(other, result, Card(), RunOptions(model="reference"))
+    for_other = logic.apply_result(other, result, RunOptions(model="reference"))
     assert logic.find_result(volume) is first
 
-    second = logic.apply_result(volume, result, Card(), RunOptions(model="reference"))
+    second = logic.apply_result(volume, result, RunOptions(model="reference"))
     ids = node_ids(app.scene)
     assert first.GetID() not in ids and not set(first_parts) & ids, "the earlier result and its parts are gone"
     assert {second.GetID(), user_made.GetID(), for_other.GetID()} <= ids
@@ -248,11 +250,11 @@ def test_rerun_replaces_only_its_own_result(app, ct_path, reference_labels):
 def test_failed_apply_leaves_the_scene_as_it_was(app, ct_path, reference_labels):
     volume = app.load_volume(ct_path)
     logic = HSAMSlicerLogic(app.scene)
-    earlier = logic.apply_result(volume, result_from_labels(reference_labels), Card(), RunOptions(model="reference"))
+    earlier = logic.apply_result(volume, output_from_labels(reference_labels), RunOptions(model="reference"))
     before = node_ids(app.scene)
     wrong_grid = sitk.Image(10, 10, 10, sitk.sitkUInt8)
     with pytest.raises(HSAMError, match="does not match the CT"):
-        logic.apply_result(volume, result_from_labels(wrong_grid), Card(), RunOptions(model="reference"))
+        logic.apply_result(volume, output_from_labels(wrong_grid), RunOptions(model="reference"))
     assert node_ids(app.scene) == before
     assert logic.find_result(volume) is earlier
 
@@ -265,8 +267,8 @@ def test_whole_path_with_the_tiny_model_on_the_real_ct(app, ct_path, tiny_model)
     logic = HSAMSlicerLogic(app.scene)
     reports = []
     segmentation = logic.process(volume, RunOptions(model=str(tiny_model), device="cpu", confidence=True),
-                                 progress=lambda k, n: reports.append((k, n)))  # fmt: skip
-    assert reports[0] == (0, 30) and reports[-1] == (30, 30)
+                                 progress=lambda k, n: reports.append((k, n)), interval_s=0.01)  # fmt: skip
+    assert reports[-1] == (30, 30) and all(n == 30 for _, n in reports)
     assert [k for k, _ in reports] == sorted(k for k, _ in reports)
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 8
     assert segmentation.GetAttribute("HSAMSlicer.ModelName") == "hsam-tiny-test"
@@ -280,20 +282,23 @@ def test_whole_path_with_the_tiny_model_on_the_real_ct(app, ct_path, tiny_model)
 
 
 def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
-    """'Import model file...': the file goes into the (per-test) model cache and is then used by its id."""
+    """'Import model file...': a child job installs the file in the (per-test) model cache; it then runs by its id."""
     from hsam import weights
 
     logic = HSAMSlicerLogic(app.scene)
-    messages = []
-    model_id = logic.import_model_file(str(tiny_model / "model.json"), status=messages.append)
+    state = logic.start_model_import(str(tiny_model / "model.json")).wait(timeout=120)
+    assert state.error is None, state.error
+    model_id = state.result["id"]
     assert model_id == "hsam-tiny-test"
     assert model_id in [m.id for m in weights.available_models()]
     volume = app.load_volume(ct_path)
-    segmentation = logic.process(volume, RunOptions(model=model_id, device="cpu", organs=[5], show_3d=False))
+    segmentation = logic.process(volume, RunOptions(model=model_id, device="cpu", organs=[5], show_3d=False,
+                                                    mode="eager"))
     assert segmentation.GetAttribute("HSAMSlicer.ModelId") == model_id
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
-    with pytest.raises(HSAMError, match="not an HSAMSlicer model|no readable model.json|model not found"):
-        logic.import_model_file(str(ct_path.parent / "missing-model"))
+    failed = logic.start_model_import(str(ct_path.parent / "missing-model")).wait(timeout=120)
+    assert isinstance(failed.error, HSAMError) and failed.result is None
+    assert "\n" not in str(failed.error) and "missing-model" in str(failed.error), failed.error
 
 
 def test_only_re_downloadable_models_are_offered_for_deletion(tiny_model):
@@ -313,21 +318,25 @@ def test_cancel_leaves_no_node_behind(app, ct_path, tiny_model):
     volume = app.load_volume(ct_path)
     logic = HSAMSlicerLogic(app.scene)
     before = node_ids(app.scene)
-    with pytest.raises(Cancelled):
+    with pytest.raises(JobCancelled):
         logic.process(volume, RunOptions(model=str(tiny_model), device="cpu"), cancel=lambda: True)
     assert node_ids(app.scene) == before
 
+    # a volume long enough that the child is still segmenting when the cancel arrives
+    long_ct = app.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "long CT")
+    slicer.util.updateVolumeFromArray(long_ct, np.tile(slicer.util.arrayFromVolume(volume), (8, 1, 1)))
+    before = node_ids(app.scene)
     reports = []
 
     def cancel_after_a_few_slices() -> bool:
-        return bool(reports) and reports[-1][0] >= 6
+        return bool(reports) and reports[-1][0] >= 4
 
-    with pytest.raises(Cancelled):
-        logic.process(volume, RunOptions(model=str(tiny_model), device="cpu"),
+    with pytest.raises(JobCancelled):
+        logic.process(long_ct, RunOptions(model=str(tiny_model), device="cpu", mode="eager", batch_size=1),
                       progress=lambda k, n: reports.append((k, n)), cancel=cancel_after_a_few_slices)  # fmt: skip
-    assert 6 <= reports[-1][0] < 30, "it stopped part-way"
+    assert 4 <= reports[-1][0] < 240, "it stopped part-way"
     assert node_ids(app.scene) == before
-    assert logic.find_result(volume) is None
+    assert logic.find_result(long_ct) is None
 
 
 def test_the_slicer_self_test_path_runs_headless(app, tmp_path):

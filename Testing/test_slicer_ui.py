@@ -35,6 +35,7 @@ BINDABLE = {
     "ctkPathLineEdit": lambda annotation: annotation in {"pathlib.Path", "Path"},
     "QComboBox": lambda annotation: annotation == "str",
     "QLineEdit": lambda annotation: annotation == "str",
+    "QSpinBox": lambda annotation: annotation == "int",
 }
 
 
@@ -85,6 +86,8 @@ def test_required_controls_are_present():
         "deviceComboBox": "QComboBox", "deviceInfoLabel": "QLabel", "organListWidget": "QListWidget",
         "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
         "reviewButton": "QPushButton", "exportButton": "QPushButton", "exportDirectoryPathLineEdit": "ctkPathLineEdit",
+        "finetuneCasesPathLineEdit": "ctkPathLineEdit", "finetuneBaseComboBox": "QComboBox",
+        "finetuneEpochsSpinBox": "QSpinBox", "finetuneNameLineEdit": "QLineEdit", "finetuneButton": "QPushButton",
     }.items():  # fmt: skip
         assert classes.get(name) == cls, f"{name}: expected {cls}, found {classes.get(name)}"
 
@@ -117,7 +120,8 @@ def test_slicer_parameter_names_bind_to_parameters_of_a_matching_type():
                     f"{name} ({cls}) cannot bind to {parameter}: {annotations[parameter]}"
                 )
                 bound[parameter] = widget
-    assert {"inputVolume", "outputSegmentation", "createConfidence", "exportDirectory"} <= set(bound)
+    assert {"inputVolume", "outputSegmentation", "createConfidence", "exportDirectory", "finetuneCases",
+            "finetuneEpochs", "finetuneModelName"} <= set(bound)
     # a node selector offers exactly the node class its parameter holds
     for parameter in ("inputVolume", "outputSegmentation"):
         types = [s.text for s in bound[parameter].iter("string") if s.text and s.text.startswith("vtkMRML")]

@@ -112,3 +112,19 @@ def test_cohort_refuses_single_volume_extras(cases, tiny_model, tmp_path, capsys
     assert code == 2
     assert "single volumes" in capsys.readouterr().err
     assert not np.any([p.exists() for p in (tmp_path / "out").glob("*.nii.gz")])
+
+
+def test_seg_nrrd_outputs_open_complete_in_slicer(cases, tiny_model, tmp_path):
+    """Cohort and single-volume .seg.nrrd outputs: Slicer's MRML library loads every voxel that the file holds."""
+    from real_readers import read_slicer_mrml, read_slicerio
+
+    assert _segment(cases, tmp_path / "cohort", tiny_model, "--suffix", ".seg.nrrd") == 0
+    assert _segment(cases / "case_b.nrrd", tmp_path / "single.seg.nrrd", tiny_model) == 0
+    outputs = sorted((tmp_path / "cohort").glob("*.seg.nrrd")) + [tmp_path / "single.seg.nrrd"]
+    assert len(outputs) == 4
+    for path in outputs:
+        in_slicer, in_file = read_slicer_mrml(path), read_slicerio(path)
+        assert sorted(in_slicer) == sorted(in_file) == list(range(1, len(CLASS_NAMES)))
+        assert sum(int(mask.sum()) for mask, _ in in_file.values()) > 0, path.name
+        for value, (mask, _) in in_file.items():
+            np.testing.assert_array_equal(in_slicer[value][0], mask, err_msg=f"{path.name}, label {value}")

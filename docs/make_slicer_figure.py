@@ -34,11 +34,10 @@ def main() -> int:
 
     import slicer_headless  # the real MRML library, headless
 
-    from hsam.inference import SegmentationResult, organ_volumes_ml
+    from hsam.inference import organ_volumes_ml
     from hsam.labels import CLASS_NAMES, ORGANS, remap_labels
-    from hsam.model.checkpoint import ModelCard
     from HSAMSlicerLib.export import label_array
-    from HSAMSlicerLib.logic import ROLE_TABLE, HSAMSlicerLogic, RunOptions
+    from HSAMSlicerLib.logic import ROLE_TABLE, HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput
 
     app = slicer_headless.start()
     volume = app.load_volume(Path(args.ct), "CT abdomen")
@@ -50,10 +49,12 @@ def main() -> int:
         reference = sitk.ReadImage(args.reference or str(Path(args.ct).with_name("example_seg.nii.gz")))
         mapped = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total"))
         mapped.CopyInformation(reference)
-        result = SegmentationResult(labels=mapped, confidence=sitk.Cast(mapped, sitk.sitkUInt8),
-                                    volumes_ml=organ_volumes_ml(mapped, CLASS_NAMES), device="cpu", seconds=0.0)  # fmt: skip
-        card = ModelCard(name="reference", title="TotalSegmentator reference labels")
-        segmentation = logic.apply_result(volume, result, card, RunOptions(model="reference", show_3d=False))
+        model = ModelInfo(id="reference", name="reference", title="TotalSegmentator reference labels",
+                          classes=list(CLASS_NAMES))
+        labels = sitk.GetArrayFromImage(mapped)
+        result = SegmentationOutput(labels=labels, confidence=labels, model=model,
+                                    volumes_ml=organ_volumes_ml(mapped, CLASS_NAMES), device="cpu")  # fmt: skip
+        segmentation = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False))
         source = "reference labels of the sample (TotalSegmentator, mapped to H-SAM organs)"
     labels, _, _, _ = label_array(segmentation, volume)  # what the segments hold, on the CT grid
     table = segmentation.GetNodeReference(ROLE_TABLE).GetTable()

@@ -64,20 +64,11 @@ def torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def detect_devices() -> dict[str, object]:
-    """What PyTorch can use here: {'cuda': bool, 'cuda_name': str, 'mps': bool, 'torch': version}. Imports torch."""
-    import torch
-
-    info: dict[str, object] = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available()), "cuda_name": ""}
-    if info["cuda"]:
-        info["cuda_name"] = torch.cuda.get_device_name(0)
-    mps = getattr(torch.backends, "mps", None)
-    info["mps"] = bool(mps is not None and mps.is_available())
-    return info
-
-
 def describe_devices(info: dict[str, object]) -> str:
-    """One line for the GUI, e.g. 'Detected: CUDA (NVIDIA RTX 4090)' or 'Detected: CPU only'."""
+    """One line for the GUI from ``hsam devices``' result, e.g. 'Detected: CUDA (NVIDIA RTX 4090)'."""
     if info.get("cuda"):
-        return f"Detected: CUDA ({info.get('cuda_name') or 'GPU'})"
+        names = info.get("cuda_devices") or []
+        return f"Detected: CUDA ({names[0] if names else 'GPU'})"
+    if info.get("mps"):
+        return "Detected: Apple GPU (MPS)"
     return "Detected: CPU only (no CUDA GPU visible to PyTorch)"

@@ -61,11 +61,17 @@ def reserve_case_folder(root: Path, name: str) -> Path:
     raise HSAMError(f"too many cases named '{name}' in {root}: choose another export folder")
 
 
+def segment_terminology(segment) -> str:
+    """A segment's terminology entry, read from its tag (``vtkSegment.GetTerminology`` exists only from Slicer 5.10)."""
+    value = vtk.mutable("")
+    return str(value) if segment.GetTag(segment.GetTerminologyEntryTagName(), value) else ""
+
+
 def organ_of_segment(segment) -> Any | None:
     """The hsam.labels organ a segment stands for: by terminology (type + modifier), else by ID tag, else by name."""
     from hsam.labels import ORGANS
 
-    terminology = segment.GetTerminology() if hasattr(segment, "GetTerminology") else ""
+    terminology = segment_terminology(segment)
     if terminology:
         parts = terminology.split("~")
         if len(parts) >= 4:

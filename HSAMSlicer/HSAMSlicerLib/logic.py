@@ -1,33 +1,37 @@
-"""HSAMSlicerLogic: CT volume node -> H-SAM -> one segmentation node with eight terminology-tagged organ segments.
+"""HSAMSlicerLogic: CT volume node -> H-SAM (in a child process) -> one segmentation node with eight
+terminology-tagged organ segments.
 
 Qt-free and GUI-free: it runs headless (pytest on the PyPI ``slicer-core`` wheel, ``Slicer --no-main-window``) and never
-shows a dialog. The work is split in three steps so that a GUI can run the slow one in a worker thread:
+shows a dialog. No model work runs in Slicer's process (``product.md``, "Process model in Slicer"): every long job is an
+``hsam`` command in a child process (:mod:`HSAMSlicerLib.process`), and this process never imports torch. A
+segmentation is three steps, so that the GUI can follow the middle one from a timer:
 
-1. :meth:`HSAMSlicerLogic.volume_to_image` (main thread): volume node -> SimpleITK image in LPS.
-2. :meth:`HSAMSlicerLogic.compute` (any thread, no MRML access): model + ``hsam.inference.segment_volume``.
-3. :meth:`HSAMSlicerLogic.apply_result` (main thread): the result -> MRML nodes, replacing this module's earlier
-   result for the same volume (never a segmentation the user made).
+1. :meth:`HSAMSlicerLogic.start_segmentation` (main thread): the volume node's voxels and geometry go to a private
+   folder, and ``hsam segment ... --progress json`` starts on them.
+2. :meth:`HSAMSlicerLib.process.ChildJob.poll` (main thread, never blocks): progress, status, warnings.
+3. :meth:`HSAMSlicerLogic.finish_segmentation` (main thread): the labels are read back and become MRML nodes,
+   replacing this module's earlier result for the same volume (never a segmentation the user made); the folder is
+   removed.
 
-:meth:`HSAMSlicerLogic.process` runs all three in a row.
+:meth:`HSAMSlicerLogic.process` runs all three in a row (scripts, the self-test). Model downloads, imports, device
+detection and fine-tuning are child jobs too (``start_*`` methods).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import threading
+import time
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import slicer
 import vtk
 
-from HSAMSlicerLib import geometry
+from HSAMSlicerLib.process import ChildJob, JobState
 from hsam.errors import HSAMError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from hsam.inference import SegmentationResult
 
 # Attribute that marks every node this module creates; its value says which part of a result the node is.
 RESULT_ATTRIBUTE = "HSAMSlicer.Result"
@@ -52,7 +56,7 @@ PROVENANCE_KEYS = (
 
 @dataclass
 class RunOptions:
-    """What to run: the model (manifest id, registered name or path), the device and what to produce."""
+    """What to run: the model (installed id, manifest id downloaded on first use, or a path), device, outputs."""
 
     model: str
     device: str = "auto"  # "auto" | "cuda" | "cpu" (anything torch accepts)
@@ -61,7 +65,49 @@ class RunOptions:
     largest_component: bool = False
     show_3d: bool = True  # build closed surfaces so the organs show in 3D (when display nodes exist)
     batch_size: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # passed through to segment_volume
+    mode: str = "auto"  # speed mode (hsam segment --mode)
+
+
+@dataclass
+class ModelInfo:
+    """The model a segmentation ran with, as the child reported it."""
+
+    id: str
+    name: str = ""
+    title: str = ""
+    sha256: str = ""
+    classes: list[str] = field(default_factory=list)
+    demo: bool = False
+
+
+@dataclass
+class SegmentationOutput:
+    """A finished segmentation read back from the child: arrays on the CT's voxel grid ([k, j, i]), the run's facts."""
+
+    labels: np.ndarray  # uint8, values are the model's class indices
+    confidence: np.ndarray | None  # uint8, 255 x max class probability
+    model: ModelInfo
+    device: str = "cpu"
+    precision: str = "fp32"
+    mode: str = ""
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SegmentationJob:
+    """A running segmentation: the child job plus what is needed to apply its result."""
+
+    job: ChildJob
+    volume_id: str
+    options: RunOptions
+
+    def poll(self) -> JobState:
+        return self.job.poll()
+
+    def cancel(self) -> None:
+        self.job.cancel()
 
 
 def hsam_organs_of_card(card) -> dict[int, Any]:
@@ -98,13 +144,27 @@ def organs_selected(organs: Sequence[int] | None) -> list:
 class HSAMSlicerLogic:
     """Segment abdominal organs in a CT volume node with H-SAM and manage the resulting nodes.
 
-    ``scene`` defaults to ``slicer.mrmlScene``. Loaded models are cached per (model, device), so a second run is quick.
+    ``scene`` defaults to ``slicer.mrmlScene``. ``child_env`` adds environment variables for the child processes.
+    Closing the scene ends every child job this Logic started.
     """
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, child_env: dict[str, str] | None = None):
         self.scene = scene if scene is not None else slicer.mrmlScene
-        self._models: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._models_lock = threading.Lock()
+        self.child_env = dict(child_env or {})
+        self._jobs: list[ChildJob] = []
+        logic = weakref.ref(self)  # the scene must not keep the Logic alive (a reference cycle through VTK)
+        self.scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
+                               lambda caller, event: logic() is not None and logic().stop_jobs())
+
+    def stop_jobs(self) -> None:
+        """End every child job this Logic started and remove their folders (scene closed, module closed, exit)."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.cleanup()
+
+    def _track(self, job: ChildJob) -> ChildJob:
+        self._jobs = [j for j in self._jobs if j.process is None or j.process.poll() is None] + [job]
+        return job
 
     # ------------------------------------------------------------------ step 1: volume node -> SimpleITK image
     @staticmethod
@@ -131,41 +191,140 @@ class HSAMSlicerLogic:
                 "H-SAM needs a single 3-D CT; split it into 3-D volumes (e.g. with the Sequences module) and pick one"
             )
 
-    def volume_to_image(self, volume_node) -> sitk.Image:
+    def volume_to_image(self, volume_node):
         """The volume's voxels as a SimpleITK image in LPS, in the volume's own (untransformed) coordinates.
 
         Results are written back in the same coordinates and put under the volume's parent transform, so a
         transformed CT gets a segmentation that moves with it.
         """
+        from HSAMSlicerLib import geometry
+
         self.check_input_volume(volume_node)
         array = slicer.util.arrayFromVolume(volume_node)  # [k, j, i], a view; image_from_array copies it
         matrix = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(matrix)
         return geometry.image_from_array(array, geometry.vtk_matrix_to_numpy(matrix))
 
-    # ------------------------------------------------------------------ step 2: inference (no MRML here)
-    def load_model(self, model: str, device: str = "auto", status: Callable[[str], None] | None = None):
-        """(network, ModelCard) for an installed id, a manifest id (downloaded first, SHA-256 checked) or a path.
+    # ------------------------------------------------------------------ step 2: the child process
+    def start_segmentation(self, volume_node, options: RunOptions) -> SegmentationJob:
+        """Write the CT to a private folder and start ``hsam segment`` on it; returns the running job.
 
-        Cached per (model, device), so the second run skips loading. ``status`` receives one-line progress messages.
+        Raises HSAMError for a bad input volume or option before anything starts.
         """
-        device = resolve_device(device)
-        key = (str(model), device)
-        with self._models_lock:
-            if key not in self._models:
-                from hsam import weights
+        import SimpleITK as sitk
 
-                if _needs_download(str(model)):
-                    weights.fetch(str(model), progress=_download_reporter(f"model {model}", status))
-                if status is not None:
-                    status(f"Loading model {model} on {device}...")
-                self._models[key] = weights.load_named_model(str(model), device=device)
-            return self._models[key]
+        organs = [o.name for o in organs_selected(options.organs)]  # by name: a model may order its classes freely
+        image = self.volume_to_image(volume_node)
+        job = self._track(ChildJob([], env=self.child_env))
+        try:
+            source = job.folder / "input.nrrd"
+            sitk.WriteImage(image, str(source), False)  # uncompressed: written and read in a fraction of a second
+            arguments = ["segment", source, "-o", job.folder / "labels.nrrd", "--model", options.model,
+                         "--device", options.device or "auto", "--organs", ",".join(organs), "--allow-non-ct"]
+            if options.confidence:
+                arguments += ["--confidence", job.folder / "confidence.nrrd"]
+            if options.largest_component:
+                arguments.append("--largest-component")
+            if options.batch_size:
+                arguments += ["--batch-size", options.batch_size]
+            if options.mode and options.mode != "auto":
+                arguments += ["--mode", options.mode]
+            job.arguments = [str(a) for a in arguments]
+            job.start()
+        except BaseException:
+            job.cleanup()
+            raise
+        return SegmentationJob(job, volume_node.GetID(), options)
 
-    def forget_models(self) -> None:
-        """Drop the cached networks (after models were deleted or replaced on disk)."""
-        with self._models_lock:
-            self._models.clear()
+    def finish_segmentation(self, running: SegmentationJob, state: JobState | None = None):
+        """Apply a finished job's result to the scene and remove its folder; returns the segmentation node.
+
+        Raises the job's error (HSAMError, ``ChildCrashed``, ``JobCancelled``) without touching the scene.
+        """
+        import SimpleITK as sitk
+
+        try:
+            state = state if state is not None else running.poll()
+            if not state.done:
+                raise RuntimeError("finish_segmentation needs a finished job; poll until state.done")
+            if state.error is not None:
+                raise state.error
+            volume_node = self.scene.GetNodeByID(running.volume_id)
+            if volume_node is None:
+                raise HSAMError("the input volume was removed while segmenting: the result was dropped")
+            written, facts, model = state.result["written"], state.result["result"], state.result["model"]
+            confidence = None
+            if "confidence" in written:
+                confidence = sitk.GetArrayFromImage(sitk.ReadImage(written["confidence"]))
+            output = SegmentationOutput(
+                labels=sitk.GetArrayFromImage(sitk.ReadImage(written["labels"])),
+                confidence=confidence,
+                model=ModelInfo(id=str(model.get("id", running.options.model)), name=str(model.get("name", "")),
+                                title=str(model.get("title", "")), sha256=str(model.get("sha256", "")),
+                                classes=list(model.get("classes") or []), demo=bool(model.get("demo"))),
+                device=str(facts.get("device", "")), precision=str(facts.get("precision", "")),
+                mode=str(facts.get("mode", "")), seconds=float(facts.get("seconds", 0.0)),
+                warnings=list(facts.get("warnings") or []), volumes_ml=dict(facts.get("volumes_ml") or {}),
+            )
+            return self.apply_result(volume_node, output, running.options)
+        finally:
+            running.job.cleanup()
+
+    def process(self, volume_node, options: RunOptions, progress: Callable[[int, int], None] | None = None,
+                cancel: Callable[[], bool] | None = None, interval_s: float = 0.1):
+        """Start, follow and apply a segmentation on the calling thread (scripts, the self-test, headless use).
+
+        ``progress(k, n)`` gets slices done; ``cancel()`` is polled and stops the child (raises ``JobCancelled``).
+        """
+        running = self.start_segmentation(volume_node, options)
+        try:
+            reported = None
+            while True:
+                state = running.poll()
+                if progress is not None and state.stage == "segment" and state.total and state.current != reported:
+                    reported = state.current
+                    progress(state.current, state.total)
+                if state.done:
+                    break
+                if cancel is not None and not state.cancel_requested and cancel():
+                    running.cancel()
+                time.sleep(interval_s)
+            return self.finish_segmentation(running, state)
+        finally:
+            running.job.cleanup()
+
+    def start_job(self, arguments: Sequence[str]) -> ChildJob:
+        """Any other ``hsam`` command as a child job (``--progress json`` is added)."""
+        return self._track(ChildJob(arguments, env=self.child_env)).start()
+
+    def start_device_detection(self) -> ChildJob:
+        """``hsam devices``: imports torch in the child; the result's ``devices`` says what PyTorch can use."""
+        return self.start_job(["devices"])
+
+    def start_model_download(self, model_id: str) -> ChildJob:
+        """``hsam models download ID`` (resumable: a cancelled download continues next time)."""
+        return self.start_job(["models", "download", model_id])
+
+    def start_model_import(self, path: str) -> ChildJob:
+        """Install a model into the user's model cache; the result's ``id`` names it.
+
+        ``path`` is a saved model (its folder, model.json or model.safetensors) or an official H-SAM ``.pth``/``.pt``
+        checkpoint, which is converted (the SAM base weights are downloaded first when missing).
+        """
+        if Path(path).suffix.lower() in (".pth", ".pt"):
+            return self.start_job(["models", "import-official", path, "--id", OFFICIAL_MODEL_ID])
+        return self.start_job(["models", "import", path])
+
+    def start_finetune(self, cases: str | Path, base_model: str, epochs: int, name: str,
+                       device: str = "auto") -> ChildJob:
+        """``hsam finetune`` on exported cases; the new model is installed as ``name``. Its run folder (log, curve,
+        checkpoints) is ``HSAM_HOME/runs/<name>-<time>``."""
+        from hsam.paths import hsam_home
+
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output = hsam_home() / "runs" / f"{name}-{stamp}"
+        return self.start_job(["finetune", "--model", base_model, "--cases", str(cases), "--epochs", str(int(epochs)),
+                               "--name", name, "--output", str(output), "--device", device or "auto"])
 
     @staticmethod
     def downloaded_models() -> list[str]:
@@ -181,66 +340,8 @@ class HSAMSlicerLogic:
         found += [i for i in sorted(again) if manifest[i].kind == "base" and weights.base_file(i) is not None]
         return found
 
-    @staticmethod
-    def import_model_file(path: str, status: Callable[[str], None] | None = None) -> str:
-        """Install a model into the user's model cache and return its id (no MRML: may run in a worker thread).
-
-        ``path`` is a saved model (its folder, model.json or model.safetensors) or an official H-SAM ``.pth``
-        checkpoint, which is converted; the SAM base weights it needs are downloaded first when missing.
-        """
-        from pathlib import Path
-
-        from hsam import weights
-
-        source = Path(path)
-        if source.suffix.lower() in (".pth", ".pt"):
-            entry = weights.load_manifest().get(OFFICIAL_MODEL_ID)
-            base = entry.requires[0] if entry is not None and entry.requires else "sam-vit-b"
-            if weights.base_file(base) is None:
-                weights.fetch(base, progress=_download_reporter(f"the {base} base weights", status))
-            if status is not None:
-                status(f"Converting {source.name} to an HSAMSlicer model...")
-            folder = weights.import_official(source, model_id=OFFICIAL_MODEL_ID)
-        else:
-            folder = weights.import_model(source)
-        return Path(folder).name
-
-    def compute(
-        self,
-        image: sitk.Image,
-        options: RunOptions,
-        progress: Callable[[int, int], None] | None = None,
-        cancel: Callable[[], bool] | None = None,
-        status: Callable[[str], None] | None = None,
-    ) -> tuple["SegmentationResult", Any]:
-        """Load the model (cached) and run ``segment_volume``; returns (result, model card).
-
-        Raises ``hsam.inference.Cancelled`` when ``cancel()`` becomes true, HSAMError for bad input.
-        """
-        from hsam.inference import segment_volume
-
-        organs = [o.name for o in organs_selected(options.organs)]  # by name: a model may order its classes freely
-        network, card = self.load_model(options.model, options.device, status=status)
-        if cancel is not None and cancel():
-            from hsam.inference import Cancelled
-
-            raise Cancelled("cancelled before inference started")
-        result = segment_volume(
-            image,
-            network,
-            card,
-            device=resolve_device(options.device),
-            batch_size=options.batch_size,
-            progress=progress,
-            cancel=cancel,
-            largest_component=options.largest_component,
-            organs=organs,
-            **options.extra,
-        )
-        return result, card
-
     # ------------------------------------------------------------------ step 3: result -> MRML (main thread)
-    def apply_result(self, volume_node, result: "SegmentationResult", card, options: RunOptions):
+    def apply_result(self, volume_node, output: SegmentationOutput, options: RunOptions):
         """Build the segmentation (+ stored prediction, optional confidence volume, organ-volume table) for
         ``volume_node`` and remove this module's earlier result for it. Returns the segmentation node.
 
@@ -248,14 +349,14 @@ class HSAMSlicerLogic:
         """
         self.check_input_volume(volume_node)
         chosen = organs_selected(options.organs)
-        labels = sitk.GetArrayFromImage(result.labels)
+        labels = output.labels
         reference_shape = slicer.util.arrayFromVolume(volume_node).shape
         if labels.shape != reference_shape:
             raise HSAMError(f"the label volume {labels.shape} does not match the CT {reference_shape}; report this bug")
         # model label value -> H-SAM label value (by class name), keeping only the chosen organs
         lut = np.zeros(256, dtype=np.uint8)
         wanted = {o.index for o in chosen}
-        for value, entry in hsam_organs_of_card(card).items():
+        for value, entry in hsam_organs_of_card(output.model).items():
             if entry.index in wanted:
                 lut[value] = entry.index
         labels = lut[labels]
@@ -277,11 +378,11 @@ class HSAMSlicerLogic:
             prediction.SetHideFromEditors(True)  # kept only so that export can tell what the user changed
             segmentation.SetNodeReferenceID(ROLE_PREDICTION, prediction.GetID())
 
-            if options.confidence and getattr(result, "confidence", None) is not None:
+            if options.confidence and output.confidence is not None:
                 confidence = self._new_node("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} H-SAM confidence",
                                             CONFIDENCE, created)  # fmt: skip
                 confidence.CopyOrientation(volume_node)
-                slicer.util.updateVolumeFromArray(confidence, sitk.GetArrayFromImage(result.confidence))
+                slicer.util.updateVolumeFromArray(confidence, output.confidence)
                 confidence.CreateDefaultDisplayNodes()
                 segmentation.SetNodeReferenceID(ROLE_CONFIDENCE, confidence.GetID())
 
@@ -289,7 +390,7 @@ class HSAMSlicerLogic:
             self._fill_volume_table(table, labels, volume_node, chosen)
             segmentation.SetNodeReferenceID(ROLE_TABLE, table.GetID())
 
-            self._set_provenance(segmentation, result, card, options, chosen)
+            self._set_provenance(segmentation, output, options, chosen)
             for node in created:
                 if node.IsA("vtkMRMLTransformableNode"):  # tables are not transformable
                     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
@@ -303,12 +404,6 @@ class HSAMSlicerLogic:
         for node in old_nodes:
             self.scene.RemoveNode(node)
         return segmentation
-
-    def process(self, volume_node, options: RunOptions, progress=None, cancel=None):
-        """All three steps on the calling thread (headless use, scripts, the self-test)."""
-        image = self.volume_to_image(volume_node)
-        result, card = self.compute(image, options, progress=progress, cancel=cancel)
-        return self.apply_result(volume_node, result, card, options)
 
     # ------------------------------------------------------------------ finding results
     def find_result(self, volume_node):
@@ -390,7 +485,8 @@ class HSAMSlicerLogic:
         for entry in chosen:
             segment_id = segmentation.AddEmptySegment(entry.name, entry.display_name, list(entry.rgb_float))
             segment = segmentation.GetSegment(segment_id)
-            segment.SetTerminology(entry.terminology_entry)
+            # a tag, not SetTerminology: that method exists only from Slicer 5.10
+            segment.SetTag(segment.GetTerminologyEntryTagName(), entry.terminology_entry)
             segment.SetTag(LABEL_VALUE_TAG, str(entry.index))
         if not labels.any():
             return
@@ -439,21 +535,21 @@ class HSAMSlicerLogic:
         table_node.Modified()
 
     @staticmethod
-    def _set_provenance(segmentation_node, result, card, options: RunOptions, chosen: list) -> None:
+    def _set_provenance(segmentation_node, output: SegmentationOutput, options: RunOptions, chosen: list) -> None:
         import hsam
 
         values = {
-            "ModelId": str(options.model),
-            "ModelName": str(getattr(card, "name", "")),
-            "ModelTitle": str(getattr(card, "title", "")),
-            "ModelSHA256": str(getattr(card, "sha256", "") or ""),
-            "Device": str(getattr(result, "device", options.device)),
-            "Precision": str(getattr(result, "precision", "")),
-            "Seconds": f"{float(getattr(result, 'seconds', 0.0)):.2f}",
+            "ModelId": str(output.model.id or options.model),
+            "ModelName": output.model.name,
+            "ModelTitle": output.model.title,
+            "ModelSHA256": output.model.sha256,
+            "Device": output.device,
+            "Precision": output.precision,
+            "Seconds": f"{output.seconds:.2f}",
             "Time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "Version": hsam.__version__,
             "Organs": ",".join(str(entry.index) for entry in chosen),
-            "Warnings": " | ".join(getattr(result, "warnings", None) or []),
+            "Warnings": " | ".join(output.warnings),
         }
         for key, value in values.items():
             segmentation_node.SetAttribute(PROVENANCE_PREFIX + key, value)
@@ -473,30 +569,3 @@ class HSAMSlicerLogic:
                 hierarchy.SetItemParent(item, parent)
             else:
                 hierarchy.CreateItem(parent, node)
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> CUDA, then Apple MPS, then CPU; an explicit device that is not available is a clear HSAMError."""
-    from hsam.inference import select_device
-
-    return str(select_device({"": "auto"}.get((device or "").strip().lower(), (device or "").strip().lower())))
-
-
-def _download_reporter(what: str, status: Callable[[str], None] | None) -> Callable[[int, int | None], None]:
-    """A download progress callback that posts 'Downloading <what>: 42%' through ``status``."""
-
-    def report(done: int, total: int | None) -> None:
-        if status is not None:
-            amount = f"{100 * done // total}%" if total else f"{done // (1 << 20)} MB"
-            status(f"Downloading {what}: {amount}")
-
-    return report
-
-
-def _needs_download(model: str) -> bool:
-    """True for a manifest id that is not installed yet (paths and installed ids load directly)."""
-    from hsam import weights
-
-    if "/" in model or "\\" in model or (weights.models_dir() / model / "model.json").is_file():
-        return False
-    return model in weights.load_manifest()

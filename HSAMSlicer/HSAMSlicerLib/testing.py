@@ -61,31 +61,32 @@ def _check(condition: bool, message: str) -> None:
 
 def check_whole_path(logic, workdir: str | Path, log=print) -> Path:
     """The module's self-test, runnable in Slicer (HSAMSlicerTest) and headless (pytest): tiny model, synthetic CT,
-    cancel, run, segment names/terminology/geometry, re-run, export twice. Raises AssertionError on any failure;
-    returns the first exported case folder.
+    cancel, run (in a child process, as the GUI does), segment names/terminology/geometry, re-run, export twice.
+    Raises AssertionError on any failure; returns the first exported case folder.
     """
     import json
 
     import slicer
     import SimpleITK as sitk
 
-    from hsam.inference import Cancelled
     from hsam.labels import ORGANS
+    from HSAMSlicerLib.export import segment_terminology
     from HSAMSlicerLib.logic import RunOptions
+    from HSAMSlicerLib.process import JobCancelled
 
     workdir = Path(workdir)
     scene = logic.scene
     log("Saving a tiny H-SAM model")
     model = save_tiny_model(workdir / "tiny-model")
     volume = add_synthetic_ct(scene)
-    options = RunOptions(model=str(model), device="cpu", confidence=True)
+    options = RunOptions(model=str(model), device="cpu", confidence=True, mode="eager")
 
     log("Cancelling before the first slice")
     nodes_before = scene.GetNumberOfNodes()
     try:
         logic.process(volume, options, cancel=lambda: True)
         raise AssertionError("cancel did not stop the run")
-    except Cancelled:
+    except JobCancelled:
         pass
     _check(scene.GetNumberOfNodes() == nodes_before, "cancel must leave no node behind")
 
@@ -99,7 +100,7 @@ def check_whole_path(logic, workdir: str | Path, log=print) -> Path:
     for index, entry in enumerate(ORGANS):
         segment = segments.GetNthSegment(index)
         _check(segment.GetName() == entry.display_name, f"segment {index} is named {segment.GetName()}")
-        _check(segment.GetTerminology() == entry.terminology_entry, f"terminology of {entry.name}")
+        _check(segment_terminology(segment) == entry.terminology_entry, f"terminology of {entry.name}")
     role = segmentation.GetReferenceImageGeometryReferenceRole()
     _check(segmentation.GetNodeReference(role) is volume, "the CT is the reference geometry")
     _check(bool(segmentation.GetAttribute("HSAMSlicer.ModelSHA256")), "provenance is recorded")

@@ -245,6 +245,7 @@ def segment_volume(
     mode: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    status: Callable[[str], None] | None = None,
     largest_component: bool = False,
     organs: Sequence[int | str] | None = None,
 ) -> SegmentationResult:
@@ -261,6 +262,7 @@ def segment_volume(
             for the device), ``"eager"``, ``"fast"``, ``"int8"``, ``"ort"``, ``"ort-int8"``, ``"compile"``.
         progress: called as ``progress(k, n)`` with k slices of n done (first with k = 0).
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
+        status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).
         largest_component: keep only the largest connected component of each organ.
         organs: restrict the argmax to these organs (label values or names); others are never predicted.
     """
@@ -312,11 +314,11 @@ def segment_volume(
             if engine_device is not None:
                 mode_name = "fast"  # after an out-of-memory fallback to the CPU: no export/quantisation mid-run
             try:
-                predictor = prepare(model, mode_name, target, say=log.info)
+                predictor = prepare(model, mode_name, target, say=status or log.info)
             except OSError as error:  # e.g. the exported-graph cache cannot be written (disk full): run without it
                 notes.append(f"speed mode {mode_name} could not be prepared ({error.strerror or error}); ran in fast mode")
                 mode_name = "fast"
-                predictor = prepare(model, mode_name, target, say=log.info)
+                predictor = prepare(model, mode_name, target, say=status or log.info)
             engine_device = target
         try:
             batch_labels, batch_confidence = predict_slices_skipping_air(

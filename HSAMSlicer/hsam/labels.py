@@ -64,16 +64,18 @@ class Organ:
 
 _KIDNEY: Code = ("SCT", "64033007", "Kidney")
 
+# Display colours: the terminology's recommended colours make liver, stomach, right kidney and aorta almost the same
+# red-brown (CIE76 distance 3.7 between liver and stomach), so each organ gets its own hue here (smallest distance
+# between any two: 37.8). The terminology codes, not the colours, say what a segment is.
 ORGANS: tuple[Organ, ...] = (
     Organ(1, "spleen", "spleen", (157, 108, 162), ("SCT", "78961009", "Spleen")),
-    Organ(2, "kidney_right", "right kidney", (185, 102, 83), _KIDNEY, ("SCT", "24028007", "Right")),
-    # Distinct from the right kidney on purpose: the terminology's recommended colour is the same for both.
+    Organ(2, "kidney_right", "right kidney", (240, 200, 60), _KIDNEY, ("SCT", "24028007", "Right")),
     Organ(3, "kidney_left", "left kidney", (111, 184, 210), _KIDNEY, ("SCT", "7771000", "Left")),
-    Organ(4, "gallbladder", "gallbladder", (139, 150, 98), ("SCT", "28231008", "Gallbladder")),
+    Organ(4, "gallbladder", "gallbladder", (86, 172, 74), ("SCT", "28231008", "Gallbladder")),
     Organ(5, "liver", "liver", (221, 130, 101), ("SCT", "10200004", "Liver")),
-    Organ(6, "stomach", "stomach", (216, 132, 105), ("SCT", "69695003", "Stomach")),
-    Organ(7, "aorta", "aorta", (224, 97, 76), ("SCT", "15825003", "Aorta")),
-    Organ(8, "pancreas", "pancreas", (249, 180, 111), ("SCT", "15776009", "Pancreas")),
+    Organ(6, "stomach", "stomach", (64, 96, 200), ("SCT", "69695003", "Stomach")),
+    Organ(7, "aorta", "aorta", (200, 30, 45), ("SCT", "15825003", "Aorta")),
+    Organ(8, "pancreas", "pancreas", (220, 60, 180), ("SCT", "15776009", "Pancreas")),
 )
 
 CLASS_NAMES: tuple[str, ...] = ("background",) + tuple(o.name for o in ORGANS)

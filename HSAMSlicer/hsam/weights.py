@@ -520,6 +520,16 @@ def remove_model(model_id: str) -> Path:
     raise HSAMError(f"{model_id} is not installed (see: hsam models list)")
 
 
+def needs_download(model_id: str) -> bool:
+    """True for a manifest model that is not installed yet and can be downloaded (paths and installed ids: False)."""
+    if "/" in model_id or "\\" in model_id or (models_dir() / model_id / "model.json").is_file():
+        return False
+    if (bundled_models_dir() / model_id / "model.json").is_file():
+        return False
+    entry = load_manifest().get(model_id)
+    return entry is not None and entry.kind == "hsam" and bool(entry.files) and all(f.url and f.sha256 for f in entry.files)
+
+
 def resolve_model(id_or_path: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
     """``(model id, folder)`` for an installed id, a model folder or a model file; None means the default model."""
     if id_or_path is None:

@@ -1,21 +1,25 @@
-"""The ``hsam`` command line: ``hsam segment | series | train | finetune | evaluate | bench | models``.
+"""The ``hsam`` command line: ``hsam segment | series | train | finetune | evaluate | bench | models | devices | sample``.
 
 Each command lives in its own module of this package with two functions: ``register(subparsers)`` adds its parser
-(light: no torch import), and ``run(args) -> int`` does the work. Problems the user can fix raise
-:class:`hsam.errors.HSAMError`; ``main`` prints them as one ``error:`` line and exits with status 2.
+(light: no torch import), and ``run(args) -> int`` does the work, reporting through ``args.reporter``
+(:class:`hsam.cli.progress.Reporter`). Problems the user can fix raise :class:`hsam.errors.HSAMError`; ``main`` prints
+them as one ``error:`` line (one ``{"error": ...}`` line with ``--progress json``) and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import traceback
 from typing import Sequence
 
 from hsam import __version__
 from hsam.errors import HSAMError
 
-COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "series", "models", "bench", "train")  # each command module adds its name here
+# each command module adds its name here
+COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "series", "models", "bench", "train", "devices", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,16 +36,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Called without ``argv`` (the ``hsam`` program) it also installs the stop handlers."""
+    from hsam.cli import progress, stop
+
+    if argv is None:
+        stop.install()
     parser = build_parser()
     args = parser.parse_args(argv)
+    style = getattr(args, "progress", "bar")
+    # JSON mode: stdout carries the JSON lines only; whatever else anything prints goes to stderr
+    reporter = progress.Reporter(style, stream=sys.stdout, quiet=bool(getattr(args, "quiet", False)))
+    args.reporter = reporter
+    redirect = contextlib.redirect_stdout(sys.stderr) if reporter.json else contextlib.nullcontext()
     try:
-        return int(args.run(args) or 0)
+        with redirect:
+            return int(args.run(args) or 0)
     except HSAMError as error:
-        print(f"error: {error}", file=sys.stderr)
+        reporter.error(str(error))
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+        reporter.error("interrupted; no output was written", cancelled=True)
+        return stop.INTERRUPTED_STATUS
+    except ModuleNotFoundError as error:
+        if error.name not in ("torch", "onnxruntime", "onnx", "safetensors", "segment_anything"):
+            raise
+        reporter.error(f"the Python package {error.name} is not installed: pip install {error.name.replace('_', '-')}")
+        return 2
+    except Exception as error:
+        if not reporter.json:
+            raise
+        traceback.print_exc(file=sys.stderr)
+        reporter.error(f"unexpected error ({type(error).__name__}: {error}); this is a bug: please report it with "
+                       "the log")
+        return 1
 
 
 if __name__ == "__main__":

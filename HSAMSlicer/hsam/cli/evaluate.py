@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
             organs = tuple(int(x) for x in args.organs.split(",") if x.strip())
         except ValueError:
             raise HSAMError(f"--organs must be comma-separated integers, got {args.organs!r}") from None
-    rows = evaluate_files(args.pred, args.ref, args.label_map, args.pred_label_map, args.protocol, organs)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. "the predicted labels ... resampled onto the ..."
+        warnings.simplefilter("always", UserWarning)
+        rows = evaluate_files(args.pred, args.ref, args.label_map, args.pred_label_map, args.protocol, organs)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     report = write_csv(rows, args.output, args.protocol)
     summary_path = write_summary(rows, report.with_suffix(".md"), args.protocol)
     print(markdown_summary(rows, args.protocol), end="")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from hsam.cli import progress
 from hsam.errors import HSAMError
 
 
@@ -19,18 +21,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     download = actions.add_parser("download", help="download a manifest entry (SHA-256 verified, resumable)")
     download.add_argument("id")
+    progress.add_option(download)
     download.set_defaults(run=run_download)
 
     imported = actions.add_parser("import", help="install a saved model folder (model.json + model.safetensors)")
     imported.add_argument("path")
     imported.add_argument("--id", default=None, help="id to install it as (default: the card's name)")
+    progress.add_option(imported)
     imported.set_defaults(run=run_import)
 
     official = actions.add_parser("import-official", help="convert an official H-SAM .pth checkpoint and install it")
     official.add_argument("checkpoint", nargs="?", help="official H-SAM LoRA checkpoint, e.g. 220_epoch_299.pth")
     official.add_argument("--hsam", default=None, help="the same checkpoint given as an option")
-    official.add_argument("--sam", default=None, help="SAM base .pth (default: the downloaded sam-vit-b)")
+    official.add_argument("--sam", default=None,
+                          help="SAM base .pth (default: the downloaded sam-vit-b, downloaded first when missing)")
     official.add_argument("--id", "--name", dest="id", default="hsam-vitb-synapse", help="id to install it as")
+    progress.add_option(official)
     official.set_defaults(run=run_import_official)
 
     remove = actions.add_parser("remove", help="delete an installed model or a downloaded base file")
@@ -68,17 +74,12 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_download(args: argparse.Namespace) -> int:
     """Download a manifest entry with a byte progress bar."""
-    from tqdm import tqdm
-
     from hsam.weights import fetch
 
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=args.id, file=sys.stderr) as bar:
-        def progress(done: int, total: int | None) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        path = fetch(args.id, progress=progress)
+    path = fetch(args.id, progress=progress.download_progress(args.reporter, args.id))
+    args.reporter.close_bar()
     print(f"{args.id}: {path}")
+    args.reporter.finished(id=args.id, path=str(path))
     return 0
 
 
@@ -86,17 +87,31 @@ def run_import(args: argparse.Namespace) -> int:
     """Install a saved model folder into the cache."""
     from hsam.weights import import_model
 
-    print(f"installed {import_model(args.path, args.id)}")
+    args.reporter.status(f"Installing {args.path}", "install")
+    folder = import_model(args.path, args.id)
+    print(f"installed {folder}")
+    args.reporter.finished(id=folder.name, path=str(folder))
     return 0
 
 
 def run_import_official(args: argparse.Namespace) -> int:
-    """Convert and install an official H-SAM checkpoint."""
-    from hsam.weights import import_official
+    """Convert and install an official H-SAM checkpoint (downloading the SAM base weights first when missing)."""
+    from hsam.weights import base_file, fetch, import_official, load_manifest
 
     if (args.checkpoint is None) == (args.hsam is None):
         raise HSAMError("give the official H-SAM checkpoint once: hsam models import-official FILE.pth (or --hsam FILE.pth)")
-    print(f"installed {import_official(args.checkpoint or args.hsam, args.sam, args.id)}")
+    if not Path(args.checkpoint or args.hsam).is_file():
+        raise HSAMError(f"H-SAM checkpoint not found: {args.checkpoint or args.hsam}")
+    if args.sam is None:
+        entry = load_manifest().get(args.id)
+        base_id = entry.requires[0] if entry is not None and entry.requires else "sam-vit-b"
+        if base_file(base_id) is None:
+            fetch(base_id, progress=progress.download_progress(args.reporter, f"the {base_id} base weights"))
+            args.reporter.close_bar()
+    args.reporter.status(f"Converting {args.checkpoint or args.hsam} to an HSAMSlicer model", "install")
+    folder = import_official(args.checkpoint or args.hsam, args.sam, args.id)
+    print(f"installed {folder}")
+    args.reporter.finished(id=folder.name, path=str(folder))
     return 0
 
 

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from hsam import atomic
+from hsam.cli import progress as progress_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="segment an image that does not look like CT in Hounsfield units (MR, normalised "
                              "images); the models are trained on CT, so expect poor results")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    progress_option.add_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -192,6 +194,7 @@ def run_cohort(args: argparse.Namespace) -> int:
     summary = cohort.run_cohort(mine, out_dir, args.suffix, segment_one, say=lambda text: say(tag + text))
     say(f"{tag}done: {len(summary.done)} segmented, {len(summary.skipped)} already finished, "
         f"{len(summary.failed)} failed, {summary.seconds:.1f} s")
+    args.reporter.finished(segmented=len(summary.done), skipped=len(summary.skipped), failed=len(summary.failed))
     return 1 if summary.failed else 0
 
 
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         select_precision,
     )
     from hsam.volume import read_image, write_image, write_labels
-    from hsam.weights import available_models, load_named_model, resolve_model
+    from hsam.weights import available_models, fetch, load_named_model, needs_download, resolve_model
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
     outputs = _check_outputs(args)
@@ -227,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             image = read_image(args.input, series=args.series)
     for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)  # also with -q: the user must know what was read
+        args.reporter.warning(str(warning.message))  # also with -q: the user must know what was read
     if not getattr(args, "allow_non_ct", False):
         from hsam.volume import looks_like_ct
 
@@ -240,7 +243,12 @@ def run(args: argparse.Namespace) -> int:
     select_precision(args.precision, select_device(args.device))
     if args.batch_size is not None and args.batch_size < 1:
         raise HSAMError(f"--batch-size must be at least 1, got {args.batch_size}")
+    reporter = args.reporter
+    if args.model is not None and needs_download(args.model):  # a manifest model is downloaded on first use
+        fetch(args.model, progress=progress_option.download_progress(reporter, f"model {args.model}"))
+        reporter.close_bar()
     model_id, folder = resolve_model(args.model)
+    reporter.status(f"Loading model {model_id}", "load")
     model, card = load_named_model(str(folder), device="cpu")
     organs = None
     if args.organs:
@@ -252,28 +260,18 @@ def run(args: argparse.Namespace) -> int:
         say(f"model: {model_id} (the most accurate installed model{f'; {others} other(s) installed' if others else ''})")
     else:
         say(f"model: {model_id} ({folder})")
-    if card.demo:
-        say(f"warning: {model_id} is a demo model (card says demo=true); its labels are not meant for real use")
-
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=image.GetSize()[2], unit="slice", desc="segmenting", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
+    if card.demo and (reporter.json or not args.quiet):
+        reporter.warning(f"{model_id} is a demo model (card says demo=true); its labels are not meant for real use")
 
     try:
         result = segment_volume(
             image, model, card, device=args.device, batch_size=args.batch_size, precision=args.precision,
-            mode=args.mode, progress=progress, largest_component=args.largest_component, organs=organs,
+            mode=args.mode, progress=lambda done, total: reporter.progress(done, total, "segment"),
+            status=lambda text: reporter.status(text, "engine"), largest_component=args.largest_component,
+            organs=organs,
         )
     finally:
-        if bar is not None:
-            bar.close()
+        reporter.close_bar()
 
     # All or nothing without losing the previous run: every output is written to a hidden file beside it first
     # and only moved onto its name once all of them were written (deleting a half-set would delete the files the
@@ -313,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     written = [final for _, final in staged]
 
     for message in result.warnings:
-        say(f"warning: {message}")
+        reporter.warning(message)
     if not args.quiet:
         say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, mode {result.mode}, "
             f"batch {result.batch_size})")
@@ -321,4 +319,13 @@ def run(args: argparse.Namespace) -> int:
             say(f"  {name:<14} {ml:9.1f} ml")
         for path in written:
             say(f"wrote {path}")
+    kinds = ["labels"] + [k for k in ("confidence", "stats", "overlay") if getattr(args, k)]
+    reporter.finished(
+        written={kind: str(path) for kind, path in zip(kinds, written)},
+        result={"device": result.device, "precision": result.precision, "mode": result.mode,
+                "batch_size": result.batch_size, "seconds": round(result.seconds, 3), "warnings": result.warnings,
+                "volumes_ml": result.volumes_ml},
+        model={"id": model_id, "name": card.name, "title": card.title, "sha256": card.sha256 or "",
+               "classes": list(card.classes), "demo": bool(card.demo)},
+    )
     return 0

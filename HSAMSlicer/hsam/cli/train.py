@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Any, Sequence
+
+from hsam.cli import progress as progress_option
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +21,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-register", action="store_true",
                         help="do not install the resulting model into the local model list")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    progress_option.add_option(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,11 +70,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
-def _report(result) -> int:
+def _report(result, reporter) -> int:
     last = result.history[-1] if result.history else {}
     print(f"run folder: {result.output_dir}")
     if not result.finished:
         print(f"stopped after epoch {last.get('epoch', -1) + 1}; continue with --resume")
+        reporter.finished(run_folder=str(result.output_dir), complete=False)
         return 0
     if result.best:
         print(f"best validation Dice {result.best['val_dice']:.4f} at epoch {result.best['epoch'] + 1}")
@@ -79,16 +85,47 @@ def _report(result) -> int:
         print(f"model saved: {result.model_dir}")
     if result.installed is not None:
         print(f"installed as '{result.installed.name}' (hsam models list; hsam segment --model {result.installed.name})")
+    reporter.finished(
+        run_folder=str(result.output_dir), complete=True, best=result.best,
+        model={"id": result.installed.name if result.installed is not None else None,
+               "path": str(result.model_dir) if result.model_dir is not None else None},
+    )
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from hsam.training.config import load_training_config
+def _number(value: Any) -> float | None:
+    """JSON has no NaN: an organ absent from the validation cases is reported as null."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _train(config, args: argparse.Namespace, class_names: Sequence[str]):
+    """Run :func:`hsam.training.trainer.train` with progress through ``args.reporter``."""
     from hsam.training.trainer import train
 
+    reporter = args.reporter
+    epochs = int(config["epochs"])
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        organs = {name: _number(row.get(f"val_dice_{index}")) for index, name in enumerate(class_names)
+                  if index and f"val_dice_{index}" in row}
+        reporter.epoch(epoch=int(row["epoch"]) + 1, epochs=epochs, loss=_number(row.get("loss")),
+                       train_dice=_number(row.get("train_dice")), val_dice=_number(row.get("val_dice")),
+                       val_dice_organs=organs, seconds=row.get("seconds"))
+
+    if reporter.json:
+        reporter.status(f"Training {config['name']} for {epochs} epochs", "train")
+    return train(config, resume=args.resume, progress=not (args.quiet or reporter.json), register=not args.no_register,
+                 on_step=(lambda done, total: reporter.progress(done, total, "train", unit="step")) if reporter.json
+                 else None,
+                 on_epoch=on_epoch)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from hsam.labels import CLASS_NAMES
+    from hsam.training.config import load_training_config
+
     config = load_training_config(args.config, _overrides(args))
-    result = train(config, resume=args.resume, progress=not args.quiet, register=not args.no_register)
-    return _report(result)
+    return _report(_train(config, args, CLASS_NAMES), args.reporter)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -96,7 +133,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     from hsam.model.checkpoint import read_card
     from hsam.training.config import load_training_config
     from hsam.training.data import case_folders
-    from hsam.training.trainer import train
     from hsam.weights import resolve_model
 
     model_id, folder = resolve_model(args.model)
@@ -116,5 +152,4 @@ def run_finetune(args: argparse.Namespace) -> int:
     if n_val == 0:
         extra["validation"] = {"every": 0}
     config = load_training_config(args.config, _overrides(args), extra=extra)
-    result = train(config, resume=args.resume, progress=not args.quiet, register=not args.no_register)
-    return _report(result)
+    return _report(_train(config, args, list(card.classes)), args.reporter)

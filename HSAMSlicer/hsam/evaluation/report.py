@@ -16,13 +16,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from hsam import atomic
 from hsam.errors import HSAMError
 from hsam.evaluation.metrics import PROTOCOLS, OrganScore, score_volume
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".npy.h5", ".h5", ".npz", ".dcm")
 # Suffixes that prediction/reference tools append to a case name (H-SAM's --is_savenii writes _pred/_gt).
@@ -190,6 +193,30 @@ def _organ_names() -> dict[int, str]:
     return {o.index: o.name for o in ORGANS}
 
 
+def _image_of(volume: LabelVolume) -> sitk.Image:
+    """The label volume as a SimpleITK image with its recorded geometry (spacing, origin and direction known)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing(tuple(reversed(volume.spacing)))  # type: ignore[arg-type]
+    image.SetOrigin(volume.origin)  # type: ignore[arg-type]
+    image.SetDirection(volume.direction)  # type: ignore[arg-type]
+    return image
+
+
+def on_reference_grid(case: str, pred: LabelVolume, ref: LabelVolume) -> LabelVolume:
+    """The prediction on the reference's voxel grid (see :func:`hsam.volume.onto_grid`) when both files record
+    their geometry, e.g. a segmentation that Slicer saved cropped to its segments; else the prediction as it is."""
+    if None in (pred.spacing, pred.origin, pred.direction, ref.spacing, ref.origin, ref.direction):
+        return pred  # h5/npz: no geometry, _check_grids compares the shapes
+    import SimpleITK as sitk
+
+    from hsam.volume import onto_grid
+
+    placed = onto_grid(_image_of(pred), _image_of(ref), f"case {case}: the predicted labels")
+    return LabelVolume(sitk.GetArrayFromImage(placed), ref.spacing, ref.origin, ref.direction)
+
+
 def _check_grids(case: str, pred: LabelVolume, ref: LabelVolume, protocol: str) -> None:
     if pred.array.shape != ref.array.shape:
         raise HSAMError(
@@ -218,6 +245,7 @@ def evaluate_volumes(
     names = _organ_names()
     rows: list[Row] = []
     for case, pred, ref in pairs:
+        pred = on_reference_grid(case, pred, ref)
         _check_grids(case, pred, ref, protocol)
         spacing = ref.spacing if ref.spacing is not None else pred.spacing
         if protocol == "mm" and spacing is None:

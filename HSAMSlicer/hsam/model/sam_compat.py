@@ -2,8 +2,9 @@
 
 ``segment_anything/__init__.py`` imports its predictor, which needs torchvision; the network code in
 ``segment_anything.modeling`` and ``segment_anything.build_sam`` needs only torch. Where torchvision imports (inside
-3D Slicer it does) the package is imported normally; elsewhere the package is registered without running its
-``__init__`` so that only the torch-only submodules load.
+3D Slicer it does) the package is imported normally; elsewhere a stand-in package is registered just long enough to
+load the torch-only submodules, then taken out of ``sys.modules`` again: another library that imports
+``segment_anything`` later gets the real package (or the real ImportError), never our partial stand-in.
 """
 
 from __future__ import annotations
@@ -24,23 +25,33 @@ def _torchvision_works() -> bool:
     return True
 
 
+_loaded: dict[str, types.ModuleType] = {}  # "modeling", "build_sam": kept here when the stand-in was used
+
+
 def load_segment_anything() -> types.ModuleType:
-    """Return the ``segment_anything`` package object with ``modeling`` and ``build_sam`` imported."""
-    if "segment_anything" not in sys.modules:
-        spec = importlib.util.find_spec("segment_anything")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("segment-anything is not installed: pip install segment-anything")
-        if _torchvision_works():
-            importlib.import_module("segment_anything")
-        else:
-            package = types.ModuleType("segment_anything")
-            package.__path__ = list(spec.submodule_search_locations)
-            package.__spec__ = spec
-            package.__file__ = spec.origin
-            sys.modules["segment_anything"] = package
-    package = sys.modules["segment_anything"]
-    importlib.import_module("segment_anything.modeling")
-    importlib.import_module("segment_anything.build_sam")
+    """Return a ``segment_anything`` package object with ``modeling`` and ``build_sam`` imported."""
+    if _loaded:
+        return _loaded["package"]
+    if "segment_anything" in sys.modules or _torchvision_works():
+        package = importlib.import_module("segment_anything")
+        importlib.import_module("segment_anything.modeling")
+        importlib.import_module("segment_anything.build_sam")
+        return package
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("segment-anything is not installed: pip install segment-anything")
+    package = types.ModuleType("segment_anything")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    package.__file__ = spec.origin
+    sys.modules["segment_anything"] = package
+    try:
+        importlib.import_module("segment_anything.modeling")
+        importlib.import_module("segment_anything.build_sam")
+    finally:
+        for name in [m for m in sys.modules if m == "segment_anything" or m.startswith("segment_anything.")]:
+            del sys.modules[name]  # the module objects live on in `package` and in _loaded
+    _loaded["package"] = package
     return package
 
 

@@ -171,14 +171,13 @@ def load_volume(
     import SimpleITK as sitk
 
     from hsam.labels import remap_labels
-    from hsam.volume import read_image, read_labels, same_geometry, to_canonical
+    from hsam.volume import onto_grid, read_image, read_labels, to_canonical
     from hsam.volume import window as apply_window
 
     image = read_image(image_path)
-    labels = read_labels(label_path, reference=image)  # a DICOM SEG is placed on the CT's slices
-    if not same_geometry(image, labels, tolerance=1e-3):
-        raise HSAMError(f"labels {Path(label_path).name} are not on the grid of image {Path(image_path).name} "
-                        "(size, spacing, origin or direction differ); resample them onto the image first")
+    # a DICOM SEG is placed on the CT's slices; a segmentation saved by Slicer is cropped to its segments: put it
+    # back on the image grid
+    labels = onto_grid(read_labels(label_path, reference=image), image, f"labels {Path(label_path).name}")
     array, how = to_canonical(image, orientation)
     if how.resampled:  # oblique: labels go onto the same canonical grid, nearest-neighbour (never interpolated)
         assert how.canonical_grid is not None

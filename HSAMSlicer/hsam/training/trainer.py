@@ -29,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -245,19 +245,21 @@ def _describe_data(config: Mapping[str, Any]) -> str:
 
 
 def train(config: Mapping[str, Any], *, resume: bool = False, stop_after_epoch: int | None = None,
-          progress: bool = True, register: bool = True) -> TrainResult:
+          progress: bool = True, register: bool = True, on_step: Callable[[int, int], None] | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train as ``config`` (a dict from :func:`hsam.training.config.load_training_config`) says.
 
     ``resume``: continue the run in ``output_dir`` from ``checkpoints/last.pt``. ``stop_after_epoch``: stop (as if
     interrupted) once that many epochs are done; the run can be resumed later. ``register``: install the resulting
-    model under ``config["name"]`` so ``hsam models list`` and Slicer show it.
+    model under ``config["name"]`` so ``hsam models list`` and Slicer show it. ``on_step(k, n)``: k of the run's n
+    optimizer steps are done (main process); ``on_epoch(row)``: an epoch ended, ``row`` as in ``log.csv``.
     """
     config = copy.deepcopy(dict(config))
     device_name = config["device"]
     kind = "cuda" if (device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())) else "cpu"
     ddp = init_distributed(kind)
     try:
-        return _train(config, ddp, resume, stop_after_epoch, progress, register)
+        return _train(config, ddp, resume, stop_after_epoch, progress, register, on_step, on_epoch)
     finally:
         from hsam.training.losses import use_reduce_group
 
@@ -267,7 +269,8 @@ def train(config: Mapping[str, Any], *, resume: bool = False, stop_after_epoch: 
 
 
 def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_epoch: int | None, progress: bool,
-           register: bool) -> TrainResult:
+           register: bool, on_step: Callable[[int, int], None] | None,
+           on_epoch: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     device = resolve_device(config["device"], ddp.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -355,12 +358,14 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     board = logs.TensorBoard(out / "tensorboard", bool(config["tensorboard"])) if ddp.main else None
     organs = list(range(1, model.config.num_outputs))
     val_every = int(config["validation"]["every"])
+    total_steps = epochs * per_epoch
+    step_report = (lambda: on_step(schedule.step_count, total_steps)) if on_step is not None and ddp.main else None
     finished = True
     try:
         for epoch in range(start_epoch, epochs):
             started = time.time()
             row = _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast,
-                             loss_cfg, noise, frozen_encoder, progress, organs)
+                             loss_cfg, noise, frozen_encoder, progress, organs, step_report)
             row["seconds"] = round(time.time() - started, 3)
             validated = val_volumes and val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs)
             if validated and ddp.main:
@@ -373,6 +378,8 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
                     save_state(out / "checkpoints" / "best.pt", {"model": trainable_state(model), "epoch": epoch,
                                                                    "metrics": metrics})
             history.append(row)
+            if on_epoch is not None and ddp.main:
+                on_epoch(row)
             rng_states = _gather_rng(ddp)
             if ddp.main:
                 if config["checkpoint_every"] and (epoch + 1) % int(config["checkpoint_every"]) == 0:
@@ -431,7 +438,7 @@ def _gather_rng(ddp: Distributed) -> list[dict[str, Any]]:
 
 
 def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast, loss_cfg,
-               noise, frozen_encoder, progress, organs) -> dict[str, Any]:
+               noise, frozen_encoder, progress, organs, step_report) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     sampler = EpochBatchSampler(len(dataset), int(config["batch_size"]), epoch, int(config["seed"]), ddp.rank,
@@ -488,6 +495,8 @@ def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, sched
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{parts.total.item():.4f}", lr=f"{schedule.current():.2e}")
+        if step_report is not None:
+            step_report()
     if bar is not None:
         bar.close()
     if ddp.world_size > 1:

@@ -209,8 +209,10 @@ def read_labels(path: str | os.PathLike[str], reference: sitk.Image | None = Non
     """Read a label map (NIfTI/NRRD/MHA), a Slicer ``.seg.nrrd`` or a DICOM SEG as a uint8 image of H-SAM label values.
 
     For ``.seg.nrrd`` and DICOM SEG, segments are matched to H-SAM organs by terminology (type + modifier) or name;
-    others become 0. A DICOM SEG stores only the slices it segments, so it is placed on ``reference``'s grid (the CT)
-    when given. Plain label maps are returned as stored (values must fit in 0..255).
+    others become 0; where organ segments of a ``.seg.nrrd`` overlap the higher label wins. The grid is the file's: a
+    segmentation Slicer saved is cropped to its segments (:func:`hsam.volume.onto_grid` puts it back on the CT's
+    grid). A DICOM SEG stores only the slices it segments, so it is placed on ``reference``'s grid (the CT) when
+    given. Plain label maps are returned as stored (values must fit in 0..255).
     """
     source = Path(path)
     if not source.is_file():
@@ -261,10 +263,10 @@ def _seg_to_image(segmentation: dict, source: Path, label_table) -> sitk.Image:
     elif voxels.ndim != 4:
         raise HSAMError(f"segmentation {source.name} has {voxels.ndim} dimensions; expected 3 or 4")
     out = np.zeros(voxels.shape[1:], dtype=np.uint8)
-    for segment in segmentation.get("segments", []):
-        index = _organ_of_segment(segment, label_table)
-        if index is None:
-            continue
+    organs = [(index, segment) for segment in segmentation.get("segments", [])
+              if (index := _organ_of_segment(segment, label_table)) is not None]
+    # overlapping segments (Slicer keeps them in separate layers): the higher H-SAM label wins, as in the module
+    for index, segment in sorted(organs, key=lambda pair: pair[0]):
         layer = int(segment.get("layer", 0))
         out[voxels[layer] == int(segment.get("labelValue", 1))] = index
     image = sitk.GetImageFromArray(np.ascontiguousarray(out.transpose(2, 1, 0)))
@@ -413,6 +415,10 @@ def write_segmentation(labels: sitk.Image, path: str | os.PathLike[str], organs:
 
     target = check_writable(path, (".seg.nrrd",))
     array = sitk.GetArrayViewFromImage(labels)  # [z, y, x]
+    # Slicer crops each segment to its Extent (i, j, k order): state the full grid, since slicerio would derive it
+    # from the C-order array shape and write it reversed (k, j, i)
+    size_x, size_y, size_z = labels.GetSize()
+    extent = [0, size_x - 1, 0, size_y - 1, 0, size_z - 1]
     direction = np.array(labels.GetDirection(), dtype=float).reshape(3, 3)
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction * np.array(labels.GetSpacing())
@@ -423,7 +429,8 @@ def write_segmentation(labels: sitk.Image, path: str | os.PathLike[str], organs:
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
         "referenceImageExtentOffset": [0, 0, 0],
-        "segments": label_table.segment_metadata(list(organs) if organs is not None else None),
+        "segments": [{**segment, "extent": extent}
+                     for segment in label_table.segment_metadata(list(organs) if organs is not None else None)],
     }
 
     def writer(temp: str) -> None:

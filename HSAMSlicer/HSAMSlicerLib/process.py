@@ -1,0 +1,307 @@
+"""Run one ``hsam`` command in a child process and follow it from Slicer's main thread without ever blocking it.
+
+Why a process and not a thread: Slicer's main thread holds Python's GIL while Qt idles, so a Python thread inside
+Slicer runs only while the main thread runs Python (measured 20-50x slower; ``product.md``, "Process model"). The
+child is Slicer's own Python (``PythonSlicer``) running ``python -m hsam COMMAND ... --progress json``:
+
+- its stdout (one JSON object per line, :mod:`hsam.cli.progress`) goes to a file in the job's private folder, which
+  :meth:`ChildJob.poll` reads from where it stopped: a file read never blocks, on every platform, and needs no thread;
+- its stderr goes to ``log.txt`` beside it (shown with an error);
+- its stdin is a pipe that the parent never writes to: closing it asks the child to stop, and the operating system
+  closes it when Slicer exits or crashes, so a child never outlives Slicer (``hsam.cli.stop``);
+- it runs in its own process group (session on POSIX), so Cancel ends it and every process it started.
+
+No Qt and no MRML here: the widget calls :meth:`ChildJob.poll` from a QTimer, the Logic applies results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from hsam.errors import HSAMError
+
+PROGRESS_FILE = "progress.jsonl"
+LOG_FILE = "log.txt"
+STOP_GRACE_S = 1.0  # after a cancel, the child gets this long to clean up before it is killed
+LOG_TAIL_LINES = 30
+
+
+class ChildCrashed(HSAMError):
+    """The child ended without saying why (killed, out of memory, segfault): ``details`` holds its log's last lines."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class JobCancelled(Exception):
+    """The user cancelled the job; nothing was applied."""
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A snapshot of a :class:`ChildJob`, read on the main thread."""
+
+    done: bool
+    current: int  # units finished (slices, training steps, bytes)
+    total: int  # units in all; 0 while unknown
+    stage: str  # what the child does now: download, load, engine, segment, train, install
+    message: str  # the child's latest status line
+    elapsed_s: float
+    eta_s: float | None  # None until two progress reports allow an estimate
+    cancel_requested: bool
+    warnings: tuple[str, ...] = ()
+    epochs: tuple[dict[str, Any], ...] = ()  # training: one entry per finished epoch
+    result: dict[str, Any] | None = None  # the child's last line, {"finished": true, ...}, once it succeeded
+    error: BaseException | None = None  # HSAMError (the child's message), ChildCrashed, or JobCancelled
+
+
+def python_executable() -> str:
+    """Slicer's ``PythonSlicer`` launcher where it exists (it sets up Slicer's libraries), else this Python."""
+    launcher = shutil.which("PythonSlicer")
+    return launcher or sys.executable
+
+
+def package_root() -> Path:
+    """The folder that holds the ``hsam`` package (next to HSAMSlicerLib in a checkout and an installed extension)."""
+    import hsam
+
+    return Path(hsam.__file__).resolve().parent.parent
+
+
+def _child_environment(extra: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(package_root())
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["HSAM_STOP_ON_STDIN_EOF"] = "1"
+    env.update(extra or {})
+    return env
+
+
+class ChildJob:
+    """``python -m hsam ARGUMENTS --progress json`` in a child process with a private working folder.
+
+    ``folder`` (created when None) is removed by :meth:`cleanup`; the command's outputs should be written there.
+    """
+
+    def __init__(self, arguments: Sequence[str], folder: Path | None = None, env: dict[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.arguments = [str(a) for a in arguments]
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="hsam-slicer-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._env = env
+        self._clock = clock
+        self.process: subprocess.Popen | None = None
+        self._started_at = 0.0
+        self._offset = 0
+        self._pending = b""
+        self._current = 0
+        self._total = 0
+        self._stage = ""
+        self._message = ""
+        self._first: tuple[int, float] | None = None  # first progress report: the rate excludes start-up
+        self._last: tuple[int, float] | None = None
+        self._warnings: list[str] = []
+        self._epochs: list[dict[str, Any]] = []
+        self._final: dict[str, Any] | None = None
+        self._cancel_at: float | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    @property
+    def command(self) -> list[str]:
+        return [python_executable(), "-m", "hsam", *self.arguments, "--progress", "json"]
+
+    def start(self) -> "ChildJob":
+        """Start the child. Raises HSAMError when it cannot be started (the folder is removed then)."""
+        popen: dict[str, Any] = {}
+        if os.name == "nt":
+            popen["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        else:
+            popen["start_new_session"] = True
+        try:
+            with open(self.folder / PROGRESS_FILE, "wb") as stdout, open(self.folder / LOG_FILE, "wb") as stderr:
+                self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
+                                                cwd=self.folder, env=_child_environment(self._env), **popen)
+        except OSError as error:
+            self.cleanup()
+            raise HSAMError(f"could not start the H-SAM process ({error.strerror or error}); check that Slicer's "
+                            "Python can run") from None
+        self._started_at = self._clock()
+        return self
+
+    # ------------------------------------------------------------------ following the child
+    def poll(self) -> JobState:
+        """Read what the child reported since the last call (never blocks) and return the job's state."""
+        if self.process is not None and not self._done:
+            self._read_lines()
+            code = self.process.poll()
+            if code is None and self._cancel_at is not None and self._clock() >= self._cancel_at:
+                self.kill()
+                code = self.process.poll()
+            if code is not None:
+                self._read_lines()
+                self._finish(code)
+        return self._state()
+
+    def _read_lines(self) -> None:
+        try:
+            with open(self.folder / PROGRESS_FILE, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return
+        self._offset += len(data)
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()  # an unfinished last line waits for the next read
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # not ours (a library printing to stdout before the redirection): it is in no contract
+            if isinstance(event, dict):
+                self._handle(event)
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        if "error" in event:
+            self._error = JobCancelled(event["error"]) if event.get("cancelled") else HSAMError(str(event["error"]))
+        elif event.get("finished"):
+            self._final = event
+        elif "warning" in event:
+            self._warnings.append(str(event["warning"]))
+        elif "epoch" in event:
+            self._epochs.append(event)
+        elif "status" in event:
+            self._message = str(event["status"])
+            self._stage = str(event.get("stage", self._stage))
+        if "done" in event and "total" in event:
+            stage = str(event.get("stage", self._stage))
+            if stage != self._stage:
+                self._first = None  # a new stage (download -> segment): its own rate
+            self._stage = stage
+            now = self._clock()
+            stamp = (int(event["done"]), now)
+            self._current, self._total = stamp[0], int(event["total"] or 0)
+            if self._first is None:
+                self._first = stamp
+            self._last = stamp
+
+    def _finish(self, code: int) -> None:
+        self._done = True
+        if self._cancel_at is not None:
+            self._error = JobCancelled("cancelled")
+        elif code == 0 and self._final is not None:
+            self._error = None
+        elif self._error is None:
+            self._error = ChildCrashed(self._crash_message(code), self.log_tail())
+
+    def _crash_message(self, code: int) -> str:
+        if code < 0:
+            try:
+                how = f"was ended by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was ended by signal {-code}"
+        else:
+            how = f"stopped with exit code {code}"
+        return (f"the H-SAM process {how} without finishing (out of memory, a GPU driver error or a crash?); "
+                "the scene was not changed. The log's last lines are in the details")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines the child wrote to stderr (its log)."""
+        try:
+            text = (self.folder / LOG_FILE).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _state(self) -> JobState:
+        now = self._clock()
+        eta = None
+        if self._first and self._last and self._last[0] > self._first[0] and self._total:
+            rate = (self._last[0] - self._first[0]) / max(self._last[1] - self._first[1], 1e-9)
+            eta = max(self._total - self._last[0], 0) / rate
+        return JobState(
+            done=self._done, current=self._current, total=self._total, stage=self._stage, message=self._message,
+            elapsed_s=now - self._started_at if self._started_at else 0.0, eta_s=eta,
+            cancel_requested=self._cancel_at is not None, warnings=tuple(self._warnings),
+            epochs=tuple(self._epochs), result=self._final if self._done and self._error is None else None,
+            error=self._error if self._done else None,
+        )
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> JobState:
+        """Poll until the job ends (headless use and tests); the same as the GUI's timer, without the GUI."""
+        deadline = None if timeout is None else self._clock() + timeout
+        state = self.poll()
+        while not state.done and (deadline is None or self._clock() < deadline):
+            time.sleep(interval)
+            state = self.poll()
+        return state
+
+    # ------------------------------------------------------------------ stopping
+    def cancel(self) -> None:
+        """Ask the child to stop (it removes its partial outputs); :meth:`poll` kills it if it has not ended within
+        :data:`STOP_GRACE_S`. Never blocks."""
+        if self.process is None or self._done or self._cancel_at is not None:
+            return
+        self._cancel_at = self._clock() + STOP_GRACE_S
+        self._close_stdin()
+        if os.name != "nt":
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill(self) -> None:
+        """End the child and every process it started, now."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self._close_stdin()
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.process.kill()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _close_stdin(self) -> None:
+        if self.process is not None and self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
+    def cleanup(self) -> None:
+        """Kill the child if it still runs and remove the private folder."""
+        self.kill()
+        self._close_stdin()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def format_eta(seconds: float | None) -> str:
+    """'1:05' style remaining time, or '' while unknown."""
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"

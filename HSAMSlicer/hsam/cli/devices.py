@@ -1,0 +1,49 @@
+"""``hsam devices``: what PyTorch can compute on here (CUDA GPUs, Apple MPS, the CPU and its instruction sets)."""
+
+from __future__ import annotations
+
+import argparse
+
+from hsam.cli import progress
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``devices`` command (no torch import here)."""
+    parser = subparsers.add_parser("devices", help="list the devices PyTorch can use here",
+                                   description="Show the PyTorch version and the devices it can use (CUDA GPUs, Apple "
+                                   "MPS, CPU), and which one --device auto picks.")
+    progress.add_option(parser)
+    parser.set_defaults(run=run)
+
+
+def detect() -> dict[str, object]:
+    """{'torch', 'cuda', 'cuda_devices', 'mps', 'cpu_threads', 'auto'}; imports torch."""
+    import torch
+
+    from hsam.inference import select_device
+
+    cuda = bool(torch.cuda.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return {
+        "torch": torch.__version__,
+        "cuda": cuda,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "mps": bool(mps is not None and mps.is_available()),
+        "cpu_threads": torch.get_num_threads(),
+        "auto": str(select_device("auto")),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    found = detect()
+    if args.reporter.json:
+        args.reporter.finished(devices=found)
+        return 0
+    print(f"PyTorch {found['torch']}")
+    for index, name in enumerate(found["cuda_devices"]):
+        print(f"  cuda:{index}  {name}")
+    if found["mps"]:
+        print("  mps     Apple GPU")
+    print(f"  cpu     {found['cpu_threads']} threads")
+    print(f"--device auto uses: {found['auto']}")
+    return 0
