@@ -156,6 +156,24 @@ def seg_target(work: Path):
     return seed.read_bytes(), run
 
 
+def dicom_seg_target(work: Path):
+    """The real dcmqi DICOM SEG (../shared/data/real or HSAM_REAL_DATA), read on its own grid and on its CT's."""
+    import os
+
+    from hsam.volume import read_image, read_labels
+
+    real = Path(os.environ.get("HSAM_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
+    ct = read_image(real / "dcmqi" / "ct-3slice")
+    target = work / "case.dcm"
+
+    def run(mutated: bytes) -> None:
+        target.write_bytes(mutated)
+        read_labels(target)
+        read_labels(target, reference=ct)
+
+    return (real / "dcmqi" / "liver.dcm").read_bytes(), run
+
+
 def _tiny_saved(work: Path) -> Path:
     import torch
 
@@ -244,6 +262,7 @@ TARGETS = {
     "mha": image_target(".mha"),
     "dicom": dicom_target,
     "seg-nrrd": seg_target,
+    "dicom-seg": dicom_seg_target,
     "model-card": card_target,
     "safetensors": safetensors_target,
     "pth-zip": pth_target(legacy=False),

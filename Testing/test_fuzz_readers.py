@@ -17,13 +17,15 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SECONDS = float(os.environ.get("HSAM_FUZZ_SECONDS", "2"))
-TARGETS = ["nifti", "nifti-gz-inner", "nrrd", "mha", "dicom", "seg-nrrd", "model-card", "safetensors", "pth-zip",
-           "pth-legacy", "manifest"]  # fmt: skip
+TARGETS = ["nifti", "nifti-gz-inner", "nrrd", "mha", "dicom", "seg-nrrd", "dicom-seg", "model-card", "safetensors",
+           "pth-zip", "pth-legacy", "manifest"]  # fmt: skip
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_reader_survives_mutated_files(target, tmp_path):
+def test_reader_survives_mutated_files(target, tmp_path, request):
     out = tmp_path / target
+    if target == "dicom-seg":  # its seed is the real dcmqi SEG: skipped, like every real-data test, without the data
+        os.environ.setdefault("HSAM_REAL_DATA", str(request.getfixturevalue("real_data")))
     try:
         done = subprocess.run(
             [sys.executable, str(HERE / "fuzz_readers.py"), target, str(SECONDS), str(out)],

@@ -280,7 +280,7 @@ def test_dicom_folder_with_two_series_takes_the_largest_and_says_so(installed, c
     out = tmp_path / "labels.nii.gz"
     assert main(["segment", str(folder), "-o", str(out), "--model", installed, "-q", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "warning: mixed study holds 2 DICOM series: using the largest (6 slices)" in err, err
+    assert "warning: mixed study holds 2 DICOM series: using series (CT, 6 slices, 3 mm apart)" in err, err
     assert same_geometry(read_labels(out), image, 1e-4)
 
 

@@ -1,7 +1,7 @@
 """Segment a cohort: many CT volumes in one run, resumable, shardable across processes/GPUs (``torchrun``).
 
-Inputs come from a folder (every volume file in it, plus every sub-folder holding a DICOM series) or from a list
-file (one path per line, relative to the list file; blank lines and ``#`` comments ignored). Each case's labels go to
+Inputs come from a folder (every volume file in it, plus every sub-folder holding DICOM files: a series, or a whole
+study whose series are picked as :func:`hsam.volume.dicom_series.pick_series` says) or from a list file (one path per line, relative to the list file; blank lines and ``#`` comments ignored). Each case's labels go to
 ``OUTPUT_DIR/<case name><suffix>``. Outputs are written atomically, so an existing output means a finished case:
 a killed run started again skips those (resume). With ``torchrun --nproc_per_node=N -m hsam segment ...`` (or any
 launcher setting ``RANK``/``WORLD_SIZE``) each process takes every N-th case of the sorted list; on a machine with
@@ -44,8 +44,36 @@ def _looks_like_dicom_folder(path: Path) -> bool:
     )
 
 
+def _holds_dicom(path: Path) -> bool:
+    """True for a folder with DICOM files in it or in any sub-folder (a series folder, or a study's folder tree)."""
+    if not path.is_dir():
+        return False
+    return any(_looks_like_dicom_folder(Path(root)) for root, _, _ in os.walk(path))
+
+
+def _study_uids(path: Path) -> set[str]:
+    """The Study Instance UIDs under ``path``, read from the first DICOM file of each folder (series are foldered)."""
+    import pydicom
+
+    studies = set()
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            try:
+                header = pydicom.dcmread(Path(root) / name, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+            except Exception:  # not DICOM (or unreadable): try the folder's next file
+                continue
+            if header.get("StudyInstanceUID"):
+                studies.add(str(header.StudyInstanceUID))
+                break
+    return studies
+
+
 def is_cohort_source(source: str | os.PathLike[str]) -> bool:
-    """True for a list file, or a folder that holds volume files or DICOM sub-folders (not itself a DICOM series)."""
+    """True for a list file, or a folder that holds volume files, or DICOM sub-folders of more than one study.
+
+    A folder with DICOM files in it is one input (a series, or a study to pick a series from); so is a folder whose
+    sub-folders hold the series of a single study.
+    """
     path = Path(source)
     if path.is_file():
         return path.name.lower().endswith(LIST_SUFFIXES)
@@ -54,7 +82,9 @@ def is_cohort_source(source: str | os.PathLike[str]) -> bool:
     entries = list(path.iterdir())
     if any(e.is_file() and _volume_suffix(e) for e in entries):
         return True
-    return not _looks_like_dicom_folder(path) and any(_looks_like_dicom_folder(e) for e in entries if e.is_dir())
+    if _looks_like_dicom_folder(path) or not any(_holds_dicom(e) for e in entries if e.is_dir()):
+        return False
+    return len(_study_uids(path)) != 1
 
 
 def cohort_inputs(source: str | os.PathLike[str]) -> list[Path]:
@@ -71,7 +101,7 @@ def cohort_inputs(source: str | os.PathLike[str]) -> list[Path]:
                 raise HSAMError(f"{path}:{number}: {text} does not exist; fix the list or remove the line")
             cases.append(case)
     elif path.is_dir():
-        cases = [e for e in path.iterdir() if (e.is_file() and _volume_suffix(e)) or _looks_like_dicom_folder(e)]
+        cases = [e for e in path.iterdir() if (e.is_file() and _volume_suffix(e)) or _holds_dicom(e)]
     else:
         raise HSAMError(f"{path} is neither a folder nor a list file")
     unique = sorted({c.resolve(): c for c in cases}.values(), key=lambda p: str(p))

@@ -13,10 +13,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score predicted label volumes against references (Dice, HD95)",
         description="Score predicted label volumes against reference labels: Dice and HD95 per organ per volume. "
         "--pred and --ref are two files or two folders whose files are matched by case name (suffixes such as "
-        "_pred/_gt are ignored). Writes the CSV report and a markdown summary next to it (.md), and prints the summary.",
+        "_pred/_gt are ignored). A DICOM SEG (.dcm) is read with its segments matched to organs by SNOMED CT code, "
+        "then by name, on the grid of the volume it is compared with. Writes the CSV report and a markdown summary "
+        "next to it (.md), and prints the summary.",
     )
-    parser.add_argument("--pred", required=True, help="predicted label volume, or a folder of them")
-    parser.add_argument("--ref", required=True, help="reference label volume, or a folder of them")
+    parser.add_argument("--pred", required=True,
+                        help="predicted label volume (NIfTI, NRRD, MHA, .seg.nrrd, DICOM SEG .dcm), or a folder of them")
+    parser.add_argument("--ref", required=True,
+                        help="reference label volume (NIfTI, NRRD, MHA, .seg.nrrd, DICOM SEG .dcm), or a folder of them")
     parser.add_argument("--label-map", default=None,
                         help="convert the reference labels to H-SAM indices: btcv, totalseg_total, totalseg_total_mr, "
                         "or a JSON file {\"source\": target}")

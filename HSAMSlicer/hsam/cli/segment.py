@@ -1,7 +1,8 @@
 """``hsam segment INPUT -o OUTPUT``: segment the eight abdominal organs in a CT volume.
 
 The output's extension picks the format: ``.seg.nrrd`` (Slicer segmentation with names, colours and terminology),
-``.nii.gz``/``.nii``/``.nrrd``/``.mha`` (label map, values as in ``hsam.labels``). Every output is checked for a
+``.nii.gz``/``.nii``/``.nrrd``/``.mha`` (label map, values as in ``hsam.labels``), ``.dcm`` (DICOM SEG referencing
+the source series; the input must be a DICOM folder). Every output is checked for a
 writable folder before any work, and written atomically; on an error no output file is left behind.
 """
 
@@ -27,14 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Segment spleen, kidneys, gallbladder, liver, stomach, aorta and pancreas in a CT volume "
         "(NIfTI, NRRD, MHA or a DICOM series folder). The output has exactly the input's grid.",
     )
-    parser.add_argument("input", help="CT volume file or DICOM series folder; or a cohort: a folder of volumes "
-                        "(and/or DICOM series sub-folders) or a list file (.txt, one path per line)")
+    parser.add_argument("input", help="CT volume file or DICOM folder (a series or a whole study: the axial CT "
+                        "series with the most slices is picked, see `hsam series`); or a cohort: a folder of volumes "
+                        "(and/or DICOM series or study sub-folders) or a list file (.txt, one path per line)")
     parser.add_argument("-o", "--output", required=True,
-                        help="labels file; the extension picks the format: .seg.nrrd, .nii.gz, .nii, .nrrd, .mha "
-                        "(for a cohort: the output folder)")
+                        help="labels file; the extension picks the format: .seg.nrrd, .nii.gz, .nii, .nrrd, .mha, "
+                        ".dcm (DICOM SEG; needs a DICOM folder as input) (for a cohort: the output folder)")
+    parser.add_argument("--series", metavar="UID", default=None,
+                        help="DICOM folder only: segment this Series Instance UID (`hsam series DIR` lists them)")
     parser.add_argument("--suffix", default=".nii.gz",
-                        help="cohort only: output name = case name + this suffix (default .nii.gz); finished "
-                        "outputs are skipped, so a killed run resumes. Under torchrun each process takes its share")
+                        help="cohort only: output name = case name + this suffix (default .nii.gz; .dcm writes DICOM "
+                        "SEG for DICOM cases); finished outputs are skipped, so a killed run resumes. Under torchrun "
+                        "each process takes its share")
     parser.add_argument("--model", default=None,
                         help="installed model id or model folder (default: the most accurate installed model)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
@@ -64,9 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
     """Validate every requested output path before any work; returns them."""
     from hsam.errors import HSAMError
-    from hsam.volume.io import LABEL_SUFFIXES, check_writable
+    from hsam.volume.io import LABEL_SUFFIXES, check_writable, suffix_of
 
-    outputs = [check_writable(args.output, LABEL_SUFFIXES)]
+    outputs = [check_writable(args.output, LABEL_SUFFIXES + (".dcm",))]
+    if suffix_of(args.output) == ".dcm" and not Path(args.input).is_dir():
+        raise HSAMError(f"{Path(args.output).name}: a DICOM SEG output needs a DICOM folder as input (the SEG references "
+                        f"its source images), but {Path(args.input).name} is a file; write .seg.nrrd or .nii.gz instead")
     if args.confidence:
         outputs.append(check_writable(args.confidence, tuple(s for s in LABEL_SUFFIXES if s != ".seg.nrrd")))
     if args.stats:
@@ -110,6 +118,13 @@ def stats_csv(result, class_names) -> str:  # noqa: ANN001 (SegmentationResult; 
     return buffer.getvalue()
 
 
+def _algorithm(model_id: str, card):  # noqa: ANN001, ANN202 (ModelCard -> Algorithm; imports kept light)
+    """How a DICOM SEG names the model: its id, the hsam version that made it, the SHA-256 of its weights."""
+    from hsam.volume.dicom_seg import Algorithm
+
+    return Algorithm(model_id, card.hsam_version, card.sha256)
+
+
 def run_cohort(args: argparse.Namespace) -> int:
     """Segment every case of a folder or list file into the folder ``args.output`` (resumable, sharded)."""
     import SimpleITK as sitk
@@ -118,13 +133,17 @@ def run_cohort(args: argparse.Namespace) -> int:
     from hsam.errors import HSAMError
     from hsam.inference import segment_volume
     from hsam.volume import read_image, write_labels
-    from hsam.volume.io import LABEL_SUFFIXES
+    from hsam.volume.dicom_seg import write_dicom_seg
+    from hsam.volume.io import LABEL_SUFFIXES, read_dicom_volume
     from hsam.weights import load_named_model, resolve_model
 
     if args.confidence or args.stats or args.overlay:
         raise HSAMError("--confidence, --stats and --overlay are for single volumes; segment the cohort without them")
-    if args.suffix not in LABEL_SUFFIXES:
-        raise HSAMError(f"--suffix {args.suffix!r} is not a label format; use one of {', '.join(LABEL_SUFFIXES)}")
+    if args.suffix not in LABEL_SUFFIXES + (".dcm",):
+        raise HSAMError(f"--suffix {args.suffix!r} is not a label format; use one of {', '.join(LABEL_SUFFIXES)}, .dcm")
+    if args.series:
+        raise HSAMError("--series picks a series of one DICOM folder; in a cohort each study's series is picked "
+                        "(`hsam series` shows which): segment that study on its own to choose another")
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise HSAMError(f"{out_dir} is a file; for a cohort -o must be a folder")
@@ -151,7 +170,13 @@ def run_cohort(args: argparse.Namespace) -> int:
         organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
 
     def segment_one(case: Path, output: Path) -> None:
-        image = read_image(str(case))
+        with warnings.catch_warnings(record=True) as caught:  # which series of a study was picked
+            warnings.simplefilter("always", UserWarning)
+            image, source = read_dicom_volume(case) if case.is_dir() else (read_image(str(case)), None)
+        for warning in caught:
+            say(f"{tag}{warning.message}")  # it names the case folder
+        if args.suffix == ".dcm" and source is None:
+            raise HSAMError(f"{case.name} is not a DICOM folder, so it cannot get a DICOM SEG; use another --suffix")
         if not getattr(args, "allow_non_ct", False):
             from hsam.volume import looks_like_ct
 
@@ -161,7 +186,10 @@ def run_cohort(args: argparse.Namespace) -> int:
         result = segment_volume(image, model, card, device=device, batch_size=args.batch_size,
                                 precision=args.precision, mode=args.mode, largest_component=args.largest_component,
                                 organs=organs)
-        write_labels(result.labels, output)
+        if args.suffix == ".dcm":
+            write_dicom_seg(result.labels, output, source.files, _algorithm(model_id, card))
+        else:
+            write_labels(result.labels, output)
 
     summary = cohort.run_cohort(mine, out_dir, args.suffix, segment_one, say=lambda text: say(tag + text))
     say(f"{tag}done: {len(summary.done)} segmented, {len(summary.skipped)} already finished, "
@@ -192,9 +220,15 @@ def run(args: argparse.Namespace) -> int:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
     outputs = _check_outputs(args)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    source_series = None  # the DICOM series read, when a DICOM SEG must reference it
     with warnings.catch_warnings(record=True) as caught:  # e.g. "the folder holds 2 DICOM series: using ..."
         warnings.simplefilter("always", UserWarning)
-        image = read_image(args.input)
+        if outputs[0].name.lower().endswith(".dcm"):
+            from hsam.volume.io import read_dicom_volume
+
+            image, source_series = read_dicom_volume(args.input, args.series)
+        else:
+            image = read_image(args.input, series=args.series)
     for warning in caught:
         args.reporter.warning(str(warning.message))  # also with -q: the user must know what was read
     if not getattr(args, "allow_non_ct", False):
@@ -252,7 +286,12 @@ def run(args: argparse.Namespace) -> int:
         return temp
 
     try:
-        write_labels(result.labels, stage(outputs[0]))
+        if source_series is not None:
+            from hsam.volume.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, _algorithm(model_id, card))
+        else:
+            write_labels(result.labels, stage(outputs[0]))
         rest = iter(outputs[1:])
         if args.confidence:
             write_image(result.confidence, stage(next(rest)))

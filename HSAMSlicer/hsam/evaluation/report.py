@@ -1,7 +1,9 @@
 """Evaluate prediction label volumes against references: file pairing, per-organ scores, CSV and markdown reports.
 
 Inputs are label volumes SimpleITK reads (NIfTI, NRRD, MHA, ...) or TransUNet/Synapse ``*.npy.h5`` / ``*.npz`` files
-(their ``label`` array; no spacing, so only the reference protocol is meaningful for them).
+(their ``label`` array; no spacing, so only the reference protocol is meaningful for them), and DICOM SEG files
+(segments matched to H-SAM organs by SNOMED CT code, then name; placed on the grid of the volume they are compared
+with, or on the grid both SEGs span).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hsam.evaluation.metrics import PROTOCOLS, OrganScore, score_volume
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".npy.h5", ".h5", ".npz")
+_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".npy.h5", ".h5", ".npz", ".dcm")
 # Suffixes that prediction/reference tools append to a case name (H-SAM's --is_savenii writes _pred/_gt).
 _ROLE_SUFFIX = re.compile(r"(_pred|_prediction|_seg|_segmentation|_gt|_label|_labels|_0000)$")
 
@@ -38,6 +40,28 @@ class LabelVolume:
     spacing: tuple[float, float, float] | None
     origin: tuple[float, ...] | None = None
     direction: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_image(cls, image) -> "LabelVolume":
+        """A SimpleITK label image as a LabelVolume (spacing reversed to ``(z, y, x)``)."""
+        import SimpleITK as sitk
+
+        return cls(sitk.GetArrayFromImage(image).astype(np.int32), tuple(reversed(image.GetSpacing())),  # type: ignore[arg-type]
+                   image.GetOrigin(), image.GetDirection())
+
+    def grid(self):
+        """An empty SimpleITK image on this volume's grid (to place a DICOM SEG on); HSAMError without geometry."""
+        import SimpleITK as sitk
+
+        if self.spacing is None or self.origin is None or self.direction is None:
+            raise HSAMError("a DICOM SEG can only be compared with a label volume that has a geometry (NIfTI, NRRD, "
+                            "MHA, .seg.nrrd or another DICOM SEG), not with h5/npz arrays")
+        z, y, x = self.array.shape
+        image = sitk.Image(x, y, z, sitk.sitkUInt8)
+        image.SetSpacing(tuple(reversed(self.spacing)))
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
 
 
 def resolve_label_map(spec: str | Mapping[int, int] | None) -> dict[int, int] | None:
@@ -98,9 +122,11 @@ def read_label_volume(path: str | os.PathLike[str]) -> LabelVolume:
     if lower.endswith(".seg.nrrd"):  # a Slicer segmentation: segments matched to H-SAM organs by terminology/name
         from hsam.volume import read_labels
 
-        image = read_labels(path)
-        return LabelVolume(sitk.GetArrayFromImage(image).astype(np.int32), tuple(reversed(image.GetSpacing())),
-                           image.GetOrigin(), image.GetDirection())
+        return LabelVolume.from_image(read_labels(path))
+    if lower.endswith(".dcm"):  # a DICOM SEG on the grid its frames span; see read_pair for comparing it
+        from hsam.volume.dicom_seg import read_dicom_seg
+
+        return LabelVolume.from_image(read_dicom_seg(path))
     if lower.endswith((".mha", ".mhd")):
         from hsam.volume.io import _check_metaimage_header
 
@@ -229,6 +255,25 @@ def evaluate_volumes(
     return rows
 
 
+def read_pair(pred_path: Path, ref_path: Path) -> tuple[LabelVolume, LabelVolume]:
+    """Read a prediction and its reference; a DICOM SEG (which stores only its segmented slices) is placed on the
+    other one's grid, and two DICOM SEGs on the grid both span."""
+    from hsam.volume.dicom_seg import is_dicom_seg, read_dicom_seg, read_dicom_segs_on_common_grid
+
+    pred_seg = pred_path.name.lower().endswith(".dcm") and is_dicom_seg(pred_path)
+    ref_seg = ref_path.name.lower().endswith(".dcm") and is_dicom_seg(ref_path)
+    if pred_seg and ref_seg:
+        p, r = read_dicom_segs_on_common_grid([pred_path, ref_path])
+        return LabelVolume.from_image(p), LabelVolume.from_image(r)
+    if ref_seg:
+        p = read_label_volume(pred_path)
+        return p, LabelVolume.from_image(read_dicom_seg(ref_path, p.grid()))
+    if pred_seg:
+        r = read_label_volume(ref_path)
+        return LabelVolume.from_image(read_dicom_seg(pred_path, r.grid())), r
+    return read_label_volume(pred_path), read_label_volume(ref_path)
+
+
 def evaluate_files(
     pred: str | os.PathLike[str],
     ref: str | os.PathLike[str],
@@ -245,7 +290,11 @@ def evaluate_files(
 
     def load() -> Iterable[tuple[str, LabelVolume, LabelVolume]]:
         for case, pred_path, ref_path in pair_files(pred, ref):
-            p, r = read_label_volume(pred_path), read_label_volume(ref_path)
+            for path, mapping, option in ((ref_path, ref_map, "--label-map"), (pred_path, pred_map, "--pred-label-map")):
+                if mapping is not None and path.name.lower().endswith(".dcm"):
+                    raise HSAMError(f"{option} converts label values, but {path.name} is a DICOM SEG whose segments are "
+                                    f"matched to organs by code and name; drop {option}")
+            p, r = read_pair(pred_path, ref_path)
             if pred_map is not None:
                 p = LabelVolume(remap_labels(p.array, pred_map), p.spacing, p.origin, p.direction)
             if ref_map is not None:

@@ -9,7 +9,8 @@ Formats (``format`` in a data source of the training config):
 * ``nnunet``: an nnU-Net raw dataset folder: ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``,
   ``dataset.json`` (its label names are matched to H-SAM organs unless a ``label_map`` is given).
 * ``cases``: case folders exported by the Slicer module: ``<root>/<case>/image.nii.gz``, ``labels.nii.gz`` (H-SAM
-  indices; ``.nrrd``/``.seg.nrrd`` also accepted) and ``provenance.json``; ``root`` may also be one case folder.
+  indices; ``.nrrd``/``.seg.nrrd`` also accepted, or ``labels.dcm``: a DICOM SEG) and ``provenance.json``; the image
+  may also be a DICOM series folder ``image/``; ``root`` may also be one case folder.
 * ``pairs``: an explicit list ``[{"image": path, "label": path, "name": optional}]``.
 
 Volumes are read with :mod:`hsam.volume`, put in the model card's orientation (``[z, y, x]`` axial slices), windowed
@@ -174,8 +175,9 @@ def load_volume(
     from hsam.volume import window as apply_window
 
     image = read_image(image_path)
-    # a segmentation saved by Slicer is cropped to its segments: put it back on the image grid
-    labels = onto_grid(read_labels(label_path), image, f"labels {Path(label_path).name}")
+    # a DICOM SEG is placed on the CT's slices; a segmentation saved by Slicer is cropped to its segments: put it
+    # back on the image grid
+    labels = onto_grid(read_labels(label_path, reference=image), image, f"labels {Path(label_path).name}")
     array, how = to_canonical(image, orientation)
     if how.resampled:  # oblique: labels go onto the same canonical grid, nearest-neighbour (never interpolated)
         assert how.canonical_grid is not None
@@ -197,7 +199,7 @@ def load_volume(
 
 def _case_from_path(path: Path) -> str:
     name = path.name
-    for suffix in (".seg.nrrd", ".nii.gz", ".npy.h5", ".nii", ".nrrd", ".mha", ".mhd", ".h5"):
+    for suffix in (".seg.nrrd", ".nii.gz", ".npy.h5", ".nii", ".nrrd", ".mha", ".mhd", ".h5", ".dcm"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -276,11 +278,12 @@ def load_nnunet(root: str | Path, window: Sequence[float], orientation: str,
 
 
 def _find(folder: Path, stem: str) -> Path | None:
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd"):
+    """``<stem>.<volume suffix>``, ``<stem>.dcm`` (labels: a DICOM SEG), or for the image a DICOM series folder."""
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd", ".dcm"):
         candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
-    return None
+    return folder / stem if stem == "image" and (folder / stem).is_dir() else None
 
 
 def case_folders(root: str | Path) -> list[Path]:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from hsam.errors import HSAMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hsam.volume.dicom_series import DicomSeries
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 LABEL_SUFFIXES: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
@@ -31,8 +34,11 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
     return Path(name).suffix
 
 
-def read_image(path: str | os.PathLike[str]) -> sitk.Image:
-    """Read a CT volume from a file (NIfTI, NRRD, MHA, ...) or a DICOM series folder and check it is usable.
+def read_image(path: str | os.PathLike[str], series: str | None = None) -> sitk.Image:
+    """Read a CT volume from a file (NIfTI, NRRD, MHA, ...) or a DICOM folder and check it is usable.
+
+    A folder may hold a whole study: ``series`` (a Series Instance UID) picks one, else the axial CT series with the
+    most slices is read and a warning names it (:func:`hsam.volume.dicom_series.pick_series`).
 
     Returns a 3-D scalar image (a 4-D file with one time point is reduced to 3-D). Raises HSAMError for a missing
     path, an empty, truncated or unreadable file, a 2-D or 4-D image, a multi-component image, or NaN/inf voxels.
@@ -41,8 +47,10 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     if not source.exists():
         raise HSAMError(f"input not found: {source}; check the path")
     if source.is_dir():
-        image = _read_dicom_folder(source)
+        image = _read_dicom_folder(source, series)
     else:
+        if series:
+            raise HSAMError(f"--series picks a series of a DICOM folder, but {source.name} is a file")
         if source.stat().st_size == 0:
             raise HSAMError(f"input file is empty (0 bytes): {source}; copy or export it again")
         if suffix_of(source) in (".nii", ".nii.gz"):
@@ -138,32 +146,29 @@ def _check_metaimage_header(source: Path) -> None:
             raise bad(f"{key} = {fields[key][:40]!r}")
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    """Read the largest DICOM series in ``folder`` with GDCM (slices sorted by position)."""
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError:
-        series = ()
-    if not series:
-        raise HSAMError(f"no DICOM series found in folder {folder}; point to a folder of .dcm files or to a volume file")
-    candidates = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
-    files = max(candidates, key=len)
-    if len(candidates) > 1:
-        import warnings
+def _read_dicom_folder(folder: Path, series_uid: str | None = None) -> sitk.Image:
+    """Read one DICOM series under ``folder`` (see :func:`read_dicom_volume`)."""
+    return read_dicom_volume(folder, series_uid)[0]
 
-        others = sorted((len(c) for c in candidates if c is not files), reverse=True)
-        warnings.warn(
-            f"{folder.name} holds {len(candidates)} DICOM series: using the largest ({len(files)} slices), ignoring "
-            f"the others ({', '.join(map(str, others))} slices); put one series per folder to choose another",
-            UserWarning,
-            stacklevel=3,
-        )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        return reader.Execute()
-    except RuntimeError as error:
-        raise HSAMError(f"could not read the DICOM series in {folder}: {str(error).strip()[:160]}") from None
+
+def read_dicom_volume(folder: str | os.PathLike[str], series_uid: str | None = None) -> tuple[sitk.Image, "DicomSeries"]:
+    """Read one DICOM series under ``folder`` and return ``(image, series)``; ``series`` lists its source files.
+
+    ``series_uid`` picks the series, else :func:`hsam.volume.dicom_series.pick_series` does and a UserWarning names
+    it when the folder holds several. The image is checked like :func:`read_image`'s.
+    """
+    import warnings
+
+    from hsam.volume.dicom_series import choose_series, describe_choice, read_series
+
+    source = Path(folder)
+    if not source.is_dir():
+        raise HSAMError(f"{source} is not a DICOM folder; a DICOM SEG output needs the DICOM series as input (it "
+                        "references the source images): give the series folder, or write .seg.nrrd / .nii.gz")
+    chosen, found = choose_series(source, series_uid)
+    if len(found) > 1 and not series_uid:
+        warnings.warn(describe_choice(source, chosen, found), UserWarning, stacklevel=2)
+    return check_volume(read_series(chosen), source.name), chosen
 
 
 def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
@@ -200,19 +205,24 @@ def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
     return image
 
 
-def read_labels(path: str | os.PathLike[str]) -> sitk.Image:
-    """Read a label map (NIfTI/NRRD/MHA) or a Slicer ``.seg.nrrd`` as a uint8 image of H-SAM label values.
+def read_labels(path: str | os.PathLike[str], reference: sitk.Image | None = None) -> sitk.Image:
+    """Read a label map (NIfTI/NRRD/MHA), a Slicer ``.seg.nrrd`` or a DICOM SEG as a uint8 image of H-SAM label values.
 
-    For ``.seg.nrrd`` segments are matched to H-SAM organs by terminology (type + modifier) or name; others become 0;
-    where organ segments overlap the higher label wins. The grid is the file's: a segmentation Slicer saved is cropped
-    to its segments (:func:`hsam.volume.onto_grid` puts it back on the CT's grid). Plain label maps are returned as
-    stored (values must fit in 0..255).
+    For ``.seg.nrrd`` and DICOM SEG, segments are matched to H-SAM organs by terminology (type + modifier) or name;
+    others become 0; where organ segments of a ``.seg.nrrd`` overlap the higher label wins. The grid is the file's: a
+    segmentation Slicer saved is cropped to its segments (:func:`hsam.volume.onto_grid` puts it back on the CT's
+    grid). A DICOM SEG stores only the slices it segments, so it is placed on ``reference``'s grid (the CT) when
+    given. Plain label maps are returned as stored (values must fit in 0..255).
     """
     source = Path(path)
     if not source.is_file():
         raise HSAMError(f"label file not found: {source}")
     if suffix_of(source) == ".seg.nrrd":
         return _read_seg_nrrd(source)
+    if suffix_of(source) == ".dcm":
+        from hsam.volume.dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(source, reference)
     if suffix_of(source) in (".mha", ".mhd"):
         _check_metaimage_header(source)
     try:

@@ -1,0 +1,404 @@
+"""DICOM SEG in and out: H-SAM label maps written as DICOM Segmentation objects (highdicom) and read back.
+
+Writing needs the source series: the SEG references every source instance, copies the patient and study attributes
+and lies on the source's slices, which is what a PACS and Slicer's DICOM browser need to show it over the CT. Each
+organ found becomes one segment with the label table's SNOMED CT codes, name and display colour, and the model as
+the algorithm (id, version, weights SHA-256).
+
+Reading matches segments to H-SAM organs by terminology code first (SNOMED CT, also the retired SRT codes older files
+such as dcmqi's carry), then by name. A SEG stores only the frames that hold a segment, so it is placed on a reference
+grid (the CT, or the label volume it is compared with); without one, the grid spans its frames.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from hsam.errors import HSAMError
+
+SEG_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "binary",  # Segmentation Storage (BINARY or FRACTIONAL)
+    "1.2.840.10008.5.1.4.1.1.66.7": "labelmap",  # Label Map Segmentation Storage (DICOM 2024)
+}
+# Whole-organ SNOMED CT codes some tools (e.g. TotalSegmentator) use instead of Kidney + a laterality modifier.
+_LATERAL_KIDNEY_CODES = {"9846003": "kidney_right", "18639004": "kidney_left"}
+_POSITION_TOLERANCE = 0.01  # voxels: how far a frame may sit from a grid point and still be "on" it
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The model that made a segmentation, as DICOM SEG's Algorithm Identification records it."""
+
+    name: str  # model id
+    version: str
+    weights_sha256: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+def write_dicom_seg(
+    labels: sitk.Image,
+    path: str | os.PathLike[str],
+    source_files: Sequence[str | os.PathLike[str]],
+    algorithm: Algorithm,
+    organs: Sequence[int] | None = None,
+) -> Path:
+    """Write ``labels`` (uint8 H-SAM values on the grid of the source series) as a DICOM SEG, atomically.
+
+    ``source_files`` are the series' instances; every one is referenced. ``organs`` limits the segments (default:
+    every organ present). Raises HSAMError when the labels are not on the source grid or no organ was found.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from hsam import labels as label_table
+    from hsam.volume.io import _atomic_write, check_writable
+
+    target = check_writable(path, (".dcm",))
+    sources = []
+    for file in source_files:
+        try:
+            sources.append(pydicom.dcmread(file, stop_before_pixels=True))
+        except Exception as error:  # pydicom raises several types for a damaged file
+            raise HSAMError(f"could not read source DICOM {Path(file).name}: {' '.join(str(error).split())[:120]}") from None
+    slices = _slice_indices(labels, sources)
+    array = sitk.GetArrayViewFromImage(labels)  # [z, y, x]: y = rows, x = columns, as DICOM frames
+    frames = np.stack([array[k] for k in slices])
+    present = sorted(int(v) for v in np.unique(frames) if v != 0)
+    wanted = present if organs is None else [i for i in present if i in set(organs)]
+    if not wanted:
+        raise HSAMError("no organ was found, so there is no segment to write as DICOM SEG; check the input or write "
+                        "a label map (.nii.gz) instead")
+    # segment numbers must run 1..n: organs found map to them in label-table order
+    lookup = np.zeros(256, dtype=np.uint8)
+    for number, index in enumerate(wanted, start=1):
+        lookup[index] = number
+    pixel_array = lookup[frames]
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=pydicom.sr.codedict.codes.cid7162.ArtificialIntelligence,
+        version=algorithm.version,
+        source="HSAMSlicer",
+        parameters={"weights_sha256": algorithm.weights_sha256} if algorithm.weights_sha256 else None,
+    )
+    descriptions = []
+    for number, index in enumerate(wanted, start=1):
+        organ = label_table.organ(index)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=organ.display_name,
+            segmented_property_category=hd.sr.CodedConcept(*_value_first(label_table.ANATOMICAL_STRUCTURE)),
+            segmented_property_type=hd.sr.CodedConcept(*_value_first(organ.type_code)),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+            tracking_id=organ.name,
+            tracking_uid=generate_uid(),
+            display_color=hd.color.CIELabColor.from_rgb(*organ.rgb),
+        )
+        if organ.modifier_code != label_table.NO_CODE:  # left/right kidney: Kidney + laterality, as Slicer writes it
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(*_value_first(organ.modifier_code))
+            ]
+        descriptions.append(description)
+    first = sources[0]
+    series_number = int(first.get("SeriesNumber", 0) or 0) + 1000  # sorts after its CT in a PACS series list
+    charset = first.get("SpecificCharacterSet", None) or None  # '' (as GE writes it) means the default repertoire
+    # SliceThickness is type 2 (may be absent or empty) but highdicom reads it from the first source: the in-memory
+    # header (never written back) gets the slice spacing then. SpacingBetweenSlices lets readers rebuild the grid.
+    if first.get("SliceThickness", None) in (None, ""):
+        first.SliceThickness = float(labels.GetSpacing()[2])
+    measures = hd.PixelMeasuresSequence(
+        pixel_spacing=[float(v) for v in first.PixelSpacing],
+        slice_thickness=float(first.SliceThickness),
+        spacing_between_slices=float(labels.GetSpacing()[2]),
+    )
+    with warnings.catch_warnings():  # a source's one-part patient name ("JANCT000") is kept as it is, not "fixed"
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        try:
+            seg = _segmentation(hd, sources, pixel_array, descriptions, series_number, algorithm, charset, measures)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks of the sources
+            raise HSAMError(f"could not build a DICOM SEG over this series (highdicom: "
+                            f"{' '.join(str(error).split())[:160]})") from None
+    return _atomic_write(target, lambda temp: seg.save_as(temp, enforce_file_format=True))
+
+
+def _segmentation(hd, sources: list, pixel_array: np.ndarray, descriptions: list, series_number: int,  # noqa: ANN001
+                  algorithm: Algorithm, charset, measures):  # noqa: ANN001
+    """The highdicom Segmentation object (new UIDs; patient, study and references taken from ``sources``)."""
+    from pydicom.uid import generate_uid
+
+    from hsam import __version__
+
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="HSAMSlicer",
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=f"hsam {__version__}",
+        device_serial_number="none",
+        content_label="HSAM",
+        content_description=f"H-SAM organs ({algorithm.name})"[:64],
+        series_description=f"H-SAM organs ({algorithm.name})"[:64],
+        specific_character_set=charset,
+        pixel_measures=measures,
+    )
+
+
+def _value_first(code: tuple[str, str, str]) -> tuple[str, str, str]:
+    """(scheme, value, meaning) as the label table keeps codes -> (value, scheme, meaning) as CodedConcept takes them."""
+    scheme, value, meaning = code
+    return value, scheme, meaning
+
+
+def _slice_indices(labels: sitk.Image, sources: list) -> list[int]:
+    """The label slice of each source instance; HSAMError unless the sources tile the label grid exactly."""
+    direction = np.array(labels.GetDirection()).reshape(3, 3)
+    size = labels.GetSize()
+    indices = []
+    for source in sources:
+        try:
+            orientation = np.array([float(v) for v in source.ImageOrientationPatient])
+            position = [float(v) for v in source.ImagePositionPatient]
+            rows, columns = int(source.Rows), int(source.Columns)
+            row_spacing, column_spacing = (float(v) for v in source.PixelSpacing)
+        except Exception:  # noqa: BLE001 (missing or undecodable values; pydicom raises many types)
+            raise HSAMError("a source instance has no readable image geometry (orientation, position, size, pixel "
+                            "spacing); a DICOM SEG needs an image series") from None
+        if (columns, rows) != size[:2] or not (
+            np.allclose(orientation[:3], direction[:, 0], atol=1e-4)
+            and np.allclose(orientation[3:], direction[:, 1], atol=1e-4)
+            and np.allclose((column_spacing, row_spacing), labels.GetSpacing()[:2], rtol=1e-4)
+        ):
+            raise HSAMError("the labels are not on the grid of the source DICOM series (they were resampled or come "
+                            "from another series); segment the DICOM folder itself to write a DICOM SEG")
+        index = np.array(labels.TransformPhysicalPointToContinuousIndex(position))
+        k = int(round(index[2]))
+        if np.abs(index[:2]).max() > _POSITION_TOLERANCE or abs(index[2] - k) > _POSITION_TOLERANCE or not 0 <= k < size[2]:
+            raise HSAMError("a source DICOM slice lies off the label grid; segment the DICOM folder itself to write "
+                            "a DICOM SEG")
+        indices.append(k)
+    if sorted(indices) != list(range(size[2])):
+        raise HSAMError(f"the source series has {len(sources)} slices for {size[2]} label slices (missing or duplicate "
+                        "slices); segment the DICOM folder itself to write a DICOM SEG")
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+def is_dicom_seg(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a file holding a DICOM Segmentation object (read by header, not by name)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not DICOM, unreadable: not a SEG
+        return False
+    return str(header.get("SOPClassUID", "")) in SEG_SOP_CLASSES
+
+
+@dataclass
+class _Frames:
+    """The decoded frames of one SEG: organ index per frame, positions, in-plane geometry."""
+
+    masks: np.ndarray  # [frames, rows, columns] bool
+    organs: list[int]  # H-SAM organ per frame (0: a segment of no H-SAM organ)
+    positions: np.ndarray  # [frames, 3] mm
+    orientation: np.ndarray  # (6,) row direction, column direction
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing)
+    slice_spacing: float | None
+
+
+def _read_frames(path: Path) -> _Frames:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as error:  # pydicom raises several types for a damaged file
+        raise HSAMError(f"could not read DICOM file {path.name}: {' '.join(str(error).split())[:120]}") from None
+    kind = SEG_SOP_CLASSES.get(str(ds.get("SOPClassUID", "")))
+    if kind is None:
+        raise HSAMError(f"{path.name} is not a DICOM SEG (SOP class {ds.get('SOPClassUID', 'none')}); give a DICOM "
+                        "Segmentation object or a label volume")
+    try:
+        segment_organs = {int(item.SegmentNumber): organ_of_segment(item) for item in ds.SegmentSequence}
+        pixels = np.asarray(ds.pixel_array)
+        frames = pixels.reshape(int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+
+        def group(index: int, name: str):
+            item = per_frame[index]
+            if name in item:
+                return item[name].value[0]
+            if shared is not None and name in shared:
+                return shared[name].value[0]
+            raise KeyError(name)
+
+        orientation = np.array([float(v) for v in group(0, "PlaneOrientationSequence").ImageOrientationPatient])
+        measures = group(0, "PixelMeasuresSequence")
+        pixel_spacing = tuple(float(v) for v in measures.PixelSpacing)
+        between = measures.get("SpacingBetweenSlices", None)
+        positions = np.array([[float(v) for v in group(i, "PlanePositionSequence").ImagePositionPatient]
+                              for i in range(len(frames))])
+        if kind == "labelmap":  # one frame per slice, pixel value = segment number
+            masks, organs = [], []
+            for number, organ in segment_organs.items():
+                masks.append(frames == number)
+                organs.append(organ or 0)
+            n = len(frames)
+            masks_array = np.concatenate(masks) if masks else np.zeros((0,) + frames.shape[1:], bool)
+            positions = np.tile(positions, (len(organs), 1))
+            frame_organs = [o for o in organs for _ in range(n)]
+        else:
+            numbers = [int(group(i, "SegmentIdentificationSequence").ReferencedSegmentNumber) for i in range(len(frames))]
+            if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+                masks_array = frames > float(ds.get("MaximumFractionalValue", 255)) / 2
+            else:
+                masks_array = frames > 0
+            frame_organs = [segment_organs.get(n) or 0 for n in numbers]
+    except Exception as error:  # noqa: BLE001 (pydicom decodes values and pixels on access; many error types)
+        raise HSAMError(f"could not read DICOM SEG {path.name}: missing or damaged frame fields "
+                        f"({type(error).__name__}: {' '.join(str(error).split())[:80]})") from None
+    if not any(frame_organs):
+        names = ", ".join(str(item.get("SegmentLabel", "?")) for item in ds.SegmentSequence)
+        raise HSAMError(f"DICOM SEG {path.name} has no segment of an H-SAM organ (segments: {names}); its codes or "
+                        "names must denote spleen, kidneys, gallbladder, liver, stomach, aorta or pancreas")
+    return _Frames(masks_array, frame_organs, positions, orientation, pixel_spacing,  # type: ignore[arg-type]
+                   float(between) if between not in (None, "") else None)
+
+
+def organ_of_segment(item) -> int | None:
+    """The H-SAM organ a SegmentSequence item denotes: by SNOMED CT type (+ laterality modifier), else by name."""
+    from pydicom.sr._snomed_dict import mapping as snomed
+
+    from hsam import labels as label_table
+
+    def sct(code) -> str:  # SNOMED CT code value; SRT (the retired SNOMED RT scheme) translated
+        scheme, value = str(code.get("CodingSchemeDesignator", "")), str(code.get("CodeValue", ""))
+        return snomed["SRT"].get(value, "") if scheme == "SRT" else value if scheme in ("SCT", "SNM3") else ""
+
+    types = item.get("SegmentedPropertyTypeCodeSequence", None) or []
+    if types:
+        type_code = sct(types[0])
+        modifiers = types[0].get("SegmentedPropertyTypeModifierCodeSequence", None) or []
+        modifier = sct(modifiers[0]) if modifiers else ""
+        if type_code in _LATERAL_KIDNEY_CODES:
+            return label_table.organ(_LATERAL_KIDNEY_CODES[type_code]).index
+        for organ in label_table.ORGANS:
+            if type_code == organ.type_code[1] and modifier == organ.modifier_code[1]:
+                return organ.index
+    return organ_of_name(str(item.get("SegmentLabel", "")))
+
+
+def organ_of_name(name: str) -> int | None:
+    """The H-SAM organ a segment name denotes: ``liver``, ``Right Kidney``, ``kidney_left``, ``gall bladder``..."""
+    from hsam import labels as label_table
+
+    words = name.strip().lower().replace("-", " ").replace("_", " ").split()
+    if words and words[0] in ("left", "right") and len(words) == 2:
+        words = [words[1], words[0]]  # "right kidney" -> "kidney right"
+    for key in ("_".join(words), " ".join(words), "".join(words)):
+        try:
+            return label_table.organ(key).index
+        except KeyError:
+            continue
+    return None
+
+
+def _grid_of_frames(frame_sets: Sequence[_Frames]) -> sitk.Image:
+    """An empty uint8 image whose slices span every frame (frames of all sets must share their in-plane geometry)."""
+    first = frame_sets[0]
+    for other in frame_sets[1:]:
+        if not (np.allclose(other.orientation, first.orientation, atol=1e-4)
+                and np.allclose(other.pixel_spacing, first.pixel_spacing, rtol=1e-4)
+                and other.masks.shape[1:] == first.masks.shape[1:]):
+            raise HSAMError("the DICOM SEGs have different slice orientations or pixel grids; compare each with a "
+                            "label volume on its CT grid instead")
+    row, column = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row, column)
+    positions = np.concatenate([f.positions for f in frame_sets])
+    along = positions @ normal
+    unique = np.unique(np.round(along, 3))
+    gaps = np.diff(unique)
+    spacing = first.slice_spacing or (float(gaps.min()) if len(gaps) else 1.0)
+    count = int(round((unique[-1] - unique[0]) / spacing)) + 1 if len(unique) else 1
+    origin = positions[int(np.argmin(along))]
+    image = sitk.Image(first.masks.shape[2], first.masks.shape[1], count, sitk.sitkUInt8)
+    image.SetSpacing((first.pixel_spacing[1], first.pixel_spacing[0], spacing))
+    image.SetDirection(np.column_stack([row, column, normal]).flatten().tolist())
+    image.SetOrigin(origin.tolist())
+    return image
+
+
+def _place(frames: _Frames, grid: sitk.Image, name: str) -> sitk.Image:
+    """Paint each frame's organ onto ``grid`` (same points, any axis order or flip); HSAMError when off the grid."""
+    out = np.zeros(sitk.GetArrayViewFromImage(grid).shape, dtype=np.uint8)  # [z, y, x]
+    xyz = out.transpose(2, 1, 0)  # a view indexed (x, y, z) like ITK indices
+    size = np.array(grid.GetSize())
+    row, column = frames.orientation[:3], frames.orientation[3:]
+    rows, columns = frames.masks.shape[1:]
+
+    def index(point: np.ndarray) -> np.ndarray:
+        return np.array(grid.TransformPhysicalPointToContinuousIndex(point.tolist()))
+
+    off_grid = HSAMError(f"{name} does not lie on the grid of the image it is read with (different slices, pixel "
+                         "size or field of view); use the CT series it was made on, or resample")
+    origin_index = index(frames.positions[0]) if len(frames.positions) else np.zeros(3)
+    step_column = index(frames.positions[0] + row * frames.pixel_spacing[1]) - origin_index
+    step_row = index(frames.positions[0] + column * frames.pixel_spacing[0]) - origin_index
+    axis_c, axis_r = int(np.argmax(np.abs(step_column))), int(np.argmax(np.abs(step_row)))
+    unit_c = (np.eye(3, dtype=int)[axis_c] * int(np.sign(step_column[axis_c])))
+    unit_r = (np.eye(3, dtype=int)[axis_r] * int(np.sign(step_row[axis_r])))
+    if axis_c == axis_r or not (np.allclose(step_column, unit_c, atol=1e-3) and np.allclose(step_row, unit_r, atol=1e-3)):
+        raise off_grid
+    axis_k = 3 - axis_c - axis_r
+    for mask, organ, position in zip(frames.masks, frames.organs, frames.positions):
+        if not organ or not mask.any():
+            continue
+        start = index(position)
+        rounded = np.round(start).astype(int)
+        if np.abs(start - rounded).max() > _POSITION_TOLERANCE:
+            raise off_grid
+        end = (rounded + (columns - 1) * unit_c + (rows - 1) * unit_r).astype(int)
+        if (np.minimum(rounded, end) < 0).any() or (np.maximum(rounded, end) >= size).any():
+            raise off_grid
+        block = mask[:, ::-1] if unit_c[axis_c] < 0 else mask  # [rows, columns], columns now ascending on axis_c
+        block = block[::-1, :] if unit_r[axis_r] < 0 else block
+        selector: list = [0, 0, 0]
+        selector[axis_c] = slice(min(rounded[axis_c], end[axis_c]), max(rounded[axis_c], end[axis_c]) + 1)
+        selector[axis_r] = slice(min(rounded[axis_r], end[axis_r]), max(rounded[axis_r], end[axis_r]) + 1)
+        selector[axis_k] = int(rounded[axis_k])
+        region = xyz[tuple(selector)]  # 2-D, axes in ITK order of (axis_c, axis_r)
+        region[(block.T if axis_c < axis_r else block)] = organ
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(grid)
+    return image
+
+
+def read_dicom_seg(path: str | os.PathLike[str], reference: sitk.Image | None = None) -> sitk.Image:
+    """A DICOM SEG as a uint8 H-SAM label image on ``reference``'s grid (default: the grid its frames span).
+
+    Segments that denote no H-SAM organ are left out; where segments overlap, the later one wins.
+    """
+    source = Path(path)
+    frames = _read_frames(source)
+    return _place(frames, reference if reference is not None else _grid_of_frames([frames]), source.name)
+
+
+def read_dicom_segs_on_common_grid(paths: Sequence[str | os.PathLike[str]]) -> list[sitk.Image]:
+    """Several DICOM SEGs (e.g. a prediction and a reference) on the one grid that spans all their frames."""
+    frame_sets = [_read_frames(Path(p)) for p in paths]
+    grid = _grid_of_frames(frame_sets)
+    return [_place(f, grid, Path(p).name) for f, p in zip(frame_sets, paths)]
