@@ -1,0 +1,112 @@
+"""The orientation self-check: which slices, what it compares, when it fires; and on real CT with the bundled demo
+model (slow): silent on the scan as given, firing on its mirrored and turned copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hsam.orientation_check import VARIANTS, check_orientation, checked_slices, suggested_code
+
+
+def side_model(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic stand-in for a position-driven model: tissue (> 0 HU) is organ 1 everywhere, found with
+    confidence 250 in the image's left half and 200 in its right half; background elsewhere at 255."""
+    labels = (slices > 0).astype(np.uint8)
+    confidence = np.full(slices.shape, 255, dtype=np.uint8)
+    half = slices.shape[2] // 2
+    confidence[:, :, :half][labels[:, :, :half] == 1] = 250
+    confidence[:, :, half:][labels[:, :, half:] == 1] = 200
+    return labels, confidence
+
+
+def scan(flip_columns: bool = False) -> np.ndarray:
+    volume = np.full((40, 32, 32), -1000.0, dtype=np.float32)
+    volume[5:35, 8:24, 4:14] = 50.0  # an "organ" in the columns' first half
+    return volume[:, :, ::-1].copy() if flip_columns else volume
+
+
+def run(volume: np.ndarray, orientation="LPS"):
+    labels, confidence = side_model(volume)
+    tissue = (volume.reshape(len(volume), -1) > -125).any(axis=1)
+    calls = []
+
+    def predict(slices):
+        calls.append(len(slices))
+        return side_model(slices)
+
+    return check_orientation(volume, labels, confidence, predict, orientation, tissue), calls
+
+
+def test_silent_when_the_scan_as_given_is_best():
+    check, calls = run(scan())
+    assert check.warning is None and check.suspect is None
+    assert calls == [1, 1, 1]  # 40 slices with tissue: one checked slice, three variants
+    assert set(check.scores) == {"as given", *VARIANTS}
+    assert check.scores["as given"]["mean_confidence"] == pytest.approx(250 / 255, abs=1e-4)
+
+
+def test_fires_on_a_mirrored_scan_and_names_the_code_to_try():
+    check, _ = run(scan(flip_columns=True))
+    assert check.suspect == "mirrored left-right" and check.suggested_orientation == "RPS"
+    assert "orientation" in check.warning and "--orientation RPS" in check.warning
+    assert "0.78 -> 0.98" in check.warning
+    stored, _ = run(scan(flip_columns=True), orientation=None)  # stored order: nothing to override
+    assert stored.suspect == "mirrored left-right" and "stored slice order" in stored.warning
+    assert stored.suggested_orientation is None
+
+
+def test_more_confidence_on_far_less_organ_is_not_enough():
+    volume = scan(flip_columns=True)
+    labels, confidence = side_model(volume)
+    labels[:, :, :16] = 1  # as given, the run found much more organ than any variant will
+    tissue = np.ones(len(volume), dtype=bool)
+    check = check_orientation(volume, labels, confidence, side_model, "LPS", tissue)
+    assert check.warning is None
+
+
+def test_checked_slices_spread_over_the_organ_range():
+    labels = np.zeros((400, 4, 4), dtype=np.uint8)
+    labels[100:300, 0, 0] = 1
+    tissue = np.ones(400, dtype=bool)
+    chosen = checked_slices(labels, tissue)
+    assert len(chosen) == 3 and all(100 <= c < 300 for c in chosen)
+    assert chosen == sorted(chosen) and chosen[1] - chosen[0] > 50
+    assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.array([0, 0, 1, 0, 0], bool)) == [2]  # no organ: tissue
+    assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.zeros(5, bool)) == []
+
+
+def test_suggested_codes():
+    assert suggested_code("LPS", False, True) == "RPS"
+    assert suggested_code("LPS", True, False) == "LAS"
+    assert suggested_code("LPS", True, True) == "RAS"
+    assert suggested_code("RAS", True, True) == "LPS"
+
+
+def flipped(image: sitk.Image, axes: tuple[int, ...]) -> sitk.Image:
+    array = sitk.GetArrayFromImage(image)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.flip(array, axis=axes)) if axes else array)
+    out.CopyInformation(image)
+    return out
+
+
+@pytest.mark.slow
+def test_demo_model_on_real_ct_as_given_mirrored_and_turned(real_data):
+    """The sample CT, cut to its 12 central slices to keep the test short (the check still picks one)."""
+    from hsam.inference import segment_volume
+    from hsam.volume import read_image
+    from hsam.weights import load_named_model
+
+    model, card = load_named_model("hsam-lite-demo")
+    image = read_image(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"))[:, :, 9:21]
+    results = {}
+    for name, axes in {"as given": (), "mirrored left-right": (2,), "turned 180 degrees": (1, 2)}.items():
+        result = segment_volume(flipped(image, axes), model, card, device="cpu", mode="eager")
+        results[name] = result
+    assert results["as given"].warnings == [] and results["as given"].orientation_check["suspect"] is None
+    for name in ("mirrored left-right", "turned 180 degrees"):
+        check = results[name].orientation_check
+        assert check["suspect"] == name, check
+        assert any("orientation" in w for w in results[name].warnings)
+    assert results["turned 180 degrees"].orientation_check["suggested_orientation"] == "RAS"
