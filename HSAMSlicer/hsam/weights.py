@@ -122,6 +122,11 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> dict[str, Manif
             )
     except (KeyError, TypeError, AttributeError, ValueError) as error:  # a damaged or hostile mirror manifest
         raise HSAMError(f"the model manifest {source} is malformed ({type(error).__name__}: {str(error)[:80]})") from None
+    for entry in entries.values():
+        for f in entry.files:  # a file without a published hash is only accepted where its structure can be checked
+            if f.check is not None and (f.check != "hsam-official" or entry.install != "import-official"):
+                raise HSAMError(f"the model manifest {source}: {entry.id}/{f.name} has check {f.check!r}; only "
+                                "'hsam-official' on an import-official entry is known")
     for entry in entries.values():  # ids and file names become paths in the cache: no separators, no dot files
         for name in (entry.id, *(f.name for f in entry.files)):
             if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
