@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam.orientation_check import VARIANTS, check_orientation, checked_slices, suggested_code
+from hsam.orientation_check import VARIANTS, better_layout, check_orientation, checked_slices, suggested_code
 
 
 def side_model(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +64,36 @@ def test_more_confidence_on_far_less_organ_is_not_enough():
     tissue = np.ones(len(volume), dtype=bool)
     check = check_orientation(volume, labels, confidence, side_model, "LPS", tissue)
     assert check.warning is None
+
+
+# Scores measured with the bundled demo model on the checked slice of real scans, as given (benchmarks/orientation/
+# measure_check.py): organ voxels and mean confidence inside organs for the slice as given, mirrored left-right,
+# mirrored front-back and turned 180 degrees; and the checked slice's pixel count.
+MEASURED = {
+    "example_ct_sm": ((2460, 0.9608), (1166, 0.8616), (2279, 0.8884), (18, 0.7486), 122 * 101),
+    "dcmqi ct-3slice": ((36348, 0.9527), (3362, 0.7378), (21550, 0.9529), (1270, 0.8655), 512 * 512),
+}
+LAYOUTS = ("as given", "mirrored left-right", "mirrored front-back", "turned 180 degrees")
+# what each layout looks like seen from a copy: copy -> {variant run on the copy: layout of the original it shows}
+SEEN = {
+    "as given": dict(zip(LAYOUTS, LAYOUTS)),
+    "mirrored left-right": {"as given": "mirrored left-right", "mirrored left-right": "as given",
+                            "mirrored front-back": "turned 180 degrees", "turned 180 degrees": "mirrored front-back"},
+    "mirrored front-back": {"as given": "mirrored front-back", "mirrored left-right": "turned 180 degrees",
+                            "mirrored front-back": "as given", "turned 180 degrees": "mirrored left-right"},
+    "turned 180 degrees": {"as given": "turned 180 degrees", "mirrored left-right": "mirrored front-back",
+                           "mirrored front-back": "mirrored left-right", "turned 180 degrees": "as given"},
+}
+
+
+@pytest.mark.parametrize("scan_name", MEASURED)
+@pytest.mark.parametrize("copy", LAYOUTS)
+def test_decisions_on_measured_scores(scan_name, copy):
+    """Silent on the real scans as given; on each mirrored or turned copy, names exactly the layout that undoes it."""
+    *values, pixels = MEASURED[scan_name]
+    original = {layout: {"organ_voxels": v, "mean_confidence": c} for layout, (v, c) in zip(LAYOUTS, values)}
+    scores = {variant: original[shown] for variant, shown in SEEN[copy].items()}
+    assert better_layout(scores, 0.01 * pixels) == (None if copy == "as given" else copy)
 
 
 def test_checked_slices_spread_over_the_organ_range():
