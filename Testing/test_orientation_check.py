@@ -140,3 +140,55 @@ def test_demo_model_on_real_ct_as_given_mirrored_and_turned(real_data):
         assert check["suspect"] == name, check
         assert any("orientation" in w for w in results[name].warnings)
     assert results["turned 180 degrees"].orientation_check["suggested_orientation"] == "RAS"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import torch
+
+    from hsam.labels import CLASS_NAMES
+    from hsam.model.build import build_hsam
+    from hsam.model.checkpoint import ModelCard, save_model
+    from hsam.model.config import load_model_config
+
+    torch.manual_seed(5)
+    config = load_model_config("vit_tiny")
+    card = ModelCard.for_config(config, "tiny-orient", title="tiny", classes=list(CLASS_NAMES))
+    return save_model(build_hsam(config), card, tmp_path_factory.mktemp("models") / "tiny-orient")
+
+
+def small_ct() -> sitk.Image:
+    rng = np.random.default_rng(4)
+    volume = np.full((4, 48, 40), -1000.0, dtype=np.float32)
+    volume[:, 8:40, 6:34] = rng.normal(40, 60, (4, 32, 28))
+    volume[:, 12:30, 8:18] = 150.0  # something off-centre, so mirroring changes the picture
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((1.5, 1.5, 3.0))
+    return image
+
+
+def test_orientation_override_shows_the_model_the_mirrored_slices(tiny_folder, tmp_path, capsys):
+    from hsam.cli import main
+    from hsam.inference import segment_volume
+    from hsam.model.checkpoint import load_model
+
+    model, card = load_model(tiny_folder)
+    image = small_ct()
+    overridden = segment_volume(image, model, card, device="cpu", mode="eager", orientation="RPS")
+    assert overridden.orientation == "RPS" and overridden.orientation_check is not None
+    # RPS puts the LPS slices mirrored left-right before the network: the same as the card's LPS on a copy whose
+    # voxels are mirrored under the same header, mapped back
+    mirrored = segment_volume(flipped(image, (2,)), model, card, device="cpu", mode="eager")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(overridden.labels),
+                                  np.flip(sitk.GetArrayFromImage(mirrored.labels), axis=2))
+    plain = segment_volume(image, model, card, device="cpu", mode="eager", check_orientation=False)
+    assert plain.orientation == "LPS" and plain.orientation_check is None
+
+    source, out = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
+    sitk.WriteImage(image, str(source))
+    assert main(["segment", str(source), "-o", str(out), "--model", str(tiny_folder), "--mode", "eager",
+                 "--orientation", "rps", "-q"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))),
+                                  sitk.GetArrayFromImage(overridden.labels))
+    assert main(["segment", str(source), "-o", str(out), "--model", str(tiny_folder), "--orientation", "LPX"]) == 2
+    assert "invalid orientation code" in capsys.readouterr().err
