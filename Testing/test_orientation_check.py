@@ -192,3 +192,19 @@ def test_orientation_override_shows_the_model_the_mirrored_slices(tiny_folder, t
                                   sitk.GetArrayFromImage(overridden.labels))
     assert main(["segment", str(source), "-o", str(out), "--model", str(tiny_folder), "--orientation", "LPX"]) == 2
     assert "invalid orientation code" in capsys.readouterr().err
+
+
+def test_cancel_is_answered_during_the_check(tiny_folder):
+    from hsam.inference import Cancelled, segment_volume
+    from hsam.model.checkpoint import load_model
+
+    model, card = load_model(tiny_folder)
+    polls = []
+
+    def cancel() -> bool:  # the run's one batch goes through; the first pass of the check is cancelled
+        polls.append(1)
+        return len(polls) > 1
+
+    with pytest.raises(Cancelled, match="orientation check"):
+        segment_volume(small_ct(), model, card, device="cpu", mode="eager", batch_size=4, cancel=cancel)
+    assert len(polls) == 2

@@ -352,10 +352,13 @@ def segment_volume(
     if check_orientation:
         from hsam.orientation_check import check_orientation as run_check
 
+        def predict_checked(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if cancel is not None and cancel():  # the check's passes answer a cancel as the run's batches do
+                raise Cancelled(f"cancelled during the orientation check after {total} slices")
+            return predict_slices(model, slices, window_hu, target, dtype, channels, predictor)
+
         tissue = (canonical.reshape(total, -1) > float(window_hu[0])).any(axis=1)
-        check = run_check(canonical, labels, confidence,
-                          lambda s: predict_slices(model, s, window_hu, target, dtype, channels, predictor),
-                          orientation, tissue)
+        check = run_check(canonical, labels, confidence, predict_checked, orientation, tissue)
         if check.warning:
             log.warning(check.warning)
             notes.append(check.warning)
