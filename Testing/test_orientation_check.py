@@ -72,6 +72,11 @@ def test_more_confidence_on_far_less_organ_is_not_enough():
 MEASURED = {
     "example_ct_sm": ((2460, 0.9608), (1166, 0.8616), (2279, 0.8884), (18, 0.7486), 122 * 101),
     "dcmqi ct-3slice": ((36348, 0.9527), (3362, 0.7378), (21550, 0.9529), (1270, 0.8655), 512 * 512),
+    "example_ct": ((770, 0.9518), (338, 0.8781), (1180, 0.833), (44, 0.6777), 122 * 101),
+}
+# a copy measured as such (the check picked another slice than on the scan as given): copy -> scores as received
+MEASURED_COPIES = {
+    ("example_ct", "mirrored left-right"): ((183, 0.8105), (517, 0.9521), (52, 0.725), (612, 0.8612), 122 * 101),
 }
 LAYOUTS = ("as given", "mirrored left-right", "mirrored front-back", "turned 180 degrees")
 # what each layout looks like seen from a copy: copy -> {variant run on the copy: layout of the original it shows}
@@ -94,6 +99,13 @@ def test_decisions_on_measured_scores(scan_name, copy):
     original = {layout: {"organ_voxels": v, "mean_confidence": c} for layout, (v, c) in zip(LAYOUTS, values)}
     scores = {variant: original[shown] for variant, shown in SEEN[copy].items()}
     assert better_layout(scores, 0.01 * pixels) == (None if copy == "as given" else copy)
+
+
+@pytest.mark.parametrize("case", MEASURED_COPIES)
+def test_decisions_on_measured_copies(case):
+    *values, pixels = MEASURED_COPIES[case]
+    scores = {layout: {"organ_voxels": v, "mean_confidence": c} for layout, (v, c) in zip(LAYOUTS, values)}
+    assert better_layout(scores, 0.01 * pixels) == case[1]
 
 
 def test_checked_slices_spread_over_the_organ_range():

@@ -10,12 +10,13 @@ So a few slices of the organ range are run again mirrored left-right, mirrored f
 (all three wrong in-plane layouts), and compared with the run as given on the same slices. An alternative beats the
 scan as given when it finds at least ``MIN_ORGAN_FRACTION`` of the slices' pixels as organ and either
 
-* about as much organ (``MIN_ORGAN_SHARE`` of the as-given voxels) with clearly higher mean confidence inside it
-  (``CONFIDENCE_MARGIN``), or
+* a fair share of the organ (``MIN_ORGAN_SHARE`` of the as-given voxels) with clearly higher mean confidence inside
+  it (``CONFIDENCE_MARGIN``), or
 * clearly more organ (``MORE_ORGAN`` times) at no lower confidence (``CONFIDENCE_SLACK``);
 
-the check fires naming the alternative with the largest confidence-weighted organ area. On a correctly oriented scan
-the as-given layout is the best on both counts (measured: benchmarks/orientation/results.md).
+the check fires naming the most confident of these alternatives (among those within ``CONFIDENCE_SLACK`` of it, the
+one with the most organ). On a correctly oriented scan the as-given layout is the best on both counts (measured:
+benchmarks/orientation/results.md).
 Cost: 3 forward passes per checked slice, one checked slice per ``SLICES_PER`` slices with tissue (1 to 3).
 """
 
@@ -27,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 CONFIDENCE_MARGIN = 0.05
-MIN_ORGAN_SHARE = 0.75
+MIN_ORGAN_SHARE = 0.5
 MORE_ORGAN = 1.5
 CONFIDENCE_SLACK = 0.01
 MIN_ORGAN_FRACTION = 0.01
@@ -102,13 +103,15 @@ def _beats(score: dict[str, float], given: dict[str, float], floor: float) -> bo
 
 
 def better_layout(scores: dict[str, dict[str, float]], floor: float) -> str | None:
-    """The variant that beats ``scores["as given"]`` (module docstring), the one with the largest confidence-weighted
-    organ area if several do; None when the scan as given is not beaten."""
+    """The variant that beats ``scores["as given"]`` (module docstring): if several do, the most confident one, and
+    among those within ``CONFIDENCE_SLACK`` of it the one with the most organ; None when the scan as given is best."""
     given = scores["as given"]
     better = [name for name, score in scores.items() if name != "as given" and _beats(score, given, floor)]
     if not better:
         return None
-    return max(better, key=lambda n: scores[n]["organ_voxels"] * scores[n]["mean_confidence"])
+    top = max(scores[n]["mean_confidence"] for n in better)
+    near = [n for n in better if scores[n]["mean_confidence"] >= top - CONFIDENCE_SLACK]
+    return max(near, key=lambda n: scores[n]["organ_voxels"])
 
 
 def check_orientation(
