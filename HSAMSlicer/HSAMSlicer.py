@@ -364,8 +364,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for entry in sorted(weights.load_manifest().values(), key=lambda e: -e.priority):
                 if entry.kind != "hsam" or entry.id in installed:
                     continue
-                downloadable = all(f.url and f.sha256 for f in entry.files)
-                suffix = _("download on first use") if downloadable else _("needs import, see tooltip")
+                suffix = _("download on first use") if entry.downloadable else _("needs import, see tooltip")
                 combo.addItem(f"{entry.title} ({entry.id}, {suffix})", entry.id)
                 combo.setItemData(combo.count - 1, f"{entry.license}\n{entry.homepage}", qt.Qt.ToolTipRole)
         except Exception as error:  # a broken manifest or model folder must not prevent the module from opening
@@ -435,7 +434,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             largest_component=node.largestComponent,
             show_3d=node.showIn3D,
         )
-        if not self._acceptDownload(options.model):
+        if self._downloadFirst(options.model):
             return
         with self._reportingErrors():
             job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read here, on the main thread
@@ -443,19 +442,40 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
 
-    def _acceptDownload(self, modelId: str) -> bool:
-        """A manifest model is downloaded on first use: show what it is and its licence, and ask once."""
+    def _downloadFirst(self, modelId: str) -> bool:
+        """A manifest model that is not installed yet: show what it is and its terms, and on OK download it in a child
+        process, then segment. True when the segmentation must wait (download started or declined)."""
         from hsam import weights
 
-        if not weights.needs_download(modelId):
-            return True
-        entry = weights.load_manifest()[modelId]
+        entry = weights.load_manifest().get(modelId)
+        installed = {m.id for m in weights.available_models()}
+        if entry is None or entry.kind != "hsam" or modelId in installed or not entry.downloadable:
+            return False
         size = sum(f.size or 0 for f in entry.files)
-        text = _("{title} is downloaded now ({size} MB), then checked (SHA-256) and kept in {folder}.\n\n"
-                 "Licence: {license}\n{homepage}\n\nDownload it?").format(
-            title=entry.title, size=round(size / 2**20) if size else "?", folder=weights.hsam_home(),
-            license=entry.license or _("see the homepage"), homepage=entry.homepage)  # fmt: skip
-        return slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Download a model"))
+        terms = entry.license_text or _("Licence: {license}").format(license=entry.license or _("see the homepage"))
+        text = _("{title} is downloaded now{size}, checked and kept in {folder}.\n\n{terms}\n\n{homepage}\n\n"
+                 "Accept these terms and download it?").format(
+            title=entry.title, size=f" ({round(size / 2**20)} MB)" if size else "", folder=weights.hsam_home(),
+            terms=terms, homepage=entry.homepage)  # fmt: skip
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Download a model")):
+            self._setStatus(_("The model was not downloaded; choose another model or import one."))
+            return True
+
+        def finish(state) -> None:
+            if isinstance(state.error, JobCancelled):
+                self._setStatus(_("Download cancelled; it continues where it stopped next time."))
+                return
+            if state.error is not None:
+                raise state.error
+            self._fillModelList(select=modelId)
+            self.onApplyButton()  # the model is installed now: segment as the user asked
+
+        with self._reportingErrors():
+            self._startJob(self.logic.start_model_download(modelId), "segment", finish,
+                           _("Downloading {title}").format(title=entry.title))  # fmt: skip
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the download; it continues where it stopped next time.")
+        return True
 
     def _startJob(self, job, kind: str, finish, message: str) -> None:
         """Follow ``job`` (a started child); ``finish(state)`` runs on the main thread when it has ended."""

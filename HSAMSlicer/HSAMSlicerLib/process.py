@@ -191,8 +191,8 @@ class ChildJob:
             self._stage = str(event.get("stage", self._stage))
         if "done" in event and "total" in event:
             stage = str(event.get("stage", self._stage))
-            if stage != self._stage:
-                self._first = None  # a new stage (download -> segment): its own rate
+            if stage != self._stage or int(event["done"]) < self._current:
+                self._first = None  # a new stage (download -> segment) or a new file: its own rate
             self._stage = stage
             now = self._clock()
             stamp = (int(event["done"]), now)

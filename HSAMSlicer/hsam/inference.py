@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hsam.errors import HSAMError
-from hsam.volume import check_volume, from_canonical, looks_like_ct, to_canonical, window
+from hsam.volume import check_volume, direction_from_code, from_canonical, looks_like_ct, to_canonical, window
 
 if TYPE_CHECKING:  # pragma: no cover
     from hsam.model.checkpoint import ModelCard
@@ -54,6 +54,8 @@ class SegmentationResult:
     precision: str = "fp32"
     mode: str = "eager"  # speed mode that ran (hsam.speed.modes)
     warnings: list[str] = field(default_factory=list)
+    orientation: str = "LPS"  # the canonical orientation the scan was put in (the card's, or the override)
+    orientation_check: dict | None = None  # hsam.orientation_check.OrientationCheck.as_dict(); None when not run
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -248,6 +250,8 @@ def segment_volume(
     status: Callable[[str], None] | None = None,
     largest_component: bool = False,
     organs: Sequence[int | str] | None = None,
+    orientation: str | None = None,
+    check_orientation: bool = True,
 ) -> SegmentationResult:
     """Segment a 3-D CT volume; see the module docstring for the pipeline.
 
@@ -265,13 +269,19 @@ def segment_volume(
         status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).
         largest_component: keep only the largest connected component of each organ.
         organs: restrict the argmax to these organs (label values or names); others are never predicted.
+        orientation: canonical orientation code for this run (e.g. ``"RPS"``) instead of the card's.
+        check_orientation: run the orientation self-check (:mod:`hsam.orientation_check`); when it finds the
+            model doing clearly better on mirrored or turned slices, a warning containing "orientation" is added to
+            ``warnings``; its measurements are in ``orientation_check``.
     """
     started = time.perf_counter()
     image = check_volume(image, "the input volume")
     names = _class_names(card, model)
     channels = _selected_channels(organs, names)
     window_hu = list(getattr(card, "window", None) or (-125, 275))
-    orientation = getattr(card, "orientation", None) or "LPS"
+    if orientation is not None:
+        direction_from_code(orientation)  # a bad code is one clear error before any work
+    orientation = (orientation or getattr(card, "orientation", None) or "LPS").upper()
     if batch_size is not None and batch_size < 1:
         raise HSAMError(f"batch size must be at least 1, got {batch_size}")
 
@@ -340,6 +350,20 @@ def segment_volume(
         done = stop
         if progress:
             progress(done, total)
+    check = None
+    if check_orientation:
+        from hsam.orientation_check import check_orientation as run_check
+
+        def predict_checked(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if cancel is not None and cancel():  # the check's passes answer a cancel as the run's batches do
+                raise Cancelled(f"cancelled during the orientation check after {total} slices")
+            return predict_slices(model, slices, window_hu, target, dtype, channels, predictor)
+
+        tissue = (canonical.reshape(total, -1) > float(window_hu[0])).any(axis=1)
+        check = run_check(canonical, labels, confidence, predict_checked, orientation, tissue)
+        if check.warning:
+            log.warning(check.warning)
+            notes.append(check.warning)
     del canonical
 
     if largest_component:
@@ -357,4 +381,6 @@ def segment_volume(
         precision=precision_name,
         mode=mode_name,
         warnings=notes,
+        orientation=orientation,
+        orientation_check=check.as_dict() if check is not None else None,
     )

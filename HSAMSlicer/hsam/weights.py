@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import http.cookiejar
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from hsam import __version__
+from hsam.drive import HtmlAnswer, direct_url, read_html_answer
 from hsam.errors import HSAMError
 from hsam.paths import hsam_home, resources_dir
 
@@ -58,6 +60,7 @@ class ManifestFile:
     size: int | None = None
     sha256: str | None = None
     where: str | None = None  # how to obtain it by hand when there is no url
+    check: str | None = None  # "hsam-official": no published SHA-256; structure-checked, hash recorded at first download
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,16 @@ class ManifestEntry:
     priority: int = 0
     install: str = "download"  # "download" | "import-official" | "pip"
     license: str = ""
+    license_text: str = ""  # terms a user must see and accept before the download (empty: none to accept)
     homepage: str = ""
     requires: tuple[str, ...] = ()
     files: tuple[ManifestFile, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def downloadable(self) -> bool:
+        """Whether ``hsam models download <id>`` can get every file (a URL and a SHA-256 or a structure check)."""
+        return bool(self.files) and all(f.url and (f.sha256 or f.check) for f in self.files)
 
 
 def manifest_path() -> Path:
@@ -92,9 +101,11 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> dict[str, Manif
         raise HSAMError(f"cannot read the model manifest {source}: {error}") from None
     try:
         entries: dict[str, ManifestEntry] = {}
-        known = {"id", "title", "kind", "backbone", "priority", "install", "license", "homepage", "requires", "files"}
+        known = {"id", "title", "kind", "backbone", "priority", "install", "license", "license_text", "homepage",
+                 "requires", "files"}
         for item in data.get("models", []):
-            files = tuple(ManifestFile(**{k: f.get(k) for k in ("name", "url", "size", "sha256", "where")}) for f in item.get("files", []))
+            files = tuple(ManifestFile(**{k: f.get(k) for k in ("name", "url", "size", "sha256", "where", "check")})
+                          for f in item.get("files", []))
             entries[item["id"]] = ManifestEntry(
                 id=item["id"],
                 title=item.get("title", item["id"]),
@@ -103,6 +114,7 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> dict[str, Manif
                 priority=int(item.get("priority", 0)),
                 install=item.get("install", "download"),
                 license=item.get("license", ""),
+                license_text=item.get("license_text", ""),
                 homepage=item.get("homepage", ""),
                 requires=tuple(item.get("requires", ())),
                 files=files,
@@ -110,6 +122,11 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> dict[str, Manif
             )
     except (KeyError, TypeError, AttributeError, ValueError) as error:  # a damaged or hostile mirror manifest
         raise HSAMError(f"the model manifest {source} is malformed ({type(error).__name__}: {str(error)[:80]})") from None
+    for entry in entries.values():
+        for f in entry.files:  # a file without a published hash is only accepted where its structure can be checked
+            if f.check is not None and (f.check != "hsam-official" or entry.install != "import-official"):
+                raise HSAMError(f"the model manifest {source}: {entry.id}/{f.name} has check {f.check!r}; only "
+                                "'hsam-official' on an import-official entry is known")
     for entry in entries.values():  # ids and file names become paths in the cache: no separators, no dot files
         for name in (entry.id, *(f.name for f in entry.files)):
             if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
@@ -171,25 +188,87 @@ def _offline_message(name: str, url: str, reason: str, destination: Path) -> str
     )
 
 
+MAX_PAGE = 1 << 20  # an HTML answer is read up to this size to find out what it says
+_CONFIRM_HOPS = 3
+
+
+def _is_html(headers: Any) -> bool:
+    return str(headers.get("Content-Type") or "").lower().startswith("text/html")
+
+
+def _page_message(name: str, url: str, answer: "HtmlAnswer", destination: Path) -> str:
+    manual = f"open {url} in a browser, save the file as {destination} and run the same command again"
+    if answer.kind == "quota":
+        return (f"Google Drive refused the download of {name}: its download quota is exceeded (too many downloads "
+                f"of this file recently); try again in a few hours, or {manual}")
+    return f"{url} answered with a web page instead of {name} (\"{answer.summary[:80]}\"); {manual}"
+
+
+def _open_file(
+    opener: urllib.request.OpenerDirector, url: str, shown_url: str, headers: dict[str, str], timeout: float,
+    name: str, final: Path,
+) -> Any:
+    """The response carrying the file itself: HTML answers are read, confirmation pages (Google Drive's large-file
+    "Download anyway") followed, quota and other pages turned into one HSAMError with the manual route.
+    HTTP 416 is re-raised as ``urllib.error.HTTPError`` for the caller's resume logic."""
+    for _ in range(_CONFIRM_HOPS):
+        try:
+            response = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+        except urllib.error.HTTPError as error:
+            if error.code == 416:
+                raise
+            if _is_html(error.headers):  # Drive answers quota and permission problems with a page and a 4xx code
+                answer = read_html_answer(error.read(MAX_PAGE).decode("utf-8", "replace"), url)
+                if answer.kind == "quota":
+                    raise HSAMError(_page_message(name, shown_url, answer, final)) from None
+            raise HSAMError(_offline_message(name, shown_url, f"HTTP {error.code} {error.reason}", final)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", None) or error
+            raise HSAMError(_offline_message(name, shown_url, str(reason), final)) from None
+        if not _is_html(response.headers):
+            return response
+        with response:
+            try:
+                page = response.read(MAX_PAGE).decode("utf-8", "replace")
+            except (OSError, http.client.HTTPException) as error:
+                raise HSAMError(_offline_message(name, shown_url, f"{type(error).__name__} reading the answer", final)) from None
+            answer = read_html_answer(page, response.geturl())
+        if answer.kind != "confirm":
+            raise HSAMError(_page_message(name, shown_url, answer, final))
+        url = answer.next_url
+    raise HSAMError(_page_message(name, shown_url, HtmlAnswer("other", summary="confirmation pages without end"), final))
+
+
 def download_file(
     url: str,
     name: str,
-    sha256: str,
+    sha256: str | None,
     *,
     size: int | None = None,
     progress: Progress | None = None,
     timeout: float = 30.0,
     destination: Path | None = None,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """Download ``url`` to ``downloads/<name>`` (or ``destination``), verified against ``sha256``; returns the path.
 
+    ``url`` may be a plain HTTP(S) URL or a Google Drive link (:mod:`hsam.drive`: its confirmation page is
+    followed; a quota or other web page gives one HSAMError saying how to get the file by hand). When no SHA-256 is
+    published (``sha256`` None), ``verify(path)`` must check the file's structure instead (raising HSAMError).
+
     A finished file that already verifies is reused. The bytes go to ``partial/<name>.part`` first; an interrupted
     download is resumed with an HTTP Range request on the next call (a server that ignores Range gives a clean
-    restart). Only a file whose size and SHA-256 match is moved into place; a mismatch deletes it and raises.
+    restart). Only a file whose size and SHA-256 (or structure) match is moved into place; a mismatch deletes it.
     """
+    if sha256 is None and verify is None:
+        raise ValueError("download_file needs a sha256 or a verify function")
     final = destination or downloads_dir() / name
-    if final.is_file() and sha256_file(final) == sha256.lower():
-        return final
+    if final.is_file():
+        if sha256 is None:
+            verify(final)  # type: ignore[misc]
+            return final
+        if sha256_file(final) == sha256.lower():
+            return final
     final.parent.mkdir(parents=True, exist_ok=True)
     partial_dir().mkdir(parents=True, exist_ok=True)
     part = partial_dir() / f"{name}.part"
@@ -200,16 +279,15 @@ def download_file(
     headers = {"User-Agent": f"hsam/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as error:
-        if error.code == 416 and have:  # our partial file is longer than or equal to the remote one: start over
-            part.unlink(missing_ok=True)
-            return download_file(url, name, sha256, size=size, progress=progress, timeout=timeout, destination=destination)
-        raise HSAMError(_offline_message(name, url, f"HTTP {error.code} {error.reason}", final)) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-        reason = getattr(error, "reason", None) or error
-        raise HSAMError(_offline_message(name, url, str(reason), final)) from None
+        response = _open_file(opener, direct_url(url), url, headers, timeout, name, final)
+    except urllib.error.HTTPError:  # 416: our partial file is as long as or longer than the remote one: start over
+        if not have:
+            raise HSAMError(_offline_message(name, url, "HTTP 416 Range Not Satisfiable", final)) from None
+        part.unlink(missing_ok=True)
+        return download_file(url, name, sha256, size=size, progress=progress, timeout=timeout, destination=destination,
+                             verify=verify)
     with response:
         resumed = have > 0 and response.status == 206
         done = have if resumed else 0
@@ -237,13 +315,20 @@ def download_file(
     if size is not None and done != size:
         part.unlink(missing_ok=True)
         raise HSAMError(f"downloaded {name} has {done} bytes, expected {size}; the file was discarded, try again later")
-    actual = sha256_file(part)
-    if actual != sha256.lower():
-        part.unlink(missing_ok=True)
-        raise HSAMError(
-            f"downloaded {name} failed its SHA-256 check (got {actual[:12]}..., expected {sha256[:12]}...); "
-            "the file was discarded; check the URL or mirror"
-        )
+    if sha256 is None:
+        try:
+            verify(part)  # type: ignore[misc]
+        except HSAMError as error:
+            part.unlink(missing_ok=True)
+            raise HSAMError(f"downloaded {name} is not the expected file ({error}); the file was discarded") from None
+    else:
+        actual = sha256_file(part)
+        if actual != sha256.lower():
+            part.unlink(missing_ok=True)
+            raise HSAMError(
+                f"downloaded {name} failed its SHA-256 check (got {actual[:12]}..., expected {sha256[:12]}...); "
+                "the file was discarded; check the URL or mirror"
+            )
     os.replace(part, final)
     return final
 
@@ -267,7 +352,7 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
     if model_id not in manifest:
         raise HSAMError(f"unknown model {model_id!r}; known: {', '.join(manifest)} (see: hsam models list)")
     entry = manifest[model_id]
-    missing = [f for f in entry.files if not f.url or not f.sha256]
+    missing = [f for f in entry.files if not f.url or not (f.sha256 or f.check)]
     if missing:
         f = missing[0]
         how = {
@@ -276,6 +361,8 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
         }.get(entry.install, "then run: hsam models import PATH")
         needs = f" (it also needs: hsam models download {' '.join(entry.requires)})" if entry.requires else ""
         raise HSAMError(f"{model_id} cannot be downloaded automatically: get {f.name} from {f.where or entry.homepage}, {how}{needs}")
+    if entry.install == "import-official":
+        return _fetch_official(entry, progress)
     if entry.kind == "hsam" and {f.name for f in entry.files} == set(MODEL_FILES):
         staging = Path(tempfile.mkdtemp(prefix=f"{model_id}-", dir=_ensure(partial_dir())))
         try:
@@ -287,6 +374,75 @@ def fetch(model_id: str, progress: Progress | None = None) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
     paths = [download_file(f.url, f.name, f.sha256, size=f.size, progress=progress) for f in entry.files]  # type: ignore[arg-type]
     return paths[0]
+
+
+TRUSTED_FILE = "trusted-sha256.json"
+"""In ``downloads/``: ``{file name: SHA-256}`` recorded at the first download of files without a published hash."""
+
+
+def recorded_sha256(name: str) -> str | None:
+    """The SHA-256 recorded when ``name`` (a manifest file without a published hash) was first downloaded here."""
+    try:
+        value = json.loads((downloads_dir() / TRUSTED_FILE).read_text(encoding="utf-8")).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _record_sha256(name: str, digest: str) -> None:
+    from hsam import atomic
+
+    path = downloads_dir() / TRUSTED_FILE
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known[name] = digest
+    atomic.write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
+
+
+def _official_config(entry: ManifestEntry) -> Any:
+    """The network an ``import-official`` entry's checkpoint must fit (backbone, input size, classes, LoRA rank)."""
+    from hsam.model.config import ModelConfig
+
+    classes = entry.extra.get("classes") or []
+    return ModelConfig(backbone=entry.backbone, img_size=int(entry.extra.get("img_size", 512)),
+                       num_classes=max(1, len(classes) - 1) if classes else 8,
+                       lora_rank=int(entry.extra.get("lora_rank", 5)), cmattn="constant", keep_cmattn_tensors=True)
+
+
+def _fetch_official(entry: ManifestEntry, progress: Progress | None) -> Path:
+    """Download the base weights an official checkpoint needs, then the checkpoint, then convert and install it.
+
+    A checkpoint without a published SHA-256 (the authors' Google Drive file) is checked for its exact structure
+    (keys and shapes, read with ``weights_only=True``); its SHA-256 is recorded at the first download (trust on
+    first use: a later download must match it) and written into the model card's provenance.
+    """
+    from hsam.model.official import check_official_file
+
+    for base in entry.requires:
+        fetch(base, progress)
+    f = entry.files[0]
+    config = _official_config(entry)
+    path = download_file(f.url, f.name, f.sha256, size=f.size, progress=progress,  # type: ignore[arg-type]
+                         verify=None if f.sha256 else (lambda candidate: check_official_file(candidate, config)))
+    digest = sha256_file(path)
+    trust = "published in the manifest"
+    if not f.sha256:
+        recorded = recorded_sha256(f.name)
+        if recorded is None:
+            _record_sha256(f.name, digest)
+            trust = "recorded at the first download on this computer (no published hash; structure checked)"
+        elif recorded != digest:
+            path.unlink()
+            raise HSAMError(
+                f"{f.name} differs from the copy first downloaded on this computer (SHA-256 {digest[:12]}... != "
+                f"recorded {recorded[:12]}...); the file was discarded; if its authors replaced it on purpose, remove "
+                f"its line from {downloads_dir() / TRUSTED_FILE} and run the same command again"
+            )
+        else:
+            trust = "matches the hash recorded at the first download on this computer (structure checked)"
+    return import_official(path, None, entry.id, provenance={"url": f.url, "hsam_sha256_check": trust})
 
 
 def _ensure(folder: Path) -> Path:
@@ -458,11 +614,13 @@ def import_official(
     hsam_checkpoint: str | os.PathLike[str],
     sam_checkpoint: str | os.PathLike[str] | None = None,
     model_id: str = "hsam-vitb-synapse",
+    provenance: dict[str, str] | None = None,
 ) -> Path:
     """Convert an official H-SAM ``.pth`` (+ SAM base ``.pth``) into our format and install it as ``model_id``.
 
     The SAM base file defaults to the downloaded ``sam-vit-b``; it must match a SHA-256 in the manifest. Both files
-    are read with ``torch.load(weights_only=True)`` by :func:`hsam.model.official.import_official`.
+    are read with ``torch.load(weights_only=True)`` by :func:`hsam.model.official.import_official`. ``provenance``
+    is added to the card's ``source`` record (where the checkpoint came from, how its hash was checked).
     """
     from hsam.model.checkpoint import save_model
     from hsam.model.official import import_official as convert
@@ -495,6 +653,10 @@ def import_official(
         raise
     except (KeyError, RuntimeError, ValueError) as error:
         raise HSAMError(f"{hsam_path.name} is not a compatible H-SAM checkpoint for {model_id}: {str(error)[:160]}") from None
+    source = card.extra.setdefault("source", {})
+    source.update({"sam_sha256": digest, **(provenance or {})})
+    if entry is not None and entry.extra.get("orientation"):
+        card.orientation = str(entry.extra["orientation"])
     _ensure(partial_dir())
     staging = Path(tempfile.mkdtemp(prefix=f"{model_id}-", dir=partial_dir()))
     try:

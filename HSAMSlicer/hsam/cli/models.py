@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="models in the manifest and installed ones; * marks the default")
     listing.set_defaults(run=run_list)
 
-    download = actions.add_parser("download", help="download a manifest entry (SHA-256 verified, resumable)")
+    download = actions.add_parser("download", help="download a manifest entry (verified, resumable); for "
+                                 "hsam-vitb-synapse also its SAM base, then convert and install it")
     download.add_argument("id")
     progress.add_option(download)
     download.set_defaults(run=run_download)
@@ -74,8 +75,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_download(args: argparse.Namespace) -> int:
     """Download a manifest entry with a byte progress bar."""
-    from hsam.weights import fetch
+    from hsam.weights import fetch, load_manifest
 
+    entry = load_manifest().get(args.id)
+    if entry is not None and entry.license_text:  # shown before anything is fetched (the Slicer module asks first)
+        print(f"{args.id}: terms of use\n{entry.license_text}\n", file=sys.stderr)
     path = fetch(args.id, progress=progress.download_progress(args.reporter, args.id))
     args.reporter.close_bar()
     print(f"{args.id}: {path}")

@@ -61,9 +61,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-non-ct", action="store_true",
                         help="segment an image that does not look like CT in Hounsfield units (MR, normalised "
                              "images); the models are trained on CT, so expect poor results")
+    parser.add_argument("--orientation", metavar="CODE", default=None,
+                        help="canonical orientation for this run instead of the model card's, e.g. RPS (when the "
+                        "orientation self-check warns, it names the code to try)")
+    parser.add_argument("--protocol", choices=("default", "reference"), default="default",
+                        help="reference: the released H-SAM test pipeline for paper-comparable numbers (stored slice "
+                        "order, no reorientation; scipy cubic zoom to --input-size, then to the model size; argmax; "
+                        "nearest zoom back); default: this package's pipeline")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="reference protocol only: the released test.py's --input_size (default 224)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     progress_option.add_option(parser)
     parser.set_defaults(run=run)
+
+
+def _check_protocol(args: argparse.Namespace) -> None:
+    """One error line for option combinations the chosen protocol cannot honour."""
+    from hsam.errors import HSAMError
+    from hsam.volume import direction_from_code
+
+    if args.orientation:
+        direction_from_code(args.orientation)
+    if args.protocol != "reference":
+        if args.input_size is not None:
+            raise HSAMError("--input-size belongs to --protocol reference")
+        return
+    clashes = [name for name, value in (("--orientation", args.orientation), ("--organs", args.organs),
+                                        ("--largest-component", args.largest_component)) if value]
+    if args.precision not in ("auto", "fp32") or args.mode not in ("auto", "eager"):
+        clashes.append("--precision/--mode")
+    if clashes:
+        raise HSAMError(f"--protocol reference runs the released pipeline as it is: drop {', '.join(clashes)}")
+    if args.input_size is not None and args.input_size < 8:
+        raise HSAMError(f"--input-size must be at least 8 pixels, got {args.input_size}")
+
+
+def _segment(image, model, card, args: argparse.Namespace, organs, progress=None, status=None):  # noqa: ANN001, ANN202
+    """Run the chosen protocol on one volume; returns a SegmentationResult. ``progress(k, n)``: slices done;
+    ``status(text)``: slow preparation steps."""
+    if args.protocol == "reference":
+        from hsam.reference import DEFAULT_INPUT_SIZE, segment_volume_reference
+
+        return segment_volume_reference(image, model, card, input_size=args.input_size or DEFAULT_INPUT_SIZE,
+                                        device=args.device, batch_size=args.batch_size, progress=progress)
+    from hsam.inference import segment_volume
+
+    return segment_volume(image, model, card, device=args.device, batch_size=args.batch_size,
+                          precision=args.precision, mode=args.mode, progress=progress,
+                          status=status, largest_component=args.largest_component, organs=organs,
+                          orientation=args.orientation)
 
 
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
@@ -131,7 +177,6 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     from hsam import cohort
     from hsam.errors import HSAMError
-    from hsam.inference import segment_volume
     from hsam.volume import read_image, write_labels
     from hsam.volume.dicom_seg import write_dicom_seg
     from hsam.volume.io import LABEL_SUFFIXES, read_dicom_volume
@@ -144,6 +189,7 @@ def run_cohort(args: argparse.Namespace) -> int:
     if args.series:
         raise HSAMError("--series picks a series of one DICOM folder; in a cohort each study's series is picked "
                         "(`hsam series` shows which): segment that study on its own to choose another")
+    _check_protocol(args)
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise HSAMError(f"{out_dir} is a file; for a cohort -o must be a folder")
@@ -183,9 +229,9 @@ def run_cohort(args: argparse.Namespace) -> int:
             if not looks_like_ct(sitk.GetArrayViewFromImage(image)):  # as for one volume: MR is refused unless asked
                 raise HSAMError(f"{case.name} does not look like CT in Hounsfield units; pass --allow-non-ct to "
                                 "segment it anyway")
-        result = segment_volume(image, model, card, device=device, batch_size=args.batch_size,
-                                precision=args.precision, mode=args.mode, largest_component=args.largest_component,
-                                organs=organs)
+        result = _segment(image, model, card, argparse.Namespace(**{**vars(args), "device": device}), organs)
+        for message in result.warnings:
+            say(f"{tag}warning: {case.name}: {message}")
         if args.suffix == ".dcm":
             write_dicom_seg(result.labels, output, source.files, _algorithm(model_id, card))
         else:
@@ -208,12 +254,7 @@ def run(args: argparse.Namespace) -> int:
         return run_cohort(args)
 
     from hsam.errors import HSAMError
-    from hsam.inference import (
-        _selected_channels,
-        segment_volume,
-        select_device,
-        select_precision,
-    )
+    from hsam.inference import _selected_channels, select_device, select_precision
     from hsam.volume import read_image, write_image, write_labels
     from hsam.weights import available_models, fetch, load_named_model, needs_download, resolve_model
 
@@ -241,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
             )
 
     select_precision(args.precision, select_device(args.device))
+    _check_protocol(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise HSAMError(f"--batch-size must be at least 1, got {args.batch_size}")
     reporter = args.reporter
@@ -264,12 +306,9 @@ def run(args: argparse.Namespace) -> int:
         reporter.warning(f"{model_id} is a demo model (card says demo=true); its labels are not meant for real use")
 
     try:
-        result = segment_volume(
-            image, model, card, device=args.device, batch_size=args.batch_size, precision=args.precision,
-            mode=args.mode, progress=lambda done, total: reporter.progress(done, total, "segment"),
-            status=lambda text: reporter.status(text, "engine"), largest_component=args.largest_component,
-            organs=organs,
-        )
+        result = _segment(image, model, card, args, organs,
+                          progress=lambda done, total: reporter.progress(done, total, "segment"),
+                          status=lambda text: reporter.status(text, "engine"))
     finally:
         reporter.close_bar()
 

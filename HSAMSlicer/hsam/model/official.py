@@ -235,7 +235,15 @@ def load_official_tensors(model: nn.Module, state: Mapping[str, Tensor], source:
     model.unmerge_lora()
     own = model.state_dict()
     pairs = official_key_map(model)
-    expected = {official: own[key] for official, key in pairs}
+    _check_layout(model, state, source)
+    for official, key in pairs:  # in file order: prompt_encoder2.* after prompt_encoder.*, so it wins
+        own[key].copy_(state[official])
+
+
+def _check_layout(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """HSAMError unless ``state`` has exactly the official keys of ``model`` with their shapes."""
+    own = model.state_dict()
+    expected = {official: own[key] for official, key in official_key_map(model)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -247,8 +255,25 @@ def load_official_tensors(model: nn.Module, state: Mapping[str, Tensor], source:
         else:
             detail = f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}"
         raise HSAMError(f"{source} does not fit a {_summary(model.config)} H-SAM: {detail}")
-    for official, key in pairs:  # in file order: prompt_encoder2.* after prompt_encoder.*, so it wins
-        own[key].copy_(state[official])
+
+
+def official_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{official key: shape}`` of the released H-SAM file for ``config``, in file order (489 keys for ViT-B/512/K=9).
+    Built on the meta device: no memory, no initialisation."""
+    from hsam.model.build import build_hsam
+
+    model = build_hsam(config, device="meta")
+    own = model.state_dict()
+    return {official: tuple(own[key].shape) for official, key in official_key_map(model)}
+
+
+def check_official_file(path: str | os.PathLike[str], config: ModelConfig) -> None:
+    """HSAMError unless ``path`` is an official H-SAM checkpoint for ``config``: exactly its keys and shapes, read with
+    ``torch.load(weights_only=True)`` (used for files whose SHA-256 cannot be known in advance)."""
+    from hsam.model.build import build_hsam
+
+    state = load_pth(path, "H-SAM checkpoint")
+    _check_layout(build_hsam(config, device="meta"), state, Path(path).name)
 
 
 def _summary(config: ModelConfig) -> str:

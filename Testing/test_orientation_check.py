@@ -1,0 +1,222 @@
+"""The orientation self-check: which slices, what it compares, when it fires; and on real CT with the bundled demo
+model (slow): silent on the scan as given, firing on its mirrored and turned copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hsam.orientation_check import VARIANTS, better_layout, check_orientation, checked_slices, suggested_code
+
+
+def side_model(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic stand-in for a position-driven model: tissue (> 0 HU) is organ 1 everywhere, found with
+    confidence 250 in the image's left half and 200 in its right half; background elsewhere at 255."""
+    labels = (slices > 0).astype(np.uint8)
+    confidence = np.full(slices.shape, 255, dtype=np.uint8)
+    half = slices.shape[2] // 2
+    confidence[:, :, :half][labels[:, :, :half] == 1] = 250
+    confidence[:, :, half:][labels[:, :, half:] == 1] = 200
+    return labels, confidence
+
+
+def scan(flip_columns: bool = False) -> np.ndarray:
+    volume = np.full((40, 32, 32), -1000.0, dtype=np.float32)
+    volume[5:35, 8:24, 4:14] = 50.0  # an "organ" in the columns' first half
+    return volume[:, :, ::-1].copy() if flip_columns else volume
+
+
+def run(volume: np.ndarray, orientation="LPS"):
+    labels, confidence = side_model(volume)
+    tissue = (volume.reshape(len(volume), -1) > -125).any(axis=1)
+    calls = []
+
+    def predict(slices):
+        calls.append(len(slices))
+        return side_model(slices)
+
+    return check_orientation(volume, labels, confidence, predict, orientation, tissue), calls
+
+
+def test_silent_when_the_scan_as_given_is_best():
+    check, calls = run(scan())
+    assert check.warning is None and check.suspect is None
+    assert calls == [1, 1, 1]  # 40 slices with tissue: one checked slice, three variants
+    assert set(check.scores) == {"as given", *VARIANTS}
+    assert check.scores["as given"]["mean_confidence"] == pytest.approx(250 / 255, abs=1e-4)
+
+
+def test_fires_on_a_mirrored_scan_and_names_the_code_to_try():
+    check, _ = run(scan(flip_columns=True))
+    assert check.suspect == "mirrored left-right" and check.suggested_orientation == "RPS"
+    assert "orientation" in check.warning and "--orientation RPS" in check.warning
+    assert "0.78 -> 0.98" in check.warning
+    stored, _ = run(scan(flip_columns=True), orientation=None)  # stored order: nothing to override
+    assert stored.suspect == "mirrored left-right" and "stored slice order" in stored.warning
+    assert stored.suggested_orientation is None
+
+
+def test_more_confidence_on_far_less_organ_is_not_enough():
+    volume = scan(flip_columns=True)
+    labels, confidence = side_model(volume)
+    labels[:, :, :16] = 1  # as given, the run found much more organ than any variant will
+    tissue = np.ones(len(volume), dtype=bool)
+    check = check_orientation(volume, labels, confidence, side_model, "LPS", tissue)
+    assert check.warning is None
+
+
+# Scores measured with the bundled demo model on the checked slice of real scans, as given (benchmarks/orientation/
+# measure_check.py): organ voxels and mean confidence inside organs for the slice as given, mirrored left-right,
+# mirrored front-back and turned 180 degrees; and the checked slice's pixel count.
+MEASURED = {
+    "example_ct_sm": ((2460, 0.9608), (1166, 0.8616), (2279, 0.8884), (18, 0.7486), 122 * 101),
+    "dcmqi ct-3slice": ((36348, 0.9527), (3362, 0.7378), (21550, 0.9529), (1270, 0.8655), 512 * 512),
+    "example_ct": ((770, 0.9518), (338, 0.8781), (1180, 0.833), (44, 0.6777), 122 * 101),
+}
+# a copy measured as such (the check picked another slice than on the scan as given): copy -> scores as received
+MEASURED_COPIES = {
+    ("example_ct", "mirrored left-right"): ((183, 0.8105), (517, 0.9521), (52, 0.725), (612, 0.8612), 122 * 101),
+}
+LAYOUTS = ("as given", "mirrored left-right", "mirrored front-back", "turned 180 degrees")
+# what each layout looks like seen from a copy: copy -> {variant run on the copy: layout of the original it shows}
+SEEN = {
+    "as given": dict(zip(LAYOUTS, LAYOUTS)),
+    "mirrored left-right": {"as given": "mirrored left-right", "mirrored left-right": "as given",
+                            "mirrored front-back": "turned 180 degrees", "turned 180 degrees": "mirrored front-back"},
+    "mirrored front-back": {"as given": "mirrored front-back", "mirrored left-right": "turned 180 degrees",
+                            "mirrored front-back": "as given", "turned 180 degrees": "mirrored left-right"},
+    "turned 180 degrees": {"as given": "turned 180 degrees", "mirrored left-right": "mirrored front-back",
+                           "mirrored front-back": "mirrored left-right", "turned 180 degrees": "as given"},
+}
+
+
+@pytest.mark.parametrize("scan_name", MEASURED)
+@pytest.mark.parametrize("copy", LAYOUTS)
+def test_decisions_on_measured_scores(scan_name, copy):
+    """Silent on the real scans as given; on each mirrored or turned copy, names exactly the layout that undoes it."""
+    *values, pixels = MEASURED[scan_name]
+    original = {layout: {"organ_voxels": v, "mean_confidence": c} for layout, (v, c) in zip(LAYOUTS, values)}
+    scores = {variant: original[shown] for variant, shown in SEEN[copy].items()}
+    assert better_layout(scores, 0.01 * pixels) == (None if copy == "as given" else copy)
+
+
+@pytest.mark.parametrize("case", MEASURED_COPIES)
+def test_decisions_on_measured_copies(case):
+    *values, pixels = MEASURED_COPIES[case]
+    scores = {layout: {"organ_voxels": v, "mean_confidence": c} for layout, (v, c) in zip(LAYOUTS, values)}
+    assert better_layout(scores, 0.01 * pixels) == case[1]
+
+
+def test_checked_slices_spread_over_the_organ_range():
+    labels = np.zeros((400, 4, 4), dtype=np.uint8)
+    labels[100:300, 0, 0] = 1
+    tissue = np.ones(400, dtype=bool)
+    chosen = checked_slices(labels, tissue)
+    assert len(chosen) == 3 and all(100 <= c < 300 for c in chosen)
+    assert chosen == sorted(chosen) and chosen[1] - chosen[0] > 50
+    assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.array([0, 0, 1, 0, 0], bool)) == [2]  # no organ: tissue
+    assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.zeros(5, bool)) == []
+
+
+def test_suggested_codes():
+    assert suggested_code("LPS", False, True) == "RPS"
+    assert suggested_code("LPS", True, False) == "LAS"
+    assert suggested_code("LPS", True, True) == "RAS"
+    assert suggested_code("RAS", True, True) == "LPS"
+
+
+def flipped(image: sitk.Image, axes: tuple[int, ...]) -> sitk.Image:
+    array = sitk.GetArrayFromImage(image)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.flip(array, axis=axes)) if axes else array)
+    out.CopyInformation(image)
+    return out
+
+
+@pytest.mark.slow
+def test_demo_model_on_real_ct_as_given_mirrored_and_turned(real_data):
+    """The sample CT, cut to its 12 central slices to keep the test short (the check still picks one)."""
+    from hsam.inference import segment_volume
+    from hsam.volume import read_image
+    from hsam.weights import load_named_model
+
+    model, card = load_named_model("hsam-lite-demo")
+    image = read_image(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"))[:, :, 9:21]
+    results = {}
+    for name, axes in {"as given": (), "mirrored left-right": (2,), "turned 180 degrees": (1, 2)}.items():
+        result = segment_volume(flipped(image, axes), model, card, device="cpu", mode="eager")
+        results[name] = result
+    assert results["as given"].warnings == [] and results["as given"].orientation_check["suspect"] is None
+    for name in ("mirrored left-right", "turned 180 degrees"):
+        check = results[name].orientation_check
+        assert check["suspect"] == name, check
+        assert any("orientation" in w for w in results[name].warnings)
+    assert results["turned 180 degrees"].orientation_check["suggested_orientation"] == "RAS"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import torch
+
+    from hsam.labels import CLASS_NAMES
+    from hsam.model.build import build_hsam
+    from hsam.model.checkpoint import ModelCard, save_model
+    from hsam.model.config import load_model_config
+
+    torch.manual_seed(5)
+    config = load_model_config("vit_tiny")
+    card = ModelCard.for_config(config, "tiny-orient", title="tiny", classes=list(CLASS_NAMES))
+    return save_model(build_hsam(config), card, tmp_path_factory.mktemp("models") / "tiny-orient")
+
+
+def small_ct() -> sitk.Image:
+    rng = np.random.default_rng(4)
+    volume = np.full((4, 48, 40), -1000.0, dtype=np.float32)
+    volume[:, 8:40, 6:34] = rng.normal(40, 60, (4, 32, 28))
+    volume[:, 12:30, 8:18] = 150.0  # something off-centre, so mirroring changes the picture
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((1.5, 1.5, 3.0))
+    return image
+
+
+def test_orientation_override_shows_the_model_the_mirrored_slices(tiny_folder, tmp_path, capsys):
+    from hsam.cli import main
+    from hsam.inference import segment_volume
+    from hsam.model.checkpoint import load_model
+
+    model, card = load_model(tiny_folder)
+    image = small_ct()
+    overridden = segment_volume(image, model, card, device="cpu", mode="eager", orientation="RPS")
+    assert overridden.orientation == "RPS" and overridden.orientation_check is not None
+    # RPS puts the LPS slices mirrored left-right before the network: the same as the card's LPS on a copy whose
+    # voxels are mirrored under the same header, mapped back
+    mirrored = segment_volume(flipped(image, (2,)), model, card, device="cpu", mode="eager")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(overridden.labels),
+                                  np.flip(sitk.GetArrayFromImage(mirrored.labels), axis=2))
+    plain = segment_volume(image, model, card, device="cpu", mode="eager", check_orientation=False)
+    assert plain.orientation == "LPS" and plain.orientation_check is None
+
+    source, out = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
+    sitk.WriteImage(image, str(source))
+    assert main(["segment", str(source), "-o", str(out), "--model", str(tiny_folder), "--mode", "eager",
+                 "--orientation", "rps", "-q"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))),
+                                  sitk.GetArrayFromImage(overridden.labels))
+    assert main(["segment", str(source), "-o", str(out), "--model", str(tiny_folder), "--orientation", "LPX"]) == 2
+    assert "invalid orientation code" in capsys.readouterr().err
+
+
+def test_cancel_is_answered_during_the_check(tiny_folder):
+    from hsam.inference import Cancelled, segment_volume
+    from hsam.model.checkpoint import load_model
+
+    model, card = load_model(tiny_folder)
+    polls = []
+
+    def cancel() -> bool:  # the run's one batch goes through; the first pass of the check is cancelled
+        polls.append(1)
+        return len(polls) > 1
+
+    with pytest.raises(Cancelled, match="orientation check"):
+        segment_volume(small_ct(), model, card, device="cpu", mode="eager", batch_size=4, cancel=cancel)
+    assert len(polls) == 2
