@@ -1,7 +1,7 @@
 """Few-shot fine-tuning benchmark (issue 17): time per epoch, time to the final model, Dice before/after.
 
 Cases (from shared/data/real/totalsegmentator, `total --fast` labels mapped to H-SAM): the 112-slice example_ct is
-cut along z into a training case of 10 slices (z 82-91) and a held-out case (z 92-111); both are resampled in-plane
+cut along z into a training case of 10 slices (z 82-91) and a held-out case (z 92-101, the next 10 slices); both are resampled in-plane
 to 512x512 (padded to a square field of view first), the size of a clinical slice, so the augmentation and resizing
 cost what they cost on real exports. The held-out slices are never trained on. The forgetting guard's reference is
 the model's own reference case (for hsam-lite-demo: example_ct_sm, the case its RESULTS row was measured on).
@@ -100,7 +100,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    cases, heldout = prepare(args.out / "cases", (82, 92), (92, 112))
+    cases, heldout = prepare(args.out / "cases", (82, 92), (92, 102))
     arms = [(a.split("=", 1)[0], shlex.split(a.split("=", 1)[1])) for a in args.arm]
     flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
                                                                       "amx_bf16"})

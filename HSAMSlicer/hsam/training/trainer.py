@@ -357,10 +357,11 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
 
     organs = list(range(1, model.config.num_outputs))
     val_batch = int(config["validation"]["batch_size"])
-    val_scorer = _scorer(model, val_volumes, encoded is not None, organs, val_batch, device, autocast)
     reference = _reference_volumes(config)
-    ref_scorer = _scorer(model, reference, encoded is not None, organs, val_batch, device, autocast) if ddp.main \
-        else None
+    val_scorer = ref_scorer = None
+    if ddp.main:  # validation and the guard run on the main process only
+        val_scorer = _scorer(model, val_volumes, encoded is not None, organs, val_batch, device, autocast)
+        ref_scorer = _scorer(model, reference, encoded is not None, organs, val_batch, device, autocast)
     if not resume and ddp.main:
         # the starting model on the held-out and reference cases: the "before" of a fine-tune
         baseline = {"val": val_scorer() if val_scorer and source_card is not None else None,
