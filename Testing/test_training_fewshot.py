@@ -114,3 +114,16 @@ def test_finetune_picks_few_shot_settings_and_stores_the_forgetting_guard(tmp_pa
     base.eval()
     expected = validate(base, volumes, list(range(1, 9)), 8, "cpu")["dice"]
     assert np.isclose(guard["dice_before"], round(expected, 4), atol=2e-4)
+
+
+def test_training_stops_after_patience_validations_without_gain(tmp_path, real_data):
+    _cases(tmp_path / "val", real_data, {"val": (16, 20)})
+    config = _tiny_config(tmp_path, real_data, {"enabled": True, "copies": 1, "precision": "fp32"}, "stop",
+                          epochs=5)
+    config["data"]["val"] = {"format": "cases", "root": str(tmp_path / "val")}
+    config["validation"]["every"] = 1
+    config["stopping"]["patience"] = 1
+    config["optim"]["base_lr"] = 1e-12  # the weights cannot move: the validation Dice never improves on epoch 1
+    result = train(config, progress=False, register=False)
+    assert len(result.history) == 2 and result.info["stopped_early"] == {"epoch": 2, "best_epoch": 1}
+    assert result.best["epoch"] == 0 and result.model_dir is not None
