@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 from hsam.cli import progress as progress_option
 
+FEW_SHOT_SLICES = 64  # at most this many training slices: the few-shot config (benchmarks/finetune/RESULTS)
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -48,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument("--model", required=True, help="installed model id or model folder to start from")
     finetune.add_argument("--cases", required=True, help="folder of exported case folders (or one case folder)")
     finetune.add_argument("--name", default=None, help="id of the new model (default: <model>-ft)")
-    finetune.add_argument("--config", default="finetune", help="training config to start from (default: finetune)")
+    finetune.add_argument("--config", default=None,
+                          help="training config to start from (default: finetune_fewshot for case sets of at most "
+                          f"{FEW_SHOT_SLICES} slices, else finetune)")
     finetune.add_argument("--val-cases", type=int, default=None,
                           help="cases held out for validation (default: a fifth of them, none with one case)")
     _common(finetune)
@@ -70,7 +74,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
-def _report(result, reporter) -> int:
+def _report(result, reporter, fewshot: bool = False) -> int:
     last = result.history[-1] if result.history else {}
     print(f"run folder: {result.output_dir}")
     if not result.finished:
@@ -85,12 +89,24 @@ def _report(result, reporter) -> int:
         print(f"model saved: {result.model_dir}")
     if result.installed is not None:
         print(f"installed as '{result.installed.name}' (hsam models list; hsam segment --model {result.installed.name})")
+    guard = result.info.get("forgetting_guard")
+    if guard is not None:
+        print(f"forgetting guard: Dice on the reference case(s) {', '.join(guard['reference'])}: "
+              f"{_fmt(guard['dice_before'])} before, {_fmt(guard['dice_after'])} after")
+    held = result.info.get("held_out")
+    if held is not None:
+        print(f"held-out Dice: {_fmt(held['dice_before'])} before, {_fmt(held['dice_after'])} after")
     reporter.finished(
-        run_folder=str(result.output_dir), complete=True, best=result.best,
+        run_folder=str(result.output_dir), complete=True, best=result.best, forgetting_guard=guard, held_out=held,
+        stopped_early=result.info.get("stopped_early"), fewshot=fewshot,
         model={"id": result.installed.name if result.installed is not None else None,
                "path": str(result.model_dir) if result.model_dir is not None else None},
     )
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _number(value: Any) -> float | None:
@@ -133,11 +149,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     from hsam.model.checkpoint import read_card
     from hsam.training.config import load_training_config
     from hsam.training.data import case_folders
+    from hsam.training.reference import reference_cases
     from hsam.weights import resolve_model
 
     model_id, folder = resolve_model(args.model)
     card = read_card(folder)
     cases = case_folders(args.cases)
+    config_name = args.config
+    if config_name is None:
+        slices = _count_slices(cases)
+        config_name = "finetune_fewshot" if slices <= FEW_SHOT_SLICES else "finetune"
+        if config_name == "finetune_fewshot":
+            args.reporter.status(f"{slices} slices: few-shot settings (finetune_fewshot: short warm-up, encoder "
+                                 "outputs reused, held-out Dice every epoch, stop after 3 epochs without gain)", "train")
     n_val = args.val_cases if args.val_cases is not None else (max(1, round(len(cases) / 5)) if len(cases) > 1 else 0)
     if n_val >= len(cases):
         raise HSAMError(f"--val-cases {n_val} leaves no case to train on ({len(cases)} found in {args.cases})")
@@ -151,5 +175,24 @@ def run_finetune(args: argparse.Namespace) -> int:
     }
     if n_val == 0:
         extra["validation"] = {"every": 0}
-    config = load_training_config(args.config, _overrides(args), extra=extra)
-    return _report(_train(config, args, list(card.classes)), args.reporter)
+    reference = reference_cases(card)
+    if reference is not None:
+        extra["reference"] = reference
+    config = load_training_config(config_name, _overrides(args), extra=extra)
+    return _report(_train(config, args, list(card.classes)), args.reporter,
+                   fewshot=config_name == "finetune_fewshot" and args.config is None)
+
+
+def _count_slices(cases) -> int:
+    """Axial slices in the case folders, from the image headers (no voxel data read)."""
+    import SimpleITK as sitk
+
+    from hsam.training.data import _find
+
+    total = 0
+    for folder in cases:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(_find(folder, "image")))
+        reader.ReadImageInformation()
+        total += int(reader.GetSize()[2]) if len(reader.GetSize()) > 2 else 1
+    return total

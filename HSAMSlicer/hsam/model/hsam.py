@@ -70,9 +70,12 @@ class HSAM(nn.Module):
         Returns (stage1, stage2), each ``{"masks": [B,K,S,S], "iou_predictions": [B,K], "low_res_logits": ...}``
         with ``low_res_logits`` [B,K,S/4,S/4] for stage 1 and [B,K,S,S] for stage 2 (for ViT backbones).
         """
-        images = self._check_images(images)
+        return self.decode(self.image_encoder(self._check_images(images)), embedding_noise)
+
+    def decode(self, embedding: Tensor, embedding_noise: float = 0.0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Both decoder stages on an image-encoder output [B,256,g,g]: :meth:`forward` without the encoder, so a
+        frozen encoder's outputs can be computed once and reused (few-shot fine-tuning)."""
         size = (self.img_size, self.img_size)
-        embedding = self.image_encoder(images)
         grid = (embedding.shape[-2], embedding.shape[-1])
         dense, image_pe = self.prompt_encoder()
 

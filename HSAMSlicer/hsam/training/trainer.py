@@ -40,6 +40,7 @@ from hsam.errors import HSAMError
 from hsam.training import logs
 from hsam.training.augment import AugmentConfig
 from hsam.training.data import SliceStore, Volume, check_labels, load_slices, load_source_volumes
+from hsam.training.frozen import EncodedSamples, EncodedVolumes, encoder_autocast
 from hsam.training.loader import EpochBatchSampler, TrainingSlices, iterations_per_epoch
 from hsam.training.losses import LossConfig, hsam_loss
 from hsam.training.model_setup import build_training_model, encoder_is_frozen
@@ -305,6 +306,13 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     frozen_encoder = encoder_is_frozen(model)
     info.update({"low_res": low_res, "never_trained": len(unused), "frozen_encoder": frozen_encoder})
     dataset = TrainingSlices(store, model.img_size, low_res, augment, seed)
+    cache_cfg = config["encoder_cache"]
+    # DDP wraps the whole network, so the decoder-only step runs in single-process runs only
+    encoded: EncodedSamples | None = None
+    if cache_cfg["enabled"] and frozen_encoder and ddp.world_size == 1:
+        encoder_precision, encoder_name = encoder_autocast(device, cache_cfg["precision"])
+        encoded = EncodedSamples(model, dataset, int(cache_cfg["copies"]), device, encoder_precision)
+        info["encoder_cache"] = {"copies": int(cache_cfg["copies"]), "precision": encoder_name}
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -347,6 +355,24 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
         restore_rng(state["rng"][ddp.rank])
         start_epoch, history, best = int(state["epoch"]), list(state["history"]), state.get("best")
 
+    organs = list(range(1, model.config.num_outputs))
+    val_batch = int(config["validation"]["batch_size"])
+    reference = _reference_volumes(config)
+    val_scorer = ref_scorer = None
+    if ddp.main:  # validation and the guard run on the main process only
+        val_scorer = _scorer(model, val_volumes, encoded is not None, organs, val_batch, device, autocast)
+        ref_scorer = _scorer(model, reference, encoded is not None, organs, val_batch, device, autocast)
+    if not resume and ddp.main:
+        # the starting model on the held-out and reference cases: the "before" of a fine-tune
+        baseline = {"val": val_scorer() if val_scorer and source_card is not None else None,
+                    "reference": ref_scorer() if ref_scorer else None}
+    elif resume:
+        baseline = state.get("baseline") or {"val": None, "reference": None}
+    else:
+        baseline = {"val": None, "reference": None}
+    info["baseline"] = baseline
+    patience = int(config["stopping"]["patience"])
+
     net: torch.nn.Module = model
     if ddp.world_size > 1:
         from hsam.training.losses import use_reduce_group
@@ -356,7 +382,6 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     board = logs.TensorBoard(out / "tensorboard", bool(config["tensorboard"])) if ddp.main else None
-    organs = list(range(1, model.config.num_outputs))
     val_every = int(config["validation"]["every"])
     total_steps = epochs * per_epoch
     step_report = (lambda: on_step(schedule.step_count, total_steps)) if on_step is not None and ddp.main else None
@@ -365,12 +390,12 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
         for epoch in range(start_epoch, epochs):
             started = time.time()
             row = _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast,
-                             loss_cfg, noise, frozen_encoder, progress, organs, step_report)
+                             loss_cfg, noise, frozen_encoder, progress, organs, step_report, encoded)
             row["seconds"] = round(time.time() - started, 3)
             validated = val_volumes and val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs)
             if validated and ddp.main:
-                metrics = validate(model, val_volumes, organs, int(config["validation"]["batch_size"]), device,
-                                   autocast)
+                assert val_scorer is not None
+                metrics = val_scorer()
                 row["val_dice"] = metrics["dice"]
                 row.update({f"val_dice_{k}": metrics[f"dice_{k}"] for k in organs})
                 if best is None or (not math.isnan(metrics["dice"]) and metrics["dice"] > best["val_dice"]):
@@ -390,7 +415,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states,
                     "history": history, "best": best, "config": json.dumps(config, sort_keys=True),
-                    "world_size": ddp.world_size, "frozen_fingerprint": fingerprint,
+                    "world_size": ddp.world_size, "frozen_fingerprint": fingerprint, "baseline": baseline,
                 })
                 logs.write_csv(out / "log.csv", history)
                 logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
@@ -399,6 +424,9 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
             ddp.barrier()
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
                 finished = False
+                break
+            if patience and best is not None and validated and epoch - best["epoch"] >= patience * val_every:
+                info["stopped_early"] = {"epoch": epoch + 1, "best_epoch": best["epoch"] + 1}
                 break
     finally:
         if board is not None:
@@ -410,10 +438,22 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     if best is not None and ddp.main:  # the best validation epoch, not the last one, becomes the model
         model.load_state_dict(load_state(out / "checkpoints" / "best.pt")["model"], strict=False)
     if ddp.main:
+        guard = None
+        if ref_scorer is not None:
+            guard = _guard_figures(reference, baseline["reference"], ref_scorer())
+            info["forgetting_guard"] = guard
+        if baseline["val"] is not None and best is not None:
+            info["held_out"] = {"dice_before": baseline["val"]["dice"], "dice_after": best["val_dice"]}
         extra = {"training": {"epochs": epochs, "batch_size": batch_size, "best": best, "precision": precision,
                               "processes": ddp.world_size, "train_slices": info["train_slices"],
                               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "final_train_loss": history[-1]["loss"] if history else None}}
+                              "final_train_loss": history[-1]["loss"] if history else None,
+                              "epochs_run": len(history), "encoder_cache": info.get("encoder_cache"),
+                              "held_out": info.get("held_out")}}
+        if guard is not None:
+            extra["forgetting_guard"] = guard
+            if config["reference"].get("name"):  # fine-tunes of this model are guarded by the same cases
+                extra["reference_case"] = config["reference"]["name"]
         card = _make_card(config, model, source_card, extra)
         model.eval()
         from hsam.model.checkpoint import save_model
@@ -437,16 +477,59 @@ def _gather_rng(ddp: Distributed) -> list[dict[str, Any]]:
     return gathered
 
 
-def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast, loss_cfg,
-               noise, frozen_encoder, progress, organs, step_report) -> dict[str, Any]:
+def _scorer(model: torch.nn.Module, volumes: list[Volume], reuse_encoder: bool, organs: list[int], batch_size: int,
+            device: torch.device, autocast: Any) -> Callable[[], dict[str, float]] | None:
+    """A function giving the model's Dice on ``volumes`` now (None without volumes); with a frozen encoder the
+    volumes are encoded once here and every later call runs the decoders only."""
+    if not volumes:
+        return None
+    if reuse_encoder:
+        encoded = EncodedVolumes(model, volumes, device)
+        return lambda: encoded.dice(model, organs, batch_size)
+    return lambda: validate(model, volumes, organs, batch_size, device, autocast)
+
+
+def _reference_volumes(config: Mapping[str, Any]) -> list[Volume]:
+    """The forgetting guard's reference cases (``reference``: a volume source the base model was validated on)."""
+    source = config["reference"]
+    if not source:
+        return []
+    data = config["data"]
+    from hsam.evaluation import resolve_label_map
+
+    return load_source_volumes(source, data["window"], data["orientation"],
+                               resolve_label_map(source.get("label_map")))
+
+
+def _guard_figures(volumes: list[Volume], before: dict[str, float] | None, after: dict[str, float]) -> dict[str, Any]:
+    """The forgetting guard's record: Dice of the starting and of the new model on the reference cases."""
+    def rounded(metrics: dict[str, float] | None) -> dict[str, float | None] | None:
+        if metrics is None:
+            return None
+        return {k: (None if math.isnan(v) else round(v, 4)) for k, v in metrics.items()}
+
+    return {"reference": [v.name for v in volumes], "dice_before": rounded(before)["dice"] if before else None,
+            "dice_after": rounded(after)["dice"], "organs_before": rounded(before), "organs_after": rounded(after)}
+
+
+def _batches(dataset, sampler, config, epoch, device, encoded):
+    """The epoch's batches: from the encoder-output store (no loader: nothing to start) or a DataLoader."""
+    if encoded is not None:
+        for keys in sampler:
+            yield encoded.batch(epoch, [index for _, index in keys])
+        return
     from torch.utils.data import DataLoader
 
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=int(config["num_workers"]),
+                        pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(int(config["seed"]) + epoch), persistent_workers=False)
+    yield from loader
+
+
+def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast, loss_cfg,
+               noise, frozen_encoder, progress, organs, step_report, encoded=None) -> dict[str, Any]:
     sampler = EpochBatchSampler(len(dataset), int(config["batch_size"]), epoch, int(config["seed"]), ddp.rank,
                                 ddp.world_size)
-    workers = int(config["num_workers"])
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(int(config["seed"]) + epoch),
-                        persistent_workers=False)
     model.train()
     if frozen_encoder:
         model.image_encoder.eval()  # nothing to train there: no dropout/BN updates, and no graph is recorded
@@ -458,13 +541,15 @@ def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, sched
         from tqdm import tqdm
 
         bar = tqdm(total=len(sampler), desc=f"epoch {epoch + 1}/{config['epochs']}", leave=False, dynamic_ncols=True)
-    for batch, global_n in zip(loader, sampler.global_sizes):
-        images = batch["image"].to(device, non_blocking=True)
+    for batch, global_n in zip(_batches(dataset, sampler, config, epoch, device, encoded), sampler.global_sizes):
         label = batch["label"].to(device, non_blocking=True)
         low = batch["low_res_label"].to(device, non_blocking=True)
-        n = images.shape[0]
+        n = label.shape[0]
         with autocast():
-            stage1, stage2 = net(images, noise)
+            if encoded is not None:
+                stage1, stage2 = model.decode(batch["embedding"], noise)
+            else:
+                stage1, stage2 = net(batch["image"].to(device, non_blocking=True), noise)
         parts = hsam_loss(stage1["low_res_logits"], stage2["low_res_logits"], low, label, epoch, loss_cfg,
                           ce_share=n * ddp.world_size / global_n)
         optimizer.zero_grad(set_to_none=True)

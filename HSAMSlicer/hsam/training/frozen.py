@@ -1,0 +1,138 @@
+"""Training and validation with a frozen image encoder: every encoder output is computed once and reused.
+
+With the encoder frozen, H-SAM's training step only needs the encoder's output of each (augmented) sample, and that
+output never changes. :class:`EncodedSamples` encodes a sample the first time an epoch asks for it and keeps it, so a
+few-shot run pays the encoder (most of the compute) once per sample instead of once per sample and epoch, and
+:class:`EncodedVolumes` does the same for validation and reference volumes, which are encoded once per run.
+
+``copies`` sets how many augmented copies of each slice exist: epoch ``e`` trains on copy ``e % copies``, drawn with
+the recipe's generator seeded by ``(seed, e % copies, index)``. With ``copies >= epochs`` every epoch sees exactly the
+samples the uncached loop would draw (the recipe unchanged); fewer copies reuse them (a measured trade, see
+benchmarks/finetune/). The stage-2 embedding noise is still drawn fresh at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hsam.evaluation.metrics import dice_per_organ
+from hsam.training.augment import resize_image
+from hsam.training.data import Volume
+from hsam.training.loader import TrainingSlices
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def encoder_autocast(device: torch.device, precision: str) -> tuple[Callable[[], Any], str]:
+    """(autocast factory, precision used) for the frozen encoder. ``precision``: "fp32", "bf16", or "auto" (bf16 on
+    CPUs with native bf16; on CUDA the run's own autocast applies, so fp32 here)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        from hsam.errors import HSAMError
+
+        raise HSAMError(f"encoder_cache.precision must be auto, fp32 or bf16, got {precision!r}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cpu" and cpu_has_bf16())
+    if use_bf16:
+        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
+    return contextlib.nullcontext, "fp32"
+
+
+@torch.no_grad()
+def encode(encoder: torch.nn.Module, images: torch.Tensor, device: torch.device,
+           autocast: Callable[[], Any]) -> torch.Tensor:
+    """Encoder outputs (fp32, on ``device``) of images [B,3,S,S], one image at a time: batch 1 is the fastest on a
+    CPU for the TinyViT (0.56 s vs 0.87 s per slice at batch 4, benchmarks/lite/precompute_embeddings.py)."""
+    outputs = []
+    for image in images:
+        with autocast():
+            outputs.append(encoder(image[None].to(device)).float())
+    return torch.cat(outputs)
+
+
+class EncodedSamples:
+    """Training batches as (embedding, label, low-res label), each sample encoded once per copy."""
+
+    def __init__(self, model: torch.nn.Module, dataset: TrainingSlices, copies: int, device: torch.device,
+                 autocast: Callable[[], Any]) -> None:
+        self.model, self.dataset, self.copies, self.device, self.autocast = model, dataset, copies, device, autocast
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def copy_of(self, epoch: int) -> int:
+        return epoch % self.copies if self.copies > 0 else epoch
+
+    def batch(self, epoch: int, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch of ``indices`` for ``epoch``: ``embedding`` [B,256,g,g], ``label`` [B,S,S], ``low_res_label``."""
+        copy = self.copy_of(epoch)
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        missing = [i for i in dict.fromkeys(indices) if (copy, i) not in self._cache]
+        if missing:
+            samples = [self.dataset[(copy, i)] for i in missing]
+            embeddings = encode(self.model.image_encoder, torch.stack([s["image"] for s in samples]), self.device,
+                                self.autocast)
+            for i, sample, embedding in zip(missing, samples, embeddings):
+                fresh[i] = (embedding, sample["label"], sample["low_res_label"])
+                if self.copies > 0:  # copies = 0: a new copy every epoch, never reused, so nothing is kept
+                    self._cache[(copy, i)] = fresh[i]
+        parts = [fresh[i] if i in fresh else self._cache[(copy, i)] for i in indices]
+        return {"embedding": torch.stack([p[0] for p in parts]),
+                "label": torch.stack([p[1] for p in parts]).to(self.device),
+                "low_res_label": torch.stack([p[2] for p in parts]).to(self.device)}
+
+
+class EncodedVolumes:
+    """Validation (or reference) volumes with every slice's encoder output, computed once (fp32, as at inference)."""
+
+    def __init__(self, model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device) -> None:
+        self.volumes = list(volumes)
+        size = model.img_size
+        self.embeddings = []
+        for volume in self.volumes:
+            slices = torch.from_numpy(np.stack([resize_image(s, size) for s in volume.image]))
+            self.embeddings.append(encode(model.image_encoder, slices[:, None].expand(-1, 3, -1, -1), device,
+                                          contextlib.nullcontext))
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, index: int, batch_size: int = 8) -> np.ndarray:
+        """Label volume uint8 [D,H,W] of volume ``index``: :func:`hsam.training.validate.predict_volume` from the
+        stored encoder outputs (stage-3 fusion, bilinear back to the slice size, argmax)."""
+        depth, height, width = self.volumes[index].image.shape
+        out = np.zeros((depth, height, width), dtype=np.uint8)
+        embeddings = self.embeddings[index]
+        for start in range(0, depth, batch_size):
+            stage1, stage2 = model.decode(embeddings[start : start + batch_size])
+            logits = ((stage1["masks"] + stage2["masks"]) / 2).float()
+            if logits.shape[-2:] != (height, width):
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            out[start : start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        return out
+
+    def dice(self, model: torch.nn.Module, organs: Sequence[int], batch_size: int = 8) -> dict[str, float]:
+        """As :func:`hsam.training.validate.validate`: per-organ mean Dice over the volumes where the organ is in the
+        prediction or the reference, and their mean ``dice``."""
+        was_training = model.training
+        model.eval()
+        try:
+            per_organ: dict[int, list[float]] = {k: [] for k in organs}
+            for index, volume in enumerate(self.volumes):
+                for k, value in dice_per_organ(self.predict(model, index, batch_size), volume.label, organs).items():
+                    if not math.isnan(value):
+                        per_organ[k].append(value)
+        finally:
+            model.train(was_training)
+        means = {k: float(np.mean(v)) for k, v in per_organ.items() if v}
+        result = {f"dice_{k}": means.get(k, math.nan) for k in organs}
+        result["dice"] = float(np.mean(list(means.values()))) if means else math.nan
+        return result

@@ -1,0 +1,129 @@
+"""Few-shot fine-tuning with a frozen encoder (issue 17): reusing the encoder's outputs trains exactly what the
+uncached loop trains, encodes each sample once, and `hsam finetune` picks the few-shot settings for small case sets,
+says so, and reports and stores the forgetting guard's figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from hsam.cli import main
+from hsam.labels import remap_labels
+from hsam.training.config import load_training_config
+from hsam.training.trainer import train
+
+
+def _write_case(folder, image, labels) -> None:
+    folder.mkdir(parents=True)
+    sitk.WriteImage(image, str(folder / "image.nii.gz"))
+    sitk.WriteImage(labels, str(folder / "labels.nii.gz"))
+    (folder / "provenance.json").write_text(json.dumps({"source": "test: TotalSegmentator reference labels"}))
+
+
+def _cases(tmp_path, real_data, parts: dict[str, tuple[int, int]]):
+    folder = real_data / "totalsegmentator"
+    image = sitk.ReadImage(str(folder / "example_ct_sm.nii.gz"))
+    reference = sitk.ReadImage(str(folder / "example_seg.nii.gz"))
+    labels = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total"))
+    labels.CopyInformation(reference)
+    for name, (start, stop) in parts.items():
+        _write_case(tmp_path / name, image[:, :, start:stop], labels[:, :, start:stop])
+
+
+def _tiny_config(tmp_path, real_data, cache: dict, run: str, epochs: int = 2) -> dict:
+    if not (tmp_path / "cases").exists():
+        _cases(tmp_path / "cases", real_data, {"train": (10, 16)})
+    return load_training_config("tiny", [
+        f"epochs={epochs}", "batch_size=4", "device=\"cpu\"", "tensorboard=false",
+        'model.freeze=["image_encoder", "lora"]',
+        # the recipe's augmentation, so copies differ per epoch
+        'augmentation={"p_rotate": 0.45, "p_crop": 0.4125, "p_elastic": 0.116875}',
+        f"encoder_cache={json.dumps(cache)}",
+        f"output_dir={json.dumps(str(tmp_path / run))}",
+    ], extra={"data": {"train": {"format": "cases", "root": str(tmp_path / "cases")}}})
+
+
+def test_reused_encoder_outputs_train_what_the_uncached_loop_trains(tmp_path, real_data):
+    plain = train(_tiny_config(tmp_path, real_data, {"enabled": False}, "plain"), progress=False, register=False)
+    cached = train(_tiny_config(tmp_path, real_data, {"enabled": True, "copies": 0, "precision": "fp32"}, "cached"),
+                   progress=False, register=False)
+    assert cached.info["encoder_cache"] == {"copies": 0, "precision": "fp32"}
+    for a, b in zip(plain.history, cached.history):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["ce2"] - b["ce2"]) < 1e-4
+    trained = {k: v for k, v in plain.model.state_dict().items() if k.startswith("mask_decoder")}
+    other = cached.model.state_dict()
+    assert all(torch.allclose(v, other[k], atol=1e-5) for k, v in trained.items())
+
+
+def test_each_copy_of_a_slice_is_encoded_once(tmp_path, real_data, monkeypatch):
+    config = _tiny_config(tmp_path, real_data, {"enabled": True, "copies": 2, "precision": "fp32"}, "copies",
+                          epochs=4)
+    calls = []
+    from hsam.training import frozen
+
+    original = frozen.encode
+
+    def counting(encoder, images, device, autocast):  # the real encoder runs; only the calls are counted
+        calls.append(len(images))
+        return original(encoder, images, device, autocast)
+
+    monkeypatch.setattr(frozen, "encode", counting)
+    result = train(config, progress=False, register=False)
+    assert len(result.history) == 4
+    assert sum(calls) == 6 * 2  # 6 slices x 2 copies, reused by epochs 3 and 4
+
+
+def test_finetune_picks_few_shot_settings_and_stores_the_forgetting_guard(tmp_path, real_data, capsys):
+    from hsam.model.build import build_hsam
+    from hsam.model.checkpoint import ModelCard, save_model
+    from hsam.model.config import ModelConfig
+    from hsam.weights import load_named_model
+
+    torch.manual_seed(0)
+    base = build_hsam(ModelConfig(backbone="vit_tiny", img_size=64, lora_rank=2, keep_cmattn_tensors=False))
+    save_model(base, ModelCard.for_config(base.config, "tiny-base", title="Tiny base", window=[-125.0, 275.0],
+                                          training_data="nothing"), tmp_path / "tiny-base")
+    _cases(tmp_path / "cases", real_data, {"upper": (16, 22), "lower": (8, 14)})
+    _cases(tmp_path / "reference", real_data, {"ref": (0, 4)})
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(tmp_path / "tiny-base"), "--cases", str(tmp_path / "cases"),
+                 "--epochs", "2", "--set", 'model.freeze=["image_encoder", "lora"]',
+                 "--set", json.dumps({"format": "cases", "root": str(tmp_path / "reference")}).join(["reference=", ""]),
+                 "--output", str(out), "--progress", "json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert any("few-shot settings" in e.get("status", "") for e in events)
+    config = json.loads((out / "config.json").read_text())
+    assert config["encoder_cache"]["enabled"] and config["optim"]["warmup_iters"] == 4
+    last = events[-1]
+    assert last["finished"] is True and last["fewshot"] is True
+    guard = last["forgetting_guard"]
+    assert guard["reference"] == ["ref"] and 0.0 <= guard["dice_before"] <= 1.0 and 0.0 <= guard["dice_after"] <= 1.0
+    assert last["held_out"]["dice_after"] == last["best"]["val_dice"]
+    _, card = load_named_model("tiny-base-ft")
+    assert card.extra["forgetting_guard"]["dice_after"] == guard["dice_after"]
+    assert card.extra["forgetting_guard"]["dice_before"] == guard["dice_before"]
+    # the model before training is the base model: its reference Dice is the base model's, measured independently
+    from hsam.training.data import load_source_volumes
+    from hsam.training.validate import validate
+
+    volumes = load_source_volumes({"format": "cases", "root": str(tmp_path / "reference")}, [-125.0, 275.0], "LPS",
+                                  None)
+    base.eval()
+    expected = validate(base, volumes, list(range(1, 9)), 8, "cpu")["dice"]
+    assert np.isclose(guard["dice_before"], round(expected, 4), atol=2e-4)
+
+
+def test_training_stops_after_patience_validations_without_gain(tmp_path, real_data):
+    _cases(tmp_path / "val", real_data, {"val": (16, 20)})
+    config = _tiny_config(tmp_path, real_data, {"enabled": True, "copies": 1, "precision": "fp32"}, "stop",
+                          epochs=5)
+    config["data"]["val"] = {"format": "cases", "root": str(tmp_path / "val")}
+    config["validation"]["every"] = 1
+    config["stopping"]["patience"] = 1
+    config["optim"]["base_lr"] = 1e-12  # the weights cannot move: the validation Dice never improves on epoch 1
+    result = train(config, progress=False, register=False)
+    assert len(result.history) == 2 and result.info["stopped_early"] == {"epoch": 2, "best_epoch": 1}
+    assert result.best["epoch"] == 0 and result.model_dir is not None

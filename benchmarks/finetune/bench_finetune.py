@@ -1,0 +1,125 @@
+"""Few-shot fine-tuning benchmark (issue 17): time per epoch, time to the final model, Dice before/after.
+
+Cases (from shared/data/real/totalsegmentator, `total --fast` labels mapped to H-SAM): the 112-slice example_ct is
+cut along z into a training case of 10 slices (z 82-91) and a held-out case (z 92-101, the next 10 slices); both are resampled in-plane
+to 512x512 (padded to a square field of view first), the size of a clinical slice, so the augmentation and resizing
+cost what they cost on real exports. The held-out slices are never trained on. The forgetting guard's reference is
+the model's own reference case (for hsam-lite-demo: example_ct_sm, the case its RESULTS row was measured on).
+
+Arms run interleaved (A B A B ...) so that both see the same machine load; every run records /proc/loadavg before
+and after. Usage (repository root):
+
+    python benchmarks/finetune/bench_finetune.py --out runs/ft-bench --rounds 2 \
+        --arm "recipe=--config finetune --epochs 10" --arm "fewshot=" --json benchmarks/finetune/results/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real" / "totalsegmentator"
+
+
+def _square_512(image: sitk.Image, labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """Pad x/y to a square field of view, then resample to 512x512 (image linear, labels nearest)."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    side = max(size[0] * spacing[0], size[1] * spacing[1])
+    new_spacing = (side / 512, side / 512, spacing[2])
+    origin = image.TransformContinuousIndexToPhysicalPoint(
+        (-(side / spacing[0] - size[0]) / 2 - 0.5 + new_spacing[0] / spacing[0] / 2,
+         -(side / spacing[1] - size[1]) / 2 - 0.5 + new_spacing[1] / spacing[1] / 2, 0))
+    grid = sitk.Image(512, 512, size[2], sitk.sitkFloat32)
+    grid.SetSpacing(new_spacing)
+    grid.SetOrigin(origin)
+    grid.SetDirection(image.GetDirection())
+    out_image = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkInt16)
+    out_labels = sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return out_image, out_labels
+
+
+def _write_case(folder: Path, image: sitk.Image, labels: sitk.Image, note: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(folder / "image.nii.gz"))
+    sitk.WriteImage(labels, str(folder / "labels.nii.gz"))
+    (folder / "provenance.json").write_text(json.dumps({"note": note}) + "\n", encoding="utf-8")
+
+
+def prepare(out: Path, train: tuple[int, int], held: tuple[int, int]) -> tuple[Path, Path]:
+    """Training case folder and held-out case folder (512x512 slices)."""
+    from hsam.labels import remap_labels
+
+    image = sitk.ReadImage(str(DATA / "example_ct.nii.gz"))
+    reference = sitk.ReadImage(str(DATA / "example_seg_fast_force_split.nii.gz"))
+    labels = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total"))
+    labels.CopyInformation(reference)
+    folders = []
+    for name, (a, b) in {"train": train, "heldout": held}.items():
+        big_image, big_labels = _square_512(image[:, :, a:b], labels[:, :, a:b])
+        folder = out / name / f"example_ct_z{a}-{b - 1}"
+        _write_case(folder, big_image, big_labels, f"example_ct z {a}-{b - 1}, resampled to 512x512")
+        folders.append(out / name)
+    return folders[0], folders[1]
+
+
+def run_arm(name: str, args: list[str], cases: Path, heldout: Path, out: Path, model: str) -> dict:
+    run_dir = out / f"run-{name}-{time.strftime('%H%M%S')}"
+    command = [sys.executable, "-m", "hsam", "finetune", "--model", model, "--cases", str(cases), "--val-cases", "0",
+               "--set", json.dumps({"format": "cases", "root": str(heldout)}).join(["data.val=", ""]),
+               "--set", "validation.every=1", "--name", f"bench-{name}", "--output", str(run_dir), "--no-register",
+               "--device", "cpu", "--progress", "json", *args]
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    started = time.perf_counter()
+    process = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    if process.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{process.stderr[-3000:]}")
+    events = [json.loads(line) for line in process.stdout.splitlines() if line.strip()]
+    epochs = [e for e in events if "epoch" in e]
+    last = events[-1]
+    return {"arm": name, "args": args, "command": shlex.join(command), "wall_s": round(wall, 1),
+            "epoch_s": [e.get("seconds") for e in epochs], "val_dice": [e.get("val_dice") for e in epochs],
+            "final": last, "load_before": load_before, "load_after": load_after,
+            "contended": max(float(x) for x in load_before[:1] + load_after[:1]) > 1.5}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/ft-bench"))
+    parser.add_argument("--model", default="hsam-lite-demo")
+    parser.add_argument("--arm", action="append", required=True, help="NAME=extra hsam finetune arguments")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    cases, heldout = prepare(args.out / "cases", (82, 92), (92, 102))
+    arms = [(a.split("=", 1)[0], shlex.split(a.split("=", 1)[1])) for a in args.arm]
+    flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                                                      "amx_bf16"})
+    results = []
+    for round_index in range(args.rounds):
+        for name, extra in arms:
+            row = run_arm(name, extra, cases, heldout, args.out, args.model)
+            row["round"] = round_index
+            results.append(row)
+            final = row["final"]
+            print(json.dumps({k: row[k] for k in ("arm", "round", "wall_s", "epoch_s", "val_dice", "load_before",
+                                                  "load_after")}), flush=True)
+            print("   ", json.dumps({k: final.get(k) for k in ("held_out", "forgetting_guard", "fewshot", "best")}),
+                  flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cpu_flags": flags, "runs": results}, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
