@@ -419,11 +419,15 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceJob = None
 
     # ------------------------------------------------------------------ segmentation
-    def onApplyButton(self) -> None:
-        if self._jobKind == "segment":
+    def _cancelledOrBusy(self, kind: str) -> bool:
+        """The button of a running job cancels it; another running job or missing packages block a new one."""
+        if self._jobKind == kind:
             self._cancelJob()
-            return
-        if self._job is not None or not self._ensureDependencies():
+            return True
+        return self._job is not None or not self._ensureDependencies()
+
+    def onApplyButton(self) -> None:
+        if self._cancelledOrBusy("segment"):
             return
         node = self._parameterNode
         options = RunOptions(
@@ -679,10 +683,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ fine-tuning
     def onFinetuneButton(self) -> None:
-        if self._jobKind == "finetune":
-            self._cancelJob()
-            return
-        if self._job is not None or not self._ensureDependencies():
+        if self._cancelledOrBusy("finetune"):
             return
         node = self._parameterNode
         base = self.ui.finetuneBaseComboBox.itemData(self.ui.finetuneBaseComboBox.currentIndex) or ""

@@ -14,7 +14,6 @@ benchmarks/finetune/). The stage-2 embedding noise is still drawn fresh at every
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hsam.evaluation.metrics import dice_per_organ
 from hsam.training.augment import resize_image
 from hsam.training.data import Volume
 from hsam.training.loader import TrainingSlices
+from hsam.training.validate import mean_dice
 
 
 def cpu_has_bf16() -> bool:
@@ -125,14 +124,7 @@ class EncodedVolumes:
         was_training = model.training
         model.eval()
         try:
-            per_organ: dict[int, list[float]] = {k: [] for k in organs}
-            for index, volume in enumerate(self.volumes):
-                for k, value in dice_per_organ(self.predict(model, index, batch_size), volume.label, organs).items():
-                    if not math.isnan(value):
-                        per_organ[k].append(value)
+            return mean_dice(((self.predict(model, index, batch_size), volume.label)
+                              for index, volume in enumerate(self.volumes)), organs)
         finally:
             model.train(was_training)
-        means = {k: float(np.mean(v)) for k, v in per_organ.items() if v}
-        result = {f"dice_{k}": means.get(k, math.nan) for k in organs}
-        result["dice"] = float(np.mean(list(means.values()))) if means else math.nan
-        return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,14 +42,20 @@ def validate(model: torch.nn.Module, volumes: Sequence[Volume], organs: Sequence
     was_training = model.training
     model.eval()
     try:
-        per_organ: dict[int, list[float]] = {k: [] for k in organs}
-        for volume in volumes:
-            pred = predict_volume(model, volume.image, batch_size, device, autocast)
-            for k, value in dice_per_organ(pred, volume.label, organs).items():
-                if not math.isnan(value):
-                    per_organ[k].append(value)
+        return mean_dice(((predict_volume(model, v.image, batch_size, device, autocast), v.label) for v in volumes),
+                         organs)
     finally:
         model.train(was_training)
+
+
+def mean_dice(pairs: Iterable[tuple[np.ndarray, np.ndarray]], organs: Sequence[int]) -> dict[str, float]:
+    """``dice_<organ>``: mean over the (prediction, reference) pairs where the organ is in either; ``dice``: their
+    mean (NaN when no organ was anywhere)."""
+    per_organ: dict[int, list[float]] = {k: [] for k in organs}
+    for prediction, reference in pairs:
+        for k, value in dice_per_organ(prediction, reference, organs).items():
+            if not math.isnan(value):
+                per_organ[k].append(value)
     means = {k: float(np.mean(v)) for k, v in per_organ.items() if v}
     result = {f"dice_{k}": means.get(k, math.nan) for k in organs}
     result["dice"] = float(np.mean(list(means.values()))) if means else math.nan
