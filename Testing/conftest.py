@@ -33,6 +33,17 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _locale_restored():
+    """GDCM (SimpleITK's DICOM writer) sets the C locale for the whole process; a later test would then read UTF-8
+    text as ASCII. Every test starts from the locale the session started with."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.fixture(autouse=True)
 def _seeded():
     import random
 

@@ -24,6 +24,7 @@ from HSAMSlicerLib.export import (  # noqa: E402
     export_case,
     sanitize_case_name,
     segment_array,
+    segment_terminology,
 )
 from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput  # noqa: E402
 

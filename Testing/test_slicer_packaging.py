@@ -67,12 +67,12 @@ def test_the_minimum_slicer_version_is_stated_alike_everywhere():
     """The module refuses older Slicers; CMake's description and README say which version it needs."""
     import ast
 
-    module = ast.parse((MODULE / "HSAMSlicer.py").read_text())
+    module = ast.parse((MODULE / "HSAMSlicer.py").read_text(encoding="utf-8"))
     minimum = next(ast.literal_eval(node.value) for node in module.body
                    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MINIMUM_SLICER")
     text = "{}.{}".format(*minimum)
     assert f"Requires 3D Slicer {text} or later" in TOP_CMAKE
-    readme = " ".join((MODULE.parent / "README.md").read_text().replace("*", "").split())
+    readme = " ".join((MODULE.parent / "README.md").read_text(encoding="utf-8").replace("*", "").split())
     assert f"3D Slicer {text} or later" in readme
 
 

@@ -59,8 +59,8 @@ class Reporter:
         a mistake in their options must still give one error line only)."""
         self.emit(status=text, stage=stage)
 
-    def progress(self, done: int, total: int | None, stage: str, unit: str = "slice") -> None:
-        """``done`` of ``total`` units finished in ``stage``."""
+    def progress(self, done: int, total: int | None, stage: str, unit: str = "slice", label: str = "") -> None:
+        """``done`` of ``total`` units finished in ``stage``; ``label`` names the bar (default: the stage)."""
         if self.json:
             self.emit(done=int(done), total=None if total is None else int(total), stage=stage)
             return
@@ -71,7 +71,8 @@ class Reporter:
 
             self.close_bar()
             byte_units = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
-            self._bar = tqdm(total=total, unit=unit, desc=stage, file=sys.stderr, dynamic_ncols=True, **byte_units)
+            self._bar = tqdm(total=total, unit=unit, desc=label or stage, file=sys.stderr, dynamic_ncols=True,
+                             **byte_units)
             self._bar_key = (stage, unit)
         self._bar.total = total
         self._bar.update(int(done) - self._bar.n)
@@ -116,6 +117,6 @@ def download_progress(reporter: Reporter, what: str, every_s: float = 0.25):
         elif reporter.json and now - last[0] < every_s and done != total:
             return
         last[0] = now
-        reporter.progress(done, total, "download", unit="B")
+        reporter.progress(done, total, "download", unit="B", label=what)
 
     return report
