@@ -699,6 +699,11 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model = (state.result.get("model") or {}).get("id") or name
             self._fillModelList(select=model)
             summary = self._describeEpoch(state.epochs[-1]) if state.epochs else ""
+            for key, label in (("held_out", _("held-out cases")), ("forgetting_guard", _("reference case"))):
+                figures = state.result.get(key) or {}
+                if figures.get("dice_before") is not None and figures.get("dice_after") is not None:
+                    summary += " " + _("Dice on the {label}: {before:.3f} before, {after:.3f} after.").format(
+                        label=label, before=figures["dice_before"], after=figures["dice_after"])  # fmt: skip
             self.ui.finetuneResultLabel.text = _("New model {model} (chosen above). {summary} Run folder: "
                                                  "{folder}").format(model=model, summary=summary,
                                                                     folder=state.result.get("run_folder", ""))
