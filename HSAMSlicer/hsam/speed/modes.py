@@ -14,8 +14,8 @@ compile     GPU     ``fast`` under ``torch.compile`` (pays a compile on first us
 
 ``auto`` picks :data:`DEFAULT_MODES` for the device (the fastest mode that met the agreement bar in
 benchmarks/RESULTS.md: >= 99.5 % voxels identical to eager fp32 and per-organ Dice >= 0.99; on the 2-core CPU that is
-``ort``, 2.75x eager per slice with identical labels, while both int8 modes missed the Dice bar), falling back along
-:data:`FALLBACKS` when onnxruntime/onnx are missing. Models whose encoder is not a SAM ViT (H-SAM-Lite) run
+``ort``, about 1.35-1.45x eager per slice on a quiet machine with identical labels, while both int8 modes missed the
+Dice bar), falling back along :data:`FALLBACKS` when onnxruntime/onnx are missing. Models whose encoder is not a SAM ViT (H-SAM-Lite) run
 eager in ``fast``/``compile`` (nothing to rewrite) and support the ONNX modes too.
 """
 
