@@ -466,11 +466,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return True
 
         def finish(state) -> None:
-            if isinstance(state.error, JobCancelled):
-                self._setStatus(_("Download cancelled; it continues where it stopped next time."))
+            if not self._succeeded(state, _("Download cancelled; it continues where it stopped next time.")):
                 return
-            if state.error is not None:
-                raise state.error
             self._fillModelList(select=modelId)
             self.onApplyButton()  # the model is installed now: segment as the user asked
 
@@ -490,6 +487,16 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setStatus(message)
         self._updateButtons()
         self._timer.start()
+
+    def _succeeded(self, state, cancelledText: str) -> bool:
+        """True when a finished job succeeded; a cancelled one shows ``cancelledText``, a failed one raises its error
+        (reported by _poll)."""
+        if isinstance(state.error, JobCancelled):
+            self._setStatus(cancelledText)
+            return False
+        if state.error is not None:
+            raise state.error
+        return True
 
     def _cancelJob(self) -> None:
         if self._job is None:
@@ -542,8 +549,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(state.message + "...")
 
     def _finishSegmentation(self, job: SegmentationJob, state) -> None:
-        if isinstance(state.error, JobCancelled):
-            self._setStatus(_("Cancelled: nothing was added to the scene."))
+        if not self._succeeded(state, _("Cancelled: nothing was added to the scene.")):
             return
         with slicer.util.WaitCursor():
             segmentation = self.logic.finish_segmentation(job, state)
@@ -652,11 +658,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
 
         def finish(state) -> None:
-            if isinstance(state.error, JobCancelled):
-                self._setStatus(_("Import cancelled: nothing was installed."))
+            if not self._succeeded(state, _("Import cancelled: nothing was installed.")):
                 return
-            if state.error is not None:
-                raise state.error
             self._fillModelList(select=state.result["id"])
             self._setStatus(_("Imported model {name} from {path}").format(name=state.result["id"], path=path))
 
@@ -691,11 +694,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         cases = node.finetuneCases
 
         def finish(state) -> None:
-            if isinstance(state.error, JobCancelled):
-                self._setStatus(_("Fine-tuning cancelled: no model was added."))
+            if not self._succeeded(state, _("Fine-tuning cancelled: no model was added.")):
                 return
-            if state.error is not None:
-                raise state.error
             model = (state.result.get("model") or {}).get("id") or name
             self._fillModelList(select=model)
             summary = self._describeEpoch(state.epochs[-1]) if state.epochs else ""

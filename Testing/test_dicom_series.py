@@ -12,7 +12,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
@@ -22,6 +21,8 @@ from hsam import cohort
 from hsam.cli import main
 from hsam.volume import read_image
 from hsam.volume.dicom_series import pick_series, scan_series
+
+import slicer_headless  # noqa: F401,E402  (puts HSAMSlicer/ on sys.path for HSAMSlicerLib.testing)
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.4216"
 
@@ -140,14 +141,21 @@ def test_a_folder_without_a_usable_series_says_why(study, tmp_path, capsys):
     assert "no series can be segmented" in capsys.readouterr().out
 
 
+def write_two_studies(studies: Path, study: dict, real_data: Path, uid_base: int) -> None:
+    """A folder of two studies: patient A, the real GE CT series; patient B, a 6-slice CT series and a one-slice
+    scout (series UIDs ``<root>.<uid_base>1`` and ``<root>.<uid_base>2``, study ``<root>.<uid_base>0``)."""
+    shutil.copytree(Path(study["root"]) / "ge", studies / "patient A" / "CT")
+    ct = sitk.DICOMOrient(sitk.ReadImage(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz")), "LPS")
+    root = f"{UID_ROOT}.{uid_base}"
+    write_series(ct[:, :, :6], studies / "patient B" / "s1", f"{root}1", f"{root}0", 2, "Abdomen")
+    write_series(ct[:, :, :1], studies / "patient B" / "s0", f"{root}2", f"{root}0", 1, "Scout",
+                 image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+
+
 def test_one_study_is_one_input_and_a_folder_of_studies_is_a_cohort(study, real_data, tmp_path):
     assert not cohort.is_cohort_source(study["root"])  # series sub-folders of one study: pick one of them
     studies = tmp_path / "studies"
-    shutil.copytree(Path(study["root"]) / "ge", studies / "patient A" / "CT")
-    ct = sitk.DICOMOrient(sitk.ReadImage(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz")), "LPS")
-    write_series(ct[:, :, :6], studies / "patient B" / "s1", f"{UID_ROOT}.21", f"{UID_ROOT}.20", 2, "Abdomen")
-    write_series(ct[:, :, :1], studies / "patient B" / "s0", f"{UID_ROOT}.22", f"{UID_ROOT}.20", 1, "Scout",
-                 image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    write_two_studies(studies, study, real_data, uid_base=2)
     assert cohort.is_cohort_source(studies)
     assert [p.name for p in cohort.cohort_inputs(studies)] == ["patient A", "patient B"]
 
@@ -162,17 +170,9 @@ def test_segment_refuses_series_for_a_file_or_a_cohort(real_data, tmp_path, caps
 @pytest.fixture()
 def tiny_model(tmp_path_factory) -> str:
     """The real tiny H-SAM network with seeded random weights, installed as ``tiny-dicom``."""
-    import torch
+    from HSAMSlicerLib.testing import save_tiny_model
 
-    from hsam.labels import CLASS_NAMES
-    from hsam.model.build import build_hsam
-    from hsam.model.checkpoint import ModelCard, save_model
-    from hsam.model.config import load_model_config
-
-    torch.manual_seed(0)
-    config = load_model_config("vit_tiny")
-    card = ModelCard.for_config(config, "tiny-dicom", title="tiny test model", classes=list(CLASS_NAMES), demo=True)
-    folder = save_model(build_hsam(config), card, tmp_path_factory.mktemp("models") / "tiny-dicom")
+    folder = save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dicom", name="tiny-dicom")
     assert main(["models", "import", str(folder)]) == 0
     return "tiny-dicom"
 
@@ -187,11 +187,7 @@ def test_segment_a_study_and_a_cohort_of_studies(study, real_data, tiny_model, t
     assert sitk.ReadImage(str(out)).GetSpacing()[2] == pytest.approx(1.5)
 
     studies = tmp_path / "studies"
-    shutil.copytree(Path(study["root"]) / "ge", studies / "patient A" / "CT")
-    ct = sitk.DICOMOrient(sitk.ReadImage(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz")), "LPS")
-    write_series(ct[:, :, :6], studies / "patient B" / "s1", f"{UID_ROOT}.31", f"{UID_ROOT}.30", 2, "Abdomen")
-    write_series(ct[:, :, :1], studies / "patient B" / "s0", f"{UID_ROOT}.32", f"{UID_ROOT}.30", 1, "Scout",
-                 image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    write_two_studies(studies, study, real_data, uid_base=3)
     (studies / "patient C").mkdir()  # a study of only a broken file: one line, the run goes on
     (studies / "patient C" / "IM0001.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 40)
     code = main(["segment", str(studies), "-o", str(tmp_path / "out"), "--model", tiny_model, "--device", "cpu"])

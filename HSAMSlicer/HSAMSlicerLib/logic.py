@@ -335,7 +335,7 @@ class HSAMSlicerLogic:
         from hsam import weights
 
         manifest = weights.load_manifest()
-        again = {e.id for e in manifest.values() if e.files and all(f.url and f.sha256 for f in e.files)}
+        again = {e.id for e in manifest.values() if e.verified_download}
         found = [m.id for m in weights.available_models() if m.id in again]
         found += [i for i in sorted(again) if manifest[i].kind == "base" and weights.base_file(i) is not None]
         return found

@@ -85,6 +85,12 @@ class ManifestEntry:
         """Whether ``hsam models download <id>`` can get every file (a URL and a SHA-256 or a structure check)."""
         return bool(self.files) and all(f.url and (f.sha256 or f.check) for f in self.files)
 
+    @property
+    def verified_download(self) -> bool:
+        """Whether every file has a URL and a published SHA-256: the download can be repeated to the same bytes, so it
+        may happen without asking (first use) and the installed copy may be deleted and fetched again."""
+        return bool(self.files) and all(f.url and f.sha256 for f in self.files)
+
 
 def manifest_path() -> Path:
     """``$HSAM_MANIFEST`` if set, else the shipped ``Resources/models.json``."""
@@ -689,7 +695,7 @@ def needs_download(model_id: str) -> bool:
     if (bundled_models_dir() / model_id / "model.json").is_file():
         return False
     entry = load_manifest().get(model_id)
-    return entry is not None and entry.kind == "hsam" and bool(entry.files) and all(f.url and f.sha256 for f in entry.files)
+    return entry is not None and entry.kind == "hsam" and entry.verified_download
 
 
 def resolve_model(id_or_path: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
