@@ -561,9 +561,10 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from hsam.labels import organ
 
         found = sum(1 for value in organs if (result.get("volumes_ml") or {}).get(organ(value).name, 0.0) > 0)
-        message = _("Done in {seconds:.0f} s on {device}: {found} of {total} organs found. Check them with Review in "
-                    "Segment Editor.").format(seconds=state.elapsed_s, device=result.get("device", "?"), found=found,
-                                              total=len(organs))  # fmt: skip
+        message = _("Done in {seconds:.0f} s on {device} (engine {engine}): {found} of {total} organs found. Check them "
+                    "with Review in Segment Editor.").format(seconds=state.elapsed_s, device=result.get("device", "?"),
+                                                             engine=result.get("mode", "?"), found=found,
+                                                             total=len(organs))  # fmt: skip
         for warning in state.warnings:  # the run's own (e.g. not CT-like, CPU fallback) and the model's (demo)
             message += " " + _("Warning: {text}.").format(text=warning)
         self._setStatus(message, error=bool(result.get("warnings")))

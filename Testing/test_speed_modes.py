@@ -1,4 +1,4 @@
-"""Speed modes (hsam.speed): the exact encoder rewrites match SAM's blocks, and every fast mode keeps eager fp32's
+"""Speed modes (hsam.engines): the exact encoder rewrites match SAM's blocks, and every fast mode keeps eager fp32's
 labels on real CT with a (briefly) trained tiny H-SAM. No timing assertions: timing belongs to benchmarks/."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from hsam.engines import ort
+from hsam.engines import cpu as cpu_info
+from hsam.engines.modes import CPU_AUTO, MODES, choose_engine, encoder_family, prepare
+from hsam.engines.vit import FastEncoder, with_encoder
 from hsam.errors import HSAMError
 from hsam.inference import segment_volume
 from hsam.labels import CLASS_NAMES, remap_labels
-from hsam.speed import ort
 from hsam.speed.bench import dice_per_organ
-from hsam.speed.modes import MODES, prepare, resolve_mode
-from hsam.speed.vit import FastEncoder, with_encoder
 
 
 
@@ -58,14 +59,57 @@ def test_fast_model_leaves_the_original_untouched():
     assert fast.mask_decoder is model.mask_decoder  # decoders shared, not copied
 
 
-def test_resolve_mode_rules():
+def test_choose_engine_rules():
     cpu = torch.device("cpu")
-    assert resolve_mode("auto", cpu) in MODES
-    assert resolve_mode("fast", cpu) == "fast"
+    assert choose_engine("auto", cpu).mode in MODES
+    assert choose_engine("fast", cpu) == choose_engine("FAST", cpu)
+    assert choose_engine("fast", cpu).mode == "fast" and "--mode" in choose_engine("fast", cpu).reason
     with pytest.raises(HSAMError, match="unknown speed mode"):
-        resolve_mode("turbo", cpu)
-    with pytest.raises(HSAMError, match="CPU only"):
-        resolve_mode("int8", torch.device("cuda"))
+        choose_engine("turbo", cpu)
+    for mode in ("int8", "bf16"):
+        with pytest.raises(HSAMError, match="CPU only"):
+            choose_engine(mode, torch.device("cuda"))
+
+
+XEON_SPR = "processor\t: 0\nmodel name\t: Xeon SPR\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_int8\n"
+EPYC_ZEN2 = "processor\t: 0\nmodel name\t: EPYC Zen 2\nflags\t\t: fpu sse4_2 avx2 fma\n"
+
+
+def test_cpuinfo_is_parsed_into_the_flags_that_matter():
+    spr, zen2 = cpu_info.parse_cpuinfo(XEON_SPR), cpu_info.parse_cpuinfo(EPYC_ZEN2)
+    assert spr.name == "Xeon SPR" and spr.native_bf16 and spr.native_int8
+    assert spr.flags == {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}
+    assert spr.describe() == "Xeon SPR (AVX-512, AVX512_BF16, VNNI, AMX)"
+    assert not zen2.native_bf16 and not zen2.native_int8 and zen2.describe() == "EPYC Zen 2 (AVX2)"
+    assert cpu_info.processor().name  # this machine's, from /proc/cpuinfo or NumPy
+
+
+@pytest.mark.skipif(not ort.available(), reason="onnxruntime/onnx not installed (pip install hsam[onnx])")
+@pytest.mark.parametrize("cpuinfo", [XEON_SPR, EPYC_ZEN2])
+def test_auto_picks_per_processor_and_family_and_says_why(monkeypatch, cpuinfo):
+    machine = cpu_info.parse_cpuinfo(cpuinfo)
+    monkeypatch.setattr(cpu_info, "processor", lambda: machine)
+    cpu = torch.device("cpu")
+    vit, lite = choose_engine("auto", cpu, "sam_vit"), choose_engine("auto", cpu, "tiny_vit")
+    bf16_rows = [row for row in CPU_AUTO if row[2] == "bf16"]
+    if machine.native_bf16 and bf16_rows:
+        assert vit.mode == "bf16" and "AVX512_BF16" in vit.reason
+    else:
+        assert vit.mode == "ort" and "would need AVX512_BF16 or AMX" in vit.reason
+    assert lite.mode == "ort" and machine.name in lite.reason
+    if machine.native_bf16:  # the processor could run bf16: the reason says why Lite models do not
+        assert "agreement bar" in lite.reason
+    # GPUs keep the exact rewrites whatever the CPU
+    assert choose_engine("auto", torch.device("cuda"), "sam_vit").mode == "fast"
+
+
+def test_encoder_family_names_the_backbones():
+    from hsam.model.build import build_hsam
+    from hsam.model.config import ModelConfig, load_model_config
+
+    assert encoder_family(build_hsam(ModelConfig(backbone="vit_tiny", img_size=64, lora_rank=2))) == "sam_vit"
+    assert encoder_family(build_hsam(load_model_config("tiny_vit_256"))) == "tiny_vit"
+    assert encoder_family(None) == "other"
 
 
 # --- a briefly trained tiny model: decisive logits, so label agreement means something -------------------------
@@ -155,6 +199,15 @@ def test_int8_mode_meets_agreement_bar(trained_tiny, eager_labels):
     identical, dice = _agreement(*trained_tiny, "int8", eager_labels)
     assert identical >= 0.995
     assert dice and all(v >= INT8_TINY_DICE for v in dice.values()), f"identical {identical:.5f}, Dice {dice}"
+
+
+def test_bf16_mode_keeps_eager_labels(trained_tiny, eager_labels):
+    """bf16 rounds the encoder's weights and activations to 8 significant bits; the labels must still agree."""
+    model, _, _ = trained_tiny
+    identical, dice = _agreement(*trained_tiny, "bf16", eager_labels)
+    assert identical >= 0.995
+    assert dice and all(v >= INT8_TINY_DICE for v in dice.values()), f"identical {identical:.5f}, Dice {dice}"
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's model is not cast
 
 
 @pytest.mark.skipif(not ort.available(), reason="onnxruntime/onnx not installed (pip install hsam[onnx])")

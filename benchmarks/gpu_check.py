@@ -1,6 +1,6 @@
 """GPU throughput of H-SAM ViT-B at 512 (random weights are fine for speed): slices per second per variant.
 
-Variants: eager / fast (exact encoder rewrites of hsam.speed.vit) x fp32 / fp16 / bf16 (autocast) / bf16 weights,
+Variants: eager / fast (exact encoder rewrites of hsam.engines.vit) x fp32 / fp16 / bf16 (autocast) / bf16 weights,
 batch sizes 1..64, CUDA graphs and torch.compile on the best variant, then ``segment_volume`` end to end on a
 phantom volume. Stays within ``--budget`` seconds (skips what does not fit) and writes one JSON record.
 Run through benchmarks/gpu_check.sh.
@@ -61,7 +61,7 @@ def main() -> int:
 
     from hsam.model.build import build_hsam
     from hsam.model.config import load_model_config
-    from hsam.speed.vit import FastEncoder, with_encoder
+    from hsam.engines.vit import FastEncoder, with_encoder
 
     device = torch.device("cuda")
     if args.model:

@@ -43,7 +43,7 @@ def main() -> int:
     from hsam.model.config import load_model_config
     from hsam.model.hsam import prior_from_logits
     from hsam.speed.bench import default_volume
-    from hsam.speed.vit import FastEncoder
+    from hsam.engines.vit import FastEncoder
     from hsam.volume import to_canonical, window
 
     ct_path = Path(args.ct) if args.ct else default_volume()
@@ -71,7 +71,7 @@ def main() -> int:
     if cache.is_file():
         embeddings = torch.load(cache, weights_only=True)
     else:
-        # the exact fast encoder (hsam.speed.vit): same embeddings to ~1e-6, 1.4x less work
+        # the exact fast encoder (hsam.engines.vit): same embeddings to ~1e-6, 1.4x less work
         encoder = FastEncoder(model.image_encoder)
         with torch.inference_mode():
             embeddings = torch.cat([encoder(images[i : i + 1].contiguous()) for i in range(len(index))]).clone()

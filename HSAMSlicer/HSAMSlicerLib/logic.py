@@ -90,6 +90,7 @@ class SegmentationOutput:
     device: str = "cpu"
     precision: str = "fp32"
     mode: str = ""
+    mode_reason: str = ""  # why the child ran that engine (processor and evidence)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     volumes_ml: dict[str, float] = field(default_factory=dict)
@@ -263,7 +264,8 @@ class HSAMSlicerLogic:
                                 title=str(model.get("title", "")), sha256=str(model.get("sha256", "")),
                                 classes=list(model.get("classes") or []), demo=bool(model.get("demo"))),
                 device=str(facts.get("device", "")), precision=str(facts.get("precision", "")),
-                mode=str(facts.get("mode", "")), seconds=float(facts.get("seconds", 0.0)),
+                mode=str(facts.get("mode", "")), mode_reason=str(facts.get("mode_reason", "")),
+                seconds=float(facts.get("seconds", 0.0)),
                 warnings=list(facts.get("warnings") or []), volumes_ml=dict(facts.get("volumes_ml") or {}),
             )
             return self.apply_result(volume_node, output, running.options)
@@ -545,6 +547,8 @@ class HSAMSlicerLogic:
             "ModelSHA256": output.model.sha256,
             "Device": output.device,
             "Precision": output.precision,
+            "Engine": output.mode,
+            "EngineReason": output.mode_reason,
             "Seconds": f"{output.seconds:.2f}",
             "Time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "Version": hsam.__version__,

@@ -52,7 +52,8 @@ class SegmentationResult:
     seconds: float
     batch_size: int = 1  # the batch size that finished the run (after any halving)
     precision: str = "fp32"
-    mode: str = "eager"  # speed mode that ran (hsam.speed.modes)
+    mode: str = "eager"  # speed mode that ran (hsam.engines.modes)
+    mode_reason: str = ""  # why that engine ran (processor, evidence; hsam.engines.modes.choose_engine)
     warnings: list[str] = field(default_factory=list)
     orientation: str = "LPS"  # the canonical orientation the scan was put in (the card's, or the override)
     orientation_check: dict | None = None  # hsam.orientation_check.OrientationCheck.as_dict(); None when not run
@@ -134,7 +135,7 @@ def predict_slices(
 
     The windowed slices are resized to the model input S x S (bicubic, clamped to [0, 1]); the fused logits
     [b,K,S,S] are resized back to H x W (bilinear) *before* softmax/argmax. ``predictor`` (images -> fused logits,
-    from :func:`hsam.speed.modes.prepare`) replaces ``model.predict``.
+    from :func:`hsam.engines.modes.prepare`) replaces ``model.predict``.
     """
     size = model.img_size
     batch = torch.from_numpy(window(slices, float(window_hu[0]), float(window_hu[1]))).to(device)[:, None]
@@ -262,7 +263,7 @@ def segment_volume(
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"`` | ``"mps"``.
         batch_size: slices per forward pass (default 8 on CUDA, 4 on MPS, 2 on CPU).
         precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs).
-        mode: speed mode (:mod:`hsam.speed.modes`): ``"auto"`` (the measured fastest mode meeting the agreement bar
+        mode: speed mode (:mod:`hsam.engines.modes`): ``"auto"`` (the measured fastest mode meeting the agreement bar
             for the device), ``"eager"``, ``"fast"``, ``"int8"``, ``"ort"``, ``"ort-int8"``, ``"compile"``.
         progress: called as ``progress(k, n)`` with k slices of n done (first with k = 0).
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
@@ -288,9 +289,12 @@ def segment_volume(
     target = select_device(device)
     precision_name, dtype = select_precision(precision, target)
     size = batch_size or DEFAULT_BATCH[target.type]
-    from hsam.speed.modes import prepare, resolve_mode
+    from hsam.engines.modes import choose_engine, encoder_family, prepare
 
-    mode_name = resolve_mode(mode, target)
+    choice = choose_engine(mode, target, encoder_family(model))
+    mode_name, mode_reason = choice.mode, choice.reason
+    if status:
+        status(f"engine {mode_name}: {mode_reason}")
     engine_device: torch.device | None = None  # device the current predictor was built for
     predictor = None
     air_cache: dict = {}
@@ -323,10 +327,12 @@ def segment_volume(
         if engine_device != target:
             if engine_device is not None:
                 mode_name = "fast"  # after an out-of-memory fallback to the CPU: no export/quantisation mid-run
+                mode_reason = "moved to the CPU after running out of GPU memory"
             try:
                 predictor = prepare(model, mode_name, target, say=status or log.info)
             except OSError as error:  # e.g. the exported-graph cache cannot be written (disk full): run without it
-                notes.append(f"speed mode {mode_name} could not be prepared ({error.strerror or error}); ran in fast mode")
+                mode_reason = f"speed mode {mode_name} could not be prepared ({error.strerror or error})"
+                notes.append(f"{mode_reason}; ran in fast mode")
                 mode_name = "fast"
                 predictor = prepare(model, mode_name, target, say=status or log.info)
             engine_device = target
@@ -380,6 +386,7 @@ def segment_volume(
         batch_size=size,
         precision=precision_name,
         mode=mode_name,
+        mode_reason=mode_reason,
         warnings=notes,
         orientation=orientation,
         orientation_check=check.as_dict() if check is not None else None,

@@ -6,6 +6,8 @@ import argparse
 
 from hsam.cli import progress
 
+FAMILY_NAMES = {"sam_vit": "ViT models (H-SAM)", "tiny_vit": "TinyViT models (H-SAM-Lite)"}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``devices`` command (no torch import here)."""
@@ -17,9 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def detect() -> dict[str, object]:
-    """{'torch', 'cuda', 'cuda_devices', 'mps', 'cpu_threads', 'auto'}; imports torch."""
+    """{'torch', 'cuda', 'cuda_devices', 'mps', 'cpu', 'cpu_threads', 'cpu_engines', 'auto'}; imports torch."""
     import torch
 
+    from hsam.engines.cpu import processor
+    from hsam.engines.modes import choose_engine
     from hsam.inference import select_device
 
     cuda = bool(torch.cuda.is_available())
@@ -29,7 +33,10 @@ def detect() -> dict[str, object]:
         "cuda": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "mps": bool(mps is not None and mps.is_available()),
+        "cpu": processor().describe(),
         "cpu_threads": torch.get_num_threads(),
+        # what --mode auto runs on this CPU for each encoder family (ViT-B H-SAM, TinyViT H-SAM-Lite)
+        "cpu_engines": {family: choose_engine("auto", torch.device("cpu"), family).mode for family in FAMILY_NAMES},
         "auto": str(select_device("auto")),
     }
 
@@ -44,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  cuda:{index}  {name}")
     if found["mps"]:
         print("  mps     Apple GPU")
-    print(f"  cpu     {found['cpu_threads']} threads")
+    print(f"  cpu     {found['cpu']}, {found['cpu_threads']} threads")
+    engines = ", ".join(f"{engine} for {FAMILY_NAMES[family]}" for family, engine in found["cpu_engines"].items())
+    print(f"--mode auto on the CPU runs: {engines}")
     print(f"--device auto uses: {found['auto']}")
     return 0

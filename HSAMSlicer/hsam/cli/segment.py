@@ -354,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, mode {result.mode}, "
             f"batch {result.batch_size})")
+        say(f"  engine: {result.mode_reason}")
         for name, ml in result.volumes_ml.items():
             say(f"  {name:<14} {ml:9.1f} ml")
         for path in written:
@@ -362,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
     reporter.finished(
         written={kind: str(path) for kind, path in zip(kinds, written)},
         result={"device": result.device, "precision": result.precision, "mode": result.mode,
+                "mode_reason": result.mode_reason,
                 "batch_size": result.batch_size, "seconds": round(result.seconds, 3), "warnings": result.warnings,
                 "volumes_ml": result.volumes_ml},
         model={"id": model_id, "name": card.name, "title": card.title, "sha256": card.sha256 or "",

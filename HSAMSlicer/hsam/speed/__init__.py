@@ -1,2 +1,1 @@
-"""Inference speed: exact work-saving encoder rewrites, int8 and ONNX Runtime engines, and the per-device modes
-that :func:`hsam.inference.segment_volume` picks from (``mode="auto"``)."""
+"""Speed measurement: every engine of :mod:`hsam.engines` against eager fp32 in one process (``hsam bench``)."""

@@ -62,7 +62,7 @@ class ModeResult:
 
 
 def default_modes(device: str) -> list[str]:
-    from hsam.speed import ort
+    from hsam.engines import ort
 
     if device.startswith("cuda"):
         return ["fast", "compile"]
@@ -200,14 +200,14 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
 
     from hsam.errors import HSAMError
     from hsam.inference import segment_volume, select_device, select_precision
-    from hsam.speed.modes import prepare, resolve_mode
+    from hsam.engines.modes import choose_engine, encoder_family, prepare
 
     if options.threads:
         torch.set_num_threads(int(options.threads))
     model, card, image, model_name, volume_name = load_subject(options)
     device = select_device(options.device)
     precision, dtype = select_precision(options.precision, device)
-    modes = [resolve_mode(m, device) for m in (options.modes or default_modes(options.device))]
+    modes = [choose_engine(m, device, encoder_family(model)).mode for m in (options.modes or default_modes(options.device))]
     modes = [m for m in dict.fromkeys(modes) if m != "eager"]
     all_modes = ["eager", *modes]
     model.to(device)

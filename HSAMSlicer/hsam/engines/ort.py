@@ -1,7 +1,7 @@
 """ONNX Runtime engine for the whole H-SAM forward (images [1,3,S,S] -> fused logits [1,K,S,S]) on the CPU.
 
 The model is exported once (TorchScript exporter, fixed batch 1, LoRA merged, the exact work-saving encoder of
-:mod:`hsam.speed.vit`) and cached under ``hsam_home()/onnx/<fingerprint>/``; ``int8`` then quantizes the weight x
+:mod:`hsam.engines.vit`) and cached under ``hsam_home()/onnx/<fingerprint>/``; ``int8`` then quantizes the weight x
 activation MatMuls of the *encoder blocks* dynamically (int8 weights per output channel, uint8 activations per
 tensor and call). Activation x activation MatMuls (attention), convolutions, the neck and both decoders stay fp32.
 

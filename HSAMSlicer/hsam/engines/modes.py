@@ -1,28 +1,29 @@
-"""Speed modes: how :func:`hsam.inference.segment_volume` runs the network on a device.
+"""Engines ("speed modes"): how :func:`hsam.inference.segment_volume` runs the network on a device.
 
 ==========  ======  ======================================================================================
 mode        where   what
 ==========  ======  ======================================================================================
 eager       any     ``model.predict`` as built (fp32, or fp16/bf16 autocast on GPUs): the reference
-fast        any     exact rewrites of the SAM ViT (:mod:`hsam.speed.vit`): no work on window padding, fused
+fast        any     exact rewrites of the SAM ViT (:mod:`hsam.engines.vit`): no work on window padding, fused
                     attention with relative positions; same labels as eager
+bf16        CPU     ``fast`` with the image encoder in bfloat16 (:mod:`hsam.engines.bf16`); fast only on CPUs
+                    with AVX512_BF16 or AMX
 int8        CPU     ``fast`` + dynamic int8 ``nn.Linear`` in the encoder blocks (PyTorch, fbgemm)
-ort         CPU     the whole network through ONNX Runtime fp32 (onnxruntime + onnx; the CPU default)
+ort         CPU     the whole network through ONNX Runtime fp32 (onnxruntime + onnx)
 ort-int8    CPU     ONNX Runtime with int8 per-channel weights in the encoder blocks' linear layers
 compile     GPU     ``fast`` under ``torch.compile`` (pays a compile on first use)
 ==========  ======  ======================================================================================
 
-``auto`` picks :data:`DEFAULT_MODES` for the device (the fastest mode that met the agreement bar in
-benchmarks/RESULTS.md: >= 99.5 % voxels identical to eager fp32 and per-organ Dice >= 0.99; on the 2-core CPU that is
-``ort``, about 1.35-1.45x eager per slice on a quiet machine with identical labels, while both int8 modes missed the
-Dice bar), falling back along :data:`FALLBACKS` when onnxruntime/onnx are missing. Models whose encoder is not a SAM ViT (H-SAM-Lite) run
-eager in ``fast``/``compile`` (nothing to rewrite) and support the ONNX modes too.
+``auto`` (:func:`choose_engine`) picks, per device, processor and encoder family, the fastest mode that met the
+agreement bar in benchmarks/RESULTS.md (>= 99.5 % voxels identical to eager fp32 and per-organ Dice >= 0.99 on real
+CT with trained weights) and says why. On CPUs the rows of :data:`CPU_AUTO` are that evidence.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,21 +33,38 @@ from hsam.errors import HSAMError
 
 log = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("auto", "eager", "fast", "int8", "ort", "ort-int8", "compile")
-CPU_ONLY = ("int8", "ort", "ort-int8")
-# Measured defaults (benchmarks/RESULTS.md, section "Speed"): what ``auto`` means on each device type.
-DEFAULT_MODES: dict[str, str] = {"cpu": "ort", "cuda": "fast", "mps": "fast"}
+MODES: tuple[str, ...] = ("auto", "eager", "fast", "bf16", "int8", "ort", "ort-int8", "compile")
+CPU_ONLY = ("bf16", "int8", "ort", "ort-int8")
+GPU_AUTO: dict[str, str] = {"cuda": "fast", "mps": "fast"}  # exact rewrites; precision is the autocast choice
+# What ``auto`` runs on a CPU: the first row whose processor feature (hsam.engines.cpu.Processor) is present and whose
+# encoder family matches ("any" matches every family). Evidence: benchmarks/RESULTS.md, "Speed per processor".
+CPU_AUTO: tuple[tuple[str, str, str, str], ...] = (
+    # (processor feature or "", encoder family, mode, what it measured)
+    ("native_bf16", "sam_vit", "bf16", "3.0x eager fp32 for ViT-B/512 on 2 cores, labels within the agreement bar"),
+    ("", "any", "ort", "about 1.5x eager fp32, labels identical to eager"),
+)
+# Why a faster mode is not the default for a family, where the processor could run it (shown with the choice).
+CPU_MISSED: dict[tuple[str, str], str] = {
+    ("bf16", "tiny_vit"): "bf16 missed the agreement bar for TinyViT (H-SAM-Lite) models: pancreas Dice 0.964 vs fp32",
+}
 # When a mode cannot run here (missing onnxruntime), ``auto`` tries the next one.
-FALLBACKS: dict[str, str] = {"ort-int8": "int8", "ort": "fast", "int8": "fast"}
+FALLBACKS: dict[str, str] = {"ort-int8": "int8", "ort": "fast", "int8": "fast", "bf16": "fast"}
 
 Predictor = Callable[[Tensor], Tensor]  # images [B,3,S,S] in [0,1] -> fused logits [B,K,S,S]
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    mode: str  # a concrete mode of MODES (never "auto")
+    reason: str  # one line for the user: why this engine runs here
+
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _runnable(mode: str) -> bool:
     if mode.startswith("ort"):
-        from hsam.speed import ort
+        from hsam.engines import ort
 
         return ort.available()
     if mode == "int8":
@@ -54,23 +72,61 @@ def _runnable(mode: str) -> bool:
     return True
 
 
-def resolve_mode(mode: str | None, device: torch.device) -> str:
-    """The concrete mode for ``mode`` ("auto" or a name from :data:`MODES`) on ``device``; HSAMError if invalid."""
+def encoder_family(model: nn.Module | None) -> str:
+    """"sam_vit" (H-SAM ViT-B/L/H), "tiny_vit" (H-SAM-Lite) or "other"."""
+    from hsam.engines.vit import is_sam_vit
+    from hsam.model.tiny_vit import TinyViT
+
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is None:
+        return "other"
+    if is_sam_vit(encoder):
+        return "sam_vit"
+    return "tiny_vit" if isinstance(encoder, TinyViT) else "other"
+
+
+def _cpu_auto(family: str) -> EngineChoice:
+    from hsam.engines.cpu import FEATURE_NEEDS, processor
+
+    cpu = processor()
+    notes: list[str] = []
+    for feature, families, mode, evidence in CPU_AUTO:
+        if families not in ("any", family):
+            if (mode, family) in CPU_MISSED and (not feature or getattr(cpu, feature)):
+                notes.append(CPU_MISSED[(mode, family)])
+            continue
+        if feature and not getattr(cpu, feature):
+            notes.append(f"{mode} would need {FEATURE_NEEDS[feature]}")
+            continue
+        if not _runnable(mode):
+            notes.append(f"{mode} needs packages that are not installed (onnxruntime, onnx)")
+            continue
+        return EngineChoice(mode, "; ".join([f"{cpu.describe()}: {mode}, {evidence}", *notes]))
+    return EngineChoice("fast", "; ".join([f"{cpu.describe()}: fast, exact PyTorch rewrites", *notes]))
+
+
+def choose_engine(mode: str | None, device: torch.device, family: str = "other") -> EngineChoice:
+    """The concrete engine for ``mode`` ("auto" or a name from :data:`MODES`) on ``device`` for a model whose
+    encoder is of ``family`` (:func:`encoder_family`).
+
+    ``auto`` on a CPU follows :data:`CPU_AUTO` for this processor and family; an explicit mode is checked (HSAMError
+    if unknown, CPU-only on another device, or its packages are missing).
+    """
     name = (mode or "auto").lower()
     if name not in MODES:
         raise HSAMError(f"unknown speed mode {mode!r}; use one of {', '.join(MODES)}")
     if name == "auto":
-        name = DEFAULT_MODES.get(device.type, "eager")
-        while not _runnable(name):
-            name = FALLBACKS.get(name, "eager")
-        return name
+        if device.type == "cpu":
+            return _cpu_auto(family)
+        name = GPU_AUTO.get(device.type, "eager")
+        return EngineChoice(name, f"{device.type}: exact PyTorch rewrites with {name} (precision by --precision)")
     if name in CPU_ONLY and device.type != "cpu":
         raise HSAMError(f"mode {name} runs on the CPU only; use --mode fast (or auto) on {device.type}")
     if name.startswith("ort"):
-        from hsam.speed import ort
+        from hsam.engines import ort
 
         ort.require()
-    return name
+    return EngineChoice(name, "chosen with --mode")
 
 
 def _weights_version(model: nn.Module) -> tuple:
@@ -85,7 +141,7 @@ def _weights_version(model: nn.Module) -> tuple:
 
 
 def _fast_model(model: nn.Module) -> nn.Module:
-    from hsam.speed.vit import FastEncoder, is_sam_vit, with_encoder
+    from hsam.engines.vit import FastEncoder, is_sam_vit, with_encoder
 
     if not is_sam_vit(model.image_encoder):
         return model
@@ -95,7 +151,7 @@ def _fast_model(model: nn.Module) -> nn.Module:
 def _int8_model(model: nn.Module) -> nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
-    from hsam.speed.vit import FastEncoder, with_encoder
+    from hsam.engines.vit import FastEncoder, with_encoder
 
     from hsam.model.tiny_vit import TinyViT
 
@@ -136,10 +192,14 @@ def prepare(model: nn.Module, mode: str, device: torch.device, *, say: Callable[
     elif mode == "compile":
         fast = _fast_model(model)
         predictor = torch.compile(fast.predict, dynamic=False)
+    elif mode == "bf16":
+        from hsam.engines.bf16 import bf16_model
+
+        predictor = bf16_model(_fast_model(model)).predict
     elif mode == "int8":
         predictor = _int8_model(model).predict
     elif mode in ("ort", "ort-int8"):
-        from hsam.speed import ort
+        from hsam.engines import ort
 
         predictor = ort.build(_fast_model(model), model, int8=mode == "ort-int8", say=say)
     else:  # pragma: no cover (MODES is closed)

@@ -126,7 +126,8 @@ class FastBlock(nn.Module):
             )
             out = self._attention(windows)
             out = out.view(batch, hp // ws, wp // ws, ws, ws, channels).permute(0, 1, 3, 2, 4, 5)
-            out = out.reshape(batch, hp, wp, channels)[:, :height, :width]
+            # contiguous before proj: a cropped view makes linear fall back to a batched matmul over a copied weight
+            out = out.reshape(batch, hp, wp, channels)[:, :height, :width].contiguous()
         else:
             out = self._attention(qkv)
         x = shortcut + self.proj(out)
