@@ -19,6 +19,23 @@ from hsam.training.splits import few_shot_split, split_cases, write_list
 
 
 # ------------------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("flags", ["avx2 avx512f avx512_bf16 amx_bf16", "avx2"])
+def test_cpu_mixed_precision_only_where_the_processor_has_bf16(monkeypatch, flags):
+    """cpu_amp "auto" trains in bf16 only on CPUs with native bf16; the recipe configs keep fp32 on every CPU."""
+    from hsam.engines import cpu as cpu_info
+    from hsam.training import trainer
+
+    machine = cpu_info.parse_cpuinfo(f"model name\t: test\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(trainer, "processor", lambda: machine)
+    cpu = torch.device("cpu")
+    _, scaler, precision = trainer._autocast(cpu, True, "auto")
+    assert precision == ("bf16" if machine.native_bf16 else "fp32") and scaler is None
+    assert trainer._autocast(cpu, True, load_training_config("lite_demo")["cpu_amp"])[2] == "fp32"
+    assert load_training_config("finetune_fewshot")["cpu_amp"] == "auto"
+    with pytest.raises(HSAMError, match="cpu_amp"):
+        trainer._autocast(cpu, True, "fp16")
+
+
 def test_default_config_is_the_paper_recipe():
     c = load_training_config("synapse_10pct")
     assert (c["optim"]["base_lr"], c["optim"]["weight_decay"], c["optim"]["warmup_iters"]) == (0.0025, 0.1, 250)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,6 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY / "HSAMSlicer"))
 SAMPLE = REPOSITORY.parent / "shared" / "data" / "real" / "totalsegmentator" / "example_ct_sm.nii.gz"
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [flag for flag in FLAGS if flag in words]
-
-
 def cut(sample: Path, slices: int, folder: Path) -> Path:
     import SimpleITK as sitk
 
@@ -115,6 +103,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=str(REPOSITORY / "benchmarks" / "results" / "child_startup.json"))
     args = parser.parse_args()
+    from hsam.engines.cpu import processor
+
     load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory() as temporary:
@@ -129,7 +119,7 @@ def main() -> int:
     load_after = os.getloadavg()
     record = {
         "command": "python benchmarks/child_startup.py " + " ".join(sys.argv[1:]),
-        "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+        "cpu": processor().describe(), "cpu_flags": sorted(processor().flags), "cores": os.cpu_count(),
         "load_average_before": load_before[0], "load_average_after": load_after[0],
         "contended": max(load_before[0], load_after[0]) > 1.5, "results": results,
         "python": sys.version.split()[0],

@@ -102,8 +102,9 @@ def main() -> int:
     args = parser.parse_args()
     cases, heldout = prepare(args.out / "cases", (82, 92), (92, 102))
     arms = [(a.split("=", 1)[0], shlex.split(a.split("=", 1)[1])) for a in args.arm]
-    flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
-                                                                      "amx_bf16"})
+    from hsam.engines.cpu import processor
+
+    flags = sorted(processor().flags)
     results = []
     for round_index in range(args.rounds):
         for name, extra in arms:
@@ -117,7 +118,7 @@ def main() -> int:
                   flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cpu_flags": flags, "runs": results}, indent=1) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps({"cpu": processor().describe(), "cpu_flags": flags, "runs": results}, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

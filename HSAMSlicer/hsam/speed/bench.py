@@ -26,6 +26,8 @@ import numpy as np
 
 GIB = 1024**3
 AGREEMENT_BAR = {"identical": 0.995, "dice": 0.99}
+# A run that starts with the 1-minute load average above this (per 2 cores) shared the machine: not a speed result.
+CONTENDED_LOAD_PER_2_CORES = 1.5
 
 
 @dataclass
@@ -204,6 +206,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
 
     if options.threads:
         torch.set_num_threads(int(options.threads))
+    load_before = os.getloadavg()[0]
     model, card, image, model_name, volume_name = load_subject(options)
     device = select_device(options.device)
     precision, dtype = select_precision(options.precision, device)
@@ -293,12 +296,21 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
                     results[mode].identical = float((labels == reference).mean())
                     results[mode].dice = dice_per_organ(labels, reference, names)
                 say(f"  volume {mode}: {results[mode].volume_s[-1]:.1f} s")
-    return _record(options, results, model_name, volume_name, image, device, precision, inputs)
+    record = _record(options, results, model_name, volume_name, image, device, precision, inputs)
+    limit = CONTENDED_LOAD_PER_2_CORES * (os.cpu_count() or 2) / 2
+    record["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+    record["contended"] = load_before > limit
+    if record["contended"]:
+        say(f"CONTENDED: the load average was {load_before:.2f} at the start (> {limit:.1f}); "
+            "these timings are not a speed result")
+    return record
 
 
 def _record(options: BenchOptions, results: dict[str, ModeResult], model_name: str, volume_name: str, image: Any,
             device: Any, precision: str, inputs: list) -> dict[str, Any]:
     import torch
+
+    from hsam.engines.cpu import processor
 
     base = results["eager"]
     rounds = options.rounds
@@ -347,7 +359,8 @@ def _record(options: BenchOptions, results: dict[str, ModeResult], model_name: s
         "precision": precision,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs; {_cpu_name()}",
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs; {processor().describe()}",
+        "cpu_flags": sorted(processor().flags),
         "slices_per_round": per_round,
         "rounds": rounds,
         "bar": AGREEMENT_BAR,
@@ -355,21 +368,14 @@ def _record(options: BenchOptions, results: dict[str, ModeResult], model_name: s
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def markdown(record: dict[str, Any]) -> str:
     """The record as a markdown table (for benchmarks/RESULTS.md)."""
+    load = record.get("load_average") or {}
     lines = [
         f"model {record['model']}; volume {record['volume']} {record['volume_size_xyz']}; {record['device']} "
-        f"({record['precision']}, {record['threads']} threads, torch {record['torch']}); {record['machine']}",
+        f"({record['precision']}, {record['threads']} threads, torch {record['torch']}); {record['machine']}; "
+        f"load average {load.get('before', '?')} before, {load.get('after', '?')} after"
+        + (" (CONTENDED: not a speed result)" if record.get("contended") else ""),
         "",
         "| mode | s/slice | speed-up (wall) | speed-up (CPU time) | volume s | volume speed-up | peak RSS GiB | "
         "encoder rel err | logits rel err | identical voxels | min Dice vs eager | bar |",

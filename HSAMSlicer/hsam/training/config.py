@@ -56,11 +56,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 2345,
     "num_workers": 4,
     "amp": True,  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler); ignored on CPU
+    # bf16 autocast of the training steps on CPUs with native bf16 (AVX512_BF16/AMX): "auto" there, false = fp32
+    "cpu_amp": False,
     "device": "auto",  # auto | cpu | cuda | cuda:N | mps
     "validation": {"every": 0, "batch_size": 8},  # every N epochs (0 = never: the release had no validation)
     "stopping": {"patience": 0},  # stop when validation Dice has not improved for N validations (0 = never)
     # frozen encoder: compute its outputs once per sample and train the decoders on them (hsam.training.frozen);
-    # copies: augmented copies per slice (0 = a new one every epoch, as the recipe); precision: auto|fp32|bf16
+    # copies: augmented copies per slice (0 = a new one every epoch, as the recipe); precision (auto|fp32|bf16) of
+    # every encoder output of the run: training copies and the held-out and reference volumes
     "encoder_cache": {"enabled": False, "copies": 0, "precision": "fp32"},
     "reference": None,  # forgetting guard: a volume source the base model was validated on, scored before and after
     "checkpoint_every": 50,  # keep the weights of every N-th epoch (the release did the same)

@@ -40,6 +40,7 @@ from hsam.errors import HSAMError
 from hsam.training import logs
 from hsam.training.augment import AugmentConfig
 from hsam.training.data import SliceStore, Volume, check_labels, load_slices, load_source_volumes
+from hsam.engines.cpu import processor
 from hsam.training.frozen import EncodedSamples, EncodedVolumes, encoder_autocast
 from hsam.training.loader import EpochBatchSampler, TrainingSlices, iterations_per_epoch
 from hsam.training.losses import LossConfig, hsam_loss
@@ -190,11 +191,17 @@ def _probe(model: torch.nn.Module, dataset: TrainingSlices, noise: float, device
     return int(stage1["low_res_logits"].shape[-1]), unused
 
 
-def _autocast(device: torch.device, amp: bool | str) -> tuple[Any, torch.amp.GradScaler | None, str]:
-    """(autocast factory, grad scaler or None, precision name). ``amp``: true (bf16 where the GPU supports it, else
-    fp16 with a grad scaler), "bf16", "fp16", or false. Only on CUDA; elsewhere fp32."""
+def _autocast(device: torch.device, amp: bool | str,
+              cpu_amp: bool | str = False) -> tuple[Any, torch.amp.GradScaler | None, str]:
+    """(autocast factory, grad scaler or None, precision name). ``amp`` (CUDA): true (bf16 where the GPU supports it,
+    else fp16 with a grad scaler), "bf16", "fp16", or false. ``cpu_amp`` (CPU): "auto" (bf16 where the processor has
+    native bf16, else fp32) or false. MPS: fp32."""
     if amp not in (True, False, "bf16", "fp16"):
         raise HSAMError(f"amp must be true, false, \"bf16\" or \"fp16\", got {amp!r}")
+    if cpu_amp not in (False, "auto"):
+        raise HSAMError(f"cpu_amp must be false or \"auto\", got {cpu_amp!r}")
+    if device.type == "cpu" and cpu_amp == "auto" and processor().native_bf16:
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None, "bf16"
     if not amp or device.type != "cuda":
         return contextlib.nullcontext, None, "fp32"
     if amp == "bf16" or (amp is True and torch.cuda.is_bf16_supported()):
@@ -309,8 +316,8 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     cache_cfg = config["encoder_cache"]
     # DDP wraps the whole network, so the decoder-only step runs in single-process runs only
     encoded: EncodedSamples | None = None
+    encoder_precision, encoder_name = encoder_autocast(device, cache_cfg["precision"])
     if cache_cfg["enabled"] and frozen_encoder and ddp.world_size == 1:
-        encoder_precision, encoder_name = encoder_autocast(device, cache_cfg["precision"])
         encoded = EncodedSamples(model, dataset, int(cache_cfg["copies"]), device, encoder_precision)
         info["encoder_cache"] = {"copies": int(cache_cfg["copies"]), "precision": encoder_name}
 
@@ -326,7 +333,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     per_epoch = iterations_per_epoch(len(dataset), batch_size, ddp.world_size)
     schedule = PaperSchedule(optimizer, optim_cfg["base_lr"], optim_cfg["warmup_iters"], epochs * per_epoch,
                              optim_cfg["poly_power"])
-    autocast, scaler, precision = _autocast(device, config["amp"])
+    autocast, scaler, precision = _autocast(device, config["amp"], config["cpu_amp"])
     loss_cfg = LossConfig.from_dict(config["loss"])
 
     fingerprint = frozen_fingerprint(model)
@@ -360,8 +367,9 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     reference = _reference_volumes(config)
     val_scorer = ref_scorer = None
     if ddp.main:  # validation and the guard run on the main process only
-        val_scorer = _scorer(model, val_volumes, encoded is not None, organs, val_batch, device, autocast)
-        ref_scorer = _scorer(model, reference, encoded is not None, organs, val_batch, device, autocast)
+        reuse = encoder_precision if encoded is not None else None
+        val_scorer = _scorer(model, val_volumes, reuse, organs, val_batch, device, autocast)
+        ref_scorer = _scorer(model, reference, reuse, organs, val_batch, device, autocast)
     if not resume and ddp.main:
         # the starting model on the held-out and reference cases: the "before" of a fine-tune
         baseline = {"val": val_scorer() if val_scorer and source_card is not None else None,
@@ -477,14 +485,16 @@ def _gather_rng(ddp: Distributed) -> list[dict[str, Any]]:
     return gathered
 
 
-def _scorer(model: torch.nn.Module, volumes: list[Volume], reuse_encoder: bool, organs: list[int], batch_size: int,
-            device: torch.device, autocast: Any) -> Callable[[], dict[str, float]] | None:
-    """A function giving the model's Dice on ``volumes`` now (None without volumes); with a frozen encoder the
-    volumes are encoded once here and every later call runs the decoders only."""
+def _scorer(model: torch.nn.Module, volumes: list[Volume], encoder_precision: Callable[[], Any] | None,
+            organs: list[int], batch_size: int, device: torch.device,
+            autocast: Any) -> Callable[[], dict[str, float]] | None:
+    """A function giving the model's Dice on ``volumes`` now (None without volumes). With a frozen encoder
+    (``encoder_precision``: the autocast of the run's encoder outputs) the volumes are encoded once here and every
+    later call runs the decoders only."""
     if not volumes:
         return None
-    if reuse_encoder:
-        encoded = EncodedVolumes(model, volumes, device)
+    if encoder_precision is not None:
+        encoded = EncodedVolumes(model, volumes, device, encoder_precision)
         return lambda: encoded.dice(model, organs, batch_size)
     return lambda: validate(model, volumes, organs, batch_size, device, autocast)
 
