@@ -47,9 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="half precision only on GPUs (default auto: bf16/fp16 on GPU, fp32 on CPU)")
     parser.add_argument("--mode", "--speed", dest="mode", default="auto",
-                        choices=["auto", "eager", "fast", "int8", "ort", "ort-int8", "compile"],
-                        help="speed mode (default auto: the fastest mode that keeps eager fp32's labels on this "
-                        "device; see benchmarks/RESULTS.md)")
+                        choices=["auto", "eager", "fast", "bf16", "int8", "ort", "ort-int8", "compile"],
+                        help="speed mode (default auto: the fastest mode that met the agreement bar with eager fp32 "
+                        "for this processor and model family, printed with the reason; see benchmarks/RESULTS.md)")
     parser.add_argument("--confidence", metavar="PATH", default=None,
                         help="also write the confidence map (uint8, 255 x max class probability)")
     parser.add_argument("--stats", metavar="CSV", default=None, help="also write per-organ volumes (ml) as CSV")

@@ -37,16 +37,19 @@ MODES: tuple[str, ...] = ("auto", "eager", "fast", "bf16", "int8", "ort", "ort-i
 CPU_ONLY = ("bf16", "int8", "ort", "ort-int8")
 GPU_AUTO: dict[str, str] = {"cuda": "fast", "mps": "fast"}  # exact rewrites; precision is the autocast choice
 # What ``auto`` runs on a CPU: the first row whose processor feature (hsam.engines.cpu.Processor) is present and whose
-# encoder family matches ("any" matches every family). Evidence: benchmarks/RESULTS.md, "Speed per processor".
+# encoder family matches ("any" matches every family). Evidence: benchmarks/RESULTS.md, "Speed per processor": on a
+# 2-core AVX-512/AMX Xeon and a 2-core AVX2 EPYC only ONNX Runtime fp32 kept the agreement bar.
 CPU_AUTO: tuple[tuple[str, str, str, str], ...] = (
     # (processor feature or "", encoder family, mode, what it measured)
-    ("native_bf16", "sam_vit", "bf16", "3.0x eager fp32 for ViT-B/512 on 2 cores, labels within the agreement bar"),
-    ("", "any", "ort", "about 1.5x eager fp32, labels identical to eager"),
+    ("", "any", "ort", "1.4x eager fp32 on 2 cores for ViT-B/512 and H-SAM-Lite, labels identical to eager"),
 )
-# Why a faster mode is not the default for a family, where the processor could run it (shown with the choice).
-CPU_MISSED: dict[tuple[str, str], str] = {
-    ("bf16", "tiny_vit"): "bf16 missed the agreement bar for TinyViT (H-SAM-Lite) models: pancreas Dice 0.964 vs fp32",
-}
+# Faster modes this processor could run that missed the agreement bar, shown with the choice: (feature, family, text).
+CPU_MISSED: tuple[tuple[str, str, str], ...] = (
+    ("native_bf16", "sam_vit", "bf16 (2.4x) missed the agreement bar for ViT-B: pancreas Dice 0.966 vs fp32"),
+    ("native_bf16", "tiny_vit", "bf16 (1.7x) missed the agreement bar for H-SAM-Lite: pancreas Dice 0.964 vs fp32"),
+    ("native_int8", "sam_vit", "ort-int8 (2.9x) missed the agreement bar for ViT-B: pancreas Dice 0.965 vs fp32"),
+    ("native_int8", "tiny_vit", "ort-int8 (1.9x) missed the agreement bar for H-SAM-Lite: pancreas Dice 0.858 vs fp32"),
+)
 # When a mode cannot run here (missing onnxruntime), ``auto`` tries the next one.
 FALLBACKS: dict[str, str] = {"ort-int8": "int8", "ort": "fast", "int8": "fast", "bf16": "fast"}
 
@@ -89,11 +92,9 @@ def _cpu_auto(family: str) -> EngineChoice:
     from hsam.engines.cpu import FEATURE_NEEDS, processor
 
     cpu = processor()
-    notes: list[str] = []
+    notes = [text for feature, fam, text in CPU_MISSED if fam == family and getattr(cpu, feature)]
     for feature, families, mode, evidence in CPU_AUTO:
         if families not in ("any", family):
-            if (mode, family) in CPU_MISSED and (not feature or getattr(cpu, feature)):
-                notes.append(CPU_MISSED[(mode, family)])
             continue
         if feature and not getattr(cpu, feature):
             notes.append(f"{mode} would need {FEATURE_NEEDS[feature]}")

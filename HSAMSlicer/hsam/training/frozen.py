@@ -98,27 +98,31 @@ class EncodedVolumes:
                                           autocast))
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, index: int, batch_size: int = 8) -> np.ndarray:
+    def predict(self, model: torch.nn.Module, index: int, batch_size: int = 8,
+                autocast: Callable[[], Any] = contextlib.nullcontext) -> np.ndarray:
         """Label volume uint8 [D,H,W] of volume ``index``: :func:`hsam.training.validate.predict_volume` from the
-        stored encoder outputs (stage-3 fusion, bilinear back to the slice size, argmax)."""
+        stored encoder outputs (stage-3 fusion, bilinear back to the slice size, argmax), decoders under
+        ``autocast`` (the training steps' precision)."""
         depth, height, width = self.volumes[index].image.shape
         out = np.zeros((depth, height, width), dtype=np.uint8)
         embeddings = self.embeddings[index]
         for start in range(0, depth, batch_size):
-            stage1, stage2 = model.decode(embeddings[start : start + batch_size])
+            with autocast():
+                stage1, stage2 = model.decode(embeddings[start : start + batch_size])
             logits = ((stage1["masks"] + stage2["masks"]) / 2).float()
             if logits.shape[-2:] != (height, width):
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
             out[start : start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
         return out
 
-    def dice(self, model: torch.nn.Module, organs: Sequence[int], batch_size: int = 8) -> dict[str, float]:
+    def dice(self, model: torch.nn.Module, organs: Sequence[int], batch_size: int = 8,
+             autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
         """As :func:`hsam.training.validate.validate`: per-organ mean Dice over the volumes where the organ is in the
         prediction or the reference, and their mean ``dice``."""
         was_training = model.training
         model.eval()
         try:
-            return mean_dice(((self.predict(model, index, batch_size), volume.label)
+            return mean_dice(((self.predict(model, index, batch_size, autocast), volume.label)
                               for index, volume in enumerate(self.volumes)), organs)
         finally:
             model.train(was_training)

@@ -495,7 +495,7 @@ def _scorer(model: torch.nn.Module, volumes: list[Volume], encoder_precision: Ca
         return None
     if encoder_precision is not None:
         encoded = EncodedVolumes(model, volumes, device, encoder_precision)
-        return lambda: encoded.dice(model, organs, batch_size)
+        return lambda: encoded.dice(model, organs, batch_size, autocast)
     return lambda: validate(model, volumes, organs, batch_size, device, autocast)
 
 
