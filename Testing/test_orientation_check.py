@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam.orientation_check import VARIANTS, better_layout, check_orientation, checked_slices, suggested_code
+from hsam.orientation_check import (
+    VARIANTS, better_layout, check_orientation, checked_slices, slice_count, suggested_code,
+)
 
 
 def side_model(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,13 +110,16 @@ def test_decisions_on_measured_copies(case):
     assert better_layout(scores, 0.01 * pixels) == case[1]
 
 
-def test_checked_slices_spread_over_the_organ_range():
+def test_checked_slices_the_strongest_organ_slice_and_the_rest_of_the_body():
+    """One slice where the as-given run found the most organ; the others in the middle of the other equal parts of
+    the body's extent, whatever the run found there (a wrong layout can put its organs at the wrong height)."""
     labels = np.zeros((400, 4, 4), dtype=np.uint8)
     labels[100:300, 0, 0] = 1
-    tissue = np.ones(400, dtype=bool)
-    chosen = checked_slices(labels, tissue)
-    assert len(chosen) == 3 and all(100 <= c < 300 for c in chosen)
-    assert chosen == sorted(chosen) and chosen[1] - chosen[0] > 50
+    labels[250, :2, :2] = 1  # the most organ
+    tissue = np.zeros(400, dtype=bool)
+    tissue[40:340] = True  # 300 slices of body: 3 parts, 40-139, 140-239, 240-339
+    assert checked_slices(labels, tissue) == [90, 190, 250]
+    assert slice_count(100) == 1 and slice_count(101) == 2 and slice_count(3) == 1 and slice_count(1000) == 3
     assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.array([0, 0, 1, 0, 0], bool)) == [2]  # no organ: tissue
     assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.zeros(5, bool)) == []
 

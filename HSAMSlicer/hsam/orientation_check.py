@@ -23,6 +23,7 @@ Cost: 3 forward passes per checked slice, one checked slice per ``SLICES_PER`` s
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -33,7 +34,7 @@ MIN_ORGAN_SHARE = 0.5
 MORE_ORGAN = 1.5
 CONFIDENCE_SLACK = 0.01
 MIN_ORGAN_FRACTION = 0.01
-SLICES_PER = 100  # one checked slice per this many slices with tissue (about 3 % of the run), 1 to MAX_SLICES
+SLICES_PER = 100  # one checked slice per this many slices with tissue, rounded up (3 passes each), 1 to MAX_SLICES
 MAX_SLICES = 3
 
 # name -> (flip rows [y], flip columns [x]) of a canonical [z, y, x] slice
@@ -58,23 +59,38 @@ class OrientationCheck:
     suggested_orientation: str | None = None  # the --orientation code that would give the model that variant
     warning: str | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time: unlike wall time, not inflated by other jobs or pauses
 
     def as_dict(self) -> dict:
         """JSON-ready record for provenance."""
         return asdict(self)
 
 
+def slice_count(body_slices: int) -> int:
+    """How many slices to check: one per ``SLICES_PER`` slices with tissue, rounded up, 1 to ``MAX_SLICES``."""
+    return int(min(MAX_SLICES, max(1, math.ceil(body_slices / SLICES_PER))))
+
+
 def checked_slices(labels: np.ndarray, tissue: np.ndarray) -> list[int]:
-    """Slices to check: evenly spread over the slices where the as-given run found organs (else over the slices
-    with tissue), one per ``SLICES_PER`` slices with tissue, at least 1 and at most ``MAX_SLICES``."""
-    total = labels.shape[0]
-    with_organs = np.flatnonzero(labels.reshape(total, -1).any(axis=1))
-    candidates = with_organs if len(with_organs) else np.flatnonzero(tissue)
-    if not len(candidates):
+    """Slices to check (``slice_count`` of them): where the as-given run found the most organ, and the middle of each
+    other equal part of the body's extent (the slices with tissue).
+
+    The first is the as-given hypothesis's best evidence: on a correctly oriented scan the model finds its organs
+    there and every other layout does worse, so the check stays silent. But on a wrong layout the model may put its
+    organs at the wrong height (on example_ct mirrored front-back they went below the real organs), so the other
+    slices are spread over the body, not over the run's organs: in-plane mirroring does not move anything along z, so
+    the layout that is right finds its organs wherever they really are in the body.
+    """
+    body = np.flatnonzero(tissue)
+    if not len(body):
         return []
-    count = int(min(MAX_SLICES, max(1, int(tissue.sum()) // SLICES_PER), len(candidates)))
-    positions = ((np.arange(count) + 0.5) / count * len(candidates)).astype(int)
-    return sorted({int(candidates[p]) for p in positions})
+    organ = (labels.reshape(labels.shape[0], -1) > 0).sum(axis=1)
+    first = int(np.argmax(organ)) if organ.any() else int(body[len(body) // 2])
+    chosen = {first}
+    for part in np.array_split(body, slice_count(len(body))):
+        if len(part) and not part[0] <= first <= part[-1]:
+            chosen.add(int(part[len(part) // 2]))
+    return sorted(chosen)
 
 
 def _score(labels: np.ndarray, confidence: np.ndarray) -> dict[str, float]:
@@ -125,7 +141,7 @@ def check_orientation(
     ``tissue``: bool per slice, True where the slice is not all air; ``orientation``: the code the scan was put in
     (None: the stored order, as in the reference protocol).
     """
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     chosen = checked_slices(labels, tissue)
     check = OrientationCheck(slices=chosen)
     if not chosen:
@@ -157,4 +173,5 @@ def check_orientation(
                 f"--orientation {check.suggested_orientation}"
             )
     check.seconds = time.perf_counter() - started
+    check.cpu_seconds = time.process_time() - cpu
     return check
