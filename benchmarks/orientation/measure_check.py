@@ -13,7 +13,9 @@ Two parts, both with the shipped code (hsam.orientation_check.check_orientation,
 
     python benchmarks/orientation/measure_check.py -o benchmarks/orientation/results.json \\
         ../shared/data/real/totalsegmentator/example_ct_sm.nii.gz ../shared/data/real/dcmqi/ct-3slice \\
-        ../shared/data/real/totalsegmentator/example_ct.nii.gz --cuts 0:90,20:112,40:112,50:112,0:100
+        ../shared/data/real/totalsegmentator/example_ct.nii.gz --cuts 0:90,0:100,20:112,30:100,40:112,50:112,60:112,70:112
+
+(``--cache FILE.npz`` keeps the per-slice predictions for a rerun with the same model and speed mode.)
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def replay_rows(image: sitk.Image, scan: str, cut: tuple[int, int], predictions:
         rows.append({"scan": scan, "cut": [low, high], "copy": copy, "slices": high - low,
                      "body_slices": int(tissue.sum()), "checked_slices": [low + s for s in check.slices],
                      "check_passes": predictions.passes, "fired": check.suspect, "scores": check.scores,
+                     "per_slice": {str(low + int(z)): v for z, v in check.per_slice.items()},
                      "organ_voxels_per_slice": (labels.reshape(len(labels), -1) > 0).sum(axis=1).tolist(),
                      "laterality": laterality.groups, "laterality_warning": laterality.warning})
     return rows
@@ -145,6 +148,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--cuts", default="", help="slice ranges LOW:HIGH replayed besides the whole scan, for scans "
                         "with at least HIGH slices (e.g. 0:90,40:112)")
+    parser.add_argument("--parts", default="live,replay", help="live (cost), replay (detection) or both; a part "
+                        "run alone replaces that part in an existing --output file and keeps the other")
     parser.add_argument("--live-copies", action="store_true", help="run every copy for real, not only the scan as given")
     parser.add_argument("--cache", type=Path, default=None, help="npz of per-slice predictions to reuse and extend "
                         "(only with the same model and speed mode; it saves predicting the four layouts again)")
@@ -155,17 +160,23 @@ def main() -> None:
     predictions = Predictions(model, card)
     if args.cache:
         predictions.load(args.cache)
+    parts = args.parts.split(",")
     out: dict[str, list] = {"live": [], "replay": []}
+    if args.output and Path(args.output).is_file():
+        kept = json.loads(Path(args.output).read_text())
+        if isinstance(kept, dict):  # (an older layout of the file, a list, is replaced)
+            out.update({part: rows for part, rows in kept.items() if part in out and part not in parts})
     for scan in args.scans:
         image, name = read_image(scan), Path(scan).name
-        for copy in COPIES if args.live_copies else ["as given"]:
+        for copy in (COPIES if args.live_copies else ["as given"]) if "live" in parts else []:
             row = live_row(image, model, card, name, copy)
             out["live"].append(row)
             print(f"live   {name:<22} {copy:<20} run {row['run_s']:6.1f} s ({row['run_cpu_s']:.1f} CPU s), check "
                   f"{row['check_s']:.2f} s ({row['check_cpu_s']:.2f} CPU s), slices {row['checked_slices']}, "
                   f"fired {row['fired']}, warnings {row['warnings']}", flush=True)
         depth = image.GetSize()[2]
-        for cut in [(0, depth)] + [c for c in parse_cuts(args.cuts) if c[1] <= depth and c != (0, depth)]:
+        cuts = [(0, depth)] + [c for c in parse_cuts(args.cuts) if c[1] <= depth and c != (0, depth)]
+        for cut in cuts if "replay" in parts else []:
             for row in replay_rows(image, name, cut, predictions, card):
                 out["replay"].append(row)
                 right = row["fired"] == (None if row["copy"] == "as given" else row["copy"])
