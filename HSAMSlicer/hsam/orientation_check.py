@@ -83,8 +83,8 @@ def first_slice(labels: np.ndarray, tissue: np.ndarray) -> int | None:
 def further_slices(tissue: np.ndarray, first: int) -> list[int]:
     """The middle of each of ``MAX_SLICES`` equal parts of the body's extent (slices with tissue) but the first's.
 
-    On a wrong layout the model may put its organs at the wrong height (on example_ct mirrored front-back or turned,
-    most of them went into the pelvis), so these slices are spread over the body, not over the run's organs: in-plane
+    On a wrong layout the model may put its organs at the wrong height (on example_ct turned 180 degrees it found the
+    most organ in the pelvis, where no layout finds much), so these slices are spread over the body, not over the run's organs: in-plane
     mirroring moves nothing along z, so the layout that is right finds its organs wherever they really are."""
     body = np.flatnonzero(tissue)
     return [int(part[len(part) // 2]) for part in np.array_split(body, MAX_SLICES)
@@ -189,8 +189,8 @@ def check_orientation(
         pooled = _pooled(per_slice)
         confident = {n for n, v in pooled.items() if n != "as given"
                      and v["mean_confidence"] >= pooled["as given"]["mean_confidence"] + CONFIDENCE_MARGIN}
-        wins = [(z, w) for z in sorted(per_slice)[::1] if z != first
-                for w in [better_layout(per_slice[z], floor)] if w in confident]
+        verdicts = {z: better_layout(per_slice[z], floor) for z in per_slice if z != first}
+        wins = [(z, w) for z, w in sorted(verdicts.items()) if w in confident]
         if wins:  # the most confident winner over all checked slices
             decided_on, best = max(wins, key=lambda zw: pooled[zw[1]]["mean_confidence"])
     check.slices = sorted(per_slice)
