@@ -3,11 +3,17 @@ model (slow): silent on the scan as given, firing on its mirrored and turned cop
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam.orientation_check import VARIANTS, better_layout, check_orientation, checked_slices, suggested_code
+from hsam.orientation_check import (
+    MIN_ORGAN_FRACTION, VARIANTS, better_layout, check_orientation, first_slice, further_slices, settled,
+    suggested_code,
+)
 
 
 def side_model(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +48,9 @@ def run(volume: np.ndarray, orientation="LPS"):
 def test_silent_when_the_scan_as_given_is_best():
     check, calls = run(scan())
     assert check.warning is None and check.suspect is None
-    assert calls == [1, 1, 1]  # 40 slices with tissue: one checked slice, three variants
+    # mirrored front-back, the stand-in's picture is the same as given, so the first slice does not settle it: two
+    # more slices, from the other thirds of the body (5-14, 15-24, 25-34), three variants each
+    assert calls == [1] * 9 and check.slices == [5, 20, 30]
     assert set(check.scores) == {"as given", *VARIANTS}
     assert check.scores["as given"]["mean_confidence"] == pytest.approx(250 / 255, abs=1e-4)
 
@@ -108,15 +116,74 @@ def test_decisions_on_measured_copies(case):
     assert better_layout(scores, 0.01 * pixels) == case[1]
 
 
-def test_checked_slices_spread_over_the_organ_range():
+def test_first_slice_is_the_strongest_organ_slice_further_ones_spread_over_the_body():
+    """The first checked slice: where the as-given run found the most organ; further ones: the middles of the other
+    thirds of the body's extent, whatever the run found there (a wrong layout can put its organs at the wrong height)."""
     labels = np.zeros((400, 4, 4), dtype=np.uint8)
     labels[100:300, 0, 0] = 1
-    tissue = np.ones(400, dtype=bool)
-    chosen = checked_slices(labels, tissue)
-    assert len(chosen) == 3 and all(100 <= c < 300 for c in chosen)
-    assert chosen == sorted(chosen) and chosen[1] - chosen[0] > 50
-    assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.array([0, 0, 1, 0, 0], bool)) == [2]  # no organ: tissue
-    assert checked_slices(np.zeros((5, 4, 4), np.uint8), np.zeros(5, bool)) == []
+    labels[250, :2, :2] = 1  # the most organ
+    tissue = np.zeros(400, dtype=bool)
+    tissue[40:340] = True  # 300 slices of body: thirds 40-139, 140-239, 240-339
+    assert first_slice(labels, tissue) == 250
+    assert further_slices(tissue, 250) == [90, 190]
+    assert first_slice(np.zeros((5, 4, 4), np.uint8), np.array([0, 0, 1, 0, 0], bool)) == 2  # no organ: tissue
+    assert first_slice(np.zeros((5, 4, 4), np.uint8), np.zeros(5, bool)) is None
+    assert further_slices(np.ones(3, bool), 0) == [1, 2]  # a 3-slice scan: every slice
+
+
+def score(voxels: int, confidence: float) -> dict:
+    return {"organ_voxels": voxels, "mean_confidence": confidence}
+
+
+def test_the_first_slice_settles_it_only_when_the_as_given_beats_every_variant():
+    given = score(2955, 0.966)
+    clear = {"as given": given, "mirrored left-right": score(78, 0.635), "mirrored front-back": score(2265, 0.887),
+             "turned 180 degrees": score(810, 0.876)}
+    assert settled(clear, 100)
+    close = dict(clear, **{"mirrored front-back": score(2265, 0.94)})  # as sure, less organ: look further
+    assert not settled(close, 100) and better_layout(close, 100) is None
+
+
+def look_further_scan() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """30 slices: the as-given run found the most organ on slice 5 (not sure of it, and the variants do as badly
+    there), while the tissue on slices 15-29 is what the model finds surely only when mirrored left-right."""
+    volume = np.full((30, 32, 32), -1000.0, dtype=np.float32)
+    volume[:, 8:24, 8:24] = 40.0
+    volume[15:, 8:24, 18:30] = 200.0  # organ "on the wrong side"
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    confidence = np.full(volume.shape, 255, dtype=np.uint8)
+    labels[5, 8:24, 8:24], confidence[5, 8:24, 8:24] = 1, 200
+    return volume, labels, confidence
+
+
+def mirror_model(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Finds the 200-HU organ at confidence 250 when it lies in the columns' first half, 150 otherwise; the 40-HU
+    tissue of slice 5 (no 200-HU organ there) as organ at confidence 200 in every layout."""
+    labels = np.zeros(slices.shape, dtype=np.uint8)
+    confidence = np.full(slices.shape, 255, dtype=np.uint8)
+    for i, image in enumerate(slices):
+        organ = image > 100
+        if organ.any():
+            left = organ[:, :16].sum() > organ[:, 16:].sum()
+            labels[i][organ], confidence[i][organ] = 1, 250 if left else 150
+        else:
+            labels[i][image > 0], confidence[i][image > 0] = 1, 200
+    return labels, confidence
+
+
+def test_looks_further_when_the_first_slice_is_not_settled():
+    volume, labels, confidence = look_further_scan()
+    calls = []
+
+    def predict(slices):
+        calls.append(len(slices))
+        return mirror_model(slices)
+
+    tissue = np.ones(len(volume), dtype=bool)
+    check = check_orientation(volume, labels, confidence, predict, "LPS", tissue)
+    assert check.slices == [5, 15, 25] and calls == [1] * 9
+    assert check.suspect == "mirrored left-right" and "on checked slice 15" in check.warning
+    assert set(check.per_slice) == {"5", "15", "25"}
 
 
 def test_suggested_codes():
@@ -220,3 +287,54 @@ def test_cancel_is_answered_during_the_check(tiny_folder):
     with pytest.raises(Cancelled, match="orientation check"):
         segment_volume(small_ct(), model, card, device="cpu", mode="eager", batch_size=4, cancel=cancel)
     assert len(polls) == 2
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "orientation" / "results.json"
+
+
+def replayed(scan: str, cut: list[int], copy: str) -> dict:
+    rows = json.loads(RESULTS.read_text())["replay"]
+    return next(r for r in rows if r["scan"] == scan and r["cut"] == cut and r["copy"] == copy)
+
+
+@pytest.mark.parametrize("copy", LAYOUTS)
+def test_example_ct_copies_measured_slice_choice_and_verdict(copy):
+    """example_ct (112 slices, pelvis to upper abdomen, organs in z 61-111) as given and mirrored or turned, with the
+    demo model's outputs recorded by benchmarks/orientation/measure_check.py. On the turned copy the run as given put
+    most of its organs into the pelvis, so the first slice settles nothing and the check must look over the body;
+    then the layout that undoes the copy wins, and the scan as given is settled on its first slice."""
+    row = replayed("example_ct.nii.gz", [0, 112], copy)
+    per_slice = np.array(row["organ_voxels_per_slice"])
+    labels = np.zeros((len(per_slice), 1, per_slice.max() + 1), dtype=np.uint8)
+    for z, count in enumerate(per_slice):
+        labels[z, 0, :count] = 1
+    tissue = np.ones(len(per_slice), dtype=bool)
+    first = first_slice(labels, tissue)
+    floor = MIN_ORGAN_FRACTION * 122 * 101
+    scores = {int(z): v for z, v in row["per_slice"].items()}
+    assert first in row["checked_slices"]
+    if copy == "as given":
+        assert settled(scores[first], floor) and row["checked_slices"] == [first] and row["fired"] is None
+    elif copy == "turned 180 degrees":
+        assert not settled(scores[first], floor) and better_layout(scores[first], floor) is None
+        assert sorted(scores) == sorted([first, *further_slices(tissue, first)])
+        assert any(better_layout(scores[z], floor) == copy and 61 <= z <= 111 for z in scores if z != first)
+        assert row["fired"] == copy
+    else:
+        assert better_layout(scores[first], floor) == copy and row["fired"] == copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, axes, code", [("mirrored front-back", (1,), "LAS"), ("turned 180 degrees", (1, 2), "RAS")])
+def test_demo_model_flags_the_example_ct_copies_the_old_choice_missed(real_data, name, axes, code):
+    """The whole example_ct (112 slices), mirrored front-back or turned under its header, run for real."""
+    from hsam.inference import segment_volume
+    from hsam.volume import read_image
+    from hsam.weights import load_named_model
+
+    model, card = load_named_model("hsam-lite-demo")
+    image = read_image(str(real_data / "totalsegmentator" / "example_ct.nii.gz"))
+    result = segment_volume(flipped(image, axes), model, card, device="cpu")
+    assert result.orientation_check["suspect"] == name, result.orientation_check
+    assert result.orientation_check["suggested_orientation"] == code
+    assert any("orientation" in w and f"--orientation {code}" in w for w in result.warnings)

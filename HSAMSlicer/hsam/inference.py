@@ -57,6 +57,7 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
     orientation: str = "LPS"  # the canonical orientation the scan was put in (the card's, or the override)
     orientation_check: dict | None = None  # hsam.orientation_check.OrientationCheck.as_dict(); None when not run
+    laterality_check: dict | None = None  # hsam.laterality_check.LateralityCheck.as_dict(); None when not run
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -273,7 +274,8 @@ def segment_volume(
         orientation: canonical orientation code for this run (e.g. ``"RPS"``) instead of the card's.
         check_orientation: run the orientation self-check (:mod:`hsam.orientation_check`); when it finds the
             model doing clearly better on mirrored or turned slices, a warning containing "orientation" is added to
-            ``warnings``; its measurements are in ``orientation_check``.
+            ``warnings``; its measurements are in ``orientation_check``. With it the final labels' sides are
+            checked in patient coordinates (:mod:`hsam.laterality_check`, no extra inference; ``laterality_check``).
     """
     started = time.perf_counter()
     image = check_volume(image, "the input volume")
@@ -376,6 +378,14 @@ def segment_volume(
         keep_largest_components(labels, channels[1:] if channels else range(1, len(names)))
     label_image = from_canonical(labels, how)
     del labels
+    laterality = None
+    if check_orientation:
+        from hsam.laterality_check import check_laterality
+
+        laterality = check_laterality(label_image, image, names)
+        if laterality.warning:
+            log.warning(laterality.warning)
+            notes.append(laterality.warning)
     confidence_image = from_canonical(confidence, how)
     return SegmentationResult(
         labels=label_image,
@@ -390,4 +400,5 @@ def segment_volume(
         warnings=notes,
         orientation=orientation,
         orientation_check=check.as_dict() if check is not None else None,
+        laterality_check=laterality.as_dict() if laterality is not None else None,
     )

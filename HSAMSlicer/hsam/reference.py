@@ -141,9 +141,17 @@ def segment_volume_reference(
     label_image.CopyInformation(image)
     confidence_image = sitk.GetImageFromArray(confidence)
     confidence_image.CopyInformation(image)
+    laterality = None
+    if check_orientation:  # sides in patient coordinates (no inference): hsam.laterality_check
+        from hsam.laterality_check import check_laterality
+
+        laterality = check_laterality(label_image, image, names)
+        if laterality.warning:
+            notes.append(laterality.warning)
     return SegmentationResult(
         labels=label_image, confidence=confidence_image, volumes_ml=organ_volumes_ml(label_image, names),
         device=str(target), seconds=time.perf_counter() - started, batch_size=size, precision="fp32",
         mode="reference", warnings=notes, orientation="stored order",
         orientation_check=check.as_dict() if check is not None else None,
+        laterality_check=laterality.as_dict() if laterality is not None else None,
     )
