@@ -46,9 +46,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def long_ct(tmp_path_factory, real_data) -> Path:
-    """The sample CT repeated to 240 slices: long enough to be interrupted part-way."""
+    """The sample CT repeated to 720 slices: long enough to be interrupted part-way even on a fast, idle machine
+    (at 240 slices a tiny model sometimes finished before the signal arrived)."""
     sample = sitk.ReadImage(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"))
-    image = sitk.GetImageFromArray(np.tile(sitk.GetArrayFromImage(sample), (8, 1, 1)))
+    image = sitk.GetImageFromArray(np.tile(sitk.GetArrayFromImage(sample), (24, 1, 1)))
     image.SetSpacing(sample.GetSpacing())
     image.SetOrigin(sample.GetOrigin())
     image.SetDirection(sample.GetDirection())
