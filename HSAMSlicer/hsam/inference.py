@@ -249,6 +249,7 @@ def segment_volume(
     cancel: Callable[[], bool] | None = None,
     status: Callable[[str], None] | None = None,
     largest_component: bool = False,
+    body_mask: bool = True,
     organs: Sequence[int | str] | None = None,
     orientation: str | None = None,
     check_orientation: bool = True,
@@ -268,6 +269,9 @@ def segment_volume(
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
         status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).
         largest_component: keep only the largest connected component of each organ.
+        body_mask: label nothing outside the patient's trunk on each slice (:mod:`hsam.body_mask`): arms, table and
+            air are background. On by default: it removed the arm false positives measured in issue 15 at no cost
+            to the organs (benchmarks/RESULTS-lite.md).
         organs: restrict the argmax to these organs (label values or names); others are never predicted.
         orientation: canonical orientation code for this run (e.g. ``"RPS"``) instead of the card's.
         check_orientation: run the orientation self-check (:mod:`hsam.orientation_check`); when it finds the
@@ -364,6 +368,13 @@ def segment_volume(
         if check.warning:
             log.warning(check.warning)
             notes.append(check.warning)
+    if body_mask:
+        from hsam.body_mask import clear_outside_trunk
+
+        sx, sy, _ = how.canonical_spacing
+        cleared = clear_outside_trunk(labels, canonical, (sy, sx))
+        if cleared:
+            log.info("body mask: %d labelled voxels outside the trunk set to background", cleared)
     del canonical
 
     if largest_component:
