@@ -96,3 +96,31 @@ def test_segment_volume_masks_arms_by_default(liver_everywhere, body_mask):
         assert result.volumes_ml["liver"] < float(trunk.sum() * 1.1) * PIXEL_MM**2 * 2.0 * 3 / 1000
     else:
         assert (labels[:, free] == 5).all()  # the old behaviour: the arm is "liver"
+
+
+def test_trunk_box_is_a_square_around_the_trunk():
+    from hsam.body_mask import trunk_box
+
+    hu, trunk, touching, free = phantom()
+    rows, cols = trunk_box(np.stack([hu, hu]), (PIXEL_MM, PIXEL_MM), margin_mm=15.0)
+    inside = np.zeros(hu.shape, bool)
+    inside[rows, cols] = True
+    assert inside[trunk].all()  # the whole trunk, with margin
+    assert not inside[free].all() and not inside[touching].all()  # the arms are (mostly) cut off
+    assert abs((rows.stop - rows.start) - (cols.stop - cols.start)) <= 1 or rows.stop == hu.shape[0] or rows.start == 0
+    assert trunk_box(np.full((2, 16, 16), -1000.0), (1.0, 1.0)) is None
+
+
+def test_crop_to_body_feeds_the_model_the_trunk_only(liver_everywhere):
+    from hsam.inference import segment_volume
+
+    model, card = liver_everywhere
+    hu, trunk, touching, free = phantom()
+    image = sitk.GetImageFromArray(np.stack([hu] * 2).astype(np.int16))
+    image.SetSpacing((PIXEL_MM, PIXEL_MM, 2.0))
+    result = segment_volume(image, model, card, device="cpu", mode="eager", check_orientation=False,
+                            body_mask=False, crop_to_body=True)
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert (labels[:, trunk] == 5).all()
+    assert (labels[:, free] == 0).mean() > 0.5  # outside the square: background even without the body mask
+    assert labels.shape == (2,) + hu.shape

@@ -51,3 +51,25 @@ def clear_outside_trunk(labels: np.ndarray, hu: np.ndarray, pixel_mm: Sequence[f
         cleared += int(outside.sum())
         labels[z][outside] = 0
     return cleared
+
+
+def trunk_box(hu: np.ndarray, pixel_mm: Sequence[float], margin_mm: float = 15.0,
+              neck_mm: float = NECK_MM) -> tuple[slice, slice] | None:
+    """(rows, cols) of a square around the trunk of the whole volume [D, H, W] plus ``margin_mm``, clipped to the
+    slice; None when no slice has tissue. Cropping to it before the resize to the model input gives the trunk the
+    same share of the 256-px input on a 500 mm scan with arms as on a tight 350 mm one (nnU-Net's idea of a target
+    spacing, applied around the body)."""
+    union = np.zeros(hu.shape[1:], dtype=bool)
+    for z in range(hu.shape[0]):
+        union |= trunk_mask_slice(hu[z], pixel_mm, neck_mm)
+    if not union.any():
+        return None
+    rows, cols = np.nonzero(union)
+    centre = ((rows.min() + rows.max()) / 2 * pixel_mm[0], (cols.min() + cols.max()) / 2 * pixel_mm[1])
+    half = max((rows.max() - rows.min()) * pixel_mm[0], (cols.max() - cols.min()) * pixel_mm[1]) / 2 + margin_mm
+    spans = []
+    for axis in range(2):
+        lo = int(np.floor((centre[axis] - half) / pixel_mm[axis]))
+        hi = int(np.ceil((centre[axis] + half) / pixel_mm[axis])) + 1
+        spans.append(slice(max(lo, 0), min(hi, hu.shape[1 + axis])))
+    return spans[0], spans[1]

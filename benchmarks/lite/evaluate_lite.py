@@ -78,15 +78,36 @@ def organ_voxels_in(prediction: np.ndarray, mask_file: Path, classes: list[str])
     return {classes[k]: int(counts[k]) for k in range(1, len(classes)) if counts[k]}
 
 
+POST = ("none", "body", "lcc", "body+lcc")  # post-processing variants scored from one inference
+
+
+def score(prediction: np.ndarray, reference: np.ndarray, scored, classes: list[str]) -> dict:
+    from hsam.evaluation.metrics import dice_per_organ
+
+    dice = dice_per_organ(prediction, reference, list(scored))
+    values = [v for v in dice.values() if not math.isnan(v)]
+    out = {"dice": {classes[k]: (None if k not in dice or math.isnan(dice[k]) else round(float(dice[k]), 4))
+                    for k in range(1, 9)},
+           "mean_dice": round(float(np.mean(values)), 4) if values else None, "recall": {}, "precision": {}}
+    for k in scored:
+        rec, prec = recall_precision(prediction, reference, k)
+        out["recall"][classes[k]] = None if rec is None else round(rec, 4)
+        out["precision"][classes[k]] = None if prec is None else round(prec, 4)
+    return out
+
+
 def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eager",
              cases: tuple[str, ...] = tuple(ALL_CASES.split(",")), stress: Path = Path("runs/stress"),
-             body_mask: bool = True, largest_component: bool = False) -> dict:
-    from hsam.evaluation.metrics import dice_per_organ
-    from hsam.inference import segment_volume
+             post: tuple[str, ...] = ("body",), crop_to_body: bool = False) -> dict:
+    """``{post variant: {case: scores}}``. One ``segment_volume`` run per case without post-processing; each
+    variant then applies the same functions segment_volume uses (body mask first, then largest component)."""
+    from hsam.body_mask import clear_outside_trunk
+    from hsam.inference import keep_largest_components, segment_volume
     from hsam.labels import remap_labels
     from hsam.volume import read_image, same_geometry
 
-    results = {}
+    classes = list(card.classes)
+    results: dict = {variant: {} for variant in post}
     for name, image_file, label_file, label_map, scored, what in CASES:
         if name not in cases:
             continue
@@ -98,24 +119,23 @@ def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eage
             raise SystemExit(f"{label_file} is not on the grid of {image_file}")
         reference = remap_labels(sitk.GetArrayFromImage(labels), label_map)
         started = time.perf_counter()
-        result = segment_volume(image, model, card, device="cpu", precision=precision, mode=mode,
-                                body_mask=body_mask, largest_component=largest_component)
+        result = segment_volume(image, model, card, device="cpu", precision=precision, mode=mode, body_mask=False,
+                                crop_to_body=crop_to_body)
         seconds = time.perf_counter() - started
-        prediction = sitk.GetArrayFromImage(result.labels)
-        dice = dice_per_organ(prediction, reference, list(scored))
-        values = [v for v in dice.values() if not math.isnan(v)]
-        results[name] = {"what": what, "slices": int(prediction.shape[0]), "seconds": round(seconds, 2),
-                         "dice": {card.classes[k]: (None if k not in dice or math.isnan(dice[k]) else
-                                                    round(float(dice[k]), 4)) for k in range(1, 9)},
-                         "mean_dice": round(float(np.mean(values)), 4) if values else None,
-                         "recall": {}, "precision": {}}
-        for k in scored:
-            rec, prec = recall_precision(prediction, reference, k)
-            results[name]["recall"][card.classes[k]] = None if rec is None else round(rec, 4)
-            results[name]["precision"][card.classes[k]] = None if prec is None else round(prec, 4)
-        if name == "stress_ct":
-            results[name]["voxels_on_arms_table"] = organ_voxels_in(
-                prediction, Path(str(label_file).replace("_label", "_added")), list(card.classes))
+        raw = sitk.GetArrayFromImage(result.labels)
+        hu = sitk.GetArrayFromImage(image)
+        for variant in post:
+            prediction = raw.copy()
+            if "body" in variant:  # axial [z, y, x] arrays: (row, col) spacing is (y, x)
+                clear_outside_trunk(prediction, hu, (image.GetSpacing()[1], image.GetSpacing()[0]))
+            if "lcc" in variant:
+                keep_largest_components(prediction, range(1, len(classes)))
+            entry = {"what": what, "slices": int(raw.shape[0]), "seconds": round(seconds, 2),
+                     **score(prediction, reference, scored, classes)}
+            if name == "stress_ct":
+                entry["voxels_on_arms_table"] = organ_voxels_in(
+                    prediction, Path(str(label_file).replace("_label", "_added")), classes)
+            results[variant][name] = entry
     return results
 
 
@@ -144,23 +164,29 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="row label in the markdown table")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--stress", type=Path, default=Path("runs/stress"), help="folder written by stress.py")
-    parser.add_argument("--no-body-mask", action="store_true", help="keep labels outside the trunk (the old default)")
-    parser.add_argument("--largest-component", action="store_true")
+    parser.add_argument("--crop-to-body", action="store_true", help="segment_volume(crop_to_body=True): slices cropped "
+                        "to a square around the trunk before the resize to the model input")
+    parser.add_argument("--post", default="body", help=f"comma-separated post-processing variants of {','.join(POST)} "
+                        "(body: the trunk mask, segment_volume's default; lcc: largest component per organ)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, card = load(args.model, args.state, args.output)
+    post = tuple(args.post.split(","))
+    if set(post) - set(POST):
+        raise SystemExit(f"--post: choose from {','.join(POST)}")
     results = evaluate(model, card, args.data, args.precision, args.mode, tuple(args.cases.split(",")), args.stress,
-                       not args.no_body_mask, args.largest_component)
+                       post, args.crop_to_body)
     label = args.label or f"{Path(args.model).name} {args.output}"
-    for metric in ("dice", "recall", "precision"):
-        print(markdown(label, results, list(card.classes), metric))
-    for name, r in results.items():
-        if "voxels_on_arms_table" in r:
-            print(f"{name}: organ voxels on the added arms/table: {r['voxels_on_arms_table']}")
+    for variant, per_case in results.items():
+        for metric in ("dice", "recall", "precision"):
+            print(markdown(f"{label} [{variant}]", per_case, list(card.classes), metric))
+        for name, r in per_case.items():
+            if "voxels_on_arms_table" in r:
+                print(f"{name} [{variant}]: organ voxels on the added arms/table: {r['voxels_on_arms_table']}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "state": args.state, "output": args.output,
-                                         "mode": args.mode, "body_mask": not args.no_body_mask,
-                                         "largest_component": args.largest_component,
+                                         "mode": args.mode, "post": list(post),
+                                         "crop_to_body": args.crop_to_body,
                                          "results": results}, indent=2) + "\n")
 
 

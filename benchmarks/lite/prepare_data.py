@@ -4,31 +4,37 @@ Why a fixed pool: H-SAM-Lite keeps LiteMedSAM's encoder frozen, and the encoder 
 With every augmented slice written once, ``hsam train`` sees identical inputs in every epoch and the TinyViT's
 embedding cache (``model.init.embedding_cache`` in the training config) computes each embedding once.
 
-Source: TotalSegmentator's test CT (``example_ct``: 122x101x112 at 3 mm, pelvis to upper abdomen) with its labels:
-``example_seg`` (TotalSegmentator ``total``) for z 82-111, where ``example_ct_sm`` is exactly ``example_ct[82:112]``,
-and ``example_seg_fast_force_split`` (``total --fast``) below. Labels are mapped to the 8 H-SAM organs.
-One patient, pseudo-labels: this is a demonstration model.
+Sources (issue 15: a model that holds up on other patients): TotalSegmentator's test CT (``example_ct``: 122x101x112
+at 3 mm, pelvis to upper abdomen) with its full label map: ``example_seg`` (``total``, 117 structures) for z 82-111,
+where ``example_ct_sm`` is exactly ``example_ct[82:112]``, and ``example_seg_fast_force_split`` (``total --fast``)
+below; and the test MR's label map (``example_seg_mr``, ``total_mr``, 20 slices), from which every copy is a
+synthetic CT: the MR image itself is never shown, its anatomy (a second patient) is. One CT patient, pseudo-labels:
+this is a demonstration model. The dcmqi CT is not used: it is the held-out unseen patient of the evaluation.
 
 Held out for early stopping: two blocks of 4 axial slices (z 68-71: kidneys, liver tip; z 96-99: spleen, pancreas,
-stomach, liver), written as two small NIfTI volumes; they are not used for training.
+stomach, liver), written as two small NIfTI volumes, and the same blocks at 512x512 / 0.98 mm with arms, a table and
+another contrast phase (``stress.py``, own seeds); they are not used for training.
 
-Augmentation (per variant, on Hounsfield units before windowing; aimed at CT of other patients and scanners):
-* framing: with p=0.2 the slice as it comes (resized to 256, as inference does with this sample); otherwise a square
-  field of view of 300-500 mm around the body centre (clinical scans are square, 350-500 mm, with air around the
-  body), shifted by up to 25 mm, body size x0.8-1.2 with independent x/y jitter of +-8 % (patient size and shape),
-  rotation +-12 deg; image cubic, labels nearest;
-* shape: with p=0.6 a smooth elastic deformation (displacement field: noise smoothed with sigma 10-16 px, up to
-  ~8 px), so organs take shapes this one patient does not have;
-* intensity: HU' = (HU - 40) * a + 40 + b with a in [0.85, 1.15], b in [-25, 25] HU (scanner calibration, contrast
-  phase); then one of: Gaussian blur sigma in [0, 0.8] px, noise sigma in [0, 18] HU (reconstruction kernel / dose),
-  or an unsharp mask (sharper kernels and the finer pixels of 512x512 scans, this sample being 3 mm); gamma in
-  [0.85, 1.2] after windowing.
+Per copy (copy 0 of a CT slice: the slice as inference sees it):
+* appearance: CT slices 35 % synthesised from the label map (``synth.synthesize``: a random CT-plausible HU per
+  structure, texture, gas or oral contrast in hollow organs, bias field, blur, lower resolution, noise), 30 % real
+  with a share of the structures moved to new mean HU (``synth.remap_structures``: other contrast phases), 35 % real;
+  MR slices always synthesised;
+* framing: with p=0.15 the slice as it comes (resized to 256); otherwise a square field of view of 280-520 mm around
+  the body centre (420-600 mm when arms are added, body size x0.7-1.0 then), shifted by up to 25 mm, body size
+  x0.8-1.2 with x/y jitter of +-8 %, rotation +-12 deg; 40 % rendered at 512 px and shrunk to 256 exactly as
+  ``segment_volume`` does (the fine pixels of 512x512 scans);
+* arms down beside the trunk (p=0.55; both with p=0.8): fat, muscle and one or two bones, touching the skin or up to
+  30 mm apart, drawn only into air and labelled background; a table (p=0.35), also background;
+* shape: with p=0.6 a smooth elastic deformation (up to ~8 px at 256);
+* intensity: HU' = (HU - 40) * a + 40 + b with a in [0.85, 1.15], b in [-25, 25] HU; then one of blur, noise or an
+  unsharp mask; gamma in [0.85, 1.2] after windowing.
 Slices with the small, rare organs (gallbladder, pancreas) get twice the copies.
 No left-right flips: they would swap the kidneys.
 
 Usage (from the repository root; writes ``runs/lite-data``)::
 
-    python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data
+    python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data15
 """
 
 from __future__ import annotations
@@ -261,6 +267,8 @@ def main() -> None:
                         "(0: leave the MR patient out)")
     parser.add_argument("--negatives-every", type=int, default=4, help="keep every N-th organ-free pelvic slice")
     parser.add_argument("--negative-variants", type=int, default=4)
+    parser.add_argument("--list-every", type=int, default=4, help="train.txt lists copies 0, N, 2N, ... of each slice "
+                        "(all copies: train_all.txt); 4 quarters the frozen encoder's CPU time, as issue 15's run did")
     parser.add_argument("--seed", type=int, default=2345)
     args = parser.parse_args()
 
@@ -274,6 +282,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     names: list[str] = []
     counts: dict[str, int] = {}
+    listed: list[str] = []
     for src in sources:
         labels = src.hsam_labels(src.full)
         organ_slices = [z for z in range(len(labels)) if labels[z].any()]
@@ -291,7 +300,10 @@ def main() -> None:
                 name = f"{src.name}{v}_slice{z:03d}"  # one "case" per variant; slice names stay Synapse-style
                 atomic_savez(out_train / f"{name}.npz", image=image, label=lab)
                 names.append(name)
-    (args.out / "train.txt").write_text("\n".join(names) + "\n")
+                if v % args.list_every == 0:
+                    listed.append(name)
+    (args.out / "train_all.txt").write_text("\n".join(names) + "\n")
+    (args.out / "train.txt").write_text("\n".join(listed) + "\n")
 
     from stress import stress_volume
 
@@ -308,7 +320,8 @@ def main() -> None:
         write_volume(image, spacing, args.out / "val" / f"heldout{i}_arms_image.nii.gz")
         write_volume(label, spacing, args.out / "val" / f"heldout{i}_arms_label.nii.gz")
     organ_voxels = {int(k): int((labels[sorted(held)] == k).sum()) for k in range(1, 9)}
-    summary = {"train_samples": len(names), **counts, "held_out_z": sorted(held), "held_out_organ_voxels": organ_voxels,
+    summary = {"written_samples": len(names), "train_samples": len(listed), **counts, "held_out_z": sorted(held),
+               "held_out_organ_voxels": organ_voxels,
                "window": WINDOW, "size": SIZE, "seed": args.seed, "variants": args.variants,
                "mr_variants": args.mr_variants}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
