@@ -180,7 +180,6 @@ def variant(src: Source, z: int, rng: np.random.Generator, augment: bool) -> tup
         hu = synth.remap_structures(hu, full, src.names, rng)
     if rng.random() < 0.15:
         image, lab = plain(hu, full)
-        mm = src.spacing * max(hu.shape) / SIZE
     else:
         arms = rng.random() < 0.55  # arms down beside the trunk need a wide field of view, as on such scans
         image, lab, mm = reframe(hu, full, src.spacing, rng, src.centre, size=512 if rng.random() < 0.4 else SIZE,
