@@ -251,6 +251,8 @@ def segment_volume(
     cancel: Callable[[], bool] | None = None,
     status: Callable[[str], None] | None = None,
     largest_component: bool = False,
+    body_mask: bool = True,
+    crop_to_body: bool = False,
     organs: Sequence[int | str] | None = None,
     orientation: str | None = None,
     check_orientation: bool = True,
@@ -270,6 +272,12 @@ def segment_volume(
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
         status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).
         largest_component: keep only the largest connected component of each organ.
+        body_mask: label nothing outside the patient's trunk on each slice (:mod:`hsam.body_mask`): arms, table and
+            air are background. On by default: it removed the arm false positives measured in issue 15 at no cost
+            to the organs (benchmarks/RESULTS-lite.md).
+        crop_to_body: before the resize to the model input, crop every slice to one square around the volume's
+            trunk (:func:`hsam.body_mask.trunk_box`), so that a wide field of view (arms, table, air) does not shrink
+            the organs in the input; outside the square is background.
         organs: restrict the argmax to these organs (label values or names); others are never predicted.
         orientation: canonical orientation code for this run (e.g. ``"RPS"``) instead of the card's.
         check_orientation: run the orientation self-check (:mod:`hsam.orientation_check`); when it finds the
@@ -309,8 +317,15 @@ def segment_volume(
             "results on MR or pre-normalised images are unreliable"
         )
     total = canonical.shape[0]
-    labels = np.zeros(canonical.shape, dtype=np.uint8)
-    confidence = np.zeros(canonical.shape, dtype=np.uint8)
+    box = None
+    if crop_to_body:
+        from hsam.body_mask import trunk_box
+
+        sx, sy, _ = how.canonical_spacing
+        box = trunk_box(canonical, (sy, sx))
+    work = canonical if box is None else np.ascontiguousarray(canonical[:, box[0], box[1]])
+    labels = np.zeros(work.shape, dtype=np.uint8)
+    confidence = np.zeros(work.shape, dtype=np.uint8)
 
     model.eval()
     try:
@@ -340,7 +355,7 @@ def segment_volume(
             engine_device = target
         try:
             batch_labels, batch_confidence = predict_slices_skipping_air(
-                model, canonical[done:stop], window_hu, target, dtype, channels, predictor, air_cache
+                model, work[done:stop], window_hu, target, dtype, channels, predictor, air_cache
             )
         except Exception as error:  # noqa: BLE001 (only out-of-memory is handled; everything else re-raised)
             if not _is_oom(error) or target.type == "cpu":
@@ -367,11 +382,25 @@ def segment_volume(
                 raise Cancelled(f"cancelled during the orientation check after {total} slices")
             return predict_slices(model, slices, window_hu, target, dtype, channels, predictor)
 
-        tissue = (canonical.reshape(total, -1) > float(window_hu[0])).any(axis=1)
-        check = run_check(canonical, labels, confidence, predict_checked, orientation, tissue)
+        tissue = (work.reshape(total, -1) > float(window_hu[0])).any(axis=1)
+        check = run_check(work, labels, confidence, predict_checked, orientation, tissue)
         if check.warning:
             log.warning(check.warning)
             notes.append(check.warning)
+    del work
+    if box is not None:  # back onto the whole slice: outside the square is background, with full confidence
+        labels, cropped = np.zeros(canonical.shape, dtype=np.uint8), labels
+        labels[:, box[0], box[1]] = cropped
+        confidence, cropped = np.full(canonical.shape, 255, dtype=np.uint8), confidence
+        confidence[:, box[0], box[1]] = cropped
+        del cropped
+    if body_mask:
+        from hsam.body_mask import clear_outside_trunk
+
+        sx, sy, _ = how.canonical_spacing
+        cleared = clear_outside_trunk(labels, canonical, (sy, sx))
+        if cleared:
+            log.info("body mask: %d labelled voxels outside the trunk set to background", cleared)
     del canonical
 
     if largest_component:

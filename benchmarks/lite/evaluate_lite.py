@@ -4,7 +4,10 @@ Each volume goes through :func:`hsam.inference.segment_volume` (reorientation, t
 back, argmax); Dice is computed per organ on the whole 3-D volume against the TotalSegmentator pseudo-labels mapped to
 the H-SAM organs (``nan``: organ absent from both). ``dcmqi_liver`` is a patient no model here was trained on
 (dcmqi's 3-slice GE CT at the liver dome, 512x512, 0.81 mm, with a manual liver segmentation): only the liver is
-labelled there, so only the liver is scored.
+labelled there, so only the liver is scored. ``stress_ct`` is the training patient re-framed as the hidden patient of
+issue 15 (512x512, 0.98 mm, arms down, table, arterial aorta, water-filled stomach; ``benchmarks/lite/stress.py``
+writes it): robustness to framing and contrast, not generalisation. Recall (share of the reference found) and
+precision (share of the prediction that is right) are reported next to Dice: under- and over-segmentation differ.
 
 ``--output stage1`` replaces the stage-3 fusion by the stage-1 decoder alone (the SAMed-style ablation);
 ``--state`` loads the trainable tensors of a training checkpoint (``checkpoints/last.pt`` or ``epoch_N.pt``) into the
@@ -35,6 +38,8 @@ CASES = (
      range(1, 9), "MR: another modality (domain shift)"),
     ("dcmqi_liver", "dcmqi/ct-3slice", "dcmqi/liver_seg.nrrd", {1: 5}, (5,),
      "unseen patient: 3 CT slices at the liver dome, 512x512, manual liver label"),
+    ("stress_ct", "STRESS/stress_ct_image.nii.gz", "STRESS/stress_ct_label.nii.gz", {k: k for k in range(1, 9)},
+     range(1, 9), "training patient at 512x512 / 0.98 mm with arms, table, another contrast phase (stress.py)"),
 )
 ALL_CASES = ",".join(case[0] for case in CASES)
 
@@ -60,40 +65,89 @@ def load(model_dir: str, state: str | None, output: str):
     return model, card
 
 
-def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eager",
-             cases: tuple[str, ...] = tuple(ALL_CASES.split(","))) -> dict:
+def recall_precision(prediction: np.ndarray, reference: np.ndarray, organ: int) -> tuple[float | None, float | None]:
+    p, r = prediction == organ, reference == organ
+    hit = float(np.logical_and(p, r).sum())
+    return (hit / r.sum() if r.any() else None), (hit / p.sum() if p.any() else None)
+
+
+def organ_voxels_in(prediction: np.ndarray, mask_file: Path, classes: list[str]) -> dict[str, int]:
+    """Predicted organ voxels inside the stress case's added arms and table, per organ (all should be 0)."""
+    added = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_file))).astype(bool)
+    counts = np.bincount(prediction[added], minlength=len(classes))
+    return {classes[k]: int(counts[k]) for k in range(1, len(classes)) if counts[k]}
+
+
+POST = ("none", "body", "lcc", "body+lcc")  # post-processing variants scored from one inference
+
+
+def score(prediction: np.ndarray, reference: np.ndarray, scored, classes: list[str]) -> dict:
     from hsam.evaluation.metrics import dice_per_organ
-    from hsam.inference import segment_volume
+
+    dice = dice_per_organ(prediction, reference, list(scored))
+    values = [v for v in dice.values() if not math.isnan(v)]
+    out = {"dice": {classes[k]: (None if k not in dice or math.isnan(dice[k]) else round(float(dice[k]), 4))
+                    for k in range(1, 9)},
+           "mean_dice": round(float(np.mean(values)), 4) if values else None, "recall": {}, "precision": {}}
+    for k in scored:
+        rec, prec = recall_precision(prediction, reference, k)
+        out["recall"][classes[k]] = None if rec is None else round(rec, 4)
+        out["precision"][classes[k]] = None if prec is None else round(prec, 4)
+    return out
+
+
+def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eager",
+             cases: tuple[str, ...] = tuple(ALL_CASES.split(",")), stress: Path = Path("runs/stress"),
+             post: tuple[str, ...] = ("body",), crop_to_body: bool = False) -> dict:
+    """``{post variant: {case: scores}}``. One ``segment_volume`` run per case without post-processing; each
+    variant then applies the same functions segment_volume uses (body mask first, then largest component)."""
+    from hsam.body_mask import clear_outside_trunk
+    from hsam.inference import keep_largest_components, segment_volume
     from hsam.labels import remap_labels
     from hsam.volume import read_image, same_geometry
 
-    results = {}
+    classes = list(card.classes)
+    results: dict = {variant: {} for variant in post}
     for name, image_file, label_file, label_map, scored, what in CASES:
         if name not in cases:
             continue
-        image = read_image(data / image_file)
-        labels = sitk.ReadImage(str(data / label_file))
+        image_file, label_file = (Path(str(f).replace("STRESS", str(stress))) if f.startswith("STRESS") else
+                                  data / f for f in (image_file, label_file))
+        image = read_image(image_file)
+        labels = sitk.ReadImage(str(label_file))
         if not same_geometry(image, labels, tolerance=1e-3):
             raise SystemExit(f"{label_file} is not on the grid of {image_file}")
         reference = remap_labels(sitk.GetArrayFromImage(labels), label_map)
         started = time.perf_counter()
-        result = segment_volume(image, model, card, device="cpu", precision=precision, mode=mode)
+        result = segment_volume(image, model, card, device="cpu", precision=precision, mode=mode, body_mask=False,
+                                crop_to_body=crop_to_body)
         seconds = time.perf_counter() - started
-        prediction = sitk.GetArrayFromImage(result.labels)
-        dice = dice_per_organ(prediction, reference, list(scored))
-        values = [v for v in dice.values() if not math.isnan(v)]
-        results[name] = {"what": what, "slices": int(prediction.shape[0]), "seconds": round(seconds, 2),
-                         "dice": {card.classes[k]: (None if k not in dice or math.isnan(dice[k]) else
-                                                    round(float(dice[k]), 4)) for k in range(1, 9)},
-                         "mean_dice": round(float(np.mean(values)), 4) if values else None}
+        raw = sitk.GetArrayFromImage(result.labels)
+        hu = sitk.GetArrayFromImage(image)
+        for variant in post:
+            prediction = raw.copy()
+            if "body" in variant:  # axial [z, y, x] arrays: (row, col) spacing is (y, x)
+                clear_outside_trunk(prediction, hu, (image.GetSpacing()[1], image.GetSpacing()[0]))
+            if "lcc" in variant:
+                keep_largest_components(prediction, range(1, len(classes)))
+            entry = {"what": what, "slices": int(raw.shape[0]), "seconds": round(seconds, 2),
+                     **score(prediction, reference, scored, classes)}
+            if name == "stress_ct":
+                entry["voxels_on_arms_table"] = organ_voxels_in(
+                    prediction, Path(str(label_file).replace("_label", "_added")), classes)
+            results[variant][name] = entry
     return results
 
 
-def markdown(label: str, results: dict, classes: list[str]) -> str:
+def markdown(label: str, results: dict, classes: list[str], metric: str = "dice") -> str:
+    """Table rows of one metric (dice, recall or precision) per case; the mean is over the organs scored."""
     lines = []
     for name, r in results.items():
-        cells = " | ".join("—" if r["dice"][c] is None else f"{r['dice'][c]:.3f}" for c in classes[1:])
-        lines.append(f"| {label} | {name} | {cells} | {r['mean_dice']:.3f} |")
+        values = r[metric]
+        cells = " | ".join("—" if values.get(c) is None else f"{values[c]:.3f}" for c in classes[1:])
+        scored = [v for v in values.values() if v is not None]
+        mean = f"{np.mean(scored):.3f}" if scored else "—"
+        lines.append(f"| {label} | {name} | {metric} | {cells} | {mean} |")
     return "\n".join(lines)
 
 
@@ -109,15 +163,30 @@ def main() -> None:
     parser.add_argument("--cases", default=ALL_CASES, help=f"comma-separated subset of {ALL_CASES}")
     parser.add_argument("--label", default=None, help="row label in the markdown table")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--stress", type=Path, default=Path("runs/stress"), help="folder written by stress.py")
+    parser.add_argument("--crop-to-body", action="store_true", help="segment_volume(crop_to_body=True): slices cropped "
+                        "to a square around the trunk before the resize to the model input")
+    parser.add_argument("--post", default="body", help=f"comma-separated post-processing variants of {','.join(POST)} "
+                        "(body: the trunk mask, segment_volume's default; lcc: largest component per organ)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, card = load(args.model, args.state, args.output)
-    results = evaluate(model, card, args.data, args.precision, args.mode, tuple(args.cases.split(",")))
+    post = tuple(args.post.split(","))
+    if set(post) - set(POST):
+        raise SystemExit(f"--post: choose from {','.join(POST)}")
+    results = evaluate(model, card, args.data, args.precision, args.mode, tuple(args.cases.split(",")), args.stress,
+                       post, args.crop_to_body)
     label = args.label or f"{Path(args.model).name} {args.output}"
-    print(markdown(label, results, list(card.classes)))
+    for variant, per_case in results.items():
+        for metric in ("dice", "recall", "precision"):
+            print(markdown(f"{label} [{variant}]", per_case, list(card.classes), metric))
+        for name, r in per_case.items():
+            if "voxels_on_arms_table" in r:
+                print(f"{name} [{variant}]: organ voxels on the added arms/table: {r['voxels_on_arms_table']}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "state": args.state, "output": args.output,
-                                         "mode": args.mode,
+                                         "mode": args.mode, "post": list(post),
+                                         "crop_to_body": args.crop_to_body,
                                          "results": results}, indent=2) + "\n")
 
 

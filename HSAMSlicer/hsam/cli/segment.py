@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlay", metavar="PNG", default=None, help="also write a PNG of labels on a few axial slices")
     parser.add_argument("--largest-component", action="store_true",
                         help="keep only the largest connected component of each organ")
+    parser.add_argument("--no-body-mask", action="store_true",
+                        help="also keep labels outside the patient's trunk (by default arms, table and air are "
+                        "background)")
     parser.add_argument("--organs", default=None,
                         help="comma-separated organ names or label values to segment (default: all)")
     parser.add_argument("--allow-non-ct", action="store_true",
@@ -108,7 +111,8 @@ def _segment(image, model, card, args: argparse.Namespace, organs, progress=None
 
     return segment_volume(image, model, card, device=args.device, batch_size=args.batch_size,
                           precision=args.precision, mode=args.mode, progress=progress,
-                          status=status, largest_component=args.largest_component, organs=organs,
+                          status=status, largest_component=args.largest_component,
+                          body_mask=not args.no_body_mask, organs=organs,
                           orientation=args.orientation)
 
 
