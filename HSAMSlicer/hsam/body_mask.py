@@ -3,11 +3,12 @@
 Why: on a scan with the arms down beside the body, the first demo model called the right arm "liver" and the left
 arm "spleen". None of the 8 abdominal organs lies outside the trunk, so labels there are always false positives.
 
-Per slice: tissue = voxels above -500 HU with holes filled (lungs, bowel gas); eroded by ``neck_mm`` (distance
-transform, physical pixel size), which cuts the narrow skin contact where an arm rests on the body; the largest
-eroded part is the trunk; it is grown back by the same distance inside the tissue. An arm that touches the trunk
-along more than about 2 x ``neck_mm`` stays attached (and is then not masked). Input that is not CT in HU (MR, images
-scaled to [0, 1]) is almost all above -500, so the mask is the whole slice and changes nothing.
+Per slice: tissue = voxels above -500 HU (or the model's window floor, :func:`tissue_threshold`) with holes filled
+(lungs, bowel gas); eroded by ``neck_mm`` (distance transform, physical pixel size), which cuts the narrow skin
+contact where an arm rests on the body; the largest eroded part is the trunk; it is grown back by the same distance
+inside the tissue. An arm that touches the trunk along more than about 2 x ``neck_mm`` stays attached (and is then
+not masked). Input that is not CT in HU (MR, images scaled to [0, 1]) is almost all above the threshold, so the mask
+is the whole slice and changes nothing.
 """
 
 from __future__ import annotations
