@@ -319,10 +319,10 @@ def segment_volume(
     total = canonical.shape[0]
     box = None
     if crop_to_body:
-        from hsam.body_mask import trunk_box
+        from hsam.body_mask import tissue_threshold, trunk_box
 
         sx, sy, _ = how.canonical_spacing
-        box = trunk_box(canonical, (sy, sx))
+        box = trunk_box(canonical, (sy, sx), tissue_hu=tissue_threshold(window_hu[0]))
     work = canonical if box is None else np.ascontiguousarray(canonical[:, box[0], box[1]])
     labels = np.zeros(work.shape, dtype=np.uint8)
     confidence = np.zeros(work.shape, dtype=np.uint8)
@@ -395,10 +395,10 @@ def segment_volume(
         confidence[:, box[0], box[1]] = cropped
         del cropped
     if body_mask:
-        from hsam.body_mask import clear_outside_trunk
+        from hsam.body_mask import clear_outside_trunk, tissue_threshold
 
         sx, sy, _ = how.canonical_spacing
-        cleared = clear_outside_trunk(labels, canonical, (sy, sx))
+        cleared = clear_outside_trunk(labels, canonical, (sy, sx), tissue_hu=tissue_threshold(window_hu[0]))
         if cleared:
             log.info("body mask: %d labelled voxels outside the trunk set to background", cleared)
     del canonical

@@ -101,7 +101,7 @@ def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eage
              post: tuple[str, ...] = ("body",), crop_to_body: bool = False) -> dict:
     """``{post variant: {case: scores}}``. One ``segment_volume`` run per case without post-processing; each
     variant then applies the same functions segment_volume uses (body mask first, then largest component)."""
-    from hsam.body_mask import clear_outside_trunk
+    from hsam.body_mask import clear_outside_trunk, tissue_threshold
     from hsam.inference import keep_largest_components, segment_volume
     from hsam.labels import remap_labels
     from hsam.volume import read_image, same_geometry
@@ -127,7 +127,8 @@ def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eage
         for variant in post:
             prediction = raw.copy()
             if "body" in variant:  # axial [z, y, x] arrays: (row, col) spacing is (y, x)
-                clear_outside_trunk(prediction, hu, (image.GetSpacing()[1], image.GetSpacing()[0]))
+                clear_outside_trunk(prediction, hu, (image.GetSpacing()[1], image.GetSpacing()[0]),
+                                    tissue_hu=tissue_threshold(card.window[0]))
             if "lcc" in variant:
                 keep_largest_components(prediction, range(1, len(classes)))
             entry = {"what": what, "slices": int(raw.shape[0]), "seconds": round(seconds, 2),
