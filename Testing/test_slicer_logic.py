@@ -274,6 +274,9 @@ def test_whole_path_with_the_tiny_model_on_the_real_ct(app, ct_path, tiny_model)
     assert segmentation.GetAttribute("HSAMSlicer.ModelName") == "hsam-tiny-test"
     card_sha = (tiny_model / "model.json").read_text()
     assert segmentation.GetAttribute("HSAMSlicer.ModelSHA256") in card_sha
+    # which engine the child ran and why (processor, evidence) is kept with the result
+    assert segmentation.GetAttribute("HSAMSlicer.Engine") in ("ort", "fast")
+    assert segmentation.GetAttribute("HSAMSlicer.Engine") + "," in segmentation.GetAttribute("HSAMSlicer.EngineReason")
     # the segments hold exactly the network's labels, on the CT grid
     prediction = slicer.util.arrayFromVolume(segmentation.GetNodeReference(ROLE_PREDICTION))
     assert prediction.shape == slicer.util.arrayFromVolume(volume).shape
