@@ -267,7 +267,8 @@ def segment_volume(
         batch_size: slices per forward pass (default 8 on CUDA, 4 on MPS, 2 on CPU).
         precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs).
         mode: speed mode (:mod:`hsam.engines.modes`): ``"auto"`` (the measured fastest mode meeting the agreement bar
-            for the device), ``"eager"``, ``"fast"``, ``"int8"``, ``"ort"``, ``"ort-int8"``, ``"compile"``.
+            for the device, processor and encoder family), ``"eager"``, ``"fast"``, ``"bf16"``, ``"int8"``, ``"ort"``,
+            ``"ort-int8"``, ``"compile"``.
         progress: called as ``progress(k, n)`` with k slices of n done (first with k = 0).
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
         status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).

@@ -50,8 +50,6 @@ CPU_MISSED: tuple[tuple[str, str, str], ...] = (
     ("native_int8", "sam_vit", "ort-int8 (2.9x) missed the agreement bar for ViT-B: pancreas Dice 0.965 vs fp32"),
     ("native_int8", "tiny_vit", "ort-int8 (1.9x) missed the agreement bar for H-SAM-Lite: pancreas Dice 0.858 vs fp32"),
 )
-# When a mode cannot run here (missing onnxruntime), ``auto`` tries the next one.
-FALLBACKS: dict[str, str] = {"ort-int8": "int8", "ort": "fast", "int8": "fast", "bf16": "fast"}
 
 Predictor = Callable[[Tensor], Tensor]  # images [B,3,S,S] in [0,1] -> fused logits [B,K,S,S]
 

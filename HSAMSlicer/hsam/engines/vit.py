@@ -12,7 +12,8 @@ Two exact rewrites of ``segment_anything``'s ``Block``/``Attention`` (images -> 
   blocked (flash) CPU kernel does logits, softmax and the weighted sum in cache: 1.6x (global) to 1.9x (windowed)
   faster attention on one core, same result to 2e-6.
 
-:func:`fast_encoder` swaps the blocks of a (LoRA-merged) encoder in place; parameters are shared, not copied.
+:class:`FastEncoder` wraps the blocks of a (LoRA-merged) encoder, which is left untouched; parameters are shared, not
+copied.
 """
 
 from __future__ import annotations
