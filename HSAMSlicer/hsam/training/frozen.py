@@ -18,13 +18,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hsam.engines.cpu import processor
 from hsam.training.augment import resize_image
 from hsam.training.data import Volume
 from hsam.training.loader import TrainingSlices
-from hsam.training.validate import mean_dice
+from hsam.training.validate import labels_by_batch, mean_dice
 
 
 def encoder_autocast(device: torch.device, precision: str) -> tuple[Callable[[], Any], str]:
@@ -103,17 +102,14 @@ class EncodedVolumes:
         """Label volume uint8 [D,H,W] of volume ``index``: :func:`hsam.training.validate.predict_volume` from the
         stored encoder outputs (stage-3 fusion, bilinear back to the slice size, argmax), decoders under
         ``autocast`` (the training steps' precision)."""
-        depth, height, width = self.volumes[index].image.shape
-        out = np.zeros((depth, height, width), dtype=np.uint8)
         embeddings = self.embeddings[index]
-        for start in range(0, depth, batch_size):
+
+        def logits_of(start: int, stop: int) -> torch.Tensor:
             with autocast():
-                stage1, stage2 = model.decode(embeddings[start : start + batch_size])
-            logits = ((stage1["masks"] + stage2["masks"]) / 2).float()
-            if logits.shape[-2:] != (height, width):
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            out[start : start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-        return out
+                stage1, stage2 = model.decode(embeddings[start:stop])
+            return (stage1["masks"] + stage2["masks"]) / 2
+
+        return labels_by_batch(self.volumes[index].image.shape, batch_size, logits_of)
 
     def dice(self, model: torch.nn.Module, organs: Sequence[int], batch_size: int = 8,
              autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:

@@ -15,24 +15,34 @@ from hsam.training.augment import resize_image
 from hsam.training.data import Volume
 
 
+def labels_by_batch(shape: tuple[int, int, int], batch_size: int,
+                    logits_of: Callable[[int, int], torch.Tensor]) -> np.ndarray:
+    """Label volume uint8 [D, H, W]: ``logits_of(start, stop)`` gives the stage-3 logits [b,K,S,S] of slices
+    start..stop-1, resized back (bilinear) to H x W when S differs, then argmax."""
+    depth, height, width = shape
+    out = np.zeros(shape, dtype=np.uint8)
+    for start in range(0, depth, batch_size):
+        logits = logits_of(start, min(depth, start + batch_size)).float()
+        if logits.shape[-2:] != (height, width):
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        out[start : start + len(logits)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+    return out
+
+
 @torch.no_grad()
 def predict_volume(model: torch.nn.Module, image: np.ndarray, batch_size: int = 8,
                    device: torch.device | str = "cpu", autocast: Callable[[], Any] | None = None) -> np.ndarray:
     """Label volume uint8 [D, H, W] for a canonical image [D, H, W] in [0, 1]: each slice cubic-resized to the
     model input, stage-3 logits resized back (bilinear) to the slice, argmax. ``model`` must be in eval mode."""
     size = model.img_size
-    depth, height, width = image.shape
-    out = np.zeros((depth, height, width), dtype=np.uint8)
-    for start in range(0, depth, batch_size):
-        chunk = np.stack([resize_image(s, size) for s in image[start : start + batch_size]])
+
+    def logits_of(start: int, stop: int) -> torch.Tensor:
+        chunk = np.stack([resize_image(s, size) for s in image[start:stop]])
         batch = torch.from_numpy(chunk)[:, None].expand(-1, 3, -1, -1).to(device)
         with (autocast or contextlib.nullcontext)():
-            logits = model.predict(batch)
-        logits = logits.float()
-        if (height, width) != (size, size):
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        out[start : start + len(chunk)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-    return out
+            return model.predict(batch)
+
+    return labels_by_batch(image.shape, batch_size, logits_of)
 
 
 def validate(model: torch.nn.Module, volumes: Sequence[Volume], organs: Sequence[int], batch_size: int = 8,
