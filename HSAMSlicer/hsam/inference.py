@@ -318,12 +318,13 @@ def segment_volume(
             "results on MR or pre-normalised images are unreliable"
         )
     total = canonical.shape[0]
+    from hsam.body_mask import clear_outside_trunk, tissue_threshold, trunk_box
+
+    sx, sy, _ = how.canonical_spacing
+    pixel_mm, tissue_hu = (sy, sx), tissue_threshold(window_hu[0])  # how the trunk mask tells the trunk on a slice
     box = None
     if crop_to_body:
-        from hsam.body_mask import tissue_threshold, trunk_box
-
-        sx, sy, _ = how.canonical_spacing
-        box = trunk_box(canonical, (sy, sx), tissue_hu=tissue_threshold(window_hu[0]))
+        box = trunk_box(canonical, pixel_mm, tissue_hu=tissue_hu)
     work = canonical if box is None else np.ascontiguousarray(canonical[:, box[0], box[1]])
     labels = np.zeros(work.shape, dtype=np.uint8)
     confidence = np.zeros(work.shape, dtype=np.uint8)
@@ -396,10 +397,7 @@ def segment_volume(
         confidence[:, box[0], box[1]] = cropped
         del cropped
     if body_mask:
-        from hsam.body_mask import clear_outside_trunk, tissue_threshold
-
-        sx, sy, _ = how.canonical_spacing
-        cleared = clear_outside_trunk(labels, canonical, (sy, sx), tissue_hu=tissue_threshold(window_hu[0]))
+        cleared = clear_outside_trunk(labels, canonical, pixel_mm, tissue_hu=tissue_hu)
         if cleared:
             log.info("body mask: %d labelled voxels outside the trunk set to background", cleared)
     del canonical
