@@ -69,3 +69,38 @@ def test_resume_refuses_a_changed_config(tmp_path, real_data):
     with pytest.raises(HSAMError, match="nothing to resume"):
         train(load_training_config(path, [f"output_dir={json.dumps(str(tmp_path / 'none'))}"]), resume=True,
               progress=False, register=False)
+
+
+def test_resume_a_run_saved_before_newer_keys_and_heads(tmp_path, real_data):
+    """A run saved by an older version resumes: its config lacks keys added since (they take the defaults that keep
+    the old behaviour), and its frozen fingerprint lists a head the model no longer builds. Other base weights are
+    still refused."""
+    path = _config_file(tmp_path, real_data)
+    out = json.dumps(str(tmp_path / "run"))
+    config = load_training_config(path, [f"output_dir={out}", "epochs=2"])
+    train(config, stop_after_epoch=1, progress=False, register=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_state(last)
+    name = next(iter(state["frozen_fingerprint"]))
+    state["frozen_fingerprint"][name] += 1e-3
+    torch.save(state, last)
+    with pytest.raises(HSAMError, match="frozen base weights differ"):
+        train(config, resume=True, progress=False, register=False)
+
+    state["frozen_fingerprint"][name] -= 1e-3
+    state["frozen_fingerprint"]["mask_decoder.head_dropped_since.weight"] = 1.5
+    saved = json.loads(state["config"])
+    del saved["cpu_amp"], saved["encoder_cache"]
+    state["config"] = json.dumps(saved)
+    torch.save(state, last)
+    resumed = train(config, resume=True, progress=False, register=False)
+    assert resumed.finished and len(resumed.history) == 2
+
+
+def test_same_frozen_base_ignores_summation_order_only():
+    from hsam.training.state import same_frozen_base
+
+    saved = {"a": 5.662278802409758, "b": -2.0, "old_head": 1.0}
+    assert same_frozen_base(saved, {"a": 5.6622788024097614, "b": -2.0})
+    assert not same_frozen_base(saved, {"a": 5.6623, "b": -2.0})
+    assert not same_frozen_base(saved, {"a": 5.662278802409758, "b": -2.0, "new": 0.0})

@@ -191,6 +191,12 @@ def load_training_config(name_or_path: str | Path | Mapping[str, Any] | None,
     return config
 
 
+def with_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config saved by an older version, with the keys added since at their defaults: a key is added with the
+    default that keeps the old behaviour, so an older run resumes under the config it actually ran with."""
+    return _merge(DEFAULTS, saved, strict=False)
+
+
 def validate(config: Mapping[str, Any]) -> None:
     """Range checks that do not need data or torch."""
     if not isinstance(config["epochs"], int) or config["epochs"] < 1:

@@ -6,6 +6,7 @@ lists and dicts are stored (RNG states converted accordingly), so loading never 
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,14 @@ def frozen_fingerprint(model: torch.nn.Module) -> dict[str, float]:
             data = p.detach().double()
             out[name] = float(data.sum()) + 1e-3 * float((data * data).sum())
     return out
+
+
+def same_frozen_base(saved: dict[str, float], current: dict[str, float], rel_tol: float = 1e-9) -> bool:
+    """Whether ``current`` (:func:`frozen_fingerprint` of the model now) matches the run's ``saved`` one. Every frozen
+    tensor of the model must be in the run with the same signature up to summation order; a frozen tensor the run had
+    and the model no longer builds (an unused head dropped since) does not matter to training."""
+    return all(name in saved and math.isclose(saved[name], value, rel_tol=rel_tol, abs_tol=1e-12)
+               for name, value in current.items())
 
 
 def save_state(path: Path, state: dict[str, Any]) -> Path:

@@ -39,6 +39,7 @@ from hsam import atomic
 from hsam.errors import HSAMError
 from hsam.training import logs
 from hsam.training.augment import AugmentConfig
+from hsam.training.config import with_defaults
 from hsam.training.data import SliceStore, Volume, check_labels, load_slices, load_source_volumes
 from hsam.engines.cpu import processor
 from hsam.training.frozen import EncodedSamples, EncodedVolumes, encoder_autocast
@@ -52,6 +53,7 @@ from hsam.training.state import (
     frozen_fingerprint,
     load_state,
     restore_rng,
+    same_frozen_base,
     save_state,
     trainable_state,
 )
@@ -342,14 +344,14 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     torch.manual_seed(seed + 1000 * ddp.rank + 1)
     if resume:
         state = load_state(last_path)
-        saved_config = json.loads(state["config"])
+        saved_config = with_defaults(json.loads(state["config"]))
         if _comparable(saved_config) != _comparable(config):
             changed = sorted(k for k in set(saved_config) | set(config)
                              if k not in _RESUMABLE_CHANGES and saved_config.get(k) != config.get(k))
             raise HSAMError(f"the config differs from the run being resumed in {changed}; resume with the same config")
         if state["world_size"] != ddp.world_size:
             raise HSAMError(f"the run used {state['world_size']} processes; resume it with the same number")
-        if state["frozen_fingerprint"] != fingerprint:
+        if not same_frozen_base(state["frozen_fingerprint"], fingerprint):
             raise HSAMError("the frozen base weights differ from those of the run being resumed (another SAM file?)")
         missing = set(trainable_state(model)) - set(state["model"])
         if missing:
