@@ -18,8 +18,8 @@ another contrast phase (``stress.py``, own seeds); they are not used for trainin
 Per copy (copy 0 of a CT slice: the slice as inference sees it):
 * appearance: CT slices 35 % synthesised from the label map (``synth.synthesize``: a random CT-plausible HU per
   structure, texture, gas or oral contrast in hollow organs, bias field, blur, lower resolution, noise), 30 % real
-  with a share of the structures moved to new mean HU (``synth.remap_structures``: other contrast phases), 35 % real;
-  MR slices always synthesised;
+  with a share of the structures moved to new mean HU (``synth.remap_structures``: other contrast phases), 35 % real
+  (``--synth-share``, ``--restyle-share``); MR slices always synthesised;
 * framing: with p=0.15 the slice as it comes (resized to 256); otherwise a square field of view of 280-520 mm around
   the body centre (420-600 mm when arms are added, body size x0.7-1.0 then), shifted by up to 25 mm, body size
   x0.8-1.2 with x/y jitter of +-8 %, rotation +-12 deg; 40 % rendered at 512 px and shrunk to 256 exactly as
@@ -166,17 +166,18 @@ class Source:
         return remap_labels(full, self.label_map).astype(np.uint8)
 
 
-def variant(src: Source, z: int, rng: np.random.Generator, augment: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One training copy of slice ``z``: appearance (real / remapped / synthesised), framing, arms, table, shape,
-    scanner effects. Copy 0 of a CT slice is the slice as inference sees it."""
+def variant(src: Source, z: int, rng: np.random.Generator, augment: bool, synth_share: float = 0.35,
+            restyle_share: float = 0.30) -> tuple[np.ndarray, np.ndarray]:
+    """One training copy of slice ``z``: appearance (real / remapped / synthesised, the shares of augmented CT copies
+    given), framing, arms, table, shape, scanner effects. Copy 0 of a CT slice is the slice as inference sees it."""
     hu, full = src.image[z].astype(np.float32), src.full[z]
     if not augment and src.is_ct:
         image, lab = plain(hu, full)
         return window01(image), src.hsam_labels(lab)
     look = rng.random()
-    if not src.is_ct or look < 0.35:
+    if not src.is_ct or look < synth_share:
         hu = synth.degrade(synth.synthesize(hu, full, src.names, src.body[z], src.is_ct, rng), rng)
-    elif look < 0.65:
+    elif look < synth_share + restyle_share:
         hu = synth.remap_structures(hu, full, src.names, rng)
     if rng.random() < 0.15:
         image, lab = plain(hu, full)
@@ -268,6 +269,10 @@ def main() -> None:
     parser.add_argument("--negative-variants", type=int, default=4)
     parser.add_argument("--list-every", type=int, default=4, help="train.txt lists copies 0, N, 2N, ... of each slice "
                         "(all copies: train_all.txt); 4 quarters the frozen encoder's CPU time, as issue 15's run did")
+    parser.add_argument("--synth-share", type=float, default=0.35,
+                        help="share of augmented CT copies synthesised from the label map")
+    parser.add_argument("--restyle-share", type=float, default=0.30,
+                        help="share of augmented CT copies with structures moved to new HU (the rest: real HU)")
     parser.add_argument("--seed", type=int, default=2345)
     args = parser.parse_args()
 
@@ -295,7 +300,8 @@ def main() -> None:
             counts[key] = counts.get(key, 0) + 1
             copies = per_slice * (2 if np.isin(labels[z], RARE_ORGANS).any() else 1)
             for v in range(copies if organ else args.negative_variants):
-                image, lab = variant(src, z, rng, augment=v > 0 or not src.is_ct)
+                image, lab = variant(src, z, rng, augment=v > 0 or not src.is_ct, synth_share=args.synth_share,
+                                     restyle_share=args.restyle_share)
                 name = f"{src.name}{v}_slice{z:03d}"  # one "case" per variant; slice names stay Synapse-style
                 atomic_savez(out_train / f"{name}.npz", image=image, label=lab)
                 names.append(name)
@@ -322,7 +328,8 @@ def main() -> None:
     summary = {"written_samples": len(names), "train_samples": len(listed), **counts, "held_out_z": sorted(held),
                "held_out_organ_voxels": organ_voxels,
                "window": WINDOW, "size": SIZE, "seed": args.seed, "variants": args.variants,
-               "mr_variants": args.mr_variants}
+               "mr_variants": args.mr_variants, "synth_share": args.synth_share,
+               "restyle_share": args.restyle_share}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
 
