@@ -127,3 +127,57 @@ def test_training_stops_after_patience_validations_without_gain(tmp_path, real_d
     result = train(config, progress=False, register=False)
     assert len(result.history) == 2 and result.info["stopped_early"] == {"epoch": 2, "best_epoch": 1}
     assert result.best["epoch"] == 0 and result.model_dir is not None
+
+
+def test_reference_encoder_outputs_are_cached_for_the_next_fine_tune(tmp_path, real_data, monkeypatch):
+    """The forgetting guard's reference cases are encoded once per frozen encoder and precision: the next run reads
+    them back (same guard figures, no encoder call for them); an unreadable cache file is encoded again."""
+    from hsam.training import frozen
+
+    _cases(tmp_path / "reference", real_data, {"ref": (0, 4)})
+    reference = {"format": "cases", "root": str(tmp_path / "reference")}
+    calls = []
+    original = frozen.encode
+
+    def counting(encoder, images, device, autocast):
+        calls.append(len(images))
+        return original(encoder, images, device, autocast)
+
+    monkeypatch.setattr(frozen, "encode", counting)
+    runs = []
+    for run in ("first", "second", "third"):
+        config = _tiny_config(tmp_path, real_data, {"enabled": True, "copies": 1, "precision": "fp32"}, run,
+                              epochs=1)
+        config["reference"] = reference
+        calls.clear()
+        runs.append((train(config, progress=False, register=False), list(calls)))
+        cached = sorted(frozen.encoder_outputs_dir().glob("*.safetensors"))
+        assert len(cached) == 1
+        if run == "second":
+            cached[0].write_bytes(b"not a tensor file")
+    (first, first_calls), (second, second_calls), (third, third_calls) = runs
+    assert sum(first_calls) == sum(third_calls) == 6 + 4 and sum(second_calls) == 6  # 6 training + 4 reference slices
+    assert first.info["forgetting_guard"] == second.info["forgetting_guard"] == third.info["forgetting_guard"]
+
+
+def test_probe_without_the_frozen_encoder_finds_what_the_full_probe_finds(tmp_path, real_data):
+    from hsam.training.loader import TrainingSlices
+    from hsam.training.model_setup import build_training_model
+    from hsam.training.trainer import _prepare_data, _probe
+
+    config = _tiny_config(tmp_path, real_data, {"enabled": True, "copies": 1, "precision": "fp32"}, "probe")
+    store, _, _ = _prepare_data(config, None)
+    model, _ = build_training_model(config)
+    probe_set = TrainingSlices(store, model.img_size, max(1, model.img_size // 4), None, 0)
+    assert _probe(model, probe_set, 0.2, torch.device("cpu"), frozen_encoder=True) == \
+        _probe(model, probe_set, 0.2, torch.device("cpu"), frozen_encoder=False)
+
+
+def test_encoder_digest_covers_every_tensor_of_the_encoder():
+    from hsam.training.frozen import _encoder_digest
+
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))  # BN has a 0-dim counter
+    before = _encoder_digest(encoder).hexdigest()
+    assert _encoder_digest(encoder).hexdigest() == before
+    encoder[1].running_mean += 1e-3
+    assert _encoder_digest(encoder).hexdigest() != before

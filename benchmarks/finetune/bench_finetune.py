@@ -7,7 +7,8 @@ cost what they cost on real exports. The held-out slices are never trained on. T
 the model's own reference case (for hsam-lite-demo: example_ct_sm, the case its RESULTS row was measured on).
 
 Arms run interleaved (A B A B ...) so that both see the same machine load; every run records /proc/loadavg before
-and after. Usage (repository root):
+and after. A ``--cold`` arm deletes the cached encoder outputs of the reference cases before each run (a user's
+first fine-tune on this encoder). Usage (repository root):
 
     python benchmarks/finetune/bench_finetune.py --out runs/ft-bench --rounds 2 \
         --arm "recipe=--config finetune --epochs 10" --arm "fewshot=" --json benchmarks/finetune/results/bench.json
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -70,7 +73,8 @@ def prepare(out: Path, train: tuple[int, int], held: tuple[int, int]) -> tuple[P
     return folders[0], folders[1]
 
 
-def run_arm(name: str, args: list[str], cases: Path, heldout: Path, out: Path, model: str) -> dict:
+def run_arm(name: str, args: list[str], cases: Path, heldout: Path, out: Path, model: str,
+            source: Path | None = None) -> dict:
     run_dir = out / f"run-{name}-{time.strftime('%H%M%S')}"
     command = [sys.executable, "-m", "hsam", "finetune", "--model", model, "--cases", str(cases), "--val-cases", "0",
                "--set", json.dumps({"format": "cases", "root": str(heldout)}).join(["data.val=", ""]),
@@ -78,7 +82,9 @@ def run_arm(name: str, args: list[str], cases: Path, heldout: Path, out: Path, m
                "--device", "cpu", "--progress", "json", *args]
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     started = time.perf_counter()
-    process = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])) \
+        if source else None
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     if process.returncode != 0:
@@ -86,7 +92,8 @@ def run_arm(name: str, args: list[str], cases: Path, heldout: Path, out: Path, m
     events = [json.loads(line) for line in process.stdout.splitlines() if line.strip()]
     epochs = [e for e in events if "epoch" in e]
     last = events[-1]
-    return {"arm": name, "args": args, "command": shlex.join(command), "wall_s": round(wall, 1),
+    return {"arm": name, "args": args, "command": shlex.join(command), "source": str(source) if source else None,
+            "wall_s": round(wall, 1),
             "epoch_s": [e.get("seconds") for e in epochs], "val_dice": [e.get("val_dice") for e in epochs],
             "final": last, "load_before": load_before, "load_after": load_after,
             "contended": max(float(x) for x in load_before[:1] + load_after[:1]) > 1.5}
@@ -98,17 +105,28 @@ def main() -> int:
     parser.add_argument("--model", default="hsam-lite-demo")
     parser.add_argument("--arm", action="append", required=True, help="NAME=extra hsam finetune arguments")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--source", action="append", default=[], metavar="NAME=DIR",
+                        help="run arm NAME with the hsam package found in DIR (e.g. a git worktree's HSAMSlicer "
+                             "folder at the baseline commit), so old and new code run interleaved")
+    parser.add_argument("--cold", action="append", default=[], metavar="NAME",
+                        help="arm that runs cold: the reference cases' cached encoder outputs are deleted first")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cases, heldout = prepare(args.out / "cases", (82, 92), (92, 102))
     arms = [(a.split("=", 1)[0], shlex.split(a.split("=", 1)[1])) for a in args.arm]
+    sources = {name: Path(folder).resolve() for name, folder in (s.split("=", 1) for s in args.source)}
     from hsam.engines.cpu import processor
 
     flags = sorted(processor().flags)
     results = []
     for round_index in range(args.rounds):
         for name, extra in arms:
-            row = run_arm(name, extra, cases, heldout, args.out, args.model)
+            if name in args.cold:
+                from hsam.training.frozen import encoder_outputs_dir
+
+                shutil.rmtree(encoder_outputs_dir(), ignore_errors=True)
+            row = run_arm(name, extra, cases, heldout, args.out, args.model, sources.get(name))
+            row["cold"] = name in args.cold
             row["round"] = round_index
             results.append(row)
             final = row["final"]

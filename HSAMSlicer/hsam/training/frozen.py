@@ -14,12 +14,16 @@ benchmarks/finetune/). The stage-2 embedding noise is still drawn fresh at every
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from hsam import atomic
 from hsam.engines.cpu import processor
+from hsam.paths import hsam_home
 from hsam.training.augment import resize_image
 from hsam.training.data import Volume
 from hsam.training.loader import TrainingSlices
@@ -81,20 +85,64 @@ class EncodedSamples:
                 "low_res_label": torch.stack([p[2] for p in parts]).to(self.device)}
 
 
+def encoder_outputs_dir() -> Path:
+    """``HSAM_HOME/cache/encoder-outputs``: the frozen encoder's outputs on the forgetting guard's reference cases."""
+    return hsam_home() / "cache" / "encoder-outputs"
+
+
+def _encoder_digest(encoder: torch.nn.Module) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest
+
+
 class EncodedVolumes:
     """Validation (or reference) volumes with every slice's encoder output, computed once under ``autocast`` (the
     run's encoder precision: bf16 on CPUs with native bf16 moves the held-out Dice by about 0.001, see
-    benchmarks/finetune/RESULTS.md)."""
+    benchmarks/finetune/RESULTS.md).
+
+    ``cache_as`` (the precision's name) keeps the outputs in :func:`encoder_outputs_dir`, keyed by the encoder's
+    weights, the volume, the precision, torch and the processor, so the next fine-tune of any model on the same
+    frozen encoder skips the encoder: for the bundled reference cases, never for a user's own volumes."""
 
     def __init__(self, model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
-                 autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], Any] = contextlib.nullcontext, cache_as: str | None = None) -> None:
         self.volumes = list(volumes)
-        size = model.img_size
+        encoder_key = _encoder_digest(model.image_encoder) if cache_as else None
         self.embeddings = []
         for volume in self.volumes:
-            slices = torch.from_numpy(np.stack([resize_image(s, size) for s in volume.image]))
-            self.embeddings.append(encode(model.image_encoder, slices[:, None].expand(-1, 3, -1, -1), device,
-                                          autocast))
+            path = None
+            if encoder_key is not None:
+                key = encoder_key.copy()
+                key.update(f"{volume.image.shape}|{volume.image.dtype}|{model.img_size}|{cache_as}|"
+                           f"{torch.__version__}|{processor().describe()}".encode())
+                key.update(np.ascontiguousarray(volume.image).tobytes())
+                path = encoder_outputs_dir() / f"{key.hexdigest()[:32]}.safetensors"
+            self.embeddings.append(self._encode(model, volume, device, autocast, path))
+
+    @staticmethod
+    def _encode(model: torch.nn.Module, volume: Volume, device: torch.device, autocast: Callable[[], Any],
+                path: Path | None) -> torch.Tensor:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, save_file
+
+        if path is not None and path.is_file():
+            try:
+                return load_file(str(path))["embeddings"].to(device)
+            except (OSError, KeyError, SafetensorError):
+                pass  # unreadable: encode again and replace it
+        slices = torch.from_numpy(np.stack([resize_image(s, model.img_size) for s in volume.image]))
+        embeddings = encode(model.image_encoder, slices[:, None].expand(-1, 3, -1, -1), device, autocast)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic.replacing(path) as temp:
+                    save_file({"embeddings": embeddings.cpu().contiguous()}, str(temp))
+            except OSError:
+                pass  # a cache that cannot be written (read-only home, full disk) only costs the next run time
+        return embeddings
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, index: int, batch_size: int = 8,

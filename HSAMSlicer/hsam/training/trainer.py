@@ -60,6 +60,8 @@ from hsam.training.state import (
 from hsam.training.validate import validate
 
 # Config keys that may change between a run and its resumption (everything else must match).
+# curve.png is redrawn at most this often (and once at the end): a plot costs ~0.7 s, a few-shot epoch ~5 s
+CURVE_EVERY_S = 30.0
 _RESUMABLE_CHANGES = {"num_workers", "device", "output_dir", "tensorboard"}
 
 
@@ -181,12 +183,17 @@ def _check_label_range(store: SliceStore, volumes: list[Volume], val_volumes: li
                 raise HSAMError(f"slice {store.ids[i]} has label {top} > {num_classes}; set data.label_map")
 
 
-def _probe(model: torch.nn.Module, dataset: TrainingSlices, noise: float, device: torch.device) -> tuple[int, list[str]]:
+def _probe(model: torch.nn.Module, dataset: TrainingSlices, noise: float, device: torch.device,
+           frozen_encoder: bool) -> tuple[int, list[str]]:
     """One forward/backward on one slice: the stage-1 output size and the trainable parameters that never get a
-    gradient (unused heads, the dead CMAttn branch). RNG states are restored afterwards."""
+    gradient (unused heads, the dead CMAttn branch). With a frozen encoder only the decoders run, on a blank
+    embedding: which tensors get a gradient depends on the graph, not on the values. RNG states are restored."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        sample = dataset[(0, 0)]
-        stage1, stage2 = model(sample["image"][None].to(device), noise)
+        if frozen_encoder:
+            embedding = torch.zeros(1, model.prompt_encoder.embed_dim, model.grid, model.grid, device=device)
+            stage1, stage2 = model.decode(embedding, noise)
+        else:
+            stage1, stage2 = model(dataset[(0, 0)]["image"][None].to(device), noise)
         (stage1["low_res_logits"].float().mean() + stage2["low_res_logits"].float().mean()).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
@@ -308,11 +315,11 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     augment = AugmentConfig.from_dict(config["augmentation"])
     noise = float(config["embedding_noise"])
     probe_set = TrainingSlices(store, model.img_size, max(1, model.img_size // 4), None, seed)
-    low_res, unused = _probe(model, probe_set, noise, device)
+    frozen_encoder = encoder_is_frozen(model)
+    low_res, unused = _probe(model, probe_set, noise, device, frozen_encoder)
     for name, p in model.named_parameters():
         if name in set(unused):
             p.requires_grad_(False)  # receives no gradient: leaving it out keeps AdamW's decay off it, as released
-    frozen_encoder = encoder_is_frozen(model)
     info.update({"low_res": low_res, "never_trained": len(unused), "frozen_encoder": frozen_encoder})
     dataset = TrainingSlices(store, model.img_size, low_res, augment, seed)
     cache_cfg = config["encoder_cache"]
@@ -371,7 +378,8 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     if ddp.main:  # validation and the guard run on the main process only
         reuse = encoder_precision if encoded is not None else None
         val_scorer = _scorer(model, val_volumes, reuse, organs, val_batch, device, autocast)
-        ref_scorer = _scorer(model, reference, reuse, organs, val_batch, device, autocast)
+        # the reference cases ship with the model: their encoder outputs are cached for the next fine-tune
+        ref_scorer = _scorer(model, reference, reuse, organs, val_batch, device, autocast, cache_as=encoder_name)
     if not resume and ddp.main:
         # the starting model on the held-out and reference cases: the "before" of a fine-tune
         baseline = {"val": val_scorer() if val_scorer and source_card is not None else None,
@@ -393,6 +401,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
 
     board = logs.TensorBoard(out / "tensorboard", bool(config["tensorboard"])) if ddp.main else None
     val_every = int(config["validation"]["every"])
+    curve_drawn, curve_rows = time.monotonic(), len(history)
     total_steps = epochs * per_epoch
     step_report = (lambda: on_step(schedule.step_count, total_steps)) if on_step is not None and ddp.main else None
     finished = True
@@ -428,7 +437,9 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
                     "world_size": ddp.world_size, "frozen_fingerprint": fingerprint, "baseline": baseline,
                 })
                 logs.write_csv(out / "log.csv", history)
-                logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
+                if time.monotonic() - curve_drawn >= CURVE_EVERY_S:
+                    logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
+                    curve_drawn, curve_rows = time.monotonic(), len(history)
                 if board is not None:
                     board.log(row, schedule.step_count)
             ddp.barrier()
@@ -441,6 +452,8 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     finally:
         if board is not None:
             board.close()
+    if ddp.main and len(history) > curve_rows:
+        logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
 
     result = TrainResult(out, history, best, model, finished=finished, info=info)
     if not finished:
@@ -488,15 +501,15 @@ def _gather_rng(ddp: Distributed) -> list[dict[str, Any]]:
 
 
 def _scorer(model: torch.nn.Module, volumes: list[Volume], encoder_precision: Callable[[], Any] | None,
-            organs: list[int], batch_size: int, device: torch.device,
-            autocast: Any) -> Callable[[], dict[str, float]] | None:
+            organs: list[int], batch_size: int, device: torch.device, autocast: Any,
+            cache_as: str | None = None) -> Callable[[], dict[str, float]] | None:
     """A function giving the model's Dice on ``volumes`` now (None without volumes). With a frozen encoder
-    (``encoder_precision``: the autocast of the run's encoder outputs) the volumes are encoded once here and every
-    later call runs the decoders only."""
+    (``encoder_precision``: the autocast of the run's encoder outputs) the volumes are encoded once here, or read
+    from the user's cache when ``cache_as`` names the precision, and every later call runs the decoders only."""
     if not volumes:
         return None
     if encoder_precision is not None:
-        encoded = EncodedVolumes(model, volumes, device, encoder_precision)
+        encoded = EncodedVolumes(model, volumes, device, encoder_precision, cache_as)
         return lambda: encoded.dice(model, organs, batch_size, autocast)
     return lambda: validate(model, volumes, organs, batch_size, device, autocast)
 
