@@ -4,6 +4,7 @@ says so, and reports and stores the forgetting guard's figures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -181,3 +182,16 @@ def test_encoder_digest_covers_every_tensor_of_the_encoder():
     assert _encoder_digest(encoder).hexdigest() == before
     encoder[1].running_mean += 1e-3
     assert _encoder_digest(encoder).hexdigest() != before
+
+
+def test_encoder_outputs_come_back_in_the_standard_layout():
+    """A channels-last encoder output (the TinyViT's) is returned contiguous, as the cache stores it, so fresh and
+    cached outputs decode identically."""
+    from hsam.training.frozen import encode
+
+    encoder = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    assert encoder(images[:1]).is_contiguous(memory_format=torch.channels_last)
+    assert not encoder(images[:1]).is_contiguous()
+    out = encode(encoder, images, torch.device("cpu"), contextlib.nullcontext)
+    assert out.is_contiguous() and torch.equal(out, encoder(images).contiguous())

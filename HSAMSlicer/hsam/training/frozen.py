@@ -47,12 +47,16 @@ def encoder_autocast(device: torch.device, precision: str) -> tuple[Callable[[],
 def encode(encoder: torch.nn.Module, images: torch.Tensor, device: torch.device,
            autocast: Callable[[], Any]) -> torch.Tensor:
     """Encoder outputs (fp32, on ``device``) of images [B,3,S,S], one image at a time: batch 1 is the fastest on a
-    CPU for the TinyViT (0.56 s vs 0.87 s per slice at batch 4, benchmarks/lite/precompute_embeddings.py)."""
+    CPU for the TinyViT (0.56 s vs 0.87 s per slice at batch 4, benchmarks/lite/precompute_embeddings.py).
+
+    The outputs come back in the standard contiguous layout whatever layout the encoder's last layers chose (the
+    TinyViT's is channels-last): the decoders' bf16 kernels round differently per layout, so this keeps a cached
+    output (stored contiguous) and a freshly computed one decoding to the same logits."""
     outputs = []
     for image in images:
         with autocast():
             outputs.append(encoder(image[None].to(device)).float())
-    return torch.cat(outputs)
+    return torch.cat(outputs).contiguous()
 
 
 class EncodedSamples:
