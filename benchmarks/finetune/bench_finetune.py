@@ -73,12 +73,14 @@ def prepare(out: Path, train: tuple[int, int], held: tuple[int, int]) -> tuple[P
     return folders[0], folders[1]
 
 
-def run_arm(name: str, args: list[str], cases: Path, heldout: Path, out: Path, model: str,
+def run_arm(name: str, args: list[str], cases: Path, heldout: Path | None, out: Path, model: str,
             source: Path | None = None) -> dict:
     run_dir = out / f"run-{name}-{time.strftime('%H%M%S')}"
+    validation = [] if heldout is None else [
+        "--set", json.dumps({"format": "cases", "root": str(heldout)}).join(["data.val=", ""]),
+        "--set", "validation.every=1"]
     command = [sys.executable, "-m", "hsam", "finetune", "--model", model, "--cases", str(cases), "--val-cases", "0",
-               "--set", json.dumps({"format": "cases", "root": str(heldout)}).join(["data.val=", ""]),
-               "--set", "validation.every=1", "--name", f"bench-{name}", "--output", str(run_dir), "--no-register",
+               *validation, "--name", f"bench-{name}", "--output", str(run_dir), "--no-register",
                "--device", "cpu", "--progress", "json", *args]
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     started = time.perf_counter()
@@ -108,6 +110,8 @@ def main() -> int:
     parser.add_argument("--source", action="append", default=[], metavar="NAME=DIR",
                         help="run arm NAME with the hsam package found in DIR (e.g. a git worktree's HSAMSlicer "
                              "folder at the baseline commit), so old and new code run interleaved")
+    parser.add_argument("--single-case", action="store_true",
+                        help="no held-out case: the flow of one exported case (no validation, no early stop)")
     parser.add_argument("--cold", action="append", default=[], metavar="NAME",
                         help="arm that runs cold: the reference cases' cached encoder outputs are deleted first")
     parser.add_argument("--json", type=Path, default=None)
@@ -125,7 +129,8 @@ def main() -> int:
                 from hsam.training.frozen import encoder_outputs_dir
 
                 shutil.rmtree(encoder_outputs_dir(), ignore_errors=True)
-            row = run_arm(name, extra, cases, heldout, args.out, args.model, sources.get(name))
+            row = run_arm(name, extra, cases, None if args.single_case else heldout, args.out, args.model,
+                          sources.get(name))
             row["cold"] = name in args.cold
             row["round"] = round_index
             results.append(row)
