@@ -144,8 +144,11 @@ def test_a_stopped_segment_leaves_the_previous_output_intact(tmp_path, tiny_mode
     output = tmp_path / "labels.nii.gz"
     output.write_bytes(b"the previous run's labels")
     before = sorted(p.name for p in tmp_path.iterdir())
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that (Python then keeps ignoring it):
+    # the child gets the default disposition, so the test sees how hsam handles a SIGINT that reaches it.
     process = hsam("segment", str(long_ct), "-o", str(output), "--model", str(tiny_model), "--mode", "eager",
-                   "--batch-size", "1", "--progress", "json")  # fmt: skip
+                   "--batch-size", "1", "--progress", "json",
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     for line in process.stdout:  # wait until it is segmenting
         event = json.loads(line)
         if event.get("stage") == "segment" and event.get("done", 0) >= 2:
