@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 TISSUE_HU = -500.0  # between air/lung (< -700) and fat (> -150)
+NECK_MM = 12.0  # arm-to-trunk contacts narrower than ~24 mm are cut
 
 
 def tissue_threshold(window_low: float) -> float:
@@ -25,7 +26,6 @@ def tissue_threshold(window_low: float) -> float:
     the mask, like the network, sees only the windowed image (values below the window act exactly like its lower
     bound: padding, clipped exports). Fat (-150..-60 HU) stays above the abdominal windows' lower bounds."""
     return max(TISSUE_HU, float(window_low))
-NECK_MM = 12.0  # arm-to-trunk contacts narrower than ~24 mm are cut
 
 
 def trunk_mask_slice(hu: np.ndarray, pixel_mm: Sequence[float], neck_mm: float = NECK_MM,

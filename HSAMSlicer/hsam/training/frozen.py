@@ -98,7 +98,7 @@ def _encoder_digest(encoder: torch.nn.Module) -> hashlib._Hash:
     digest = hashlib.sha256()
     for name, tensor in encoder.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest
 
 
@@ -122,7 +122,7 @@ class EncodedVolumes:
                 key = encoder_key.copy()
                 key.update(f"{volume.image.shape}|{volume.image.dtype}|{model.img_size}|{cache_as}|"
                            f"{torch.__version__}|{processor().describe()}".encode())
-                key.update(np.ascontiguousarray(volume.image).tobytes())
+                key.update(np.ascontiguousarray(volume.image))
                 path = encoder_outputs_dir() / f"{key.hexdigest()[:32]}.safetensors"
             self.embeddings.append(self._encode(model, volume, device, autocast, path))
 

@@ -60,9 +60,9 @@ from hsam.training.state import (
 from hsam.training.validate import validate
 
 # Config keys that may change between a run and its resumption (everything else must match).
+_RESUMABLE_CHANGES = {"num_workers", "device", "output_dir", "tensorboard"}
 # curve.png is redrawn at most this often (and once at the end): a plot costs ~0.7 s, a few-shot epoch ~5 s
 CURVE_EVERY_S = 30.0
-_RESUMABLE_CHANGES = {"num_workers", "device", "output_dir", "tensorboard"}
 
 
 @dataclass
