@@ -275,6 +275,8 @@ def main() -> None:
                         help="share of augmented CT copies with structures moved to new HU (the rest: real HU)")
     parser.add_argument("--seed", type=int, default=2345)
     args = parser.parse_args()
+    if not (0.0 <= args.synth_share and 0.0 <= args.restyle_share and args.synth_share + args.restyle_share <= 1.0):
+        parser.error("--synth-share and --restyle-share must be >= 0 and add up to at most 1 (the rest keeps the real HU)")
 
     ct_src = load_ct_source(args.data)
     sources = [ct_src] + ([load_mr_source(args.data)] if args.mr_variants else [])
