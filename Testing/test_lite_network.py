@@ -46,6 +46,16 @@ def test_stage2_pixel_decoder_ends_at_the_input_size(lite_model) -> None:
     assert stage1["masks"].shape == stage2["masks"].shape == fused.shape == (1, 9, 256, 256)
 
 
+def test_a_meta_build_needs_no_second_build(lite_model) -> None:
+    """load_model builds on the meta device and assigns the file's tensors; the window index is no file's tensor,
+    so it must be real already, or the model would be built a second time."""
+    meta = build_hsam(load_model_config("tiny_vit_256"), device="meta")
+    indices = {name: buffer for name, buffer in meta.named_buffers() if name.endswith("bias_index")}
+    assert indices and not any(buffer.is_meta for buffer in indices.values())
+    real = dict(lite_model.named_buffers())
+    assert all(torch.equal(buffer, real[name]) for name, buffer in indices.items())
+
+
 def test_lora_is_refused_for_tiny_vit() -> None:
     from hsam.model.config import ModelConfig
 

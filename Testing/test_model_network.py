@@ -210,6 +210,30 @@ def test_stage2_loss_reaches_stage1_through_the_prior():
     assert all(p.grad is None for p in model.mask_decoder2.self_attn.parameters())
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_norm_2d_is_sams_function_and_gradient(channels_last):
+    """The fused LayerNorm2d computes SAM's elementwise LayerNorm2d, forward and backward, in either memory layout."""
+    from hsam.model.common import LayerNorm2d
+    from hsam.model.sam_compat import modeling
+
+    ours, sams = LayerNorm2d(16), modeling().common.LayerNorm2d(16)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    sams.load_state_dict(ours.state_dict())  # same parameter names: checkpoints load into either
+    x = torch.randn(2, 16, 9, 7) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ours, x_sams = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_sams = ours(x_ours), sams(x_sams)
+    torch.testing.assert_close(out_ours, out_sams, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(out_sams)
+    (out_ours * upstream).sum().backward()
+    (out_sams * upstream).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_sams.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, sams.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, sams.bias.grad, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- LoRA
 
 

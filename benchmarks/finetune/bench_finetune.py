@@ -1,9 +1,12 @@
 """Few-shot fine-tuning benchmark (issue 17): time per epoch, time to the final model, Dice before/after.
 
-Cases (from shared/data/real/totalsegmentator, `total --fast` labels mapped to H-SAM): the 112-slice example_ct is
-cut along z into a training case of 10 slices (z 82-91) and a held-out case (z 92-101, the next 10 slices); both are resampled in-plane
-to 512x512 (padded to a square field of view first), the size of a clinical slice, so the augmentation and resizing
-cost what they cost on real exports. The held-out slices are never trained on. The forgetting guard's reference is
+Cases (from shared/data/real/totalsegmentator, TotalSegmentator labels mapped to H-SAM), ``--volume``:
+- ``ct`` (default): the 112-slice example_ct (`total --fast` labels) cut along z into a training case of 10 slices
+  (z 82-91) and a held-out case (z 92-101, the next 10 slices): the demo model's own patient;
+- ``mr``: the 20-slice example_mr_sm (`total_mr` labels), z 0-9 for training, z 10-19 held out: an image the demo
+  model has never seen (mean Dice 0.25), the "wrong on my scanner" case where the fine-tune has something to learn.
+Both are resampled in-plane to 512x512 (padded to a square field of view first), the size of a clinical slice, so the
+augmentation and resizing cost what they cost on real exports. The held-out slices are never trained on. The forgetting guard's reference is
 the model's own reference case (for hsam-lite-demo: example_ct_sm, the case its RESULTS row was measured on).
 
 Arms run interleaved (A B A B ...) so that both see the same machine load; every run records /proc/loadavg before
@@ -56,19 +59,28 @@ def _write_case(folder: Path, image: sitk.Image, labels: sitk.Image, note: str) 
     (folder / "provenance.json").write_text(json.dumps({"note": note}) + "\n", encoding="utf-8")
 
 
-def prepare(out: Path, train: tuple[int, int], held: tuple[int, int]) -> tuple[Path, Path]:
-    """Training case folder and held-out case folder (512x512 slices)."""
+# the volumes a bench can cut into a training and a held-out case: files, label map, training z range, held-out z range
+VOLUMES = {
+    "ct": ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "totalseg_total", (82, 92), (92, 102)),
+    "mr": ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "totalseg_total_mr", (0, 10), (10, 20)),
+}
+
+
+def prepare(out: Path, volume: str) -> tuple[Path, Path]:
+    """Training case folder and held-out case folder (512x512 slices) of ``volume`` (a key of VOLUMES)."""
     from hsam.labels import remap_labels
 
-    image = sitk.ReadImage(str(DATA / "example_ct.nii.gz"))
-    reference = sitk.ReadImage(str(DATA / "example_seg_fast_force_split.nii.gz"))
-    labels = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total"))
+    image_file, label_file, label_map, train, held = VOLUMES[volume]
+    image = sitk.ReadImage(str(DATA / image_file))
+    reference = sitk.ReadImage(str(DATA / label_file))
+    labels = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(reference), label_map))
     labels.CopyInformation(reference)
+    stem = image_file.split(".")[0]
     folders = []
     for name, (a, b) in {"train": train, "heldout": held}.items():
         big_image, big_labels = _square_512(image[:, :, a:b], labels[:, :, a:b])
-        folder = out / name / f"example_ct_z{a}-{b - 1}"
-        _write_case(folder, big_image, big_labels, f"example_ct z {a}-{b - 1}, resampled to 512x512")
+        folder = out / name / f"{stem}_z{a}-{b - 1}"
+        _write_case(folder, big_image, big_labels, f"{stem} z {a}-{b - 1}, resampled to 512x512")
         folders.append(out / name)
     return folders[0], folders[1]
 
@@ -105,6 +117,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/ft-bench"))
     parser.add_argument("--model", default="hsam-lite-demo")
+    parser.add_argument("--volume", choices=sorted(VOLUMES), default="ct",
+                        help="ct: example_ct z 82-91 / 92-101 (the demo model's own patient); mr: example_mr_sm "
+                             "z 0-9 / 10-19 (an MR the demo model has never seen as an image: a scanner it is wrong on)")
     parser.add_argument("--arm", action="append", required=True, help="NAME=extra hsam finetune arguments")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--source", action="append", default=[], metavar="NAME=DIR",
@@ -116,7 +131,7 @@ def main() -> int:
                         help="arm that runs cold: the reference cases' cached encoder outputs are deleted first")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    cases, heldout = prepare(args.out / "cases", (82, 92), (92, 102))
+    cases, heldout = prepare(args.out / "cases", args.volume)
     arms = [(a.split("=", 1)[0], shlex.split(a.split("=", 1)[1])) for a in args.arm]
     sources = {name: Path(folder).resolve() for name, folder in (s.split("=", 1) for s in args.source)}
     from hsam.engines.cpu import processor

@@ -16,12 +16,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from hsam.model.common import LayerNorm2d
 from hsam.model.sam_compat import modeling
 
 _sam = modeling()
 Attention = _sam.transformer.Attention
 MLPBlock = _sam.common.MLPBlock
-LayerNorm2d = _sam.common.LayerNorm2d
 MLP = _sam.mask_decoder.MLP
 
 

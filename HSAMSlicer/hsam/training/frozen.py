@@ -89,6 +89,10 @@ class EncodedSamples:
                 "low_res_label": torch.stack([p[2] for p in parts]).to(self.device)}
 
 
+# part of every cache key: raise it when a code change moves the encoder's outputs (fused LayerNorm2d: 2)
+_ENCODER_OUTPUTS_VERSION = 2
+
+
 def encoder_outputs_dir() -> Path:
     """``HSAM_HOME/cache/encoder-outputs``: the frozen encoder's outputs on the forgetting guard's reference cases."""
     return hsam_home() / "cache" / "encoder-outputs"
@@ -108,8 +112,8 @@ class EncodedVolumes:
     benchmarks/finetune/RESULTS.md).
 
     ``cache_as`` (the precision's name) keeps the outputs in :func:`encoder_outputs_dir`, keyed by the encoder's
-    weights, the volume, the precision, torch and the processor, so the next fine-tune of any model on the same
-    frozen encoder skips the encoder: for the bundled reference cases, never for a user's own volumes."""
+    weights, the volume, the precision, torch, the processor and :data:`_ENCODER_OUTPUTS_VERSION`, so the next
+    fine-tune of any model on the same frozen encoder skips the encoder: for the bundled reference cases, never for a user's own volumes."""
 
     def __init__(self, model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
                  autocast: Callable[[], Any] = contextlib.nullcontext, cache_as: str | None = None) -> None:
@@ -120,8 +124,8 @@ class EncodedVolumes:
             path = None
             if encoder_key is not None:
                 key = encoder_key.copy()
-                key.update(f"{volume.image.shape}|{volume.image.dtype}|{model.img_size}|{cache_as}|"
-                           f"{torch.__version__}|{processor().describe()}".encode())
+                key.update(f"{_ENCODER_OUTPUTS_VERSION}|{volume.image.shape}|{volume.image.dtype}|{model.img_size}|"
+                           f"{cache_as}|{torch.__version__}|{processor().describe()}".encode())
                 key.update(np.ascontiguousarray(volume.image))
                 path = encoder_outputs_dir() / f"{key.hexdigest()[:32]}.safetensors"
             self.embeddings.append(self._encode(model, volume, device, autocast, path))
