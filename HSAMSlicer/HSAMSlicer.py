@@ -698,16 +698,26 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._succeeded(state, _("Fine-tuning cancelled: no model was added.")):
                 return
             model = (state.result.get("model") or {}).get("id") or name
-            self._fillModelList(select=model)
+            held = state.result.get("held_out") or {}
+            worse = None not in (held.get("dice_before"), held.get("dice_after")) and \
+                held["dice_after"] < held["dice_before"]
+            self._fillModelList(select=base if worse else model)
             summary = self._describeEpoch(state.epochs[-1]) if state.epochs else ""
             for key, label in (("held_out", _("held-out cases")), ("forgetting_guard", _("reference case"))):
                 figures = state.result.get(key) or {}
                 if figures.get("dice_before") is not None and figures.get("dice_after") is not None:
                     summary += " " + _("Dice on the {label}: {before:.3f} before, {after:.3f} after.").format(
                         label=label, before=figures["dice_before"], after=figures["dice_after"])  # fmt: skip
+            folder = state.result.get("run_folder", "")
+            if worse:  # a fine-tune that made the held-out cases worse must not become the default silently
+                self.ui.finetuneResultLabel.text = _(
+                    "New model {model} scores lower than {base} on the held-out cases, so {base} stays selected. "
+                    "{summary} Run folder: {folder}").format(model=model, base=base, summary=summary, folder=folder)
+                self._setStatus(_("Fine-tuned model {model} is worse than {base} on the held-out cases; {base} stays "
+                                  "selected.").format(model=model, base=base))  # fmt: skip
+                return
             self.ui.finetuneResultLabel.text = _("New model {model} (chosen above). {summary} Run folder: "
-                                                 "{folder}").format(model=model, summary=summary,
-                                                                    folder=state.result.get("run_folder", ""))
+                                                 "{folder}").format(model=model, summary=summary, folder=folder)
             self._setStatus(_("Fine-tuned model {model} is ready; it is selected for the next segmentation.").format(
                 model=model))  # fmt: skip
 

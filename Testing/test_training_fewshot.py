@@ -8,6 +8,7 @@ import contextlib
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -115,6 +116,22 @@ def test_finetune_picks_few_shot_settings_and_stores_the_forgetting_guard(tmp_pa
     base.eval()
     expected = validate(base, volumes, list(range(1, 9)), 8, "cpu")["dice"]
     assert np.isclose(guard["dice_before"], round(expected, 4), atol=2e-4)
+
+
+@pytest.mark.parametrize("after, warned", [(0.31, True), (0.52, False)])
+def test_a_fine_tune_worse_on_the_held_out_cases_says_so(after, warned, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from hsam.cli.progress import Reporter
+    from hsam.cli.train import _report
+
+    result = SimpleNamespace(history=[{"epoch": 3, "loss": 0.4}], output_dir=tmp_path, finished=True,
+                             best={"epoch": 0, "val_dice": after}, model_dir=tmp_path / "model", installed=None,
+                             info={"held_out": {"dice_before": 0.38, "dice_after": after}})
+    assert _report(result, Reporter("bar")) == 0
+    out = capsys.readouterr().out
+    assert f"held-out Dice: 0.380 before, {after:.3f} after" in out
+    assert ("warning: no epoch of this fine-tune beat the starting model" in out) is warned
 
 
 def test_training_stops_after_patience_validations_without_gain(tmp_path, real_data):

@@ -6,8 +6,9 @@ Cases (from shared/data/real/totalsegmentator, TotalSegmentator labels mapped to
 - ``mr``: the 20-slice example_mr_sm (`total_mr` labels), z 0-9 for training, z 10-19 held out: an image the demo
   model has never seen (mean Dice 0.25), the "wrong on my scanner" case where the fine-tune has something to learn.
 Both are resampled in-plane to 512x512 (padded to a square field of view first), the size of a clinical slice, so the
-augmentation and resizing cost what they cost on real exports. The held-out slices are never trained on. The forgetting guard's reference is
-the model's own reference case (for hsam-lite-demo: example_ct_sm, the case its RESULTS row was measured on).
+augmentation and resizing cost what they cost on real exports. The held-out slices are never trained on. The
+forgetting guard's reference is the model's own reference case (for hsam-lite-demo: example_ct_sm, the case its
+RESULTS row was measured on).
 
 Arms run interleaved (A B A B ...) so that both see the same machine load; every run records /proc/loadavg before
 and after. A ``--cold`` arm deletes the cached encoder outputs of the reference cases before each run (a user's

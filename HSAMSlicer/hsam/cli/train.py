@@ -96,6 +96,9 @@ def _report(result, reporter, fewshot: bool = False) -> int:
     held = result.info.get("held_out")
     if held is not None:
         print(f"held-out Dice: {_fmt(held['dice_before'])} before, {_fmt(held['dice_after'])} after")
+        if held["dice_after"] < held["dice_before"]:
+            print("warning: no epoch of this fine-tune beat the starting model on the held-out case(s); keep using "
+                  "the starting model, or correct more slices (or lower --set optim.base_lr=...) and fine-tune again")
     reporter.finished(
         run_folder=str(result.output_dir), complete=True, best=result.best, forgetting_guard=guard, held_out=held,
         stopped_early=result.info.get("stopped_early"), fewshot=fewshot,

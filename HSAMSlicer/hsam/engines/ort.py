@@ -25,7 +25,8 @@ from hsam.errors import HSAMError
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 1  # bump when the exported graph or the quantisation recipe changes (invalidates caches)
+# bump when the exported graph or the quantisation recipe changes (invalidates caches); 2: the fused LayerNorm2d
+EXPORT_VERSION = 2
 
 
 def available() -> bool:

@@ -113,7 +113,8 @@ class EncodedVolumes:
 
     ``cache_as`` (the precision's name) keeps the outputs in :func:`encoder_outputs_dir`, keyed by the encoder's
     weights, the volume, the precision, torch, the processor and :data:`_ENCODER_OUTPUTS_VERSION`, so the next
-    fine-tune of any model on the same frozen encoder skips the encoder: for the bundled reference cases, never for a user's own volumes."""
+    fine-tune of any model on the same frozen encoder skips the encoder: for the bundled reference cases, never for
+    a user's own volumes."""
 
     def __init__(self, model: torch.nn.Module, volumes: Sequence[Volume], device: torch.device,
                  autocast: Callable[[], Any] = contextlib.nullcontext, cache_as: str | None = None) -> None:
