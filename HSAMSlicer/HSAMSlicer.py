@@ -698,9 +698,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._succeeded(state, _("Fine-tuning cancelled: no model was added.")):
                 return
             model = (state.result.get("model") or {}).get("id") or name
-            held = state.result.get("held_out") or {}
-            worse = None not in (held.get("dice_before"), held.get("dice_after")) and \
-                held["dice_after"] < held["dice_before"]
+            worse = self.logic.finetune_worse_than_base(state.result)
             self._fillModelList(select=base if worse else model)
             summary = self._describeEpoch(state.epochs[-1]) if state.epochs else ""
             for key, label in (("held_out", _("held-out cases")), ("forgetting_guard", _("reference case"))):

@@ -317,6 +317,17 @@ def test_only_re_downloadable_models_are_offered_for_deletion(tiny_model):
     assert HSAMSlicerLogic.downloaded_models() == ["sam-vit-b"]
 
 
+@pytest.mark.parametrize("held_out, worse", [
+    ({"dice_before": 0.380, "dice_after": 0.337}, True),
+    ({"dice_before": 0.888, "dice_after": 0.890}, False),
+    ({"dice_before": None, "dice_after": 0.890}, False),  # the base was not scored: nothing to compare
+    (None, False),  # one case: nothing held out
+])
+def test_a_fine_tune_worse_than_its_base_is_not_put_in_use(held_out, worse):
+    finished = {"finished": True, "complete": True, "held_out": held_out, "model": {"id": "tiny-ft"}}
+    assert HSAMSlicerLogic.finetune_worse_than_base(finished) is worse
+
+
 def test_cancel_leaves_no_node_behind(app, ct_path, tiny_model):
     volume = app.load_volume(ct_path)
     logic = HSAMSlicerLogic(app.scene)

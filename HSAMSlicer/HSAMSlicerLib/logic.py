@@ -329,6 +329,14 @@ class HSAMSlicerLogic:
                                "--name", name, "--output", str(output), "--device", device or "auto"])
 
     @staticmethod
+    def finetune_worse_than_base(result: dict) -> bool:
+        """Whether a finished fine-tune (``result``: the ``finished`` line of ``hsam finetune --progress json``)
+        scored lower than its starting model on the held-out cases; then the starting model should stay in use."""
+        held = result.get("held_out") or {}
+        before, after = held.get("dice_before"), held.get("dice_after")
+        return before is not None and after is not None and after < before
+
+    @staticmethod
     def downloaded_models() -> list[str]:
         """Ids of installed models and base weights that can be downloaded again (safe to delete).
 
