@@ -12,8 +12,8 @@ class LayerNorm2d(nn.Module):
 
     SAM writes it as a chain of elementwise ops (mean, subtract, square, mean, divide, scale, shift), each a full pass
     over the activation in the forward and again in the backward. The fused kernel on the channels-last view computes
-    the same function in one pass: on the Lite decoders' [B,32,256,256] maps a batch-8 training step takes 2.4 s
-    instead of 3.7 s (benchmarks/finetune/RESULTS.md, fourth session).
+    the same function in one pass: on the Lite decoders' [B,32,256,256] maps a batch-8 training step takes 2.6 s
+    instead of 3.3-3.8 s (benchmarks/finetune/bench_decoder_step.py, RESULTS.md there).
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:

@@ -122,7 +122,7 @@ def _offset_index(window: int) -> torch.Tensor:
     This is the order in which offsets first appear when pairs are enumerated row-major from position (0, 0), the
     order LiteMedSAM's ``attention_biases`` columns were stored in. Always computed on the CPU, also inside a
     meta-device build (:func:`hsam.model.checkpoint.load_model`): the index is data no file holds, and ``arange`` on
-    meta would import torch's symbolic-shape machinery (1.3 s) and force a second, real build.
+    meta would import torch's symbolic-shape machinery and force a second, real build.
     """
     ys, xs = torch.meshgrid(torch.arange(window, device="cpu"), torch.arange(window, device="cpu"), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()

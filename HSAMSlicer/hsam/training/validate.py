@@ -25,8 +25,8 @@ def labels_by_batch(shape: tuple[int, int, int], batch_size: int,
         logits = logits_of(start, min(depth, start + batch_size)).float()
         if logits.shape[-2:] != (height, width):
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        # max().indices is argmax (the first maximum) at a ninth of its time on CPUs over the class axis (0.05 s
-        # vs 0.43 s for [8,9,512,512]): argmax over a non-innermost dim takes a slow path
+        # max().indices is argmax (the first maximum) at an eighth of its time on CPUs over the class axis (0.057 s
+        # vs 0.471 s for [8,9,512,512], benchmarks/finetune/bench_decoder_step.py): argmax there takes a slow path
         out[start : start + len(logits)] = logits.max(1).indices.to(torch.uint8).cpu().numpy()
     return out
 
