@@ -234,6 +234,28 @@ def test_layer_norm_2d_is_sams_function_and_gradient(channels_last):
     torch.testing.assert_close(ours.bias.grad, sams.bias.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_gradient_in_the_inputs_layout_is_the_vectorized_gelu_gradient(dtype):
+    """hsam's GELU is F.gelu forward; its backward, given a gradient laid out unlike the (channels-last) input, equals
+    PyTorch's GELU gradient computed with both in the input's layout, bit for bit, in fp32 and in bf16."""
+    from hsam.model.common import GELU
+
+    x = (torch.randn(2, 8, 16, 16) * 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(2, 8, 16, 16).to(dtype)  # contiguous, as from the hypernetwork product
+    ours = x.clone().requires_grad_()
+    out = GELU()(ours)
+    assert torch.equal(out, torch.nn.functional.gelu(x))
+    out.backward(upstream)
+    reference = x.clone().requires_grad_()
+    torch.nn.functional.gelu(reference).backward(upstream.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(ours.grad, reference.grad)
+    plain = x.clone().requires_grad_()
+    torch.nn.functional.gelu(plain).backward(upstream)
+    torch.testing.assert_close(ours.grad, plain.grad, rtol=1e-2, atol=1e-2)  # the same function, other rounding
+    with torch.no_grad():
+        assert torch.equal(GELU()(x), torch.nn.functional.gelu(x))
+
+
 # ---------------------------------------------------------------- LoRA
 
 

@@ -178,6 +178,36 @@ def test_reference_encoder_outputs_are_cached_for_the_next_fine_tune(tmp_path, r
     assert first.info["forgetting_guard"] == second.info["forgetting_guard"] == third.info["forgetting_guard"]
 
 
+def test_the_starting_models_reference_dice_is_cached_with_its_encoder_outputs(tmp_path, real_data, monkeypatch):
+    """The guard's "before" is scored once per starting model: a second fine-tune of the same model reads it back
+    (one decoding of the reference, for the "after"), a run from other starting weights scores it again, and both
+    runs of the same model report the same guard."""
+    from hsam.training import frozen
+
+    _cases(tmp_path / "reference", real_data, {"ref": (0, 4)})
+    reference = {"format": "cases", "root": str(tmp_path / "reference")}
+    scored = []
+    original = frozen.EncodedVolumes.dice
+
+    def counting(self, *args, **kwargs):
+        scored.append(len(self.volumes))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(frozen.EncodedVolumes, "dice", counting)
+    calls = {}
+    guards = {}
+    for run, seed in (("first", 2345), ("again", 2345), ("other", 7)):
+        config = _tiny_config(tmp_path, real_data, {"enabled": True, "copies": 1, "precision": "fp32"}, run,
+                              epochs=1)
+        config["reference"], config["seed"] = reference, seed
+        scored.clear()
+        guards[run] = train(config, progress=False, register=False).info["forgetting_guard"]
+        calls[run] = len(scored)
+    assert calls == {"first": 2, "again": 1, "other": 2}
+    assert guards["first"] == guards["again"] and guards["other"]["dice_before"] != guards["first"]["dice_before"]
+    assert len(list(frozen.encoder_outputs_dir().glob("*.dice.json"))) == 2
+
+
 def test_probe_without_the_frozen_encoder_finds_what_the_full_probe_finds(tmp_path, real_data):
     from hsam.training.loader import TrainingSlices
     from hsam.training.model_setup import build_training_model

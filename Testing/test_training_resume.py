@@ -58,6 +58,21 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, real_data):
     assert (tmp_path / "parts" / "checkpoints" / "epoch_1.pt").is_file()
 
 
+@pytest.mark.parametrize("every_s", [0, 3600])
+def test_resume_state_is_written_after_the_last_epoch_and_every_state_every_s(tmp_path, real_data, every_s):
+    """last.pt after each epoch with state_every_s 0; with an hour, only after the last epoch (a short run does not
+    write it ten times), and the finished state is the same either way."""
+    path = _config_file(tmp_path, real_data)
+    out = tmp_path / f"every{every_s}"
+    last = out / "checkpoints" / "last.pt"
+    seen = []  # the epochs last.pt holds when each epoch ends (before that epoch's own write)
+    config = load_training_config(path, [f"output_dir={json.dumps(str(out))}", f"state_every_s={every_s}"])
+    train(config, progress=False, register=False,
+          on_epoch=lambda row: seen.append(load_state(last)["epoch"] if last.exists() else None))
+    assert seen == ([None, 1, 2] if every_s == 0 else [None, None, None])
+    assert load_state(last)["epoch"] == 3 and load_state(last)["step"] == 9
+
+
 def test_resume_refuses_a_changed_config(tmp_path, real_data):
     path = _config_file(tmp_path, real_data)
     out = json.dumps(str(tmp_path / "run"))

@@ -1,14 +1,21 @@
-"""One few-shot training step of the H-SAM-Lite decoders, SAM's LayerNorm2d against the fused one, interleaved.
+"""One few-shot training step of the H-SAM-Lite decoders, two variants of a layer switched between steps, interleaved.
 
 The step is what ``hsam finetune`` runs per batch with a frozen encoder: both decoder stages on a batch of encoder
-outputs under the run's precision, the H-SAM loss, backward, AdamW. Between steps every ``LayerNorm2d`` of the model
-is switched between SAM's elementwise forward and :class:`hsam.model.common.LayerNorm2d`'s fused one (same
-parameters), so both see the same machine. Also times the label step of validation (``argmax(1)`` against
-``max(1).indices`` on [8,9,512,512] logits) and inference with each norm: eager fp32 ``predict`` of 3 slices and,
-with ``--ort``, ONNX Runtime per slice on a graph exported with each. Prints medians and spreads, CPU flags and
-load average. Usage:
+outputs under the run's precision, the H-SAM loss, backward, AdamW. Between steps the compared layer is switched in
+every module of the model (same parameters), so both variants see the same machine:
+
+- ``--compare norm``: SAM's elementwise ``LayerNorm2d`` against :class:`hsam.model.common.LayerNorm2d`'s fused one;
+  also times the label step of validation (``argmax(1)`` against ``max(1).indices`` on [8,9,512,512] logits) and
+  inference with each norm: eager fp32 ``predict`` of 3 slices and, with ``--ort``, ONNX Runtime per slice on a graph
+  exported with each.
+- ``--compare gelu``: ``nn.GELU`` against :class:`hsam.model.common.GELU` (the gradient handed to the kernel in the
+  input's layout); inference does not change (no autograd there), so only the step is timed.
+
+Prints medians and spreads, CPU flags and load average. Usage:
 
     python benchmarks/finetune/bench_decoder_step.py --rounds 5 --ort --json benchmarks/finetune/results/decoder_step.json
+    python benchmarks/finetune/bench_decoder_step.py --compare gelu --rounds 8 \
+        --json benchmarks/finetune/results/decoder_step_gelu.json
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hsam.engines.cpu import processor
-from hsam.model.common import LayerNorm2d
+from hsam.model.common import GELU, LayerNorm2d
 from hsam.model.sam_compat import modeling
 from hsam.training.losses import LossConfig, hsam_loss
 from hsam.training.model_setup import load_source_model
@@ -38,6 +45,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16" if processor().native_bf16 else "fp32")
+    parser.add_argument("--compare", choices=["norm", "gelu"], default="norm")
     parser.add_argument("--ort", action="store_true", help="also time ONNX Runtime on graphs exported with each norm")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -67,11 +75,15 @@ def main() -> int:
         optimizer.step()
         return time.perf_counter() - started
 
-    forwards = {"sam": modeling().common.LayerNorm2d.forward, "fused": LayerNorm2d.forward}
-    norms = [m for m in model.modules() if isinstance(m, LayerNorm2d)]
+    if args.compare == "norm":
+        forwards = {"sam": modeling().common.LayerNorm2d.forward, "fused": LayerNorm2d.forward}
+        switched = [m for m in model.modules() if isinstance(m, LayerNorm2d)]
+    else:
+        forwards = {"nn.GELU": torch.nn.GELU.forward, "hsam GELU": GELU.forward}
+        switched = [m for m in model.modules() if isinstance(m, GELU)]
 
     def use(name: str) -> None:
-        for module in norms:
+        for module in switched:
             module.forward = forwards[name].__get__(module)
 
     for name in forwards:  # warm-up
@@ -82,6 +94,13 @@ def main() -> int:
         for name in forwards:
             use(name)
             steps[name].append(step())
+
+    if args.compare == "gelu":
+        result = {"cpu": processor().describe(), "cpu_flags": sorted(processor().flags), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "precision": args.precision, "batch": args.batch,
+                  "rounds": args.rounds, "load_before": load_before, "load_after": _load(), "compare": "gelu",
+                  "step": {name: _summary(times) for name, times in steps.items()}, "raw": {"step": steps}}
+        return _finish(result, args.json)
 
     logits = torch.randn(8, model.num_outputs, 512, 512)
     assert torch.equal(logits.argmax(1), logits.max(1).indices)
@@ -120,22 +139,27 @@ def main() -> int:
                     session(images)
                     ort_slices[name].append((time.perf_counter() - started) / len(images))
 
-    def summary(times: list[float]) -> dict[str, float]:
-        return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
-                "max_s": round(max(times), 4)}
-
     result = {"cpu": processor().describe(), "cpu_flags": sorted(processor().flags), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "precision": args.precision, "batch": args.batch,
               "rounds": args.rounds, "load_before": load_before, "load_after": _load(),
-              "step": {name: summary(times) for name, times in steps.items()},
-              "labels_8x9x512x512": {name: summary(times) for name, times in labels.items()},
-              "eager_predict_3_slices_fp32": {name: summary(times) for name, times in predicts.items()},
-              "ort_per_slice": {name: summary(times) for name, times in ort_slices.items()},
+              "step": {name: _summary(times) for name, times in steps.items()},
+              "labels_8x9x512x512": {name: _summary(times) for name, times in labels.items()},
+              "eager_predict_3_slices_fp32": {name: _summary(times) for name, times in predicts.items()},
+              "ort_per_slice": {name: _summary(times) for name, times in ort_slices.items()},
               "raw": {"step": steps, "labels": labels, "predict": predicts, "ort": ort_slices}}
+    return _finish(result, args.json)
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+            "max_s": round(max(times), 4)}
+
+
+def _finish(result: dict, path: Path | None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "raw"}, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

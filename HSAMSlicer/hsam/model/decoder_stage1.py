@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from hsam.model.common import LayerNorm2d
+from hsam.model.common import GELU, LayerNorm2d
 from hsam.model.sam_compat import modeling
 
 _sam = modeling()
@@ -108,9 +108,9 @@ def upscaling(transformer_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
         LayerNorm2d(transformer_dim // 4),
-        nn.GELU(),
+        GELU(),
         nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-        nn.GELU(),
+        GELU(),
     )
 
 

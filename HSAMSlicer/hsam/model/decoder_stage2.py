@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hsam.model.cmattn import add_cmattn_modules, mask_guided_gain
-from hsam.model.common import LayerNorm2d
+from hsam.model.common import GELU, LayerNorm2d
 from hsam.model.decoder_stage1 import ClassTokenBlock, upscaling
 from hsam.model.sam_compat import modeling
 
@@ -151,10 +151,10 @@ class MaskDecoderStage2(nn.Module):
         self.skip_connect = nn.Sequential(
             _pixel_layer(transformer_dim // 4, transformer_dim // 8, pixel_upscale >= 2),
             LayerNorm2d(transformer_dim // 8),
-            nn.GELU(),
+            GELU(),
             _pixel_layer(transformer_dim // 8, transformer_dim // 16, pixel_upscale >= 4),
             LayerNorm2d(transformer_dim // 16),
-            nn.GELU(),
+            GELU(),
         )
         self.output_hypernetworks_mlps2 = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 16, 5) for _ in range(num_outputs)

@@ -7,7 +7,8 @@ Run folder (``output_dir``)::
     splits/train.txt(.json) the slices trained on (few-shot list, seed and per-organ counts)
     splits/val.txt          held-out validation volumes
     log.csv, curve.png      one row per epoch; the training curve
-    checkpoints/last.pt     everything needed to continue bit-identically (--resume)
+    checkpoints/last.pt     everything needed to continue bit-identically (--resume), written after the last
+                            epoch and after any epoch that ends ``state_every_s`` seconds after the previous write
     checkpoints/best.pt     trainable tensors of the best validation epoch
     checkpoints/epoch_N.pt  trainable tensors every ``checkpoint_every`` epochs
     model/                  the result (model.safetensors + model.json), also installed under its name
@@ -60,7 +61,7 @@ from hsam.training.state import (
 from hsam.training.validate import validate
 
 # Config keys that may change between a run and its resumption (everything else must match).
-_RESUMABLE_CHANGES = {"num_workers", "device", "output_dir", "tensorboard"}
+_RESUMABLE_CHANGES = {"num_workers", "device", "output_dir", "tensorboard", "state_every_s"}
 # curve.png is redrawn at most this often (and once at the end): a plot costs ~0.7 s, a few-shot epoch ~5 s
 CURVE_EVERY_S = 30.0
 
@@ -377,13 +378,14 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     val_scorer = ref_scorer = None
     if ddp.main:  # validation and the guard run on the main process only
         reuse = encoder_precision if encoded is not None else None
-        val_scorer = _scorer(model, val_volumes, reuse, organs, val_batch, device, autocast)
+        val_scorer = _scorer(model, val_volumes, reuse, organs, val_batch, device, autocast, precision)
         # the reference cases ship with the model: their encoder outputs are cached for the next fine-tune
-        ref_scorer = _scorer(model, reference, reuse, organs, val_batch, device, autocast, cache_as=encoder_name)
+        ref_scorer = _scorer(model, reference, reuse, organs, val_batch, device, autocast, precision,
+                             cache_as=encoder_name)
     if not resume and ddp.main:
         # the starting model on the held-out and reference cases: the "before" of a fine-tune
-        baseline = {"val": val_scorer() if val_scorer and source_card is not None else None,
-                    "reference": ref_scorer() if ref_scorer else None}
+        baseline = {"val": val_scorer(starting=True) if val_scorer and source_card is not None else None,
+                    "reference": ref_scorer(starting=True) if ref_scorer else None}
     elif resume:
         baseline = state.get("baseline") or {"val": None, "reference": None}
     else:
@@ -402,6 +404,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     board = logs.TensorBoard(out / "tensorboard", bool(config["tensorboard"])) if ddp.main else None
     val_every = int(config["validation"]["every"])
     curve_drawn, curve_rows = time.monotonic(), len(history)
+    state_every_s, state_saved = float(config["state_every_s"]), time.monotonic()
     total_steps = epochs * per_epoch
     step_report = (lambda: on_step(schedule.step_count, total_steps)) if on_step is not None and ddp.main else None
     finished = True
@@ -424,18 +427,24 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
             history.append(row)
             if on_epoch is not None and ddp.main:
                 on_epoch(row)
+            interrupted = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs
+            stalled = bool(patience and best is not None and validated
+                           and epoch - best["epoch"] >= patience * val_every)
+            last_epoch = epoch + 1 == epochs or interrupted or stalled
             rng_states = _gather_rng(ddp)
             if ddp.main:
                 if config["checkpoint_every"] and (epoch + 1) % int(config["checkpoint_every"]) == 0:
                     save_state(out / "checkpoints" / f"epoch_{epoch}.pt", {"model": trainable_state(model),
                                                                          "epoch": epoch})
-                save_state(last_path, {
-                    "epoch": epoch + 1, "step": schedule.step_count, "model": trainable_state(model),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states,
-                    "history": history, "best": best, "config": json.dumps(config, sort_keys=True),
-                    "world_size": ddp.world_size, "frozen_fingerprint": fingerprint, "baseline": baseline,
-                })
+                if last_epoch or time.monotonic() - state_saved >= state_every_s:
+                    save_state(last_path, {
+                        "epoch": epoch + 1, "step": schedule.step_count, "model": trainable_state(model),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states,
+                        "history": history, "best": best, "config": json.dumps(config, sort_keys=True),
+                        "world_size": ddp.world_size, "frozen_fingerprint": fingerprint, "baseline": baseline,
+                    })
+                    state_saved = time.monotonic()
                 logs.write_csv(out / "log.csv", history)
                 if time.monotonic() - curve_drawn >= CURVE_EVERY_S:
                     logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
@@ -443,10 +452,10 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
                 if board is not None:
                     board.log(row, schedule.step_count)
             ddp.barrier()
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
+            if interrupted:
                 finished = False
                 break
-            if patience and best is not None and validated and epoch - best["epoch"] >= patience * val_every:
+            if stalled:
                 info["stopped_early"] = {"epoch": epoch + 1, "best_epoch": best["epoch"] + 1}
                 break
     finally:
@@ -501,17 +510,24 @@ def _gather_rng(ddp: Distributed) -> list[dict[str, Any]]:
 
 
 def _scorer(model: torch.nn.Module, volumes: list[Volume], encoder_precision: Callable[[], Any] | None,
-            organs: list[int], batch_size: int, device: torch.device, autocast: Any,
-            cache_as: str | None = None) -> Callable[[], dict[str, float]] | None:
+            organs: list[int], batch_size: int, device: torch.device, autocast: Any, precision: str,
+            cache_as: str | None = None) -> Callable[..., dict[str, float]] | None:
     """A function giving the model's Dice on ``volumes`` now (None without volumes). With a frozen encoder
     (``encoder_precision``: the autocast of the run's encoder outputs) the volumes are encoded once here, or read
-    from the user's cache when ``cache_as`` names the precision, and every later call runs the decoders only."""
+    from the user's cache when ``cache_as`` names the precision, and every later call runs the decoders only; there,
+    ``starting=True`` (the starting model's figures) is also cached (:meth:`EncodedVolumes.starting_dice`)."""
     if not volumes:
         return None
     if encoder_precision is not None:
         encoded = EncodedVolumes(model, volumes, device, encoder_precision, cache_as)
-        return lambda: encoded.dice(model, organs, batch_size, autocast)
-    return lambda: validate(model, volumes, organs, batch_size, device, autocast)
+
+        def score(starting: bool = False) -> dict[str, float]:
+            if starting:
+                return encoded.starting_dice(model, organs, batch_size, autocast, precision)
+            return encoded.dice(model, organs, batch_size, autocast)
+
+        return score
+    return lambda starting=False: validate(model, volumes, organs, batch_size, device, autocast)
 
 
 def _reference_volumes(config: Mapping[str, Any]) -> list[Volume]:
