@@ -149,7 +149,9 @@ class WindowAttention(nn.Module):
         n, length, dim = x.shape
         qkv = self.qkv(self.norm(x)).view(n, length, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [N, heads, L, d]
-        bias = self.attention_biases[:, self.bias_index].to(q.dtype)  # [heads, L, L]
+        # [1, heads, L, L]: with a 4-D mask torch's CPU flash kernel runs; a 3-D one falls back to the unfused math
+        # path, 8x slower here (benchmarks/lite/bench_tinyvit_attention.py)
+        bias = self.attention_biases[:, self.bias_index].to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale d**-0.5 as in LiteMedSAM
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
