@@ -27,6 +27,7 @@ from hsam.engines.cpu import processor
 from hsam.model.tiny_vit import WindowAttention
 from hsam.samples import write_sample
 from hsam.training.augment import resize_image
+from hsam.volume.intensity import window as intensity_window
 from hsam.weights import load_named_model
 
 
@@ -44,9 +45,7 @@ def _slices(count: int, size: int, window: tuple[float, float]) -> torch.Tensor:
     """``count`` evenly spaced slices of the sample CT, windowed to [0, 1] and resized to the model input."""
     with tempfile.TemporaryDirectory() as folder:
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(write_sample("abdomen-ct", Path(folder) / "ct.nii.gz"))))
-    low, high = window
-    picked = image[np.linspace(0, len(image) - 1, count).round().astype(int)].astype(np.float32)
-    scaled = np.clip((picked - low) / (high - low), 0.0, 1.0)
+    scaled = intensity_window(image[np.linspace(0, len(image) - 1, count).round().astype(int)], *window)
     return torch.from_numpy(np.stack([resize_image(s, size) for s in scaled]))[:, None].expand(-1, 3, -1, -1)
 
 

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -101,12 +101,16 @@ def encoder_outputs_dir() -> Path:
     return hsam_home() / "cache" / "encoder-outputs"
 
 
-def _encoder_digest(encoder: torch.nn.Module) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    for name, tensor in encoder.state_dict().items():
+def _add_tensors(digest: hashlib._Hash, tensors: Iterable[tuple[str, torch.Tensor]]) -> hashlib._Hash:
+    """``digest`` updated with each tensor's name and bytes."""
+    for name, tensor in tensors:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest
+
+
+def _encoder_digest(encoder: torch.nn.Module) -> hashlib._Hash:
+    return _add_tensors(hashlib.sha256(), encoder.state_dict().items())
 
 
 class EncodedVolumes:
@@ -181,11 +185,9 @@ class EncodedVolumes:
         back instead of decoding the reference cases again (about 1.2 s for the demo's)."""
         if self.keys is None:
             return self.dice(model, organs, batch_size, autocast)
-        digest = hashlib.sha256(f"{self.keys}|{list(organs)}|{batch_size}|{precision}".encode())
-        for name, tensor in model.state_dict().items():
-            if not name.startswith("image_encoder."):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest = _add_tensors(hashlib.sha256(f"{self.keys}|{list(organs)}|{batch_size}|{precision}".encode()),
+                              ((name, tensor) for name, tensor in model.state_dict().items()
+                               if not name.startswith("image_encoder.")))
         for volume in self.volumes:
             digest.update(np.ascontiguousarray(volume.label))
         path = encoder_outputs_dir() / f"{digest.hexdigest()[:32]}.dice.json"
