@@ -67,6 +67,23 @@ def test_config_rejects_typos_and_applies_overrides(tmp_path):
     assert tiny["model"]["config"]["backbone"] == "vit_tiny" and tiny["epochs"] == 3
 
 
+@pytest.mark.parametrize("override, message", [
+    ("epochs=0", "epochs must be a positive integer"),
+    ("batch_size=2.5", "batch_size must be a positive integer"),
+    ("validation.every=-1", "validation.every must be an integer >= 0"),
+    ("checkpoint_every=\"10\"", "checkpoint_every must be an integer >= 0"),
+    ("checkpoint_every=-5", "checkpoint_every must be an integer >= 0"),
+    ("state_every_s=\"a minute\"", "state_every_s must be a number of seconds >= 0"),
+    ("state_every_s=-1", "state_every_s must be a number of seconds >= 0"),
+    ("state_every_s=true", "state_every_s must be a number of seconds >= 0"),
+])
+def test_config_values_of_the_wrong_kind_are_named(override, message):
+    with pytest.raises(HSAMError, match=message):
+        load_training_config("tiny", [override])
+    key = override.split("=")[0]
+    assert load_training_config("tiny", [f"{key}={'0' if 'every' in key else '1'}"])  # the edge value is accepted
+
+
 # ---------------------------------------------------------------------------------------------------------- schedule
 def test_learning_rate_schedule_matches_the_released_loop():
     base, warm, max_it = 0.0025, 250, 4200

@@ -213,6 +213,12 @@ def validate(config: Mapping[str, Any]) -> None:
         raise HSAMError("embedding_noise must be >= 0")
     if not isinstance(config["validation"]["every"], int) or config["validation"]["every"] < 0:
         raise HSAMError("validation.every must be an integer >= 0")
+    if not isinstance(config["checkpoint_every"], int) or config["checkpoint_every"] < 0:
+        raise HSAMError(f"checkpoint_every must be an integer >= 0 (0: no epoch checkpoints), "
+                        f"got {config['checkpoint_every']!r}")
+    every_s = config["state_every_s"]
+    if isinstance(every_s, bool) or not isinstance(every_s, (int, float)) or every_s < 0:
+        raise HSAMError(f"state_every_s must be a number of seconds >= 0, got {every_s!r}")
     parts = {"image_encoder", "lora", "prompt_encoder", "mask_decoder", "mask_decoder2"}
     bad = set(config["model"]["freeze"]) - parts
     if bad:

@@ -433,7 +433,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
             last_epoch = epoch + 1 == epochs or interrupted or stalled
             rng_states = _gather_rng(ddp)
             if ddp.main:
-                if config["checkpoint_every"] and (epoch + 1) % int(config["checkpoint_every"]) == 0:
+                if config["checkpoint_every"] and (epoch + 1) % config["checkpoint_every"] == 0:
                     save_state(out / "checkpoints" / f"epoch_{epoch}.pt", {"model": trainable_state(model),
                                                                          "epoch": epoch})
                 if last_epoch or time.monotonic() - state_saved >= state_every_s:
