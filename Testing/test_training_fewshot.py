@@ -15,7 +15,7 @@ import torch
 from hsam.cli import main
 from hsam.labels import remap_labels
 from hsam.training.config import load_training_config
-from hsam.training.trainer import train
+from hsam.training.trainer import held_out_figures, train
 
 
 def _write_case(folder, image, labels) -> None:
@@ -125,13 +125,17 @@ def test_a_fine_tune_worse_on_the_held_out_cases_says_so(after, warned, tmp_path
     from hsam.cli.progress import Reporter
     from hsam.cli.train import _report
 
+    held = held_out_figures(0.38, after)
+    assert held["worse_than_start"] is warned
     result = SimpleNamespace(history=[{"epoch": 3, "loss": 0.4}], output_dir=tmp_path, finished=True,
                              best={"epoch": 0, "val_dice": after}, model_dir=tmp_path / "model", installed=None,
-                             info={"held_out": {"dice_before": 0.38, "dice_after": after}})
-    assert _report(result, Reporter("bar")) == 0
-    out = capsys.readouterr().out
-    assert f"held-out Dice: 0.380 before, {after:.3f} after" in out
-    assert ("warning: no epoch of this fine-tune beat the starting model" in out) is warned
+                             info={"held_out": held})
+    assert _report(result, Reporter("json")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"held-out Dice: 0.380 before, {after:.3f} after" in lines
+    assert any("warning: no epoch of this fine-tune beat the starting model" in line for line in lines) is warned
+    finished = json.loads(next(line for line in lines if line.startswith('{"finished"')))
+    assert finished["held_out"]["worse_than_start"] is warned  # what the Slicer module reads
 
 
 def test_training_stops_after_patience_validations_without_gain(tmp_path, real_data):

@@ -332,9 +332,7 @@ class HSAMSlicerLogic:
     def finetune_worse_than_base(result: dict) -> bool:
         """Whether a finished fine-tune (``result``: the ``finished`` line of ``hsam finetune --progress json``)
         scored lower than its starting model on the held-out cases; then the starting model should stay in use."""
-        held = result.get("held_out") or {}
-        before, after = held.get("dice_before"), held.get("dice_after")
-        return before is not None and after is not None and after < before
+        return bool((result.get("held_out") or {}).get("worse_than_start"))
 
     @staticmethod
     def downloaded_models() -> list[str]:

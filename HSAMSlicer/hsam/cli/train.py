@@ -96,7 +96,7 @@ def _report(result, reporter, fewshot: bool = False) -> int:
     held = result.info.get("held_out")
     if held is not None:
         print(f"held-out Dice: {_fmt(held['dice_before'])} before, {_fmt(held['dice_after'])} after")
-        if held["dice_after"] < held["dice_before"]:
+        if held["worse_than_start"]:
             print("warning: no epoch of this fine-tune beat the starting model on the held-out case(s); keep using "
                   "the starting model, or correct more slices (or lower --set optim.base_lr=...) and fine-tune again")
     reporter.finished(

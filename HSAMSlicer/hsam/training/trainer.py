@@ -475,7 +475,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
             guard = _guard_figures(reference, baseline["reference"], ref_scorer())
             info["forgetting_guard"] = guard
         if baseline["val"] is not None and best is not None:
-            info["held_out"] = {"dice_before": baseline["val"]["dice"], "dice_after": best["val_dice"]}
+            info["held_out"] = held_out_figures(baseline["val"]["dice"], best["val_dice"])
         extra = {"training": {"epochs": epochs, "batch_size": batch_size, "best": best, "precision": precision,
                               "processes": ddp.world_size, "train_slices": info["train_slices"],
                               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -540,6 +540,12 @@ def _reference_volumes(config: Mapping[str, Any]) -> list[Volume]:
 
     return load_source_volumes(source, data["window"], data["orientation"],
                                resolve_label_map(source.get("label_map")))
+
+
+def held_out_figures(dice_before: float, dice_after: float) -> dict[str, Any]:
+    """The held-out record of a fine-tune. ``worse_than_start``: no epoch beat the starting model there, so the
+    starting model should stay in use (the CLI warns, the Slicer module keeps the base selected)."""
+    return {"dice_before": dice_before, "dice_after": dice_after, "worse_than_start": dice_after < dice_before}
 
 
 def _guard_figures(volumes: list[Volume], before: dict[str, float] | None, after: dict[str, float]) -> dict[str, Any]:
