@@ -18,8 +18,9 @@ another contrast phase (``stress.py``, own seeds); they are not used for trainin
 Per copy (copy 0 of a CT slice: the slice as inference sees it):
 * appearance: CT slices 35 % synthesised from the label map (``synth.synthesize``: a random CT-plausible HU per
   structure, texture, gas or oral contrast in hollow organs, bias field, blur, lower resolution, noise), 30 % real
-  with a share of the structures moved to new mean HU (``synth.remap_structures``: other contrast phases), 35 % real
-  (``--synth-share``, ``--restyle-share``); MR slices always synthesised;
+  with a share of the structures moved to new mean HU (``synth.remap_structures``), 0 % real with every enhancing
+  structure and the stomach moved to one coherent contrast phase (``synth.contrast_phase``: native, arterial, venous,
+  delayed), 35 % real (``--synth-share``, ``--restyle-share``, ``--phase-share``); MR slices always synthesised;
 * framing: with p=0.15 the slice as it comes (resized to 256); otherwise a square field of view of 280-520 mm around
   the body centre (420-600 mm when arms are added, body size x0.7-1.0 then), shifted by up to 25 mm, body size
   x0.8-1.2 with x/y jitter of +-8 %, rotation +-12 deg; 40 % rendered at 512 px and shrunk to 256 exactly as
@@ -167,9 +168,10 @@ class Source:
 
 
 def variant(src: Source, z: int, rng: np.random.Generator, augment: bool, synth_share: float = 0.35,
-            restyle_share: float = 0.30) -> tuple[np.ndarray, np.ndarray]:
-    """One training copy of slice ``z``: appearance (real / remapped / synthesised, the shares of augmented CT copies
-    given), framing, arms, table, shape, scanner effects. Copy 0 of a CT slice is the slice as inference sees it."""
+            restyle_share: float = 0.30, phase_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """One training copy of slice ``z``: appearance (real / remapped / contrast phase / synthesised, the shares of
+    augmented CT copies given), framing, arms, table, shape, scanner effects. Copy 0 of a CT slice is the slice as
+    inference sees it."""
     hu, full = src.image[z].astype(np.float32), src.full[z]
     if not augment and src.is_ct:
         image, lab = plain(hu, full)
@@ -179,6 +181,8 @@ def variant(src: Source, z: int, rng: np.random.Generator, augment: bool, synth_
         hu = synth.degrade(synth.synthesize(hu, full, src.names, src.body[z], src.is_ct, rng), rng)
     elif look < synth_share + restyle_share:
         hu = synth.remap_structures(hu, full, src.names, rng)
+    elif look < synth_share + restyle_share + phase_share:
+        hu = synth.contrast_phase(hu, full, src.names, str(rng.choice(list(synth.CONTRAST_PHASES))), rng)
     if rng.random() < 0.15:
         image, lab = plain(hu, full)
     else:
@@ -272,11 +276,16 @@ def main() -> None:
     parser.add_argument("--synth-share", type=float, default=0.35,
                         help="share of augmented CT copies synthesised from the label map")
     parser.add_argument("--restyle-share", type=float, default=0.30,
-                        help="share of augmented CT copies with structures moved to new HU (the rest: real HU)")
+                        help="share of augmented CT copies with structures moved to new HU")
+    parser.add_argument("--phase-share", type=float, default=0.0,
+                        help="share of augmented CT copies drawn as in a random contrast phase "
+                        "(synth.CONTRAST_PHASES; the rest: real HU)")
     parser.add_argument("--seed", type=int, default=2345)
     args = parser.parse_args()
-    if not (0.0 <= args.synth_share and 0.0 <= args.restyle_share and args.synth_share + args.restyle_share <= 1.0):
-        parser.error("--synth-share and --restyle-share must be >= 0 and add up to at most 1 (the rest keeps the real HU)")
+    shares = (args.synth_share, args.restyle_share, args.phase_share)
+    if min(shares) < 0.0 or sum(shares) > 1.0:
+        parser.error("--synth-share, --restyle-share and --phase-share must be >= 0 and add up to at most 1 "
+                     "(the rest keeps the real HU)")
 
     ct_src = load_ct_source(args.data)
     sources = [ct_src] + ([load_mr_source(args.data)] if args.mr_variants else [])
@@ -303,7 +312,7 @@ def main() -> None:
             copies = per_slice * (2 if np.isin(labels[z], RARE_ORGANS).any() else 1)
             for v in range(copies if organ else args.negative_variants):
                 image, lab = variant(src, z, rng, augment=v > 0 or not src.is_ct, synth_share=args.synth_share,
-                                     restyle_share=args.restyle_share)
+                                     restyle_share=args.restyle_share, phase_share=args.phase_share)
                 name = f"{src.name}{v}_slice{z:03d}"  # one "case" per variant; slice names stay Synapse-style
                 atomic_savez(out_train / f"{name}.npz", image=image, label=lab)
                 names.append(name)
@@ -331,7 +340,7 @@ def main() -> None:
                "held_out_organ_voxels": organ_voxels,
                "window": WINDOW, "size": SIZE, "seed": args.seed, "variants": args.variants,
                "mr_variants": args.mr_variants, "synth_share": args.synth_share,
-               "restyle_share": args.restyle_share}
+               "restyle_share": args.restyle_share, "phase_share": args.phase_share}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
 

@@ -1,11 +1,14 @@
 """A framing/contrast stress version of a CT volume: 512x512 at 0.98 mm, arms down beside the body, a table,
 arterial-phase aorta, water-filled stomach, fine-pixel noise (the setting in which the first demo model failed).
 
-Built from the training patient (``example_ct``), so it measures robustness to framing, arms and contrast, not
-generalisation to other anatomy. The arms come from the same generator family as the training pool's
-(``synth.add_arm``) with their own seed, so this test is kinder to the new model than real arms would be.
+``stress_ct`` is built from the training patient (``example_ct``), so it measures robustness to framing, arms and
+contrast, not generalisation to other anatomy. ``unseen_<phase>`` is the other anatomy here: the MR patient's label
+map drawn as a CT of one contrast phase (``synth.synthesize`` with ``synth.phase_prior``), framed the same way. It is
+held out only from models trained without the MR anatomy (``prepare_data.py --mr-variants 0``), and its images are
+synthetic. The arms come from the same generator family as the training pool's (``synth.add_arm``) with their own
+seed, so these tests are kinder to the new model than real arms would be.
 
-    python benchmarks/lite/stress.py --data ../shared/data/real --out runs/stress   # writes stress_ct_{image,label}
+    python benchmarks/lite/stress.py --data ../shared/data/real --out runs/stress   # stress_ct_*, unseen_venous_*
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ def restyle(hu: np.ndarray, full: np.ndarray, names: dict[int, str], rng: np.ran
 
 
 def stress_volume(ct: np.ndarray, full: np.ndarray, names: dict[int, str], hsam: np.ndarray, spacing: float,
-                  centre: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  centre: np.ndarray, seed: int, render=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(int16 HU [z, 512, 512], uint8 H-SAM labels, uint8 mask of the added arms and table) on a 500 mm field of
-    view around ``centre`` (row, col)."""
+    view around ``centre`` (row, col). ``render(z, rng)`` draws slice z in HU (default: ``restyle`` of ``ct[z]``)."""
     rng = np.random.default_rng(seed)
+    render = render or (lambda z, rng: restyle(ct[z], full[z], names, rng))
     arms = [synth.arm_params(rng) for _ in range(2)]
     arms[0]["gap"], arms[1]["gap"] = -4.0, 8.0  # one arm resting on the body, one just apart
     arms[0]["bones"] = arms[1]["bones"] = 1  # upper arms
@@ -52,7 +56,7 @@ def stress_volume(ct: np.ndarray, full: np.ndarray, names: dict[int, str], hsam:
     offset = centre - matrix @ np.array([(OUT_SIZE - 1) / 2, (OUT_SIZE - 1) / 2])
     images, labels, added = [], [], []
     for z in range(ct.shape[0]):
-        hu = restyle(ct[z], full[z], names, rng)
+        hu = render(z, rng)
         image = ndimage.affine_transform(hu, matrix, offset, output_shape=(OUT_SIZE, OUT_SIZE), order=3,
                                          mode="constant", cval=synth.AIR_HU)
         label = ndimage.affine_transform(hsam[z], matrix, offset, output_shape=(OUT_SIZE, OUT_SIZE), order=0,
@@ -73,19 +77,34 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/real"))
     parser.add_argument("--out", type=Path, default=Path("runs/stress"))
     parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--phases", default="venous,native",
+                        help=f"contrast phases of the unseen-anatomy cases, of {','.join(synth.CONTRAST_PHASES)}")
     args = parser.parse_args()
 
-    from prepare_data import body_centre, load_ct_source, write_volume
+    from prepare_data import body_centre, load_ct_source, load_mr_source, write_volume
 
-    src = load_ct_source(args.data)
-    image, label, added = stress_volume(src.image, src.full, src.names, src.hsam_labels(src.full), src.spacing,
-                                 body_centre(src.image), args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    spacing = (src.spacing, OUT_MM, OUT_MM)
-    write_volume(image, spacing, args.out / "stress_ct_image.nii.gz")
-    write_volume(label, spacing, args.out / "stress_ct_label.nii.gz")
-    write_volume(added, spacing, args.out / "stress_ct_added.nii.gz")  # where arms and table are (scored: no organ)
-    print(args.out, image.shape)
+
+    def write(name: str, src, volume) -> None:
+        image, label, added = volume
+        spacing = (src.spacing, OUT_MM, OUT_MM)
+        write_volume(image, spacing, args.out / f"{name}_image.nii.gz")
+        write_volume(label, spacing, args.out / f"{name}_label.nii.gz")
+        write_volume(added, spacing, args.out / f"{name}_added.nii.gz")  # arms and table (scored: no organ there)
+        print(args.out / name, image.shape)
+
+    ct = load_ct_source(args.data)
+    write("stress_ct", ct, stress_volume(ct.image, ct.full, ct.names, ct.hsam_labels(ct.full), ct.spacing,
+                                         body_centre(ct.image), args.seed))
+    mr = load_mr_source(args.data)
+    for phase in filter(None, args.phases.split(",")):
+        def render(z: int, rng: np.random.Generator, phase: str = phase) -> np.ndarray:
+            hu = synth.synthesize(mr.image[z], mr.full[z], mr.names, mr.body[z], False, rng,
+                                  priors=synth.phase_prior(phase, rng))
+            return synth.degrade(hu, rng)
+
+        write(f"unseen_{phase}", mr, stress_volume(mr.image, mr.full, mr.names, mr.hsam_labels(mr.full), mr.spacing,
+                                                   mr.centre, args.seed, render))
 
 
 if __name__ == "__main__":

@@ -40,12 +40,50 @@ DEFAULT_PRIOR = (10.0, 90.0)  # adrenals, spinal cord, prostate, thyroid, brain:
 HOLLOW = ("stomach", "duodenum", "small_bowel", "colon")  # may hold gas or oral contrast
 FAT, SOFT = (-130.0, -60.0), (15.0, 75.0)
 
+# Coherent contrast phases (issue 15: the hidden patient is contrast-enhanced, the training patient and the dcmqi
+# patient are not): (keywords, HU range) of the structures that enhance, first match wins; approximate values of
+# 120 kVp abdominal CT. Structures not listed (bone, muscle, fat, gallbladder, ...) keep their HU.
+CONTRAST_PHASES: dict[str, tuple[tuple[tuple[str, ...], tuple[float, float]], ...]] = {
+    "native": ((("aorta", "artery", "vena", "vein", "heart"), (35.0, 55.0)), (("kidney_cyst",), (-10.0, 20.0)),
+               (("kidney",), (25.0, 45.0)), (("liver",), (45.0, 70.0)), (("spleen",), (40.0, 55.0)),
+               (("pancreas",), (30.0, 50.0))),
+    "arterial": ((("aorta", "artery", "atrial_appendage"), (230.0, 400.0)),
+                 (("portal_vein", "heart"), (120.0, 220.0)), (("vena", "vein"), (60.0, 120.0)),
+                 (("kidney_cyst",), (-10.0, 20.0)), (("kidney",), (130.0, 230.0)), (("liver",), (60.0, 85.0)),
+                 (("spleen",), (90.0, 150.0)), (("pancreas",), (95.0, 140.0))),
+    "venous": ((("aorta", "artery", "atrial_appendage"), (140.0, 210.0)), (("vena", "vein", "heart"), (120.0, 190.0)),
+               (("kidney_cyst",), (-10.0, 20.0)), (("kidney",), (140.0, 210.0)), (("liver",), (95.0, 135.0)),
+               (("spleen",), (105.0, 135.0)), (("pancreas",), (85.0, 115.0))),
+    "delayed": ((("aorta", "artery", "vena", "vein", "heart"), (95.0, 135.0)), (("kidney_cyst",), (-10.0, 20.0)),
+                (("kidney",), (110.0, 170.0)), (("liver",), (75.0, 100.0)), (("spleen",), (75.0, 100.0)),
+                (("pancreas",), (65.0, 90.0))),
+}
+STOMACH_CONTENTS = ((-5.0, 20.0), (20.0, 50.0), (60.0, 110.0))  # water, food, enhanced wall and collapsed lumen
 
-def prior(name: str) -> tuple[float, float]:
-    for keys, span in HU_PRIORS:
+
+def _first_match(name: str, table) -> tuple[float, float] | None:
+    for keys, span in table:
         if any(key in name for key in keys):
             return span
-    return DEFAULT_PRIOR
+    return None
+
+
+def prior(name: str) -> tuple[float, float]:
+    return _first_match(name, HU_PRIORS) or DEFAULT_PRIOR
+
+
+def phase_prior(phase: str, rng: np.random.Generator):
+    """``prior`` for one slice in one contrast phase: the phase's range for the structures that enhance, ``prior``
+    for the rest; the stomach holds one of water, food or a collapsed enhanced wall, drawn once per slice."""
+    table = CONTRAST_PHASES[phase]
+    stomach = STOMACH_CONTENTS[int(rng.integers(len(STOMACH_CONTENTS)))]
+
+    def phased(name: str) -> tuple[float, float]:
+        if "stomach" in name:
+            return stomach
+        return _first_match(name, table) or prior(name)
+
+    return phased
 
 
 def smooth_field(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -71,10 +109,10 @@ def tissue_classes(image: np.ndarray, body: np.ndarray, is_ct: bool, rng: np.ran
 
 
 def synthesize(image: np.ndarray, full_labels: np.ndarray, names: dict[int, str], body: np.ndarray, is_ct: bool,
-               rng: np.random.Generator) -> np.ndarray:
+               rng: np.random.Generator, priors=prior) -> np.ndarray:
     """A CT-like slice (HU) drawn from the label map ``full_labels`` (TotalSegmentator ids, names in ``names``).
 
-    Each structure gets one random value from its prior, a random texture (smooth + fine), hollow organs sometimes
+    Each structure gets one random value from its prior (``priors``: name -> HU range), a random texture (smooth + fine), hollow organs sometimes
     gas pockets or oral contrast; unlabelled body voxels become fat / soft tissue / gas by ``tissue_classes``."""
     out = np.full(image.shape, AIR_HU, dtype=np.float32)
     classes = tissue_classes(image, body, is_ct, rng)
@@ -86,7 +124,7 @@ def synthesize(image: np.ndarray, full_labels: np.ndarray, names: dict[int, str]
             continue
         mask = full_labels == value
         name = names.get(int(value), "")
-        out[mask] = rng.uniform(*prior(name))
+        out[mask] = rng.uniform(*priors(name))
         if any(key in name for key in HOLLOW) and rng.random() < 0.35:
             pocket = mask & (smooth_field(image.shape, rng.uniform(2.0, 5.0), rng) > rng.uniform(0.2, 0.6))
             out[pocket] = rng.uniform(-1000.0, -700.0) if rng.random() < 0.7 else rng.uniform(150.0, 500.0)
@@ -106,6 +144,22 @@ def remap_structures(image: np.ndarray, full_labels: np.ndarray, names: dict[int
         mask = full_labels == value
         lo, hi = prior(names.get(int(value), ""))
         out[mask] += rng.uniform(lo, hi) - float(np.median(image[mask]))
+    return out
+
+
+def contrast_phase(image: np.ndarray, full_labels: np.ndarray, names: dict[int, str], phase: str,
+                   rng: np.random.Generator) -> np.ndarray:
+    """The real CT slice as in another contrast phase (``CONTRAST_PHASES``): every enhancing structure and the
+    stomach moved to a mean HU of that phase, their real texture and everything else kept."""
+    out = image.astype(np.float32).copy()
+    priors = phase_prior(phase, rng)
+    table = CONTRAST_PHASES[phase]
+    for value in np.unique(full_labels):
+        name = names.get(int(value), "")
+        if value == 0 or not ("stomach" in name or _first_match(name, table)):
+            continue
+        mask = full_labels == value
+        out[mask] += rng.uniform(*priors(name)) - float(np.median(image[mask]))
     return out
 
 
