@@ -18,7 +18,7 @@ import torch
 BUNDLE = Path(__file__).resolve().parents[2] / "HSAMSlicer" / "hsam" / "bundled_models" / "hsam-lite-demo"
 
 LIMITATIONS = (
-    "Demonstration model. Trained on ONE patient (the TotalSegmentator test CT, 3 mm, contrast-enhanced) with "
+    "Demonstration model. Trained on ONE patient (the TotalSegmentator test CT, 3 mm, without contrast) with "
     "TotalSegmentator's automatic labels as targets, not manual ground truth. Its Dice on that patient says little "
     "about other patients, scanners or contrast phases; small organs (gallbladder, pancreas, aorta, kidneys) are "
     "unreliable. Not for clinical use. Fine-tune it on your own corrected cases (hsam finetune) or use the paper's "

@@ -7,8 +7,9 @@ the H-SAM organs (``nan``: organ absent from both). ``dcmqi_liver`` is a patient
 labelled there, so only the liver is scored. ``stress_ct`` is the training patient re-framed as the hidden patient of
 issue 15 (512x512, 0.98 mm, arms down, table, arterial aorta, water-filled stomach; ``benchmarks/lite/stress.py``
 writes it): robustness to framing and contrast, not generalisation. ``unseen_venous`` / ``unseen_native`` are another
-anatomy in that setting: the MR patient's label map drawn as contrast-enhanced / plain CT (synthetic images). Recall (share of the reference found) and
-precision (share of the prediction that is right) are reported next to Dice: under- and over-segmentation differ.
+anatomy in that setting: the MR patient's label map drawn as contrast-enhanced / plain CT (synthetic images). Recall
+(share of the reference found) and precision (share of the prediction that is right) are reported next to Dice:
+under- and over-segmentation differ.
 
 ``--output stage1`` replaces the stage-3 fusion by the stage-1 decoder alone (the SAMed-style ablation);
 ``--state`` loads the trainable tensors of a training checkpoint (``checkpoints/last.pt`` or ``epoch_N.pt``) into the
