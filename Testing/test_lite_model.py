@@ -7,6 +7,8 @@ The bundled file holds only the trained tensors (fp16, under 25 MB); segmenting 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from conftest import needs_litemedsam
 
@@ -26,6 +28,19 @@ def test_demo_model_is_bundled_and_installed_by_default() -> None:
     assert (demo.path / "model.safetensors").stat().st_size < 25e6
     assert default_model_id() == DEMO_ID  # the only model on a fresh machine
     assert resolve_model(DEMO_ID) == (DEMO_ID, demo.path)
+    assert demo.card["name"] == DEMO_ID  # fine-tunes name themselves after it and find its reference cases by it
+
+
+def test_demo_model_has_its_forgetting_guard_reference_cases() -> None:
+    from types import SimpleNamespace
+
+    from hsam.training.reference import reference_cases
+    from hsam.weights import available_models
+
+    card = next(m.card for m in available_models() if m.id == DEMO_ID)
+    reference = reference_cases(SimpleNamespace(name=card["name"], extra=card.get("extra")))
+    assert reference is not None and reference["name"] == DEMO_ID
+    assert any(Path(reference["root"]).iterdir())
 
 
 def test_installed_model_with_the_same_id_takes_precedence(tmp_path) -> None:

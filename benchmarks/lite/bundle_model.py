@@ -75,8 +75,8 @@ def main() -> None:
     from hsam.training.config import load_training_config
 
     config = load_training_config(args.config)
-    card = dataclasses.replace(card, title=config["title"], training_data=config["card"]["training_data"],
-                               license=config["card"]["license"])
+    card = dataclasses.replace(card, name=args.out.name, title=config["title"],  # the id users and guards know
+                               training_data=config["card"]["training_data"], license=config["card"]["license"])
     if args.note:
         extra["training_note"] = args.note
     extra.update({"limitations": LIMITATIONS, "reproduce": reproduce(args.config, args.model), "stored_dtype": "float16",
