@@ -112,8 +112,9 @@ def synthesize(image: np.ndarray, full_labels: np.ndarray, names: dict[int, str]
                rng: np.random.Generator, priors=prior) -> np.ndarray:
     """A CT-like slice (HU) drawn from the label map ``full_labels`` (TotalSegmentator ids, names in ``names``).
 
-    Each structure gets one random value from its prior (``priors``: name -> HU range), a random texture (smooth + fine), hollow organs sometimes
-    gas pockets or oral contrast; unlabelled body voxels become fat / soft tissue / gas by ``tissue_classes``."""
+    Each structure gets one random value from its prior (``priors``: name -> HU range), a random texture (smooth +
+    fine), hollow organs sometimes gas pockets or oral contrast; unlabelled body voxels become fat / soft tissue / gas
+    by ``tissue_classes``."""
     out = np.full(image.shape, AIR_HU, dtype=np.float32)
     classes = tissue_classes(image, body, is_ct, rng)
     unlabelled = full_labels == 0
