@@ -40,9 +40,10 @@ def main() -> None:
     report = {}
     for mode, (labels, seconds, ran) in runs.items():
         organ_dice = {card.classes[k]: dice(labels == k, reference == k) for k in range(1, 9)}
+        lowest = min((v, organ) for organ, v in organ_dice.items() if not math.isnan(v))
         report[mode] = {"ran": ran, "seconds_per_slice": round(seconds / labels.shape[0], 3),
                         "identical_voxels": round(float((labels == reference).mean()), 5),
-                        "min_dice_vs_eager": round(min(v for v in organ_dice.values() if not math.isnan(v)), 4)}
+                        "min_dice_vs_eager": round(lowest[0], 4), "lowest_organ": lowest[1]}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
