@@ -27,7 +27,7 @@ Per copy (copy 0 of a CT slice: the slice as inference sees it):
   ``segment_volume`` does (the fine pixels of 512x512 scans);
 * arms down beside the trunk (p=0.55; both with p=0.8): fat, muscle and one or two bones, touching the skin or up to
   30 mm apart, drawn only into air and labelled background; a table (p=0.35), also background;
-* shape: with p=0.6 a smooth elastic deformation (up to ~8 px at 256);
+* shape: with p=0.6 a smooth elastic deformation (up to ~8 px at 256, times ``--elastic-strength``);
 * intensity: HU' = (HU - 40) * a + 40 + b with a in [0.85, 1.15], b in [-25, 25] HU; then one of blur, noise or an
   unsharp mask; gamma in [0.85, 1.2] after windowing.
 Slices with the small, rare organs (gallbladder, pancreas) get twice the copies.
@@ -107,12 +107,13 @@ def reframe(hu: np.ndarray, label: np.ndarray, spacing: float, rng: np.random.Ge
     return image, lab, mm_per_out
 
 
-def elastic(hu: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The same smooth random displacement applied to image (cubic) and labels (nearest); sized for 256 px,
-    scaled with the slice."""
+def elastic(hu: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+            strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The same smooth random displacement applied to image (cubic) and labels (nearest); sized for 256 px (up to
+    8 px times ``strength``), scaled with the slice."""
     factor = hu.shape[0] / SIZE
     sigma = rng.uniform(10.0, 16.0) * factor
-    amplitude = rng.uniform(3.0, 8.0) * factor
+    amplitude = rng.uniform(3.0, 8.0) * factor * strength
     fields = []
     for _ in range(2):
         field = ndimage.gaussian_filter(rng.standard_normal(hu.shape), sigma)
@@ -168,7 +169,8 @@ class Source:
 
 
 def variant(src: Source, z: int, rng: np.random.Generator, augment: bool, synth_share: float = 0.35,
-            restyle_share: float = 0.30, phase_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+            restyle_share: float = 0.30, phase_share: float = 0.0,
+            elastic_strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One training copy of slice ``z``: appearance (real / remapped / contrast phase / synthesised, the shares of
     augmented CT copies given), framing, arms, table, shape, scanner effects. Copy 0 of a CT slice is the slice as
     inference sees it."""
@@ -197,7 +199,7 @@ def variant(src: Source, z: int, rng: np.random.Generator, augment: bool, synth_
         if rng.random() < 0.35:
             synth.add_table(image, mm, rng)
     if rng.random() < 0.6:
-        image, lab = elastic(image, lab, rng)
+        image, lab = elastic(image, lab, rng, elastic_strength)
     image = window01(intensity(image, rng))
     if image.shape != (SIZE, SIZE):
         image = shrink_like_inference(image)
@@ -280,6 +282,8 @@ def main() -> None:
     parser.add_argument("--phase-share", type=float, default=0.0,
                         help="share of augmented CT copies drawn as in a random contrast phase "
                         "(synth.CONTRAST_PHASES; the rest: real HU)")
+    parser.add_argument("--elastic-strength", type=float, default=1.0,
+                        help="scales the elastic deformation's amplitude (1: up to ~8 px at 256)")
     parser.add_argument("--seed", type=int, default=2345)
     args = parser.parse_args()
     shares = (args.synth_share, args.restyle_share, args.phase_share)
@@ -312,7 +316,8 @@ def main() -> None:
             copies = per_slice * (2 if np.isin(labels[z], RARE_ORGANS).any() else 1)
             for v in range(copies if organ else args.negative_variants):
                 image, lab = variant(src, z, rng, augment=v > 0 or not src.is_ct, synth_share=args.synth_share,
-                                     restyle_share=args.restyle_share, phase_share=args.phase_share)
+                                     restyle_share=args.restyle_share, phase_share=args.phase_share,
+                                     elastic_strength=args.elastic_strength)
                 name = f"{src.name}{v}_slice{z:03d}"  # one "case" per variant; slice names stay Synapse-style
                 atomic_savez(out_train / f"{name}.npz", image=image, label=lab)
                 names.append(name)
@@ -340,7 +345,8 @@ def main() -> None:
                "held_out_organ_voxels": organ_voxels,
                "window": WINDOW, "size": SIZE, "seed": args.seed, "variants": args.variants,
                "mr_variants": args.mr_variants, "synth_share": args.synth_share,
-               "restyle_share": args.restyle_share, "phase_share": args.phase_share}
+               "restyle_share": args.restyle_share, "phase_share": args.phase_share,
+               "elastic_strength": args.elastic_strength}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
 
