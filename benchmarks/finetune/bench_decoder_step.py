@@ -95,12 +95,12 @@ def main() -> int:
             use(name)
             steps[name].append(step())
 
+    result = {"cpu": processor().describe(), "cpu_flags": sorted(processor().flags), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "precision": args.precision, "batch": args.batch,
+              "rounds": args.rounds, "load_before": load_before, "compare": args.compare,
+              "step": {name: _summary(times) for name, times in steps.items()}, "raw": {"step": steps}}
     if args.compare == "gelu":
-        result = {"cpu": processor().describe(), "cpu_flags": sorted(processor().flags), "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "precision": args.precision, "batch": args.batch,
-                  "rounds": args.rounds, "load_before": load_before, "load_after": _load(), "compare": "gelu",
-                  "step": {name: _summary(times) for name, times in steps.items()}, "raw": {"step": steps}}
-        return _finish(result, args.json)
+        return _finish(dict(result, load_after=_load()), args.json)
 
     logits = torch.randn(8, model.num_outputs, 512, 512)
     assert torch.equal(logits.argmax(1), logits.max(1).indices)
@@ -139,14 +139,11 @@ def main() -> int:
                     session(images)
                     ort_slices[name].append((time.perf_counter() - started) / len(images))
 
-    result = {"cpu": processor().describe(), "cpu_flags": sorted(processor().flags), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "precision": args.precision, "batch": args.batch,
-              "rounds": args.rounds, "load_before": load_before, "load_after": _load(),
-              "step": {name: _summary(times) for name, times in steps.items()},
-              "labels_8x9x512x512": {name: _summary(times) for name, times in labels.items()},
-              "eager_predict_3_slices_fp32": {name: _summary(times) for name, times in predicts.items()},
-              "ort_per_slice": {name: _summary(times) for name, times in ort_slices.items()},
-              "raw": {"step": steps, "labels": labels, "predict": predicts, "ort": ort_slices}}
+    result.update(load_after=_load(),
+                  labels_8x9x512x512={name: _summary(times) for name, times in labels.items()},
+                  eager_predict_3_slices_fp32={name: _summary(times) for name, times in predicts.items()},
+                  ort_per_slice={name: _summary(times) for name, times in ort_slices.items()},
+                  raw={"step": steps, "labels": labels, "predict": predicts, "ort": ort_slices})
     return _finish(result, args.json)
 
 

@@ -59,6 +59,8 @@ def main() -> None:
                         help="the training config of that run: its title and card section are used")
     parser.add_argument("--note", default="", help="added to the card's extra.training_note")
     args = parser.parse_args()
+    if args.config.stem not in DATA_STEPS:
+        parser.error(f"--config {args.config}: no recipe to record for it; bundled recipes: {', '.join(DATA_STEPS)}")
 
     from hsam.model.checkpoint import load_model, save_model
 
