@@ -15,6 +15,7 @@ import torch
 from hsam.cli import main
 from hsam.labels import remap_labels
 from hsam.training.config import load_training_config
+from hsam.training.model_setup import build_training_model
 from hsam.training.trainer import held_out_figures, train
 
 
@@ -55,9 +56,17 @@ def test_reused_encoder_outputs_train_what_the_uncached_loop_trains(tmp_path, re
     assert cached.info["encoder_cache"] == {"copies": 0, "precision": "fp32"}
     for a, b in zip(plain.history, cached.history):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["ce2"] - b["ce2"]) < 1e-4
+    # The two runs encode in different batch shapes, so their kernels round differently (on AVX2-only CPUs the
+    # decoder weights then differ by up to 1.2e-5). Rounding moves the weights by about 1e-5 of what training moved
+    # them on every CPU class measured; a wrong or stale encoder output moves them by a large part of it.
+    config = _tiny_config(tmp_path, real_data, {"enabled": False}, "plain")
+    torch.manual_seed(config["seed"])
+    initial = build_training_model(config)[0].state_dict()
     trained = {k: v for k, v in plain.model.state_dict().items() if k.startswith("mask_decoder")}
     other = cached.model.state_dict()
-    assert all(torch.allclose(v, other[k], atol=1e-5) for k, v in trained.items())
+    drift = sum(float(((v - other[k]) ** 2).sum()) for k, v in trained.items()) ** 0.5
+    learned = sum(float(((v - initial[k]) ** 2).sum()) for k, v in trained.items()) ** 0.5
+    assert learned > 0 and drift < 1e-3 * learned
 
 
 def test_each_copy_of_a_slice_is_encoded_once(tmp_path, real_data, monkeypatch):
@@ -245,4 +254,6 @@ def test_encoder_outputs_come_back_in_the_standard_layout():
     assert encoder(images[:1]).is_contiguous(memory_format=torch.channels_last)
     assert not encoder(images[:1]).is_contiguous()
     out = encode(encoder, images, torch.device("cpu"), contextlib.nullcontext)
-    assert out.is_contiguous() and torch.equal(out, encoder(images).contiguous())
+    # the same computation (one image at a time), so the same kernels on every CPU: bit equality is fair here
+    one_by_one = torch.cat([encoder(image[None]) for image in images]).contiguous()
+    assert out.is_contiguous() and torch.equal(out, one_by_one)
