@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from conftest import one_line_error
 from dicom_variants import ENCODINGS, IDENTIFYING_UIDS, blank, make_series, remove
 
+from hsam import cohort
 from hsam.cli import main
 from hsam.volume import read_image, same_geometry
 from hsam.volume.dicom_series import has_dicom_header, scan_series
@@ -90,6 +91,7 @@ def test_missing_series_uid_groups_by_folder_frame_of_reference_orientation_and_
     image, messages = read_warned(tmp_path / "study")
     assert_same_volume(image, original)  # the 3-slice one is picked
     assert any("holds 2 DICOM series" in m for m in messages) and any("grouped by folder (a)" in m for m in messages)
+    assert not cohort.is_cohort_source(tmp_path / "study")  # no Study UID at all: one study, not a cohort of two
 
 
 def test_files_without_extension_shuffled_into_sub_folders_with_copies(sources, original, tmp_path, capsys):

@@ -84,7 +84,9 @@ def is_cohort_source(source: str | os.PathLike[str]) -> bool:
         return True
     if _looks_like_dicom_folder(path) or not any(_holds_dicom(e) for e in entries if e.is_dir()):
         return False
-    return len(_study_uids(path)) != 1
+    # more than one Study Instance UID: a cohort; none (an anonymiser emptied them) cannot tell studies apart, so
+    # the folder is one study and a warning names the series picked
+    return len(_study_uids(path)) > 1
 
 
 def cohort_inputs(source: str | os.PathLike[str]) -> list[Path]:
