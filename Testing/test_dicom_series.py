@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import one_line_error
+from seg_validators import check_segs_under
 
 from hsam import cohort
 from hsam.cli import main
@@ -61,6 +62,13 @@ def _write_series(image: sitk.Image, folder: Path, uid: str, study_uid: str, num
         writer.SetFileName(str(folder / f"IM{k:04d}"))  # no suffix, as many PACS exports name them
         writer.Execute(slice_)
 
+
+
+@pytest.fixture(autouse=True)
+def every_seg_written_validates(tmp_path):
+    """After each test: every SEG it wrote passes dciodvfy and converts voxel-equal in dcmqi (Testing/seg_validators)."""
+    yield
+    check_segs_under(tmp_path)
 
 @pytest.fixture(scope="module")
 def study(real_data, tmp_path_factory) -> dict[str, str | Path]:
