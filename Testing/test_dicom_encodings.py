@@ -135,7 +135,7 @@ def test_unreadable_files_are_listed_with_their_reason(sources, original, tmp_pa
 def test_no_dicom_found_only_when_no_file_has_a_dicom_header(sources, tmp_path, capsys):
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "a.txt").write_text("text\n", encoding="utf-8")
-    one_line_error(lambda: read_image(tmp_path / "none"), "no DICOM file in folder", "none with a DICOM header")
+    one_line_error(lambda: read_image(tmp_path / "none"), "no DICOM series found", "none of its 1 files has a DICOM header")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "IM1").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 40)
     one_line_error(lambda: read_image(tmp_path / "bad"), "could not be read", "IM1")

@@ -425,3 +425,31 @@ def test_the_validators_catch_a_seg_that_does_not_conform(ct, dcmqi, source_file
     if errors is None:
         pytest.skip("dciodvfy not installed (.ci/install-validators.sh installs it)")
     assert any("Element=<ReferencedSOPInstanceUID>" in e for e in errors), errors
+
+
+def test_the_cli_options_reach_the_seg(dcmqi, tmp_path, capsys):
+    """`hsam segment` on the issue's anonymised export: refused as .dcm, then written with --dicom-new-uids as a
+    LABELMAP with RLE, naming the model's revision (the tiny H-SAM with random weights: the wiring is under test)."""
+    import slicer_headless  # noqa: F401  (puts HSAMSlicer/ on sys.path for HSAMSlicerLib.testing)
+    from HSAMSlicerLib.testing import save_tiny_model
+
+    from hsam.model.checkpoint import read_card
+
+    folder = save_tiny_model(tmp_path / "tiny-seg", name="tiny-seg")
+    assert main(["models", "import", str(folder)]) == 0
+    export = anonymised_copy(dcmqi, tmp_path / "export", lambda ds: [setattr(ds, k, "") for k in (
+        "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber")])
+    argv = ["segment", str(export), "--model", "tiny-seg", "--device", "cpu", "-q"]
+    capsys.readouterr()
+    assert main(argv + ["-o", str(tmp_path / "refused.dcm")]) == 2
+    assert "no Study Instance UID; no Series Instance UID" in capsys.readouterr().err
+    out = tmp_path / "organs.dcm"
+    assert main(argv + ["-o", str(out), "--dicom-new-uids", "--dicom-seg-type", "labelmap", "--dicom-compress", "rle"]) == 0
+    seg = pydicom.dcmread(out)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7" and seg.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert "--dicom-new-uids made up new study, series, frame of reference" not in seg.ImageComments  # FoR was kept
+    assert "--dicom-new-uids made up new study, series UIDs" in seg.ImageComments
+    sha = read_card(folder).sha256
+    algorithm = next(s for s in seg.SegmentSequence if int(s.SegmentNumber)).SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == f"tiny-seg sha256:{sha[:12]}"
+    assert "demo model, not for clinical use" in seg.SeriesDescription  # the tiny model's card says demo

@@ -219,8 +219,8 @@ def scan_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
         groups.setdefault(uid, []).append((path, header))
         notes[uid] = note
     if not groups and not unreadable:
-        raise HSAMError(f"no DICOM file in folder {root} ({len(candidates)} files, none with a DICOM header); point to "
-                        "a folder of DICOM files or to a volume file")
+        raise HSAMError(f"no DICOM series found in folder {root}: none of its {len(candidates)} files has a DICOM "
+                        "header; point to a folder of DICOM files or to a volume file")
     series = []
     for uid, members in groups.items():
         entry = _new_series(uid, members[0][1])
