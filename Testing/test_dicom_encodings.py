@@ -153,3 +153,16 @@ def test_undecodable_pixel_data_is_named_in_the_listing(sources, tmp_path, capsy
     assert main(["series", str(folder)]) == 1
     assert "pixel data cannot be read" in capsys.readouterr().out
     shutil.rmtree(folder)
+
+
+def test_a_folder_of_studies_whose_files_are_named_by_uid_is_a_cohort(sources, tmp_path):
+    """Exports name files by SOP Instance UID ("1.2.840....5": the "extension" is a number): still DICOM folders."""
+    studies = tmp_path / "studies"
+    for patient, study_uid in (("A", "1.2.826.0.1.3680043.8.498.4217.1"), ("B", "1.2.826.0.1.3680043.8.498.4217.2")):
+        files = make_series(sources, studies / patient / "ct", "native",
+                            lambda ds, uid=study_uid: setattr(ds, "StudyInstanceUID", uid))
+        for path in files:
+            path.rename(path.with_name(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)))
+    assert all(p.suffix[1:].isdigit() for p in studies.rglob("*") if p.is_file())
+    assert cohort.is_cohort_source(studies)
+    assert [p.name for p in cohort.cohort_inputs(studies)] == ["A", "B"]
