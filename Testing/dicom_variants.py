@@ -99,3 +99,19 @@ def make_series(sources: list[Path], folder: Path, encoding: str = "native",
             rewrite(target, change)
         written.append(target)
     return written
+
+
+def make_multiframe(sources: list[Path], target: Path) -> pydicom.Dataset:
+    """The series as one Legacy Converted Enhanced CT image (highdicom's converter): one file, one frame per slice."""
+    import warnings
+
+    import highdicom as hd
+
+    with warnings.catch_warnings():  # the GE patient name's one-part form
+        warnings.simplefilter("ignore")
+        image = hd.legacy.LegacyConvertedEnhancedCTImage(
+            [pydicom.dcmread(s) for s in sources], series_instance_uid=hd.UID(), series_number=7,
+            sop_instance_uid=hd.UID(), instance_number=1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save_as(target, enforce_file_format=True)
+    return image

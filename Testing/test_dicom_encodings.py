@@ -17,11 +17,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import one_line_error
-from dicom_variants import ENCODINGS, IDENTIFYING_UIDS, blank, make_series, remove
+from dicom_variants import ENCODINGS, IDENTIFYING_UIDS, blank, make_multiframe, make_series, remove
 
 from hsam import cohort
 from hsam.cli import main
 from hsam.volume import read_image, same_geometry
+from hsam.volume.dicom_seg import read_sources
 from hsam.volume.dicom_series import has_dicom_header, scan_series
 
 
@@ -166,3 +167,22 @@ def test_a_folder_of_studies_whose_files_are_named_by_uid_is_a_cohort(sources, t
     assert all(p.suffix[1:].isdigit() for p in studies.rglob("*") if p.is_file())
     assert cohort.is_cohort_source(studies)
     assert [p.name for p in cohort.cohort_inputs(studies)] == ["A", "B"]
+
+
+def test_one_multi_frame_enhanced_ct_reads_as_the_series(sources, original, tmp_path, capsys):
+    """A Legacy Converted Enhanced CT (one file, a frame per slice) is the same volume; duplicate frames are refused."""
+    make_multiframe(sources, tmp_path / "enhanced" / "IM1")
+    [series] = scan_series(tmp_path / "enhanced")
+    assert series.slices == 3 and series.frame_count == 3 and series.modality == "CT" and not series.problem
+    image, _ = read_warned(tmp_path / "enhanced")
+    canonical = sitk.DICOMOrient(image, "LPS")  # GDCM orders the frames as stored (here head first)
+    assert_same_volume(canonical, sitk.DICOMOrient(original, "LPS"))
+    assert main(["series", str(tmp_path / "enhanced")]) == 0 and "picked" in capsys.readouterr().out
+    one_line_error(lambda: read_sources(series.files), "multi-frame", ".seg.nrrd")  # DICOM SEG over it: not yet
+    ds = pydicom.dcmread(tmp_path / "enhanced" / "IM1")
+    first = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0].ImagePositionPatient = first
+    (tmp_path / "phases").mkdir()
+    ds.save_as(tmp_path / "phases" / "IM1")
+    [broken] = scan_series(tmp_path / "phases")
+    assert "frames share positions" in broken.problem

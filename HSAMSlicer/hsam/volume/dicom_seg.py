@@ -89,6 +89,9 @@ def read_sources(source_files: Sequence[str | os.PathLike[str]], new_uids: bool 
             source = pydicom.dcmread(file, stop_before_pixels=True, force=True)
         except Exception as error:  # pydicom raises several types for a damaged file
             raise HSAMError(f"could not read source DICOM {Path(file).name}: {' '.join(str(error).split())[:120]}") from None
+        if int(source.get("NumberOfFrames", 1) or 1) > 1:
+            raise HSAMError("a DICOM SEG over a multi-frame (enhanced) image is not written yet (its frames are "
+                            "referenced differently); write .seg.nrrd or .nii.gz instead")
         sop_class, instance = instance_uids(source)
         source.SOPClassUID, source.SOPInstanceUID = sop_class, instance
         sources.append(source)

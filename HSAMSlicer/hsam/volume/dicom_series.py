@@ -41,6 +41,7 @@ _PREAMBLE = 128  # bytes before "DICM" in a DICOM file
 _MODALITY_OF_SOP_CLASS = {
     "1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.2.1": "CT", "1.2.840.10008.5.1.4.1.1.4": "MR",
     "1.2.840.10008.5.1.4.1.1.4.1": "MR", "1.2.840.10008.5.1.4.1.1.128": "PT", "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.2.2": "CT", "1.2.840.10008.5.1.4.1.1.4.4": "MR",  # legacy converted enhanced
 }  # fmt: skip
 _LOCALIZER_WORDS = re.compile(r"scout|topogram|localizer|localiser|surview|scanogram|pilot|survey", re.IGNORECASE)
 # Modalities of objects that are not images to segment (segmentations, structure sets, reports, key images, states).
@@ -65,10 +66,11 @@ class DicomSeries:
     orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (row direction, column direction)
     problem: str = ""  # why it cannot be read as one volume ("" when it can)
     note: str = ""  # how the files were grouped when they had no Series Instance UID ("" when they had one)
+    frame_count: int = 0  # frames of a series that is one multi-frame image (0: classic single-frame files)
 
     @property
     def slices(self) -> int:
-        return len(self.files)
+        return self.frame_count or len(self.files)
 
     @property
     def is_localizer(self) -> bool:
@@ -266,7 +268,11 @@ def _analyse(series: DicomSeries, headers: list) -> None:
         series.problem = f"not an image series ({series.modality or 'no modality'})"
         return
     if any(int(d.get("NumberOfFrames", 1) or 1) > 1 for d in datasets):
-        series.problem = "multi-frame (enhanced) images; export the series as classic single-frame images"
+        if len(datasets) > 1:
+            series.problem = ("several multi-frame (enhanced) images in one series; export it as one multi-frame "
+                              "image or as classic single-frame images")
+            return
+        _analyse_multiframe(series)
         return
     try:
         orientations = np.array([[float(v) for v in d.ImageOrientationPatient] for d in datasets])
@@ -312,6 +318,50 @@ def _analyse(series: DicomSeries, headers: list) -> None:
     series.slice_spacing = float(np.median(gaps))
     if float(gaps.max()) - smallest > max(0.01, 0.05 * series.slice_spacing):
         series.problem = f"uneven slice spacing ({smallest:.3g} to {float(gaps.max()):.3g} mm): missing slices?"
+
+
+def _analyse_multiframe(series: DicomSeries) -> None:
+    """Geometry and ``problem`` of a series that is one multi-frame (enhanced or legacy converted) image: its frames
+    must be parallel, evenly spaced slices of one size, as GDCM reads them into one volume."""
+    import pydicom
+
+    path = series.files[0]
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else pydicom.Dataset()
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+
+        def group(index: int, name: str):  # noqa: ANN202 (a pydicom Dataset)
+            item = per_frame[index]
+            return (item[name] if name in item else shared[name]).value[0]
+
+        count = int(ds.NumberOfFrames)
+        orientations = np.array([[float(v) for v in group(i, "PlaneOrientationSequence").ImageOrientationPatient]
+                                 for i in range(count)])
+        positions = np.array([[float(v) for v in group(i, "PlanePositionSequence").ImagePositionPatient]
+                              for i in range(count)])
+        spacing = [float(v) for v in group(0, "PixelMeasuresSequence").PixelSpacing]
+    except Exception:  # noqa: BLE001 (missing functional groups; pydicom raises many types)
+        series.problem = "multi-frame image without per-frame position, orientation or pixel spacing"
+        return
+    series.frame_count = count
+    series.rows, series.columns = int(ds.Rows), int(ds.Columns)
+    series.orientation, series.pixel_spacing = tuple(orientations[0]), (spacing[0], spacing[1])
+    if not np.allclose(orientations, orientations[0], atol=1e-4):
+        series.problem = "frames have different orientations (several stacks in one image)"
+        return
+    along = positions @ np.cross(orientations[0][:3], orientations[0][3:])
+    gaps = np.abs(np.diff(along))
+    if len(gaps) and float(gaps.min()) < 1e-3:
+        series.problem = ("frames share positions (several phases, echoes or acquisitions in one image); export one "
+                          "of them")
+        return
+    series.slice_spacing = float(np.median(gaps)) if len(gaps) else None
+    if len(gaps) and (not (np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0))
+                      or float(gaps.max() - gaps.min()) > max(0.01, 0.05 * float(np.median(gaps)))):
+        series.problem = "frames are not evenly spaced, ordered slices"
+        return
+    series.problem = _pixel_problem(path)
 
 
 def _without_copies(datasets: list, positions: np.ndarray) -> list[int]:
@@ -383,9 +433,13 @@ def read_series(series: DicomSeries) -> "sitk.Image":
 
     if series.problem:
         raise HSAMError(f"{series.label()} cannot be read as one volume: {series.problem}")
-    reader = sitk.ImageSeriesReader()
+    if series.frame_count:  # one multi-frame image: GDCM builds the volume from its per-frame geometry
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(series.files[0]))
+    else:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(p) for p in series.files])
     reader.SetImageIO("GDCMImageIO")  # by content, whatever the file names (many exports have no extension)
-    reader.SetFileNames([str(p) for p in series.files])
     try:
         return reader.Execute()
     except RuntimeError as error:
