@@ -66,7 +66,15 @@ def test_the_anonymised_jpeg2000_export_of_the_issue_reads_as_one_volume(sources
     assert len(out) == 3 and out[1].startswith("no-uid-") and out[1].endswith("picked") and " CT " in out[1], out
     assert "no Series Instance UID" in captured.err and captured.err.startswith("warning: no-uid-")
     [series] = scan_series(folder)
-    assert series.modality == "CT"  # from the file meta's SOP class, as the data set's Modality is kept here
+    assert series.modality == "CT"
+    # and it segments again (the tiny H-SAM with random weights: the reading is under test, not the model)
+    import slicer_headless  # noqa: F401  (puts HSAMSlicer/ on sys.path for HSAMSlicerLib.testing)
+    from HSAMSlicerLib.testing import save_tiny_model
+
+    assert main(["models", "import", str(save_tiny_model(tmp_path / "tiny-anon", name="tiny-anon"))]) == 0
+    out = tmp_path / "organs.nii.gz"
+    assert main(["segment", str(folder), "-o", str(out), "--model", "tiny-anon", "--device", "cpu", "-q"]) == 0
+    assert same_geometry(sitk.ReadImage(str(out)), original, 1e-4)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
