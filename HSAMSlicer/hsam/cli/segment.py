@@ -225,7 +225,8 @@ def run_cohort(args: argparse.Namespace) -> int:
         raise HSAMError("--confidence, --stats and --overlay are for single volumes; segment the cohort without them")
     if args.suffix not in LABEL_SUFFIXES + (".dcm",):
         raise HSAMError(f"--suffix {args.suffix!r} is not a label format; use one of {', '.join(LABEL_SUFFIXES)}, .dcm")
-    _seg_options(args)
+    if args.suffix == ".dcm":
+        _seg_options(args)
     if args.series:
         raise HSAMError("--series picks a series of one DICOM folder; in a cohort each study's series is picked "
                         "(`hsam series` shows which): segment that study on its own to choose another")

@@ -1,9 +1,12 @@
 """DICOM SEG in and out: H-SAM label maps written as DICOM Segmentation objects (highdicom) and read back.
 
 Writing needs the source series: the SEG references every source instance, copies the patient and study attributes
-and lies on the source's slices, which is what a PACS and Slicer's DICOM browser need to show it over the CT. Each
-organ found becomes one segment with the label table's SNOMED CT codes, name and display colour, and the model as
-the algorithm (id, version, weights SHA-256).
+and lies on the source's slices, which is what a PACS and Slicer's DICOM browser need to show it over the CT. A
+source whose UIDs an anonymiser removed cannot be referenced and is refused (:func:`read_sources`), unless new UIDs
+are asked for. Each organ found becomes one segment with the label table's SNOMED CT codes, name and display colour,
+and the model as the algorithm (id, revision = id + short weights SHA-256, full SHA-256); the SEG says which organs
+were looked for and not found, and whether the model is a demo. BINARY uncompressed is the default (every reader
+opens it); LABELMAP, RLE and deflate are options (:class:`SegOptions`).
 
 Reading matches segments to H-SAM organs by terminology code first (SNOMED CT, also the retired SRT codes older files
 such as dcmqi's carry), then by name. A SEG stores only the frames that hold a segment, so it is placed on a reference
