@@ -15,16 +15,24 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import needs_litemedsam, one_line_error
+from seg_validators import check_segs_under
 
 from hsam import labels as label_table
 from hsam.cli import main
 from hsam.errors import HSAMError
 from hsam.volume import read_image, read_labels, same_geometry
-from hsam.volume.dicom_seg import Algorithm, organ_of_name, read_dicom_seg, write_dicom_seg
+from hsam.volume.dicom_seg import Algorithm, SegOptions, organ_of_name, read_dicom_seg, write_dicom_seg
 from hsam.volume.dicom_series import choose_series
 
 ALGORITHM = Algorithm("hsam-test-model", "0.1.0", "0123456789abcdef" * 4)
 
+
+
+@pytest.fixture(autouse=True)
+def every_seg_written_validates(tmp_path):
+    """After each test: every SEG it wrote passes dciodvfy and converts voxel-equal in dcmqi (Testing/seg_validators)."""
+    yield
+    check_segs_under(tmp_path)
 
 @pytest.fixture(scope="module")
 def dcmqi(real_data) -> Path:
@@ -288,3 +296,160 @@ def test_reads_a_label_map_segmentation_written_by_highdicom(ct, dcmqi, source_f
     assert pydicom.dcmread(tmp_path / "labelmap.dcm").SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
     back = sitk.GetArrayFromImage(read_labels(tmp_path / "labelmap.dcm", reference=ct))
     assert np.array_equal(back, np.where(np.isin(array, (1, 5)), array, 0))
+
+
+# ------------------------------------------------------------------------------ issue 29: SEGs that validate or are refused
+def anonymised_copy(dcmqi: Path, folder: Path, change) -> Path:  # noqa: ANN001 (a change of dicom_variants)
+    from dicom_variants import make_series
+
+    make_series(sorted((dcmqi / "ct-3slice").glob("*.dcm")), folder, "native", change)
+    return folder
+
+
+def no_instance_uids(ds: pydicom.Dataset) -> None:
+    """SOP Instance UID empty in the data set and in the file meta: nothing left to reference."""
+    ds.SOPInstanceUID = ""
+    ds.file_meta.MediaStorageSOPInstanceUID = ""
+
+
+@pytest.mark.parametrize("case, change, reason", [
+    ("no SOP Instance UIDs", no_instance_uids, "no SOP Instance UID in 3 of 3 files"),
+    ("no Study UID", lambda ds: setattr(ds, "StudyInstanceUID", ""), "no Study Instance UID"),
+    ("the issue's export", lambda ds: [setattr(ds, k, "") for k in ("SOPClassUID", "SOPInstanceUID",
+                                       "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber")],
+     "no Study Instance UID; no Series Instance UID"),
+    ("duplicated SOP Instance UIDs", lambda ds: setattr(ds, "SOPInstanceUID", "1.2.3.4"), "2 duplicate SOP Instance"),
+])  # fmt: skip
+def test_a_source_that_cannot_be_referenced_is_refused_with_one_line(case, change, reason, dcmqi, ct, tmp_path):
+    folder = anonymised_copy(dcmqi, tmp_path / "anonymised", change)
+    files = choose_series(folder)[0].files
+    message = one_line_error(lambda: write_dicom_seg(all_organs(ct, dcmqi), tmp_path / "out.dcm", files, ALGORITHM),
+                             "cannot write a DICOM SEG", reason, ".seg.nrrd or .nii.gz", "--dicom-new-uids")
+    assert not (tmp_path / "out.dcm").exists(), message
+    # with --dicom-new-uids the SEG is written, says so, and validates (the autouse check runs dciodvfy and dcmqi)
+    out = write_dicom_seg(all_organs(ct, dcmqi), tmp_path / "new.dcm", files, ALGORITHM,
+                          options=SegOptions(new_uids=True))
+    seg = pydicom.dcmread(out)
+    assert "--dicom-new-uids made up new" in seg.ImageComments and reason.split(";")[0] in seg.ImageComments
+    references = [i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    assert len(set(references)) == 3 and all(references) and seg.StudyInstanceUID
+
+
+def test_the_cli_refuses_before_segmenting_and_leaves_no_file(dcmqi, tmp_path, capsys):
+    folder = anonymised_copy(dcmqi, tmp_path / "anonymised", no_instance_uids)
+    code = main(["segment", str(folder), "-o", str(tmp_path / "out.dcm"), "--model", "no-such-model"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "no SOP Instance UID in 3 of 3 files" in errors[0], err
+    assert "no-such-model" not in err  # refused before the model is even looked up
+    assert not (tmp_path / "out.dcm").exists()
+    code = main(["segment", str(dcmqi / "ct-3slice"), "-o", str(tmp_path / "x.dcm"), "--dicom-compress", "rle"])
+    assert code == 2 and "needs --dicom-seg-type labelmap" in capsys.readouterr().err
+
+
+def test_uids_kept_only_in_the_file_meta_are_referenced(dcmqi, ct, source_files, tmp_path):
+    """SOP Class and Instance UIDs emptied in the data set but kept in the file meta: the SEG references those."""
+    folder = anonymised_copy(dcmqi, tmp_path / "meta only", lambda ds: [setattr(ds, k, "") for k in ("SOPClassUID",
+                                                                                                   "SOPInstanceUID")])
+    out = write_dicom_seg(all_organs(ct, dcmqi), tmp_path / "organs.dcm", choose_series(folder)[0].files, ALGORITHM)
+    referenced = pydicom.dcmread(out).ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert {i.ReferencedSOPInstanceUID for i in referenced} == {
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in source_files}
+    assert {i.ReferencedSOPClassUID for i in referenced} == {"1.2.840.10008.5.1.4.1.1.2"}
+
+
+def test_the_seg_names_its_creator_model_revision_demo_and_the_organs_not_found(ct, dcmqi, source_files, tmp_path):
+    from hsam.volume.dicom_seg import algorithm_version
+
+    demo = Algorithm("hsam-lite-demo", algorithm_version("hsam-lite-demo", "ab" * 32), "ab" * 32, demo=True)
+    liver = sitk.GetArrayFromImage(sitk.ReadImage(str(dcmqi / "liver_seg.nrrd")))
+    array = np.where(liver == 1, 5, 0).astype(np.uint8)
+    array[1, 10:13, 10:13] = 1  # a 9-voxel speck of "spleen"
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(ct)
+    seg = pydicom.dcmread(write_dicom_seg(labels, tmp_path / "demo.dcm", source_files, demo, organs=[1, 4, 5]))
+    assert seg.ContentCreatorName == "HSAMSlicer^"
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == "hsam-lite-demo sha256:abababababab"
+    assert seg.SeriesDescription == "H-SAM organs, demo model, not for clinical use"
+    assert seg.ContentDescription == "H-SAM 2 of 3 organs found, demo model, not for clinical use"
+    assert "Demo model, not for clinical use." in seg.ImageComments
+    assert "Organs looked for: spleen, gallbladder, liver. Found: spleen, liver. Not found: gallbladder." in (
+        seg.ImageComments)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["spleen", "liver"]  # the speck stays by default
+    kept = pydicom.dcmread(write_dicom_seg(labels, tmp_path / "specks.dcm", source_files, demo, organs=[1, 4, 5],
+                                           options=SegOptions(min_voxels=10)))
+    assert [s.SegmentLabel for s in kept.SegmentSequence] == ["liver"]
+    assert "left out as smaller than 10 voxels (--dicom-min-voxels): spleen (9 voxels)" in kept.ImageComments
+    plain = pydicom.dcmread(write_dicom_seg(labels, tmp_path / "plain.dcm", source_files, ALGORITHM))
+    assert "demo" not in plain.SeriesDescription + plain.ContentDescription + plain.ImageComments
+    assert "Not found: right kidney, left kidney, gallbladder, stomach, aorta, pancreas." in plain.ImageComments
+
+
+@pytest.mark.parametrize("seg_type, compress", [("binary", "deflate"), ("labelmap", "none"), ("labelmap", "rle"),
+                                                ("labelmap", "deflate")])
+def test_each_encoding_round_trips_in_hsam_and_highdicom(seg_type, compress, ct, dcmqi, source_files, tmp_path):
+    """The optional encodings: exact in hsam's reader and highdicom's; dcmqi and dciodvfy run in the autouse check."""
+    import highdicom as hd
+
+    labels = all_organs(ct, dcmqi)
+    out = write_dicom_seg(labels, tmp_path / f"{seg_type}-{compress}.dcm", source_files, ALGORITHM,
+                          options=SegOptions(seg_type=seg_type, compress=compress))
+    assert np.array_equal(sitk.GetArrayFromImage(read_labels(out, reference=ct)), sitk.GetArrayFromImage(labels))
+    ds = pydicom.dcmread(out)
+    syntax = {"none": pydicom.uid.ExplicitVRLittleEndian, "rle": pydicom.uid.RLELossless,
+              "deflate": pydicom.uid.DeflatedExplicitVRLittleEndian}[compress]
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    assert ds.SOPClassUID == {"binary": "1.2.840.10008.5.1.4.1.1.66.4", "labelmap": "1.2.840.10008.5.1.4.1.1.66.7"}[
+        seg_type]
+    parsed = hd.seg.segread(out)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in source_files]
+    pixels = parsed.get_pixels_by_source_instance([s.SOPInstanceUID for s in sources], combine_segments=True)
+    slices = [int(round(ct.TransformPhysicalPointToContinuousIndex([float(v) for v in s.ImagePositionPatient])[2]))
+              for s in sources]
+    # all eight organs are present, so segment n is H-SAM organ n
+    assert np.array_equal(pixels, sitk.GetArrayFromImage(labels)[slices])
+
+
+def test_the_validators_catch_a_seg_that_does_not_conform(ct, dcmqi, source_files, tmp_path):
+    """The check is real: a SEG with empty references (what the issue's blank-UID case wrote) fails dciodvfy."""
+    from seg_validators import dciodvfy_errors
+
+    out = write_dicom_seg(all_organs(ct, dcmqi), tmp_path / "organs.dcm", source_files, ALGORITHM)
+    seg = pydicom.dcmread(out)
+    for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence:
+        item.ReferencedSOPInstanceUID = ""
+    seg.Manufacturer = "not hsam"  # keeps the autouse check off this deliberately broken copy
+    seg.save_as(tmp_path / "broken.dcm")
+    errors = dciodvfy_errors(tmp_path / "broken.dcm", tmp_path)
+    if errors is None:
+        pytest.skip("dciodvfy not installed (.ci/install-validators.sh installs it)")
+    assert any("Element=<ReferencedSOPInstanceUID>" in e for e in errors), errors
+
+
+def test_the_cli_options_reach_the_seg(dcmqi, tmp_path, capsys):
+    """`hsam segment` on the issue's anonymised export: refused as .dcm, then written with --dicom-new-uids as a
+    LABELMAP with RLE, naming the model's revision (the tiny H-SAM with random weights: the wiring is under test)."""
+    import slicer_headless  # noqa: F401  (puts HSAMSlicer/ on sys.path for HSAMSlicerLib.testing)
+    from HSAMSlicerLib.testing import save_tiny_model
+
+    from hsam.model.checkpoint import read_card
+
+    folder = save_tiny_model(tmp_path / "tiny-seg", name="tiny-seg")
+    assert main(["models", "import", str(folder)]) == 0
+    export = anonymised_copy(dcmqi, tmp_path / "export", lambda ds: [setattr(ds, k, "") for k in (
+        "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber")])
+    argv = ["segment", str(export), "--model", "tiny-seg", "--device", "cpu", "-q"]
+    capsys.readouterr()
+    assert main(argv + ["-o", str(tmp_path / "refused.dcm")]) == 2
+    assert "no Study Instance UID; no Series Instance UID" in capsys.readouterr().err
+    out = tmp_path / "organs.dcm"
+    assert main(argv + ["-o", str(out), "--dicom-new-uids", "--dicom-seg-type", "labelmap", "--dicom-compress", "rle"]) == 0
+    seg = pydicom.dcmread(out)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7" and seg.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert "--dicom-new-uids made up new study, series, frame of reference" not in seg.ImageComments  # FoR was kept
+    assert "--dicom-new-uids made up new study, series UIDs" in seg.ImageComments
+    sha = read_card(folder).sha256
+    algorithm = next(s for s in seg.SegmentSequence if int(s.SegmentNumber)).SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == f"tiny-seg sha256:{sha[:12]}"
+    assert "demo model, not for clinical use" in seg.SeriesDescription  # the tiny model's card says demo

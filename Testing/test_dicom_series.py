@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from conftest import one_line_error
+from seg_validators import check_segs_under
 
 from hsam import cohort
 from hsam.cli import main
@@ -61,6 +62,13 @@ def _write_series(image: sitk.Image, folder: Path, uid: str, study_uid: str, num
         writer.SetFileName(str(folder / f"IM{k:04d}"))  # no suffix, as many PACS exports name them
         writer.Execute(slice_)
 
+
+
+@pytest.fixture(autouse=True)
+def every_seg_written_validates(tmp_path):
+    """After each test: every SEG it wrote passes dciodvfy and converts voxel-equal in dcmqi (Testing/seg_validators)."""
+    yield
+    check_segs_under(tmp_path)
 
 @pytest.fixture(scope="module")
 def study(real_data, tmp_path_factory) -> dict[str, str | Path]:
@@ -195,7 +203,7 @@ def test_segment_a_study_and_a_cohort_of_studies(study, real_data, tiny_model, t
     assert code == 1, err  # patient C failed
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["patient A.nii.gz", "patient B.nii.gz"]
     assert "patient B holds 2 DICOM series: using series #2 'Abdomen' (CT, 6 slices, 3 mm apart)" in err, err
-    assert "[3/3] patient C: error: no DICOM series found" in err, err
+    assert "[3/3] patient C: error: no series in" in err and "IM0001.dcm could not be read" in err, err
     assert sitk.ReadImage(str(tmp_path / "out" / "patient B.nii.gz")).GetSize() == (122, 101, 6)
     # DICOM SEG per study: each references the series picked in its study (patient B: the 6-slice CT, not the scout)
     code = main(["segment", str(studies), "-o", str(tmp_path / "seg"), "--suffix", ".dcm", "--model", tiny_model,

@@ -38,10 +38,16 @@ def case_name(path: Path) -> str:
 
 
 def _looks_like_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(
-        f.is_file() and (f.suffix.lower() in (".dcm", ".ima") or (not f.suffix and f.stat().st_size > 128))
-        for f in path.iterdir()
-    )
+    """A folder with DICOM files directly in it: by name (.dcm, .ima, no extension), else by the first bytes of a few
+    files (exports often name files by their SOP Instance UID, "1.2.840....5", whose "extension" is a number)."""
+    from hsam.volume.dicom_series import has_dicom_header
+
+    if not path.is_dir():
+        return False
+    files = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")]
+    if any(f.suffix.lower() in (".dcm", ".ima") or (not f.suffix and f.stat().st_size > 128) for f in files):
+        return True
+    return any(has_dicom_header(f) for f in sorted(files)[:8] if not _volume_suffix(f))
 
 
 def _holds_dicom(path: Path) -> bool:
@@ -84,7 +90,9 @@ def is_cohort_source(source: str | os.PathLike[str]) -> bool:
         return True
     if _looks_like_dicom_folder(path) or not any(_holds_dicom(e) for e in entries if e.is_dir()):
         return False
-    return len(_study_uids(path)) != 1
+    # more than one Study Instance UID: a cohort; none (an anonymiser emptied them) cannot tell studies apart, so
+    # the folder is one study and a warning names the series picked
+    return len(_study_uids(path)) > 1
 
 
 def cohort_inputs(source: str | os.PathLike[str]) -> list[Path]:

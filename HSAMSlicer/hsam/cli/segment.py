@@ -73,9 +73,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "nearest zoom back); default: this package's pipeline")
     parser.add_argument("--input-size", type=int, default=None,
                         help="reference protocol only: the released test.py's --input_size (default 224)")
+    _add_dicom_seg_options(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     progress_option.add_option(parser)
     parser.set_defaults(run=run)
+
+
+def _add_dicom_seg_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the DICOM SEG output (.dcm); the defaults write what every SEG reader opens."""
+    group = parser.add_argument_group("DICOM SEG output (.dcm)")
+    group.add_argument("--dicom-seg-type", choices=("binary", "labelmap"), default="binary",
+                       help="binary (default: every reader opens it) or labelmap (DICOM 2024 Label Map "
+                       "Segmentation: one frame per slice; dcmqi and highdicom read it, older readers do not)")
+    group.add_argument("--dicom-compress", choices=("none", "rle", "deflate"), default="none",
+                       help="none (default), rle (RLE Lossless pixel data) or deflate (the whole file deflated); "
+                       "README's DICOM section gives the sizes and which readers open each")
+    group.add_argument("--dicom-new-uids", action="store_true",
+                       help="a source series without SOP Instance, Study or Series UIDs (anonymised) cannot be "
+                       "referenced, so .dcm output is refused; this makes up new UIDs instead, and the SEG says so")
+    group.add_argument("--dicom-min-voxels", type=int, default=0, metavar="N",
+                       help="leave organs of fewer than N voxels out of the SEG (specks); the SEG names them")
+
+
+def _seg_options(args: argparse.Namespace):  # noqa: ANN202 (SegOptions; imports kept light)
+    from hsam.errors import HSAMError
+    from hsam.volume.dicom_seg import SegOptions
+
+    if args.dicom_min_voxels < 0:
+        raise HSAMError(f"--dicom-min-voxels must be 0 or more, got {args.dicom_min_voxels}")
+    options = SegOptions(seg_type=args.dicom_seg_type, compress=args.dicom_compress, new_uids=args.dicom_new_uids,
+                         min_voxels=args.dicom_min_voxels)
+    options.check()
+    return options
+
+
+def _organ_indices(organs) -> list[int] | None:  # noqa: ANN001 (names or label values, as --organs gives them)
+    from hsam import labels as label_table
+
+    return None if organs is None else [label_table.organ(o).index for o in organs]
 
 
 def _check_protocol(args: argparse.Namespace) -> None:
@@ -169,10 +204,10 @@ def stats_csv(result, class_names) -> str:  # noqa: ANN001 (SegmentationResult; 
 
 
 def _algorithm(model_id: str, card):  # noqa: ANN001, ANN202 (ModelCard -> Algorithm; imports kept light)
-    """How a DICOM SEG names the model: its id, the hsam version that made it, the SHA-256 of its weights."""
-    from hsam.volume.dicom_seg import Algorithm
+    """How a DICOM SEG names the model: its id, its revision (id + short weights SHA-256), the SHA-256, demo or not."""
+    from hsam.volume.dicom_seg import Algorithm, algorithm_version
 
-    return Algorithm(model_id, card.hsam_version, card.sha256)
+    return Algorithm(model_id, algorithm_version(model_id, card.sha256), card.sha256, bool(card.demo))
 
 
 def run_cohort(args: argparse.Namespace) -> int:
@@ -182,7 +217,7 @@ def run_cohort(args: argparse.Namespace) -> int:
     from hsam import cohort
     from hsam.errors import HSAMError
     from hsam.volume import read_image, write_labels
-    from hsam.volume.dicom_seg import write_dicom_seg
+    from hsam.volume.dicom_seg import read_sources, write_dicom_seg
     from hsam.volume.io import LABEL_SUFFIXES, read_dicom_volume
     from hsam.weights import load_named_model, resolve_model
 
@@ -190,6 +225,8 @@ def run_cohort(args: argparse.Namespace) -> int:
         raise HSAMError("--confidence, --stats and --overlay are for single volumes; segment the cohort without them")
     if args.suffix not in LABEL_SUFFIXES + (".dcm",):
         raise HSAMError(f"--suffix {args.suffix!r} is not a label format; use one of {', '.join(LABEL_SUFFIXES)}, .dcm")
+    if args.suffix == ".dcm":
+        _seg_options(args)
     if args.series:
         raise HSAMError("--series picks a series of one DICOM folder; in a cohort each study's series is picked "
                         "(`hsam series` shows which): segment that study on its own to choose another")
@@ -227,6 +264,8 @@ def run_cohort(args: argparse.Namespace) -> int:
             say(f"{tag}{warning.message}")  # it names the case folder
         if args.suffix == ".dcm" and source is None:
             raise HSAMError(f"{case.name} is not a DICOM folder, so it cannot get a DICOM SEG; use another --suffix")
+        if args.suffix == ".dcm":
+            read_sources(source.files, args.dicom_new_uids)  # refuse unreferenceable sources before segmenting
         if not getattr(args, "allow_non_ct", False):
             from hsam.volume import looks_like_ct
 
@@ -237,7 +276,8 @@ def run_cohort(args: argparse.Namespace) -> int:
         for message in result.warnings:
             say(f"{tag}warning: {case.name}: {message}")
         if args.suffix == ".dcm":
-            write_dicom_seg(result.labels, output, source.files, _algorithm(model_id, card))
+            write_dicom_seg(result.labels, output, source.files, _algorithm(model_id, card), _organ_indices(organs),
+                            _seg_options(args))
         else:
             write_labels(result.labels, output)
 
@@ -272,6 +312,10 @@ def run(args: argparse.Namespace) -> int:
             from hsam.volume.io import read_dicom_volume
 
             image, source_series = read_dicom_volume(args.input, args.series)
+            from hsam.volume.dicom_seg import read_sources
+
+            _seg_options(args)
+            read_sources(source_series.files, args.dicom_new_uids)  # refuse unreferenceable sources before any work
         else:
             image = read_image(args.input, series=args.series)
     for warning in caught:
@@ -332,7 +376,8 @@ def run(args: argparse.Namespace) -> int:
         if source_series is not None:
             from hsam.volume.dicom_seg import write_dicom_seg
 
-            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, _algorithm(model_id, card))
+            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, _algorithm(model_id, card),
+                            _organ_indices(organs), _seg_options(args))
         else:
             write_labels(result.labels, stage(outputs[0]))
         rest = iter(outputs[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for entry in found:  # how files without a Series Instance UID were grouped, copies left out
+        if entry.note:
+            print(f"warning: {entry.uid}: {entry.note}", file=sys.stderr)
     if picked is None:
         print(f"no series can be segmented: {reason}")
         return 1

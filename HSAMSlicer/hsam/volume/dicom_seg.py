@@ -1,9 +1,12 @@
 """DICOM SEG in and out: H-SAM label maps written as DICOM Segmentation objects (highdicom) and read back.
 
 Writing needs the source series: the SEG references every source instance, copies the patient and study attributes
-and lies on the source's slices, which is what a PACS and Slicer's DICOM browser need to show it over the CT. Each
-organ found becomes one segment with the label table's SNOMED CT codes, name and display colour, and the model as
-the algorithm (id, version, weights SHA-256).
+and lies on the source's slices, which is what a PACS and Slicer's DICOM browser need to show it over the CT. A
+source whose UIDs an anonymiser removed cannot be referenced and is refused (:func:`read_sources`), unless new UIDs
+are asked for. Each organ found becomes one segment with the label table's SNOMED CT codes, name and display colour,
+and the model as the algorithm (id, revision = id + short weights SHA-256, full SHA-256); the SEG says which organs
+were looked for and not found, and whether the model is a demo. BINARY uncompressed is the default (every reader
+opens it); LABELMAP, RLE and deflate are options (:class:`SegOptions`).
 
 Reading matches segments to H-SAM organs by terminology code first (SNOMED CT, also the retired SRT codes older files
 such as dcmqi's carry), then by name. A SEG stores only the frames that hold a segment, so it is placed on a reference
@@ -37,8 +40,116 @@ class Algorithm:
     """The model that made a segmentation, as DICOM SEG's Algorithm Identification records it."""
 
     name: str  # model id
-    version: str
+    version: str  # the model's revision: its id and the short SHA-256 of its weights (see :func:`algorithm_version`)
     weights_sha256: str = ""
+    demo: bool = False  # the model card says demo: the SEG says "demo model, not for clinical use"
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    """How the SEG is encoded and what it may change (the defaults are what every reader opens)."""
+
+    seg_type: str = "binary"  # "binary" (one frame per segment and slice) or "labelmap" (DICOM 2024, one per slice)
+    compress: str = "none"  # "none", "rle" (RLE Lossless pixel data) or "deflate" (the whole data set deflated)
+    new_uids: bool = False  # make up the source UIDs an anonymiser removed (the SEG then says so)
+    min_voxels: int = 0  # organs with fewer voxels are left out (and named in the SEG); 0 keeps every one
+
+    def check(self) -> None:
+        """HSAMError for a combination that cannot be written."""
+        if self.seg_type not in SEG_TYPES or self.compress not in SEG_COMPRESSIONS or self.min_voxels < 0:
+            raise HSAMError(f"unknown DICOM SEG encoding {self.seg_type}/{self.compress}/{self.min_voxels}; use "
+                            f"{'|'.join(SEG_TYPES)}, {'|'.join(SEG_COMPRESSIONS)} and a voxel count of 0 or more")
+        if self.seg_type == "binary" and self.compress == "rle":
+            raise HSAMError("--dicom-compress rle needs --dicom-seg-type labelmap (BINARY frames are bit-packed and "
+                            "the SEG writer, highdicom, allows no RLE for them); use --dicom-compress deflate instead")
+
+
+SEG_TYPES = ("binary", "labelmap")
+SEG_COMPRESSIONS = ("none", "rle", "deflate")
+_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def algorithm_version(model_id: str, weights_sha256: str) -> str:
+    """Algorithm Version (LO, 64 characters): the model id and its revision, the weights' short SHA-256."""
+    return f"{model_id} sha256:{weights_sha256[:12]}"[:64] if weights_sha256 else model_id[:64]
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+def read_sources(source_files: Sequence[str | os.PathLike[str]], new_uids: bool = False) -> tuple[list, str]:
+    """The source instances' headers, ready to be referenced, and a note of the UIDs made up ("" when none).
+
+    SOP Class and Instance UIDs an anonymiser emptied are taken from the file meta. Raises HSAMError when the UIDs
+    a SEG must reference (SOP Instance, unique; SOP Class; Study, Series and Frame of Reference, one each) are
+    missing, unless ``new_uids``: then they are made up and the note says which.
+    """
+    import pydicom
+
+    from hsam.volume.dicom_series import instance_uids
+
+    sources = []
+    for file in source_files:
+        try:
+            source = pydicom.dcmread(file, stop_before_pixels=True, force=True)
+        except Exception as error:  # pydicom raises several types for a damaged file
+            raise HSAMError(f"could not read source DICOM {Path(file).name}: {' '.join(str(error).split())[:120]}") from None
+        if int(source.get("NumberOfFrames", 1) or 1) > 1:
+            raise HSAMError("a DICOM SEG over a multi-frame (enhanced) image is not written yet (its frames are "
+                            "referenced differently); write .seg.nrrd or .nii.gz instead")
+        sop_class, instance = instance_uids(source)
+        source.SOPClassUID, source.SOPInstanceUID = sop_class, instance
+        sources.append(source)
+    missing = _missing_uids(sources)
+    if missing and not new_uids:
+        raise HSAMError(f"cannot write a DICOM SEG over this series: it has {'; '.join(missing)} (an anonymiser removed "
+                        "them?), so the SEG could not reference its images; write .seg.nrrd or .nii.gz instead, or "
+                        "pass --dicom-new-uids to make up new UIDs that the SEG states and only it carries")
+    return sources, (_make_up_uids(sources, missing) if missing else "")
+
+
+def _missing_uids(sources: list) -> list[str]:
+    """What the sources lack for a SEG to reference them: one phrase per problem, [] when nothing."""
+    missing = []
+    instances = [str(s.get("SOPInstanceUID", "") or "") for s in sources]
+    if not all(instances):
+        missing.append(f"no SOP Instance UID in {sum(not i for i in instances)} of {len(sources)} files")
+    elif len(set(instances)) < len(instances):
+        missing.append(f"{len(instances) - len(set(instances))} duplicate SOP Instance UID(s)")
+    if not all(str(s.get("SOPClassUID", "") or "") for s in sources):
+        missing.append("no SOP Class UID")
+    for keyword, name in (("StudyInstanceUID", "Study"), ("SeriesInstanceUID", "Series"),
+                          ("FrameOfReferenceUID", "Frame of Reference")):
+        values = {str(s.get(keyword, "") or "").strip() for s in sources}
+        if "" in values or len(values) != 1:
+            missing.append(f"no {name} Instance UID" if "" in values else f"{len(values)} different {name} UIDs")
+    return [m.replace("Frame of Reference Instance UID", "Frame of Reference UID") for m in missing]
+
+
+def _make_up_uids(sources: list, missing: list[str]) -> str:
+    """Give the sources the UIDs they lack (in memory only) and return the note the SEG carries."""
+    from pydicom.uid import generate_uid
+
+    made = []
+    for keyword, name in (("StudyInstanceUID", "study"), ("SeriesInstanceUID", "series"),
+                          ("FrameOfReferenceUID", "frame of reference")):
+        values = {str(s.get(keyword, "") or "").strip() for s in sources}
+        if "" in values or len(values) != 1:
+            uid = generate_uid()
+            for source in sources:
+                setattr(source, keyword, uid)
+            made.append(name)
+    seen: set[str] = set()
+    renamed = 0
+    for source in sources:
+        if not source.SOPClassUID:
+            source.SOPClassUID = _CT_IMAGE_STORAGE
+        if not source.SOPInstanceUID or source.SOPInstanceUID in seen:
+            source.SOPInstanceUID = generate_uid()
+            renamed += 1
+        seen.add(source.SOPInstanceUID)
+    if renamed:
+        made.append(f"{renamed} image")
+    return (f"The source series had {'; '.join(missing)}: --dicom-new-uids made up new {', '.join(made)} UIDs, "
+            "which only this SEG carries (it cannot be matched to the source images in a PACS).")
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -48,31 +159,30 @@ def write_dicom_seg(
     source_files: Sequence[str | os.PathLike[str]],
     algorithm: Algorithm,
     organs: Sequence[int] | None = None,
+    options: SegOptions = SegOptions(),
 ) -> Path:
     """Write ``labels`` (uint8 H-SAM values on the grid of the source series) as a DICOM SEG, atomically.
 
-    ``source_files`` are the series' instances; every one is referenced. ``organs`` limits the segments (default:
-    every organ present). Raises HSAMError when the labels are not on the source grid or no organ was found.
+    ``source_files`` are the series' instances; every one is referenced. ``organs`` are the organs looked for
+    (default: all): those found become segments, the others are named as not found in the SEG's Image Comments.
+    Raises HSAMError when the sources cannot be referenced (:func:`read_sources`), the labels are not on the
+    source grid, or no organ was found.
     """
     import highdicom as hd
     import pydicom
-    from pydicom.uid import generate_uid
 
     from hsam import labels as label_table
     from hsam.volume.io import _atomic_write, check_writable
 
     target = check_writable(path, (".dcm",))
-    sources = []
-    for file in source_files:
-        try:
-            sources.append(pydicom.dcmread(file, stop_before_pixels=True))
-        except Exception as error:  # pydicom raises several types for a damaged file
-            raise HSAMError(f"could not read source DICOM {Path(file).name}: {' '.join(str(error).split())[:120]}") from None
+    options.check()
+    sources, uid_note = read_sources(source_files, options.new_uids)
     slices = _slice_indices(labels, sources)
     array = sitk.GetArrayViewFromImage(labels)  # [z, y, x]: y = rows, x = columns, as DICOM frames
     frames = np.stack([array[k] for k in slices])
-    present = sorted(int(v) for v in np.unique(frames) if v != 0)
-    wanted = present if organs is None else [i for i in present if i in set(organs)]
+    looked_for = [o.index for o in label_table.ORGANS] if organs is None else sorted(set(organs))
+    counts = np.bincount(frames.ravel(), minlength=256)
+    wanted = [i for i in looked_for if counts[i] >= max(1, options.min_voxels)]
     if not wanted:
         raise HSAMError("no organ was found, so there is no segment to write as DICOM SEG; check the input or write "
                         "a label map (.nii.gz) instead")
@@ -80,7 +190,58 @@ def write_dicom_seg(
     lookup = np.zeros(256, dtype=np.uint8)
     for number, index in enumerate(wanted, start=1):
         lookup[index] = number
-    pixel_array = lookup[frames]
+    comments = _comments(algorithm, looked_for, wanted, counts, options.min_voxels, uid_note)
+    descriptions = _segment_descriptions(hd, pydicom, label_table, algorithm, wanted)
+    first = sources[0]
+    # SliceThickness is type 2 (may be absent or empty) but highdicom reads it from the first source: the in-memory
+    # header (never written back) gets the slice spacing then. SpacingBetweenSlices lets readers rebuild the grid.
+    if first.get("SliceThickness", None) in (None, ""):
+        first.SliceThickness = float(labels.GetSpacing()[2])
+    measures = hd.PixelMeasuresSequence(
+        pixel_spacing=[float(v) for v in first.PixelSpacing],
+        slice_thickness=float(first.SliceThickness),
+        spacing_between_slices=float(labels.GetSpacing()[2]),
+    )
+    with warnings.catch_warnings():  # a source's one-part patient name ("JANCT000") is kept as it is, not "fixed"
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        try:
+            seg = _segmentation(hd, sources, lookup[frames], descriptions, algorithm, measures, options,
+                                f"H-SAM {len(wanted)} of {len(looked_for)} organs found")
+        except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks of the sources
+            raise HSAMError(f"could not build a DICOM SEG over this series (highdicom: {type(error).__name__}: "
+                            f"{' '.join(str(error).split())[:160]})") from None
+    seg.ImageComments = comments
+    if options.compress == "deflate":
+        seg.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    return _atomic_write(target, lambda temp: seg.save_as(temp, enforce_file_format=True))
+
+
+def _comments(algorithm: Algorithm, looked_for: list[int], wanted: list[int], counts: np.ndarray, min_voxels: int,
+              uid_note: str) -> str:
+    """Image Comments: the model, demo or not, which organs were looked for and not found, specks left out, UIDs."""
+    from hsam import labels as label_table
+
+    def names(indices: list[int]) -> str:
+        return ", ".join(label_table.organ(i).display_name for i in indices) or "none"
+
+    absent = [i for i in looked_for if counts[i] == 0]
+    small = [i for i in looked_for if 0 < counts[i] < min_voxels]
+    parts = [f"Automatic segmentation by H-SAM model {algorithm.version}."]
+    if algorithm.demo:
+        parts.append("Demo model, not for clinical use.")
+    parts.append(f"Organs looked for: {names(looked_for)}. Found: {names(wanted)}. Not found: {names(absent)}.")
+    if small:
+        parts.append(f"Found but left out as smaller than {min_voxels} voxels (--dicom-min-voxels): "
+                     + ", ".join(f"{label_table.organ(i).display_name} ({counts[i]} voxels)" for i in small) + ".")
+    if uid_note:
+        parts.append(uid_note)
+    return " ".join(parts)
+
+
+def _segment_descriptions(hd, pydicom, label_table, algorithm: Algorithm, wanted: list[int]) -> list:  # noqa: ANN001
+    """One SegmentDescription per organ found: SNOMED CT codes, name, colour, the model as the algorithm."""
+    from pydicom.uid import generate_uid
+
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
         family=pydicom.sr.codedict.codes.cid7162.ArtificialIntelligence,
@@ -107,39 +268,27 @@ def write_dicom_seg(
                 hd.sr.CodedConcept(*_value_first(organ.modifier_code))
             ]
         descriptions.append(description)
-    first = sources[0]
-    series_number = int(first.get("SeriesNumber", 0) or 0) + 1000  # sorts after its CT in a PACS series list
-    charset = first.get("SpecificCharacterSet", None) or None  # '' (as GE writes it) means the default repertoire
-    # SliceThickness is type 2 (may be absent or empty) but highdicom reads it from the first source: the in-memory
-    # header (never written back) gets the slice spacing then. SpacingBetweenSlices lets readers rebuild the grid.
-    if first.get("SliceThickness", None) in (None, ""):
-        first.SliceThickness = float(labels.GetSpacing()[2])
-    measures = hd.PixelMeasuresSequence(
-        pixel_spacing=[float(v) for v in first.PixelSpacing],
-        slice_thickness=float(first.SliceThickness),
-        spacing_between_slices=float(labels.GetSpacing()[2]),
-    )
-    with warnings.catch_warnings():  # a source's one-part patient name ("JANCT000") is kept as it is, not "fixed"
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        try:
-            seg = _segmentation(hd, sources, pixel_array, descriptions, series_number, algorithm, charset, measures)
-        except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom's checks of the sources
-            raise HSAMError(f"could not build a DICOM SEG over this series (highdicom: "
-                            f"{' '.join(str(error).split())[:160]})") from None
-    return _atomic_write(target, lambda temp: seg.save_as(temp, enforce_file_format=True))
+    return descriptions
 
 
-def _segmentation(hd, sources: list, pixel_array: np.ndarray, descriptions: list, series_number: int,  # noqa: ANN001
-                  algorithm: Algorithm, charset, measures):  # noqa: ANN001
+def _segmentation(hd, sources: list, pixel_array: np.ndarray, descriptions: list, algorithm: Algorithm,  # noqa: ANN001
+                  measures, options: SegOptions, summary: str):  # noqa: ANN001
     """The highdicom Segmentation object (new UIDs; patient, study and references taken from ``sources``)."""
-    from pydicom.uid import generate_uid
+    from pydicom.uid import RLELossless, generate_uid
 
     from hsam import __version__
 
+    first = sources[0]
+    try:
+        series_number = int(first.get("SeriesNumber", 0) or 0) + 1000  # sorts after its CT in a PACS series list
+    except (TypeError, ValueError):
+        series_number = 1000
+    demo = ", demo model, not for clinical use" if algorithm.demo else ""
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP if options.seg_type == "labelmap"
+                           else hd.seg.SegmentationTypeValues.BINARY),
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(),
         series_number=series_number,
@@ -150,10 +299,13 @@ def _segmentation(hd, sources: list, pixel_array: np.ndarray, descriptions: list
         software_versions=f"hsam {__version__}",
         device_serial_number="none",
         content_label="HSAM",
-        content_description=f"H-SAM organs ({algorithm.name})"[:64],
-        series_description=f"H-SAM organs ({algorithm.name})"[:64],
-        specific_character_set=charset,
+        content_description=(summary + demo)[:64],
+        content_creator_name="HSAMSlicer^",  # type 2; the trailing caret: one-part name, as PN wants it written
+        series_description=(f"H-SAM organs{demo}" if demo else f"H-SAM organs ({algorithm.name})")[:64],
+        # '' (as GE writes it) means the default repertoire
+        specific_character_set=first.get("SpecificCharacterSet", None) or None,
         pixel_measures=measures,
+        transfer_syntax_uid=RLELossless if options.compress == "rle" else "1.2.840.10008.1.2.1",
     )
 
 

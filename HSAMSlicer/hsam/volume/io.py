@@ -155,7 +155,8 @@ def read_dicom_volume(folder: str | os.PathLike[str], series_uid: str | None = N
     """Read one DICOM series under ``folder`` and return ``(image, series)``; ``series`` lists its source files.
 
     ``series_uid`` picks the series, else :func:`hsam.volume.dicom_series.pick_series` does and a UserWarning names
-    it when the folder holds several. The image is checked like :func:`read_image`'s.
+    it when the folder holds several; another says how files without a Series Instance UID were grouped. The image
+    is checked like :func:`read_image`'s.
     """
     import warnings
 
@@ -168,6 +169,8 @@ def read_dicom_volume(folder: str | os.PathLike[str], series_uid: str | None = N
     chosen, found = choose_series(source, series_uid)
     if len(found) > 1 and not series_uid:
         warnings.warn(describe_choice(source, chosen, found), UserWarning, stacklevel=2)
+    if chosen.note:  # grouped without a Series Instance UID, or copies left out: the user must know
+        warnings.warn(f"{source.name}: {chosen.label()}: {chosen.note}", UserWarning, stacklevel=2)
     return check_volume(read_series(chosen), source.name), chosen
 
 
