@@ -438,6 +438,12 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             largest_component=node.largestComponent,
             show_3d=node.showIn3D,
         )
+        edited = self.logic.results_of_volume(node.inputVolume).edited
+        if edited:
+            choice = self._askAboutEditedResults(edited)
+            if choice is None:
+                return
+            options.replace_edited = choice
         if self._downloadFirst(options.model):
             return
         with self._reportingErrors():
@@ -445,6 +451,27 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startJob(job, "segment", lambda state: self._finishSegmentation(job, state), _("Starting..."))
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
+
+    def _askAboutEditedResults(self, edited):
+        """The user changed earlier results of this CT: keep them (default: the new result gets a numbered name) or
+        replace them. Returns the results to replace (none or all), or None to not segment."""
+        if slicer.app.testingEnabled():
+            return ()
+        names = "\n".join(f"- {result.name}" for result in edited)
+        box = qt.QMessageBox(qt.QMessageBox.Question, _("Segment organs"),
+                             _("You edited these results of this CT:\n{names}\n\nKeep them and add the new result "
+                               "next to them, or replace them with the new result?").format(names=names),
+                             qt.QMessageBox.NoButton, slicer.util.mainWindow())  # fmt: skip
+        keep = box.addButton(_("Keep my edits"), qt.QMessageBox.AcceptRole)
+        replace = box.addButton(_("Replace them"), qt.QMessageBox.DestructiveRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(keep)
+        box.exec_()
+        if box.clickedButton() == keep:
+            return ()
+        if box.clickedButton() == replace:
+            return tuple(edited)
+        return None
 
     def _downloadFirst(self, modelId: str) -> bool:
         """A manifest model that is not installed yet: show what it is and its terms, and on OK download it in a child

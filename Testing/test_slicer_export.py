@@ -26,6 +26,7 @@ from HSAMSlicerLib.export import (  # noqa: E402
     segment_array,
     segment_terminology,
 )
+from HSAMSlicerLib import results  # noqa: E402
 from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput  # noqa: E402
 
 
@@ -217,6 +218,7 @@ def test_a_saved_and_reloaded_scene_still_knows_the_prediction(app, case, tmp_pa
     volume = reloaded.scene.GetFirstNodeByName("CT abdomen")
     segmentation = HSAMSlicerLogic(reloaded.scene).find_result(volume)
     assert segmentation is not None and segmentation.GetAttribute("HSAMSlicer.ModelSHA256") == "ab" * 32
+    assert results.is_untouched(segmentation), "saving and loading is no edit: a re-run may still replace it"
     aorta_slices = np.flatnonzero((labels == 7).any(axis=(1, 2)))
     edit_segment(segmentation, "aorta", volume, lambda m: m.__setitem__(int(aorta_slices[0]), 0))
     provenance = json.loads((export_case(segmentation, tmp_path / "cases") / PROVENANCE_FILE).read_text())

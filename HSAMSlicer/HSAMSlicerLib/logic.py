@@ -9,9 +9,11 @@ segmentation is three steps, so that the GUI can follow the middle one from a ti
 1. :meth:`HSAMSlicerLogic.start_segmentation` (main thread): the volume node's voxels and geometry go to a private
    folder, and ``hsam segment ... --progress json`` starts on them.
 2. :meth:`HSAMSlicerLib.process.ChildJob.poll` (main thread, never blocks): progress, status, warnings.
-3. :meth:`HSAMSlicerLogic.finish_segmentation` (main thread): the labels are read back and become MRML nodes,
-   replacing this module's earlier result for the same volume (never a segmentation the user made); the folder is
-   removed.
+3. :meth:`HSAMSlicerLogic.finish_segmentation` (main thread): the labels are read back and become a new result.
+   It replaces this module's earlier result for the same volume only where that is untouched since it was made; an
+   edited result stays (the new one is numbered) unless the user chose to replace it (:class:`RunOptions`
+   ``replace_edited``); a segmentation the user made or copied is never touched (:mod:`HSAMSlicerLib.results`). The
+   folder is removed.
 
 :meth:`HSAMSlicerLogic.process` runs all three in a row (scripts, the self-test). Model downloads, imports, device
 detection and fine-tuning are child jobs too (``start_*`` methods).
@@ -30,14 +32,14 @@ import numpy as np
 import slicer
 import vtk
 
+from HSAMSlicerLib import results
 from HSAMSlicerLib.process import ChildJob, JobState
+from HSAMSlicerLib.results import RESULT_ATTRIBUTE, ROLE_SOURCE, SEGMENTATION, EditedResult, ResultsOfVolume
 from hsam.errors import HSAMError
 
-# Attribute that marks every node this module creates; its value says which part of a result the node is.
-RESULT_ATTRIBUTE = "HSAMSlicer.Result"
-SEGMENTATION, PREDICTION, CONFIDENCE, TABLE = "segmentation", "prediction", "confidence", "volumes"
-# Node-reference roles from the segmentation node to its CT and to the other parts of the result.
-ROLE_SOURCE = "HSAMSlicer.SourceVolume"
+# RESULT_ATTRIBUTE marks every node this module creates; its value says which part of a result the node is.
+PREDICTION, CONFIDENCE, TABLE = "prediction", "confidence", "volumes"
+# Node-reference roles from the segmentation node to its CT (ROLE_SOURCE) and to the other parts of the result.
 ROLE_PREDICTION = "HSAMSlicer.Prediction"
 ROLE_CONFIDENCE = "HSAMSlicer.Confidence"
 ROLE_TABLE = "HSAMSlicer.OrganVolumes"
@@ -66,6 +68,9 @@ class RunOptions:
     show_3d: bool = True  # build closed surfaces so the organs show in 3D (when display nodes exist)
     batch_size: int | None = None
     mode: str = "auto"  # speed mode (hsam segment --mode)
+    # edited earlier results the user chose to replace (results_of_volume().edited, as they were when asked); any
+    # other edited result stays and the new result gets a numbered name
+    replace_edited: Sequence[EditedResult] = ()
 
 
 @dataclass
@@ -350,10 +355,12 @@ class HSAMSlicerLogic:
 
     # ------------------------------------------------------------------ step 3: result -> MRML (main thread)
     def apply_result(self, volume_node, output: SegmentationOutput, options: RunOptions):
-        """Build the segmentation (+ stored prediction, optional confidence volume, organ-volume table) for
-        ``volume_node`` and remove this module's earlier result for it. Returns the segmentation node.
+        """Build a new result for ``volume_node``: the segmentation (+ stored prediction, optional confidence volume,
+        organ-volume table). Returns the segmentation node.
 
-        Nothing is left behind if this fails: the new nodes are removed and the earlier result stays.
+        Earlier results for the volume that are untouched since they were made are replaced; edited ones stay (the new
+        result is numbered: "CT organs 2") unless listed in ``options.replace_edited`` with the content they still
+        have. Nothing is left behind if this fails: the new nodes are removed and the earlier results stay.
         """
         self.check_input_volume(volume_node)
         chosen = organs_selected(options.organs)
@@ -369,11 +376,11 @@ class HSAMSlicerLogic:
                 lut[value] = entry.index
         labels = lut[labels]
 
-        old_nodes = self._result_nodes(volume_node)
+        replaced = self._replaced_results(volume_node, options.replace_edited)
+        name = results.unique_name(self.scene, self._result_name(volume_node), {n.GetID() for n in replaced})
         created: list = []
         try:
-            segmentation = self._new_node("vtkMRMLSegmentationNode", self._result_name(volume_node), SEGMENTATION,
-                                          created)  # fmt: skip
+            segmentation = self._new_node("vtkMRMLSegmentationNode", name, SEGMENTATION, created)
             segmentation.CreateDefaultDisplayNodes()
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
             segmentation.SetNodeReferenceID(ROLE_SOURCE, volume_node.GetID())
@@ -405,28 +412,33 @@ class HSAMSlicerLogic:
             self._place_in_subject_hierarchy(volume_node, [n for n in created if n is not prediction])
             if options.show_3d and segmentation.GetDisplayNode() is not None:
                 segmentation.CreateClosedSurfaceRepresentation()
+            results.mark_result(segmentation)
         except BaseException:
             for node in reversed(created):
                 self.scene.RemoveNode(node)
             raise
-        for node in old_nodes:
-            self.scene.RemoveNode(node)
+        for node in replaced:
+            self._remove_result(node)
         return segmentation
 
     # ------------------------------------------------------------------ finding results
     def find_result(self, volume_node):
-        """This module's segmentation for ``volume_node``, or None. User-made segmentations are never returned."""
+        """This module's newest segmentation for ``volume_node``, or None. User-made segmentations (copies of a result
+        included) are never returned."""
         if volume_node is None:
             return None
-        for node in self._nodes_of_class("vtkMRMLSegmentationNode"):
-            ours = node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION
-            if ours and node.GetNodeReferenceID(ROLE_SOURCE) == volume_node.GetID():
-                return node
-        return None
+        found = [node for node in self._nodes_of_class("vtkMRMLSegmentationNode")
+                 if results.is_result(node) and node.GetNodeReferenceID(ROLE_SOURCE) == volume_node.GetID()]
+        return found[-1] if found else None
+
+    def results_of_volume(self, volume_node) -> ResultsOfVolume:
+        """The earlier results for ``volume_node``: untouched ones (a new run replaces them) and edited ones (the widget
+        asks whether to keep them, the default, or to replace them: ``RunOptions.replace_edited``)."""
+        return results.results_of_volume(self.scene, volume_node)
 
     @staticmethod
     def is_result(node) -> bool:
-        return node is not None and node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION
+        return results.is_result(node)
 
     @staticmethod
     def source_volume(segmentation_node):
@@ -460,20 +472,26 @@ class HSAMSlicerLogic:
         nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
         return nodes
 
-    def _result_nodes(self, volume_node) -> list:
-        """This module's earlier result for the volume: the segmentation and the nodes it references."""
-        nodes = []
-        for segmentation in self._nodes_of_class("vtkMRMLSegmentationNode"):
-            if segmentation.GetAttribute(RESULT_ATTRIBUTE) != SEGMENTATION:
+    def _replaced_results(self, volume_node, chosen: Sequence[EditedResult]) -> list:
+        """The earlier results a new run replaces: the untouched ones, and edited ones the user chose to replace whose
+        content is still what it was when asked."""
+        previous = results.results_of_volume(self.scene, volume_node)
+        replaced = list(previous.untouched)
+        for edited in previous.edited:
+            if edited in chosen:  # same node, same content: a later edit makes it a different EditedResult
+                replaced.append(self.scene.GetNodeByID(edited.node_id))
+        return replaced
+
+    def _remove_result(self, segmentation) -> None:
+        """Remove a result and its parts, except parts another segmentation still references (a user's copy)."""
+        others = [n for n in self._nodes_of_class("vtkMRMLSegmentationNode") if n is not segmentation]
+        for part, role in PART_ROLES.items():
+            node = segmentation.GetNodeReference(role)
+            if node is None or node.GetAttribute(RESULT_ATTRIBUTE) != part:
                 continue
-            if segmentation.GetNodeReferenceID(ROLE_SOURCE) != volume_node.GetID():
-                continue
-            for part, role in PART_ROLES.items():
-                node = segmentation.GetNodeReference(role)
-                if node is not None and node.GetAttribute(RESULT_ATTRIBUTE) == part:
-                    nodes.append(node)
-            nodes.append(segmentation)
-        return nodes
+            if not any(other.GetNodeReferenceID(role) == node.GetID() for other in others):
+                self.scene.RemoveNode(node)
+        self.scene.RemoveNode(segmentation)
 
     @staticmethod
     def _result_name(volume_node) -> str:
