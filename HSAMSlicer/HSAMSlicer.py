@@ -780,7 +780,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         with self._reportingErrors(), slicer.util.WaitCursor():
             folder = self.logic.export_for_finetuning(node.outputSegmentation, node.exportDirectory)
-            self._setStatus(_("Exported a training case to {folder}").format(folder=folder))
+            self._setStatus(self.logic.describe_export(folder))
 
     # ------------------------------------------------------------------ errors and status
     def _reportingErrors(self, what: Optional[str] = None):

@@ -36,7 +36,7 @@ def main() -> int:
 
     from hsam.inference import organ_volumes_ml
     from hsam.labels import CLASS_NAMES, ORGANS, remap_labels
-    from HSAMSlicerLib.export import label_array
+    from HSAMSlicerLib.export import collect_labels
     from HSAMSlicerLib.logic import ROLE_TABLE, HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput
 
     app = slicer_headless.start()
@@ -56,7 +56,7 @@ def main() -> int:
                                     volumes_ml=organ_volumes_ml(mapped, CLASS_NAMES), device="cpu")  # fmt: skip
         segmentation = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False))
         source = "reference labels of the sample (TotalSegmentator, mapped to H-SAM organs)"
-    labels, _, _, _ = label_array(segmentation, volume)  # what the segments hold, on the CT grid
+    labels = collect_labels(segmentation, volume).labels  # what the segments hold, on the CT grid
     table = segmentation.GetNodeReference(ROLE_TABLE).GetTable()
     rows = range(table.GetNumberOfRows())
     volumes = {table.GetValue(r, 0).ToString(): table.GetValue(r, 3).ToDouble() for r in rows}

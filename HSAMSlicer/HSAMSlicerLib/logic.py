@@ -466,6 +466,13 @@ class HSAMSlicerLogic:
 
         return export_case(segmentation_node, output_root, volume_node=volume_node, case_name=case_name)
 
+    @staticmethod
+    def describe_export(folder) -> str:
+        """What an exported case holds: labelled organs, merged and left-out segments, unknown organs."""
+        from HSAMSlicerLib.export import describe_export
+
+        return describe_export(folder)
+
     # ------------------------------------------------------------------ helpers
     def _nodes_of_class(self, class_name: str) -> list:
         collection = self.scene.GetNodesByClass(class_name)
