@@ -9,7 +9,10 @@ child is Slicer's own Python (``PythonSlicer``) running ``python -m hsam COMMAND
 - its stderr goes to ``log.txt`` beside it (shown with an error);
 - its stdin is a pipe that the parent never writes to: closing it asks the child to stop, and the operating system
   closes it when Slicer exits or crashes, so a child never outlives Slicer (``hsam.cli.stop``);
-- it runs in its own process group (session on POSIX), so Cancel ends it and every process it started.
+- it runs in its own process group (a new session on POSIX), so Cancel ends it and every process it started. Under
+  Slicer the direct child is ``PythonSlicer``, CTK's AppLauncher, which starts the real interpreter as *its* child:
+  the launcher may end at once on SIGTERM while the interpreter still cleans up. So a job is over only when its whole
+  group is gone (:func:`group_alive`), and its folder is removed only then.
 
 No Qt and no MRML here: the widget calls :meth:`ChildJob.poll` from a QTimer, the Logic applies results.
 """
@@ -79,6 +82,28 @@ def package_root() -> Path:
     return Path(hsam.__file__).resolve().parent.parent
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` still runs (POSIX). Zombies do not run: in a container
+    whose init reaps orphans late, an ended interpreter can stay a zombie for a second or two."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        return True  # no /proc (macOS): init reaps at once there
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _child_environment(extra: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     root = str(package_root())
@@ -117,6 +142,8 @@ class ChildJob:
         self._epochs: list[dict[str, Any]] = []
         self._final: dict[str, Any] | None = None
         self._cancel_at: float | None = None
+        self._exited: tuple[int, float] | None = None  # the direct child's exit code and when it was seen
+        self._gone = False  # the whole group was seen gone: its ID may be reused, so it is never signalled again
         self._error: BaseException | None = None
         self._done = False
 
@@ -144,16 +171,24 @@ class ChildJob:
 
     # ------------------------------------------------------------------ following the child
     def poll(self) -> JobState:
-        """Read what the child reported since the last call (never blocks) and return the job's state."""
+        """Read what the child reported since the last call (never blocks) and return the job's state. The job is
+        done once the direct child has ended *and* every process it started is gone; processes left behind (the
+        interpreter under a launcher) get :data:`STOP_GRACE_S` and are then killed."""
         if self.process is not None and not self._done:
             self._read_lines()
             code = self.process.poll()
-            if code is None and self._cancel_at is not None and self._clock() >= self._cancel_at:
-                self.kill()
+            now = self._clock()
+            if code is None and self._cancel_at is not None and now >= self._cancel_at:
+                self._kill_group()
                 code = self.process.poll()
-            if code is not None:
-                self._read_lines()
-                self._finish(code)
+            if code is not None and self._exited is None:
+                self._exited = (code, now)
+            if self._exited is not None:
+                if self._tree_alive() and now >= self._exited[1] + STOP_GRACE_S:
+                    self._kill_group()
+                if not self._tree_alive():
+                    self._read_lines()
+                    self._finish(self._exited[0])
         return self._state()
 
     def _read_lines(self) -> None:
@@ -210,12 +245,17 @@ class ChildJob:
         elif self._error is None:
             self._error = ChildCrashed(self._crash_message(code), self.log_tail())
 
-    def _crash_message(self, code: int) -> str:
-        if code < 0:
+    @staticmethod
+    def _crash_message(code: int) -> str:
+        """A negative code is a signal (the direct child); 129-159 is 128 + a signal, how a launcher or shell reports
+        a child that a signal ended (the interpreter under ``PythonSlicer``, killed for memory)."""
+        signal_number = -code if code < 0 else code - 128 if 128 < code < 160 else None
+        if signal_number is not None:
             try:
-                how = f"was ended by signal {signal.Signals(-code).name}"
+                name = signal.Signals(signal_number).name
             except ValueError:
-                how = f"was ended by signal {-code}"
+                name = str(signal_number)
+            how = f"was ended by signal {name}" + (f" (exit code {code})" if code > 0 else "")
         else:
             how = f"stopped with exit code {code}"
         return (f"the H-SAM process {how} without finishing (out of memory, a GPU driver error or a crash?); "
@@ -266,22 +306,48 @@ class ChildJob:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def kill(self) -> None:
-        """End the child and every process it started, now."""
-        if self.process is None or self.process.poll() is not None:
-            return
+    def kill(self, timeout_s: float = 5.0) -> bool:
+        """End the child and every process it started, now, also when the direct child (a launcher) has already
+        ended. Returns whether all of them are gone within ``timeout_s``."""
+        if self.process is None:
+            return True
         self._close_stdin()
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
-        else:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self.process.kill()
+        self._kill_group()
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while self._tree_alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _kill_group(self) -> None:
+        """SIGKILL to the child's process group (POSIX); on Windows, end the process tree."""
+        if self._gone:
+            return
+        if os.name == "nt":
+            if self.process.poll() is None:  # taskkill /T follows parent links: only while the child exists
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True,
+                               check=False)  # fmt: skip
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
+
+    def _tree_alive(self) -> bool:
+        """Whether the child or any process it started still runs (Windows: the direct child only)."""
+        if self.process is None or self._gone:
+            return False
+        if os.name == "nt":
+            alive = self.process.poll() is None
+        else:
+            alive = self.process.poll() is None or group_alive(self.process.pid)
+        self._gone = not alive
+        return alive
 
     def _close_stdin(self) -> None:
         if self.process is not None and self.process.stdin is not None and not self.process.stdin.closed:
@@ -291,10 +357,10 @@ class ChildJob:
                 pass
 
     def cleanup(self) -> None:
-        """Kill the child if it still runs and remove the private folder."""
-        self.kill()
-        self._close_stdin()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Kill the child and every process it started if any still runs, then remove the private folder. A process
+        that survives SIGKILL (stuck in the kernel) keeps its folder: the module's start-up sweep removes it later."""
+        if self.kill():
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def format_eta(seconds: float | None) -> str:
