@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from HSAMSlicerLib.logic import HSAMSlicerLogic as _QtFreeLogic
-from HSAMSlicerLib.logic import RunOptions, SegmentationJob
+from HSAMSlicerLib.logic import NotCT, RunOptions, SegmentationJob
 from HSAMSlicerLib.process import ChildCrashed, JobCancelled, format_eta
 
 __all__ = [
@@ -447,7 +447,14 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._downloadFirst(options.model):
             return
         with self._reportingErrors():
-            job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read here, on the main thread
+            try:
+                job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read on the main thread
+            except NotCT as question:
+                if not slicer.util.confirmOkCancelDisplay(str(question), windowTitle=_("Not a CT?")):
+                    self._setStatus(_("Not segmented: the volume does not look like CT."))
+                    return
+                options.allow_non_ct = True
+                job = self.logic.start_segmentation(node.inputVolume, options)
             self._startJob(job, "segment", lambda state: self._finishSegmentation(job, state), _("Starting..."))
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")

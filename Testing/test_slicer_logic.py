@@ -28,6 +28,7 @@ from HSAMSlicerLib.logic import (  # noqa: E402
     ROLE_TABLE,
     HSAMSlicerLogic,
     ModelInfo,
+    NotCT,
     RunOptions,
     SegmentationOutput,
 )
@@ -138,6 +139,24 @@ def test_missing_input_and_empty_organ_choice(app, ct_path, tiny_model):
     volume = app.load_volume(ct_path)
     with pytest.raises(HSAMError, match="no organ is selected"):
         logic.start_segmentation(volume, RunOptions(model=str(tiny_model), device="cpu", organs=[]))
+
+
+def test_a_volume_that_is_not_ct_is_a_question_before_anything_starts(app, real_data, ct_path, tiny_model):
+    """MR (the real TotalSegmentator MR sample): the Logic asks (NotCT) instead of segmenting with a red line."""
+    logic = HSAMSlicerLogic(app.scene)
+    mr = app.load_volume(real_data / "totalsegmentator" / "example_mr_sm.nii.gz", "MR")
+    before = node_ids(app.scene)
+    options = RunOptions(model=str(tiny_model), device="cpu", organs=[5], show_3d=False, mode="eager")
+    with pytest.raises(NotCT, match="'MR' does not look like CT.*Segment it anyway\\?$"):
+        logic.start_segmentation(mr, options)
+    assert node_ids(app.scene) == before and logic._jobs == [], "nothing started"
+    ct = logic.start_segmentation(app.load_volume(ct_path), options)
+    assert "--allow-non-ct" not in ct.job.arguments, "a CT needs no permission"
+    ct.job.cleanup()
+
+    options.allow_non_ct = True  # the user said yes
+    segmentation = logic.process(mr, options)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
 
 
 # ---------------------------------------------------------------------------------------------------- result nodes

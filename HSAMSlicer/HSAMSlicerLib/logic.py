@@ -71,6 +71,13 @@ class RunOptions:
     # edited earlier results the user chose to replace (results_of_volume().edited, as they were when asked); any
     # other edited result stays and the new result gets a numbered name
     replace_edited: Sequence[EditedResult] = ()
+    # segment a volume that does not look like CT (MR, a normalised image): only after the user said so (NotCT)
+    allow_non_ct: bool = False
+
+
+class NotCT(HSAMError):
+    """The volume does not look like CT in Hounsfield units (the CLI's check): a question for the user, not an error.
+    Ask it (the message ends with one) and start again with ``RunOptions.allow_non_ct`` on a yes."""
 
 
 @dataclass
@@ -215,18 +222,29 @@ class HSAMSlicerLogic:
     def start_segmentation(self, volume_node, options: RunOptions) -> SegmentationJob:
         """Write the CT to a private folder and start ``hsam segment`` on it; returns the running job.
 
-        Raises HSAMError for a bad input volume or option before anything starts.
+        Raises HSAMError for a bad input volume or option before anything starts, and :class:`NotCT` (a question)
+        for a volume that does not look like CT unless ``options.allow_non_ct``.
         """
         import SimpleITK as sitk
 
         organs = [o.name for o in organs_selected(options.organs)]  # by name: a model may order its classes freely
+        self.check_input_volume(volume_node)
+        if not options.allow_non_ct:
+            from hsam.volume.intensity import looks_like_ct  # the check `hsam segment` makes, on the same voxels
+
+            if not looks_like_ct(slicer.util.arrayFromVolume(volume_node)):
+                raise NotCT(f"'{volume_node.GetName()}' does not look like CT in Hounsfield units (no air near "
+                            "-1000 HU: MR or a normalised image?). H-SAM models are trained on CT, so the organs may be "
+                            "wrong or missing. Segment it anyway?")
         image = self.volume_to_image(volume_node)
         job = self._track(ChildJob([], env=self.child_env))
         try:
             source = job.folder / "input.nrrd"
             sitk.WriteImage(image, str(source), False)  # uncompressed: written and read in a fraction of a second
             arguments = ["segment", source, "-o", job.folder / "labels.nrrd", "--model", options.model,
-                         "--device", options.device or "auto", "--organs", ",".join(organs), "--allow-non-ct"]
+                         "--device", options.device or "auto", "--organs", ",".join(organs)]
+            if options.allow_non_ct:
+                arguments.append("--allow-non-ct")
             if options.confidence:
                 arguments += ["--confidence", job.folder / "confidence.nrrd"]
             if options.largest_component:
