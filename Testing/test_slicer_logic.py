@@ -389,7 +389,9 @@ def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
     from hsam import weights
 
     logic = HSAMSlicerLogic(app.scene)
-    state = logic.start_model_import(str(tiny_model / "model.json")).wait(timeout=120)
+    job = logic.start_model_import(str(tiny_model / "model.json"))
+    state = job.wait(timeout=120, cleanup=True)
+    assert not job.folder.exists()
     assert state.error is None, state.error
     model_id = state.result["id"]
     assert model_id == "hsam-tiny-test"
@@ -399,7 +401,7 @@ def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
                                                     mode="eager"))
     assert segmentation.GetAttribute("HSAMSlicer.ModelId") == model_id
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
-    failed = logic.start_model_import(str(ct_path.parent / "missing-model")).wait(timeout=120)
+    failed = logic.start_model_import(str(ct_path.parent / "missing-model")).wait(timeout=120, cleanup=True)
     assert isinstance(failed.error, HSAMError) and failed.result is None
     assert "\n" not in str(failed.error) and "missing-model" in str(failed.error), failed.error
 

@@ -158,25 +158,43 @@ class HSAMSlicerLogic:
     """Segment abdominal organs in a CT volume node with H-SAM and manage the resulting nodes.
 
     ``scene`` defaults to ``slicer.mrmlScene``. ``child_env`` adds environment variables for the child processes.
-    Closing the scene ends every child job this Logic started.
+    Closing the scene ends the segmentations (their volume is gone); fine-tuning, downloads and imports do not depend on
+    the scene and keep running (:meth:`stop_jobs` ends them: module closed, Slicer exits).
     """
 
     def __init__(self, scene=None, child_env: dict[str, str] | None = None):
+        # Slicer's ScriptedLoadableModuleLogic.__init__ may already have run this (cooperative super()): once is enough
+        if getattr(self, "_close_observer", None) is not None:
+            self.scene.RemoveObserver(self._close_observer)
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.child_env = dict(child_env or {})
         self._jobs: list[ChildJob] = []
+        self._scene_jobs: list[ChildJob] = []  # segmentations: they need their volume
         logic = weakref.ref(self)  # the scene must not keep the Logic alive (a reference cycle through VTK)
-        self.scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
-                               lambda caller, event: logic() is not None and logic().stop_jobs())
+        self._close_observer = self.scene.AddObserver(
+            slicer.vtkMRMLScene.StartCloseEvent, lambda caller, event: logic() is not None and logic().stop_scene_jobs())
 
     def stop_jobs(self) -> None:
-        """End every child job this Logic started and remove their folders (scene closed, module closed, exit)."""
-        jobs, self._jobs = self._jobs, []
+        """End every child job this Logic started and remove their folders (module closed, Slicer exits)."""
+        jobs, self._jobs, self._scene_jobs = self._jobs, [], []
         for job in jobs:
             job.cleanup()
 
-    def _track(self, job: ChildJob) -> ChildJob:
+    def stop_scene_jobs(self) -> None:
+        """End the jobs that need the scene (segmentations) and remove their folders: the scene is being closed."""
+        jobs, self._scene_jobs = self._scene_jobs, []
+        self._jobs = [j for j in self._jobs if j not in jobs]
+        for job in jobs:
+            job.cleanup()
+
+    def running_jobs(self) -> list[ChildJob]:
+        """The child jobs that have not ended yet."""
+        return [j for j in self._jobs if j.process is not None and j.process.poll() is None]
+
+    def _track(self, job: ChildJob, needs_scene: bool = False) -> ChildJob:
         self._jobs = [j for j in self._jobs if j.process is None or j.process.poll() is None] + [job]
+        if needs_scene:
+            self._scene_jobs = [j for j in self._scene_jobs if j in self._jobs] + [job]
         return job
 
     # ------------------------------------------------------------------ step 1: volume node -> SimpleITK image
@@ -237,7 +255,7 @@ class HSAMSlicerLogic:
                             "-1000 HU: MR or a normalised image?). H-SAM models are trained on CT, so the organs may be "
                             "wrong or missing. Segment it anyway?")
         image = self.volume_to_image(volume_node)
-        job = self._track(ChildJob([], env=self.child_env))
+        job = self._track(ChildJob([], env=self.child_env), needs_scene=True)
         try:
             source = job.folder / "input.nrrd"
             sitk.WriteImage(image, str(source), False)  # uncompressed: written and read in a fraction of a second

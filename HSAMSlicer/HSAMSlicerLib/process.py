@@ -283,13 +283,16 @@ class ChildJob:
             error=self._error if self._done else None,
         )
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> JobState:
-        """Poll until the job ends (headless use and tests); the same as the GUI's timer, without the GUI."""
+    def wait(self, timeout: float | None = None, interval: float = 0.05, cleanup: bool = False) -> JobState:
+        """Poll until the job ends (headless use and tests); the same as the GUI's timer, without the GUI. With
+        ``cleanup`` the folder is removed afterwards (for jobs whose result is all in the returned state)."""
         deadline = None if timeout is None else self._clock() + timeout
         state = self.poll()
         while not state.done and (deadline is None or self._clock() < deadline):
             time.sleep(interval)
             state = self.poll()
+        if cleanup:
+            self.cleanup()
         return state
 
     # ------------------------------------------------------------------ stopping
