@@ -172,7 +172,8 @@ class HSAMSlicerLogic:
         self._scene_jobs: list[ChildJob] = []  # segmentations: they need their volume
         logic = weakref.ref(self)  # the scene must not keep the Logic alive (a reference cycle through VTK)
         self._close_observer = self.scene.AddObserver(
-            slicer.vtkMRMLScene.StartCloseEvent, lambda caller, event: logic() is not None and logic().stop_scene_jobs())
+            slicer.vtkMRMLScene.StartCloseEvent,
+            lambda caller, event: logic() is not None and logic().stop_scene_jobs())
 
     def stop_jobs(self) -> None:
         """End every child job this Logic started and remove their folders (module closed, Slicer exits)."""
@@ -252,8 +253,8 @@ class HSAMSlicerLogic:
 
             if not looks_like_ct(slicer.util.arrayFromVolume(volume_node)):
                 raise NotCT(f"'{volume_node.GetName()}' does not look like CT in Hounsfield units (no air near "
-                            "-1000 HU: MR or a normalised image?). H-SAM models are trained on CT, so the organs may be "
-                            "wrong or missing. Segment it anyway?")
+                            "-1000 HU: MR or a normalised image?). H-SAM models are trained on CT, so the organs may "
+                            "be wrong or missing. Segment it anyway?")
         image = self.volume_to_image(volume_node)
         job = self._track(ChildJob([], env=self.child_env), needs_scene=True)
         try:
