@@ -1,9 +1,10 @@
 """HSAMSlicer: prompt-free segmentation of eight abdominal organs in CT with H-SAM (Cheng et al., CVPR 2024).
 
 The four classes Slicer expects live here: the module description, the GUI (a thin widget), the Logic (re-exported from
-HSAMSlicerLib.logic, where it is Qt-free and testable headless) and the self-test. Slicer's process never imports torch,
-SimpleITK or the network: every long job (segmentation, model download and import, device detection, fine-tuning) is
-an ``hsam`` command in a child process, followed from a QTimer (HSAMSlicerLib.process). No
+HSAMSlicerLib.logic, where it is Qt-free and testable headless) and the self-test. Slicer's process never imports torch
+or the network, and loading the module imports no SimpleITK (it is used only to read a finished run's labels and to
+write an export): every long job (segmentation, model download and import, device detection, fine-tuning) is an
+``hsam`` command in a child process, followed from a QTimer (HSAMSlicerLib.process). No
 ``from __future__ import annotations`` here: parameterNodeWrapper reads the parameter annotations as real types.
 """
 
@@ -28,7 +29,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from HSAMSlicerLib.logic import HSAMSlicerLogic as _QtFreeLogic
-from HSAMSlicerLib.logic import NotCT, RunOptions, SegmentationJob
+from HSAMSlicerLib.logic import NotCT, RunOptions, SegmentationJob, organs_selected
 from HSAMSlicerLib.process import ChildCrashed, JobCancelled, format_eta
 
 __all__ = [
@@ -179,6 +180,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = HSAMSlicerLogic()
+        self.logic.sweep_stale_job_folders()  # folders a crash of Slicer left in the temporary folder
 
         for text, value in ((_("Auto"), "auto"), (_("CUDA"), "cuda"), (_("CPU"), "cpu")):
             self.ui.deviceComboBox.addItem(text, value)
@@ -452,7 +454,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with self._reportingErrors():
             try:
-                job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read on the main thread
+                with slicer.util.WaitCursor():  # a 512x512x600 CT is written in 1.5-3 s (its 300-600 MiB, no copy)
+                    job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read on the main thread
             except NotCT as question:
                 if not slicer.util.confirmOkCancelDisplay(str(question), windowTitle=_("Not a CT?")):
                     self._setStatus(_("Not segmented: the volume does not look like CT."))
@@ -605,8 +608,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillModelList(select=self._parameterNode.modelId)  # a model downloaded by this run is now installed
         self._resetViewsTo(segmentation)
         result = state.result["result"]
-        organs = [int(v) for v in self._parameterNode.organs.split(",") if v.strip()]
         from hsam.labels import organ
+
+        organs = [o.index for o in organs_selected(job.options.organs)]  # the run's organs, not today's ticks
 
         found = sum(1 for value in organs if (result.get("volumes_ml") or {}).get(organ(value).name, 0.0) > 0)
         message = _("Done in {seconds:.0f} s on {device} (engine {engine}): {found} of {total} organs found. Check them "
@@ -618,10 +622,13 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setStatus(message, error=bool(result.get("warnings")))
 
     def _resetViewsTo(self, segmentation) -> None:
-        """Show the CT in the slice views and centre the 3D view on the organs."""
+        """Show the CT in the slice views and centre the 3D view on the organs, unless the user has moved on to
+        another volume while the run went on."""
         volume = self.logic.source_volume(segmentation)
-        if volume is not None:
-            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        active = self._activeVolume()
+        if volume is None or (active is not None and active.GetID() != volume.GetID()):
+            return
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
         layoutManager = slicer.app.layoutManager()
         if layoutManager is not None and layoutManager.threeDViewCount > 0:
             layoutManager.threeDWidget(0).threeDView().resetFocalPoint()

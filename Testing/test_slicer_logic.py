@@ -461,3 +461,13 @@ def test_the_slicer_self_test_path_runs_headless(app, tmp_path):
     messages = []
     case = check_whole_path(HSAMSlicerLogic(app.scene), tmp_path, log=messages.append)
     assert (case / "provenance.json").is_file() and len(messages) >= 4
+
+
+def test_initialising_the_logic_twice_leaves_one_scene_observer(app):
+    """Slicer's ScriptedLoadableModuleLogic.__init__ may run the Qt-free __init__ through super() before the module's
+    own explicit call: the first observer must not stay behind (it would stop jobs twice and keep a stale Logic)."""
+    logic = HSAMSlicerLogic(app.scene)
+    first = logic._close_observer
+    HSAMSlicerLogic.__init__(logic, app.scene)
+    assert app.scene.GetCommand(first) is None
+    assert app.scene.GetCommand(logic._close_observer) is not None

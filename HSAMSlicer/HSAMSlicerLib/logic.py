@@ -6,8 +6,9 @@ shows a dialog. No model work runs in Slicer's process (``product.md``, "Process
 ``hsam`` command in a child process (:mod:`HSAMSlicerLib.process`), and this process never imports torch. A
 segmentation is three steps, so that the GUI can follow the middle one from a timer:
 
-1. :meth:`HSAMSlicerLogic.start_segmentation` (main thread): the volume node's voxels and geometry go to a private
-   folder, and ``hsam segment ... --progress json`` starts on them.
+1. :meth:`HSAMSlicerLogic.start_segmentation` (main thread): the volume node's voxels (in their own type, no copy:
+   :mod:`HSAMSlicerLib.nrrd_input`) and geometry go to a private folder under :func:`jobs_root`, and
+   ``hsam segment ... --progress json`` starts on them.
 2. :meth:`HSAMSlicerLib.process.ChildJob.poll` (main thread, never blocks): progress, status, warnings.
 3. :meth:`HSAMSlicerLogic.finish_segmentation` (main thread): the labels are read back and become a new result.
    It replaces this module's earlier result for the same volume only where that is untouched since it was made; an
@@ -123,6 +124,16 @@ class SegmentationJob:
         self.job.cancel()
 
 
+def jobs_root() -> Path:
+    """Where job folders go: ``hsam`` under Slicer's temporary folder (Application Settings), else under the
+    system's temporary folder (headless)."""
+    import tempfile
+
+    application = getattr(slicer, "app", None)
+    base = getattr(application, "temporaryPath", "") if application is not None else ""
+    return Path(base or tempfile.gettempdir()) / "hsam"
+
+
 def hsam_organs_of_card(card) -> dict[int, Any]:
     """{model label value: hsam.labels organ} for the card's classes that are H-SAM organs (others are dropped)."""
     from hsam.labels import ORGANS, organ
@@ -168,12 +179,19 @@ class HSAMSlicerLogic:
             self.scene.RemoveObserver(self._close_observer)
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.child_env = dict(child_env or {})
+        self.jobs_root = jobs_root()
         self._jobs: list[ChildJob] = []
         self._scene_jobs: list[ChildJob] = []  # segmentations: they need their volume
         logic = weakref.ref(self)  # the scene must not keep the Logic alive (a reference cycle through VTK)
         self._close_observer = self.scene.AddObserver(
             slicer.vtkMRMLScene.StartCloseEvent,
             lambda caller, event: logic() is not None and logic().stop_scene_jobs())
+
+    def sweep_stale_job_folders(self) -> list:
+        """Remove job folders a crash left behind (module start); folders of running jobs stay."""
+        from HSAMSlicerLib.process import sweep_stale_folders
+
+        return sweep_stale_folders(self.jobs_root)
 
     def stop_jobs(self) -> None:
         """End every child job this Logic started and remove their folders (module closed, Slicer exits)."""
@@ -244,7 +262,8 @@ class HSAMSlicerLogic:
         Raises HSAMError for a bad input volume or option before anything starts, and :class:`NotCT` (a question)
         for a volume that does not look like CT unless ``options.allow_non_ct``.
         """
-        import SimpleITK as sitk
+        from HSAMSlicerLib import geometry
+        from HSAMSlicerLib.nrrd_input import write_volume_nrrd
 
         organs = [o.name for o in organs_selected(options.organs)]  # by name: a model may order its classes freely
         self.check_input_volume(volume_node)
@@ -255,11 +274,13 @@ class HSAMSlicerLogic:
                 raise NotCT(f"'{volume_node.GetName()}' does not look like CT in Hounsfield units (no air near "
                             "-1000 HU: MR or a normalised image?). H-SAM models are trained on CT, so the organs may "
                             "be wrong or missing. Segment it anyway?")
-        image = self.volume_to_image(volume_node)
-        job = self._track(ChildJob([], env=self.child_env), needs_scene=True)
+        matrix = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(matrix)
+        job = self._track(ChildJob([], env=self.child_env, root=self.jobs_root), needs_scene=True)
         try:
             source = job.folder / "input.nrrd"
-            sitk.WriteImage(image, str(source), False)  # uncompressed: written and read in a fraction of a second
+            # the voxels as Slicer holds them (own type, no copy), uncompressed: written in a fraction of a second
+            write_volume_nrrd(slicer.util.arrayFromVolume(volume_node), geometry.vtk_matrix_to_numpy(matrix), source)
             arguments = ["segment", source, "-o", job.folder / "labels.nrrd", "--model", options.model,
                          "--device", options.device or "auto", "--organs", ",".join(organs)]
             if options.allow_non_ct:
@@ -339,7 +360,7 @@ class HSAMSlicerLogic:
 
     def start_job(self, arguments: Sequence[str]) -> ChildJob:
         """Any other ``hsam`` command as a child job (``--progress json`` is added)."""
-        return self._track(ChildJob(arguments, env=self.child_env)).start()
+        return self._track(ChildJob(arguments, env=self.child_env, root=self.jobs_root)).start()
 
     def start_device_detection(self) -> ChildJob:
         """``hsam devices``: imports torch in the child; the result's ``devices`` says what PyTorch can use."""

@@ -35,6 +35,8 @@ from hsam.errors import HSAMError
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "log.txt"
+GROUP_FILE = "group.txt"  # the child's process group: the sweep leaves a folder alone while that group runs
+STALE_AFTER_S = 3600.0  # a job folder nothing wrote to for this long, whose processes are gone, is swept
 STOP_GRACE_S = 1.0  # after a cancel, the child gets this long to clean up before it is killed
 LOG_TAIL_LINES = 30
 
@@ -115,16 +117,39 @@ def _child_environment(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def sweep_stale_folders(root: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove job folders under ``root`` left by a crash (of Slicer or the machine): nothing in them changed for
+    ``stale_after_s`` and their process group no longer runs. Returns the folders removed."""
+    removed = []
+    now = time.time()
+    for folder in sorted(Path(root).glob("job-*")) if Path(root).is_dir() else []:
+        try:
+            newest = max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.iterdir()])
+            group = int((folder / GROUP_FILE).read_text()) if (folder / GROUP_FILE).is_file() else None
+        except (OSError, ValueError):
+            continue  # being removed, or a half-written group file: next time
+        if now - newest < stale_after_s or (group is not None and os.name != "nt" and group_alive(group)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 class ChildJob:
     """``python -m hsam ARGUMENTS --progress json`` in a child process with a private working folder.
 
-    ``folder`` (created when None) is removed by :meth:`cleanup`; the command's outputs should be written there.
+    ``folder`` (created as ``root/job-*`` when None; ``root`` None: the system's temporary folder) is removed by
+    :meth:`cleanup`; the command's outputs should be written there.
     """
 
     def __init__(self, arguments: Sequence[str], folder: Path | None = None, env: dict[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, root: Path | None = None) -> None:
         self.arguments = [str(a) for a in arguments]
-        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="hsam-slicer-"))
+        if folder is None:
+            if root is not None:
+                Path(root).mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+        self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._env = env
         self._clock = clock
@@ -144,6 +169,7 @@ class ChildJob:
         self._cancel_at: float | None = None
         self._exited: tuple[int, float] | None = None  # the direct child's exit code and when it was seen
         self._gone = False  # the whole group was seen gone: its ID may be reused, so it is never signalled again
+        self._windows_job = None  # Windows: the job object holding the child's whole tree (HSAMSlicerLib.winjob)
         self._error: BaseException | None = None
         self._done = False
 
@@ -155,7 +181,10 @@ class ChildJob:
         """Start the child. Raises HSAMError when it cannot be started (the folder is removed then)."""
         popen: dict[str, Any] = {}
         if os.name == "nt":
-            popen["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+            from HSAMSlicerLib import winjob
+
+            popen["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+                                      | winjob.CREATE_SUSPENDED)  # resumed once it is in its job object
         else:
             popen["start_new_session"] = True
         try:
@@ -166,7 +195,12 @@ class ChildJob:
             self.cleanup()
             raise HSAMError(f"could not start the H-SAM process ({error.strerror or error}); check that Slicer's "
                             "Python can run") from None
+        if os.name == "nt":
+            from HSAMSlicerLib import winjob
+
+            self._windows_job = winjob.create(self.process)  # None: taskkill /T is the fallback
         self._started_at = self._clock()
+        (self.folder / GROUP_FILE).write_text(str(self.process.pid))
         return self
 
     # ------------------------------------------------------------------ following the child
@@ -331,6 +365,9 @@ class ChildJob:
         """SIGKILL to the child's process group (POSIX); on Windows, end the process tree."""
         if self._gone:
             return
+        if os.name == "nt" and self._windows_job is not None:
+            self._windows_job.terminate()
+            return
         if os.name == "nt":
             if self.process.poll() is None:  # taskkill /T follows parent links: only while the child exists
                 subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True,
@@ -346,7 +383,8 @@ class ChildJob:
         if self.process is None or self._gone:
             return False
         if os.name == "nt":
-            alive = self.process.poll() is None
+            active = self._windows_job.active() if self._windows_job is not None else -1
+            alive = active > 0 or (active < 0 and self.process.poll() is None)
         else:
             alive = self.process.poll() is None or group_alive(self.process.pid)
         self._gone = not alive
@@ -364,6 +402,8 @@ class ChildJob:
         that survives SIGKILL (stuck in the kernel) keeps its folder: the module's start-up sweep removes it later."""
         if self.kill():
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self._windows_job is not None and self._gone:
+            self._windows_job.close()
 
 
 def format_eta(seconds: float | None) -> str:
