@@ -148,7 +148,7 @@ class ChildJob:
         if folder is None:
             if root is not None:
                 Path(root).mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+            folder = Path(tempfile.mkdtemp(prefix="job-" if root is not None else "hsam-job-", dir=root))
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._env = env
