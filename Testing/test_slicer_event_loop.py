@@ -355,6 +355,21 @@ def test_closing_the_scene_ends_a_segmentation_but_not_a_download(app, long_ct, 
     download.cleanup()
 
 
+def test_removing_the_volume_stops_its_segmentation(app, long_ct, tiny_model):
+    """A CT deleted from the scene mid-run: its segmentation stops; nothing is applied."""
+    logic = HSAMSlicerLogic(app.scene)
+    running = logic.start_segmentation(long_ct, RunOptions(model=str(tiny_model), device="cpu", mode="eager",
+                                                           batch_size=1))  # fmt: skip
+    states = [running.poll()]
+    slicer_like_loop(lambda: states.append(running.poll()), lambda: states[-1].current >= 1)
+    app.scene.RemoveNode(long_ct)
+    slicer_like_loop(lambda: states.append(running.poll()), lambda: states[-1].done, timeout_s=30)
+    assert isinstance(states[-1].error, JobCancelled), states[-1].error
+    assert states[-1].current < states[-1].total, "it stopped part-way"
+    assert_group_ended(running.job.process.pid)
+    running.job.cleanup()
+
+
 # ---------------------------------------------------------------------------------------------------- crashes
 
 

@@ -175,17 +175,33 @@ class HSAMSlicerLogic:
 
     def __init__(self, scene=None, child_env: dict[str, str] | None = None):
         # Slicer's ScriptedLoadableModuleLogic.__init__ may already have run this (cooperative super()): once is enough
-        if getattr(self, "_close_observer", None) is not None:
-            self.scene.RemoveObserver(self._close_observer)
+        for tag in (getattr(self, "_close_observer", None), getattr(self, "_removal_observer", None)):
+            if tag is not None:
+                self.scene.RemoveObserver(tag)
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.child_env = dict(child_env or {})
         self.jobs_root = jobs_root()
         self._jobs: list[ChildJob] = []
         self._scene_jobs: list[ChildJob] = []  # segmentations: they need their volume
+        self._segmentations: list[SegmentationJob] = []
         logic = weakref.ref(self)  # the scene must not keep the Logic alive (a reference cycle through VTK)
         self._close_observer = self.scene.AddObserver(
             slicer.vtkMRMLScene.StartCloseEvent,
             lambda caller, event: logic() is not None and logic().stop_scene_jobs())
+
+        @vtk.calldata_type(vtk.VTK_OBJECT)
+        def removed(caller, event, node) -> None:
+            if logic() is not None and node is not None:
+                logic().cancel_segmentations_of(node.GetID())
+
+        self._removal_observer = self.scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, removed)
+
+    def cancel_segmentations_of(self, volume_id: str) -> None:
+        """The volume was removed from the scene: its running segmentations stop (their result has nowhere to go)."""
+        self._segmentations = [s for s in self._segmentations if not s.poll().done]
+        for running in self._segmentations:
+            if running.volume_id == volume_id:
+                running.cancel()
 
     def sweep_stale_job_folders(self) -> list:
         """Remove job folders a crash left behind (module start); folders of running jobs stay."""
@@ -298,7 +314,9 @@ class HSAMSlicerLogic:
         except BaseException:
             job.cleanup()
             raise
-        return SegmentationJob(job, volume_node.GetID(), options)
+        running = SegmentationJob(job, volume_node.GetID(), options)
+        self._segmentations.append(running)
+        return running
 
     def finish_segmentation(self, running: SegmentationJob, state: JobState | None = None):
         """Apply a finished job's result to the scene and remove its folder; returns the segmentation node.
