@@ -1,9 +1,10 @@
 """HSAMSlicer: prompt-free segmentation of eight abdominal organs in CT with H-SAM (Cheng et al., CVPR 2024).
 
 The four classes Slicer expects live here: the module description, the GUI (a thin widget), the Logic (re-exported from
-HSAMSlicerLib.logic, where it is Qt-free and testable headless) and the self-test. Slicer's process never imports torch,
-SimpleITK or the network: every long job (segmentation, model download and import, device detection, fine-tuning) is
-an ``hsam`` command in a child process, followed from a QTimer (HSAMSlicerLib.process). No
+HSAMSlicerLib.logic, where it is Qt-free and testable headless) and the self-test. Slicer's process never imports torch
+or the network, and loading the module imports no SimpleITK (it is used only to read a finished run's labels and to
+write an export): every long job (segmentation, model download and import, device detection, fine-tuning) is an
+``hsam`` command in a child process, followed from a QTimer (HSAMSlicerLib.process). No
 ``from __future__ import annotations`` here: parameterNodeWrapper reads the parameter annotations as real types.
 """
 
@@ -28,7 +29,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from HSAMSlicerLib.logic import HSAMSlicerLogic as _QtFreeLogic
-from HSAMSlicerLib.logic import RunOptions, SegmentationJob
+from HSAMSlicerLib.logic import NotCT, RunOptions, SegmentationJob, organs_selected
 from HSAMSlicerLib.process import ChildCrashed, JobCancelled, format_eta
 
 __all__ = [
@@ -165,9 +166,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running ChildJob or SegmentationJob (one at a time)
-        self._jobFinish = None  # called with the job's final JobState, on the main thread
-        self._jobKind = ""  # "segment", "import" or "finetune": which button cancels it
+        # kind -> (running ChildJob or SegmentationJob, finish(state) called on the main thread when it has ended).
+        # "segment" (a segmentation, or the model download before it) and "finetune" run side by side; "import" alone.
+        self._jobs = {}
         self._deviceJob = None  # ChildJob running `hsam devices` (imports torch in the child)
         self._devicesKnown = False
         self._timer = None
@@ -179,6 +180,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = HSAMSlicerLogic()
+        self.logic.sweep_stale_job_folders()  # folders a crash of Slicer left in the temporary folder
 
         for text, value in ((_("Auto"), "auto"), (_("CUDA"), "cuda"), (_("CPU"), "cpu")):
             self.ui.deviceComboBox.addItem(text, value)
@@ -222,8 +224,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.stop_jobs()
         if self._deviceJob is not None:
             self.ui.deviceInfoLabel.text = ""  # detected again when the module is entered
-        self._job = self._jobFinish = self._deviceJob = None
-        self._jobKind = ""
+        self._jobs, self._deviceJob = {}, None
 
     def enter(self) -> None:
         if slicerVersionProblem():
@@ -238,10 +239,13 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._setStatus(_("The scene was closed: the running job was stopped."))
-        self._stopAllJobs()  # the Logic ends its children too (a result would have no volume to attach to)
-        self.ui.progressBar.hide()
+        """A segmentation stops (its volume goes; the Logic ends its child); a fine-tune or download goes on."""
+        job = self._jobs.get("segment", (None,))[0]
+        if isinstance(job, SegmentationJob):
+            del self._jobs["segment"]
+            self._setStatus(_("The scene was closed: the segmentation was stopped."))
+            self.ui.progressBar.hide()
+            self._updateButtons()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -304,14 +308,15 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, caller=None, event=None) -> None:
         node = self._parameterNode
-        running = self._job is not None
+        running = bool(self._jobs)
+        segmenting, finetuning, importing = ("segment" in self._jobs, "finetune" in self._jobs, "import" in self._jobs)
         ready = bool(node and node.inputVolume and node.modelId and node.organs)
-        self.ui.applyButton.enabled = self._jobKind == "segment" or (ready and not running)
-        self.ui.finetuneButton.enabled = self._jobKind == "finetune" or (
-            not running and self.ui.finetuneBaseComboBox.count > 0 and bool(node and str(node.finetuneCases) != "."))
+        self.ui.applyButton.enabled = segmenting or (ready and not importing)
+        self.ui.finetuneButton.enabled = finetuning or (
+            not importing and self.ui.finetuneBaseComboBox.count > 0 and bool(node and str(node.finetuneCases) != "."))
         self.ui.importModelButton.enabled = not running
         self.ui.clearCacheButton.enabled = not running
-        if self._jobKind != "segment":
+        if not segmenting:
             self.ui.applyButton.text = _("Segment organs")
             if not (node and node.inputVolume):
                 self.ui.applyButton.toolTip = _("Select a CT volume first.")
@@ -321,12 +326,12 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.applyButton.toolTip = _("Tick at least one organ.")
             else:
                 self.ui.applyButton.toolTip = _("Segment the organs. While it runs, this button cancels.")
-        if self._jobKind != "finetune":
+        if not finetuning:
             self.ui.finetuneButton.text = _("Fine-tune")
         hasSegmentation = bool(node and node.outputSegmentation)
-        self.ui.reviewButton.enabled = hasSegmentation and not running
+        self.ui.reviewButton.enabled = hasSegmentation and not segmenting
         hasFolder = bool(node and str(node.exportDirectory) not in ("", "."))
-        self.ui.exportButton.enabled = hasSegmentation and not running and hasFolder
+        self.ui.exportButton.enabled = hasSegmentation and not segmenting and hasFolder
 
     def _fillOrganList(self) -> None:
         from hsam.labels import ORGANS
@@ -420,11 +425,12 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ segmentation
     def _cancelledOrBusy(self, kind: str) -> bool:
-        """The button of a running job cancels it; another running job or missing packages block a new one."""
-        if self._jobKind == kind:
-            self._cancelJob()
+        """The button of a running job cancels it; an import (or missing packages) blocks a new one. A segmentation
+        and a fine-tune run side by side."""
+        if kind in self._jobs:
+            self._cancelJob(kind)
             return True
-        return self._job is not None or not self._ensureDependencies()
+        return "import" in self._jobs or not self._ensureDependencies()
 
     def onApplyButton(self) -> None:
         if self._cancelledOrBusy("segment"):
@@ -438,13 +444,48 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             largest_component=node.largestComponent,
             show_3d=node.showIn3D,
         )
+        edited = self.logic.results_of_volume(node.inputVolume).edited
+        if edited:
+            choice = self._askAboutEditedResults(edited)
+            if choice is None:
+                return
+            options.replace_edited = choice
         if self._downloadFirst(options.model):
             return
         with self._reportingErrors():
-            job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read here, on the main thread
+            try:
+                with slicer.util.WaitCursor():  # a 512x512x600 CT is written in 1.5-3 s (its 300-600 MiB, no copy)
+                    job = self.logic.start_segmentation(node.inputVolume, options)  # MRML is read on the main thread
+            except NotCT as question:
+                if not slicer.util.confirmOkCancelDisplay(str(question), windowTitle=_("Not a CT?")):
+                    self._setStatus(_("Not segmented: the volume does not look like CT."))
+                    return
+                options.allow_non_ct = True
+                job = self.logic.start_segmentation(node.inputVolume, options)
             self._startJob(job, "segment", lambda state: self._finishSegmentation(job, state), _("Starting..."))
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
+
+    def _askAboutEditedResults(self, edited):
+        """The user changed earlier results of this CT: keep them (default: the new result gets a numbered name) or
+        replace them. Returns the results to replace (none or all), or None to not segment."""
+        if slicer.app.testingEnabled():
+            return ()
+        names = "\n".join(f"- {result.name}" for result in edited)
+        box = qt.QMessageBox(qt.QMessageBox.Question, _("Segment organs"),
+                             _("You edited these results of this CT:\n{names}\n\nKeep them and add the new result "
+                               "next to them, or replace them with the new result?").format(names=names),
+                             qt.QMessageBox.NoButton, slicer.util.mainWindow())  # fmt: skip
+        keep = box.addButton(_("Keep my edits"), qt.QMessageBox.AcceptRole)
+        replace = box.addButton(_("Replace them"), qt.QMessageBox.DestructiveRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(keep)
+        box.exec_()
+        if box.clickedButton() == keep:
+            return ()
+        if box.clickedButton() == replace:
+            return tuple(edited)
+        return None
 
     def _downloadFirst(self, modelId: str) -> bool:
         """A manifest model that is not installed yet: show what it is and its terms, and on OK download it in a child
@@ -469,6 +510,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._succeeded(state, _("Download cancelled; it continues where it stopped next time.")):
                 return
             self._fillModelList(select=modelId)
+            if not (self._parameterNode and self._parameterNode.inputVolume):  # the scene was closed meanwhile
+                self._setStatus(_("Model {model} downloaded.").format(model=modelId))
+                return
             self.onApplyButton()  # the model is installed now: segment as the user asked
 
         with self._reportingErrors():
@@ -480,10 +524,11 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startJob(self, job, kind: str, finish, message: str) -> None:
         """Follow ``job`` (a started child); ``finish(state)`` runs on the main thread when it has ended."""
-        self._job, self._jobKind, self._jobFinish = job, kind, finish
-        self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
-        self.ui.progressBar.setFormat("")
-        self.ui.progressBar.show()
+        self._jobs[kind] = (job, finish)
+        if kind != "finetune":  # the progress bar follows a segmentation or an import; a fine-tune shows its own line
+            self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
+            self.ui.progressBar.setFormat("")
+            self.ui.progressBar.show()
         self._setStatus(message)
         self._updateButtons()
         self._timer.start()
@@ -498,37 +543,43 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise state.error
         return True
 
-    def _cancelJob(self) -> None:
-        if self._job is None:
+    def _cancelJob(self, kind: str) -> None:
+        job = self._jobs.get(kind, (None,))[0]
+        if job is None:
             return
-        self._job.cancel()  # the child stops within about a second; _poll sees it end
-        self.ui.applyButton.enabled = False
-        self.ui.finetuneButton.enabled = False
+        job.cancel()  # the child stops within about a second; _poll sees it end
+        (self.ui.finetuneButton if kind == "finetune" else self.ui.applyButton).enabled = False
         self._setStatus(_("Cancelling..."))
 
     def _poll(self) -> None:
         if self._deviceJob is not None:
             self._pollDeviceJob()
-        if self._job is None:
+        if not self._jobs:
             if self._deviceJob is None:
                 self._timer.stop()
             return
-        state = self._job.poll()
-        if not state.done:
-            self._showProgress(state)
-            return
-        finish, job = self._jobFinish, self._job
-        self._job, self._jobFinish, self._jobKind = None, None, ""
-        self.ui.progressBar.hide()
-        try:
-            with self._reportingErrors():
-                finish(state)
-        finally:
-            (job.job if isinstance(job, SegmentationJob) else job).cleanup()
-            self._updateButtons()
+        for kind, (job, finish) in list(self._jobs.items()):
+            state = job.poll()
+            if not state.done:
+                self._showProgress(state, kind)
+                continue
+            del self._jobs[kind]
+            if kind != "finetune":
+                self.ui.progressBar.hide()
+            try:
+                with self._reportingErrors():
+                    finish(state)
+            finally:
+                (job.job if isinstance(job, SegmentationJob) else job).cleanup()
+                self._updateButtons()
 
-    def _showProgress(self, state) -> None:
+    def _showProgress(self, state, kind: str) -> None:
         if state.cancel_requested:
+            return
+        if kind == "finetune":  # beside a segmentation: its own line in the Fine-tune section
+            step = _("Step {current}/{total}").format(current=state.current, total=state.total) if state.total else ""
+            epoch = self._describeEpoch(state.epochs[-1]) if state.epochs else state.message
+            self.ui.finetuneResultLabel.text = _("Fine-tuning: {step} {epoch}").format(step=step, epoch=epoch or "")
             return
         if state.total and state.stage in ("segment", "train", "download"):
             self.ui.progressBar.setRange(0, 1000)
@@ -557,8 +608,9 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillModelList(select=self._parameterNode.modelId)  # a model downloaded by this run is now installed
         self._resetViewsTo(segmentation)
         result = state.result["result"]
-        organs = [int(v) for v in self._parameterNode.organs.split(",") if v.strip()]
         from hsam.labels import organ
+
+        organs = [o.index for o in organs_selected(job.options.organs)]  # the run's organs, not today's ticks
 
         found = sum(1 for value in organs if (result.get("volumes_ml") or {}).get(organ(value).name, 0.0) > 0)
         message = _("Done in {seconds:.0f} s on {device} (engine {engine}): {found} of {total} organs found. Check them "
@@ -570,10 +622,13 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setStatus(message, error=bool(result.get("warnings")))
 
     def _resetViewsTo(self, segmentation) -> None:
-        """Show the CT in the slice views and centre the 3D view on the organs."""
+        """Show the CT in the slice views and centre the 3D view on the organs, unless the user has moved on to
+        another volume while the run went on."""
         volume = self.logic.source_volume(segmentation)
-        if volume is not None:
-            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        active = self._activeVolume()
+        if volume is None or (active is not None and active.GetID() != volume.GetID()):
+            return
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
         layoutManager = slicer.app.layoutManager()
         if layoutManager is not None and layoutManager.threeDViewCount > 0:
             layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
@@ -653,7 +708,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.parent, _("Import a model file"), "",
             _("H-SAM models (model.json model.safetensors *.pth *.pt);;All files (*)"),
         )  # fmt: skip
-        if not path or self._job is not None:
+        if not path or self._jobs:
             return
         if not self._ensureDependencies():
             return
@@ -753,7 +808,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         with self._reportingErrors(), slicer.util.WaitCursor():
             folder = self.logic.export_for_finetuning(node.outputSegmentation, node.exportDirectory)
-            self._setStatus(_("Exported a training case to {folder}").format(folder=folder))
+            self._setStatus(self.logic.describe_export(folder))
 
     # ------------------------------------------------------------------ errors and status
     def _reportingErrors(self, what: Optional[str] = None):
@@ -775,8 +830,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """HSAMError: its one line says what to do. A crashed child or anything unexpected: a dialog with details."""
         from hsam.errors import HSAMError
 
-        self._job, self._jobFinish, self._jobKind = None, None, ""
-        self.ui.progressBar.hide()
+        if "segment" not in self._jobs and "import" not in self._jobs:
+            self.ui.progressBar.hide()
         self._updateButtons()
         if isinstance(error, HSAMError) and not isinstance(error, ChildCrashed):
             self._setStatus(str(error), error=True)

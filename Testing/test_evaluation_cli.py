@@ -128,3 +128,27 @@ def test_predictions_on_other_grids_are_placed_on_the_reference_grid(tmp_path, s
                  "totalseg_total", "--pred-label-map", "totalseg_total", "-o", str(tmp_path / "r.csv")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: case ") and "nearest neighbour" in err and err.count("\n") == 1
+
+
+def test_a_liver_only_dicom_seg_scores_only_the_liver(tmp_path, real_data, capsys):
+    """The reference labelled the liver only: the prediction's spleen and aorta there are not 'Dice 0'."""
+    from hsam.volume import read_image, read_labels
+
+    dcmqi = real_data / "dcmqi"
+    ct = read_image(dcmqi / "ct-3slice")
+    liver = sitk.GetArrayFromImage(read_labels(dcmqi / "liver.dcm", reference=ct))
+    prediction = liver.copy()
+    prediction[:, 400:440, 100:140] = 1  # a spleen and an aorta the reference says nothing about
+    prediction[:, 300:320, 250:270] = 7
+    _write_like(prediction, ct, tmp_path / "pred.nii.gz")
+    out = tmp_path / "report.csv"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred.nii.gz"), "--ref", str(dcmqi / "liver.dcm"),
+                 "-o", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["organ_name"], float(r["dice"])) for r in rows] == [("liver", 1.0)]
+    captured = capsys.readouterr()
+    assert "did not label spleen, kidney_right, kidney_left, gallbladder, stomach, aorta, pancreas" in captured.err
+    # the same labels as a plain NIfTI reference: every organ counts as labelled, the extra organs are false positives
+    _write_like(liver, ct, tmp_path / "ref.nii.gz")
+    rows = evaluate_files(tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz")
+    assert {r.organ_name: r.score.dice for r in rows if r.score.counted} == {"spleen": 0.0, "liver": 1.0, "aorta": 0.0}

@@ -4,7 +4,8 @@ In Slicer the main thread keeps Python's GIL while Qt idles, and the module's co
 (``product.md``, "Process model in Slicer"). :func:`slicer_like_loop` reproduces that: it idles in a C call that keeps
 the GIL (``ctypes.PyDLL``) for 200 ms, then runs one short Python callback, like the module's QTimer. A Python thread
 barely runs under it (checked below), so these tests fail for any design that does model work in Slicer's process.
-Everything else is real: the MRML library (slicer-core), the ``hsam`` child process, the models.
+Every callback is timed and any above 50 ms fails the test (a frozen GUI): a blocking read of the child's pipe is
+caught (checked below). Everything else is real: the MRML library (slicer-core), the ``hsam`` child process, the models.
 """
 
 from __future__ import annotations
@@ -24,27 +25,31 @@ pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install -
 
 import slicer_headless  # noqa: E402  (puts HSAMSlicer/ on sys.path)
 import slicer  # noqa: E402
-from conftest import needs_litemedsam  # noqa: E402
 from local_http import serve_files  # noqa: E402
 
 from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput  # noqa: E402
-from HSAMSlicerLib.process import ChildCrashed, JobCancelled  # noqa: E402
+from HSAMSlicerLib.process import ChildCrashed, JobCancelled, group_alive  # noqa: E402
 from HSAMSlicerLib.testing import save_tiny_model  # noqa: E402
 
 IDLE_US = 200_000  # the module's QTimer interval
 STOP_LIMIT_S = 2.0  # the issue's bound for Cancel: the child and its children have ended within 2 s
+CALLBACK_LIMIT_S = 0.050  # product.md: a timer callback never blocks the GUI; each stays well under 50 ms
 
 _usleep = ctypes.PyDLL(None).usleep  # PyDLL: the GIL stays held during the call, as in Slicer's idle Qt loop
 _usleep.argtypes = [ctypes.c_uint]
 
 
 def slicer_like_loop(step, until, timeout_s: float = 300.0) -> None:
-    """Idle 200 ms holding the GIL, then run ``step()``; until ``until()`` (Slicer's main thread and module timer)."""
+    """Idle 200 ms holding the GIL, then run ``step()``; until ``until()`` (Slicer's main thread and module timer).
+    Fails when one ``step()`` takes longer than :data:`CALLBACK_LIMIT_S` (the GUI would freeze)."""
     deadline = time.monotonic() + timeout_s
     while not until():
         assert time.monotonic() < deadline, "the job did not end"
         _usleep(IDLE_US)
+        started = time.perf_counter()
         step()
+        took = time.perf_counter() - started
+        assert took <= CALLBACK_LIMIT_S, f"a timer callback blocked the main loop for {took * 1000:.0f} ms"
 
 
 def free_loop(step, until, timeout_s: float = 300.0) -> None:
@@ -114,13 +119,26 @@ def stop_at(job, loop, stages: str | tuple[str, ...], when=lambda state: True,
     return time.perf_counter() - cancelled_at[0], states[-1]
 
 
+def assert_group_ended(pgid: int, timeout_s: float = 5.0) -> None:
+    """No process of the job's group runs, and the group is gone (os.killpg raises) once init has reaped it."""
+    assert not group_alive(pgid), "a process the child started still runs"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process group {pgid} still exists"
+        time.sleep(0.02)
+
+
 def assert_stopped(job, seconds: float, state) -> None:
     assert isinstance(state.error, JobCancelled), state.error
     # the loop notices the end at its next 200 ms tick at the latest
     assert seconds <= STOP_LIMIT_S + IDLE_US / 1e6, f"the child took {seconds:.2f} s to stop"
-    assert job.process.poll() is not None, "the child still runs"
+    assert_group_ended(job.process.pid)
+    assert job.folder.is_dir(), "the folder stays until cleanup (the child's log is read from it)"
     job.cleanup()
-    assert not job.folder.exists(), "the job's temporary folder is left behind"
 
 
 # ---------------------------------------------------------------------------------------------------- the harness
@@ -148,15 +166,31 @@ def test_the_loop_starves_python_threads_as_slicer_does():
     assert starved < 0.25 * free, f"thread iterations: {starved} under the Slicer-like loop, {free} under a free one"
 
 
+def test_the_loop_catches_a_callback_that_blocks_on_the_childs_pipe():
+    """The frozen GUI the timing check exists for: a poll path with a blocking readline() on the child's stdout
+    (the child writes a line every 0.3 s) must fail the loop."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nfor i in range(20):\n    print(i, flush=True)\n"
+                              "    time.sleep(0.3)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    lines = []
+    try:
+        with pytest.raises(AssertionError, match="a timer callback blocked the main loop for [0-9]+ ms"):
+            slicer_like_loop(lambda: lines.append(child.stdout.readline()), lambda: len(lines) >= 5, timeout_s=30)
+    finally:
+        child.kill()
+        child.wait()
+
+
 # ---------------------------------------------------------------------------------------------------- segmenting
 
 
-@needs_litemedsam
-def test_segmenting_the_sample_takes_as_long_under_slicers_main_loop_as_under_a_free_one(app, sample):
-    """The bundled demo model on the sample CT: the Slicer-like loop costs nothing, because the work is in a child.
-    (A thread in Slicer's process took 56x longer, product.md.) The first run builds the ONNX Runtime engine cache."""
+def test_segmenting_the_sample_takes_as_long_under_slicers_main_loop_as_under_a_free_one(app, sample, tiny_model):
+    """The real H-SAM network at toy size on the sample CT: the Slicer-like loop costs nothing, because the work is in
+    a child (a thread in Slicer's process took 56x longer, product.md). The first run builds the engine cache."""
     logic = HSAMSlicerLogic(app.scene)
-    options = RunOptions(model="hsam-lite-demo", device="cpu", show_3d=False)
+    options = RunOptions(model=str(tiny_model), device="cpu", show_3d=False)
     segment(logic, sample, options, free_loop)  # builds the engine cache, as a user's first run does
     ratios = []
     for _ in range(2):  # a second pair only if a noisy machine made the first one look slow
@@ -167,8 +201,6 @@ def test_segmenting_the_sample_takes_as_long_under_slicers_main_loop_as_under_a_
             break
     assert min(ratios) < 1.5, f"Slicer-like loop / free loop: {ratios}"
     assert node.GetSegmentation().GetNumberOfSegments() == 8
-    labels = slicer.util.arrayFromVolume(node.GetNodeReference("HSAMSlicer.Prediction"))
-    assert (labels == 5).sum() > 10_000, "the liver is found"
 
 
 def test_slicers_process_never_imports_torch(tmp_path, tiny_model, real_data):
@@ -230,6 +262,26 @@ def test_cancel_while_segmenting(app, long_ct, tiny_model):
     assert node_ids(app.scene) == before
 
 
+@pytest.fixture
+def slow_download(tmp_path, monkeypatch):
+    """A manifest base-weights download from a local server that takes about 5 s: the model id to download."""
+    import hashlib
+
+    from hsam import weights
+
+    payload = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    with serve_files({"slow.pth": payload}) as server:
+        server.delay = 0.1
+        manifest = {"format": 1, "models": [{
+            "id": "slow-base", "title": "slow base weights", "kind": "base", "backbone": "vit_b", "priority": 0,
+            "license": "test", "homepage": "", "install": "download",
+            "files": [{"name": "slow.pth", "url": server.url("slow.pth"), "size": len(payload),
+                       "sha256": hashlib.sha256(payload).hexdigest()}]}]}  # fmt: skip
+        (tmp_path / "slow-models.json").write_text(json.dumps(manifest))
+        monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "slow-models.json"))
+        yield "slow-base"
+
+
 def test_cancel_while_downloading_and_resume_later(app, tmp_path, monkeypatch):
     """A model download cancelled half-way leaves no file in the cache; the next download resumes where it stopped."""
     import hashlib
@@ -256,7 +308,9 @@ def test_cancel_while_downloading_and_resume_later(app, tmp_path, monkeypatch):
         assert 0 < kept < len(payload)
 
         server.delay = 0.0
-        state = logic.start_model_download("test-base").wait(timeout=120)
+        job = logic.start_model_download("test-base")
+        state = job.wait(timeout=120, cleanup=True)
+        assert not job.folder.exists(), "no folder is left behind"
         assert state.error is None, state.error
         assert weights.base_file("test-base").read_bytes() == payload
         assert server.range_starts() and server.range_starts()[-1] > 0, "the second download resumed"
@@ -279,16 +333,41 @@ def test_cancel_while_fine_tuning(app, sample, tiny_model, tmp_path):
     assert "tiny-ft" not in [m.id for m in weights.available_models()], "no model is installed by a cancelled run"
 
 
-def test_closing_the_scene_ends_the_child(app, long_ct, tiny_model):
+def test_closing_the_scene_ends_a_segmentation_but_not_a_download(app, long_ct, tiny_model, slow_download):
+    """The next patient: the segmentation of the closed CT stops at once; a model download (like a fine-tune, it does
+    not need the scene) runs on to its end. Both ran side by side."""
+    logic = HSAMSlicerLogic(app.scene)
+    download = logic.start_model_download(slow_download)
+    running = logic.start_segmentation(long_ct, RunOptions(model=str(tiny_model), device="cpu", mode="eager",
+                                                           batch_size=1))  # fmt: skip
+    states = [running.poll()]
+    slicer_like_loop(lambda: states.append(running.poll()), lambda: states[-1].current >= 1)
+    assert not download.poll().done, "the download runs beside the segmentation"
+    started = time.perf_counter()
+    app.scene.Clear(0)
+    assert time.perf_counter() - started < STOP_LIMIT_S
+    assert_group_ended(running.job.process.pid)
+    assert not running.job.folder.exists()
+    assert logic.running_jobs() == [download]
+    finished = [download.poll()]
+    slicer_like_loop(lambda: finished.append(download.poll()), lambda: finished[-1].done, timeout_s=120)
+    assert finished[-1].error is None, finished[-1].error
+    download.cleanup()
+
+
+def test_removing_the_volume_stops_its_segmentation(app, long_ct, tiny_model):
+    """A CT deleted from the scene mid-run: its segmentation stops; nothing is applied."""
     logic = HSAMSlicerLogic(app.scene)
     running = logic.start_segmentation(long_ct, RunOptions(model=str(tiny_model), device="cpu", mode="eager",
                                                            batch_size=1))  # fmt: skip
     states = [running.poll()]
     slicer_like_loop(lambda: states.append(running.poll()), lambda: states[-1].current >= 1)
-    started = time.perf_counter()
-    app.scene.Clear(0)
-    assert running.job.process.poll() is not None and time.perf_counter() - started < STOP_LIMIT_S
-    assert not running.job.folder.exists()
+    app.scene.RemoveNode(long_ct)
+    slicer_like_loop(lambda: states.append(running.poll()), lambda: states[-1].done, timeout_s=30)
+    assert isinstance(states[-1].error, JobCancelled), states[-1].error
+    assert states[-1].current < states[-1].total, "it stopped part-way"
+    assert_group_ended(running.job.process.pid)
+    running.job.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------------- crashes
@@ -311,8 +390,10 @@ def test_a_killed_child_gives_one_error_and_no_node(app, long_ct, tiny_model):
     error = states[-1].error
     assert isinstance(error, ChildCrashed), error
     assert "SIGKILL" in str(error) and "\n" not in str(error) and "scene was not changed" in str(error)
+    assert_group_ended(running.job.process.pid)
+    assert running.job.folder.is_dir()
     with pytest.raises(ChildCrashed):
         logic.finish_segmentation(running, states[-1])
     assert node_ids(app.scene) == before
-    assert not running.job.folder.exists()
+    assert not running.job.folder.exists(), "finish_segmentation removes the folder"
 

@@ -16,6 +16,7 @@ import slicer_headless  # noqa: E402  (puts HSAMSlicer/ on sys.path)
 import slicer  # noqa: E402
 
 from hsam.errors import HSAMError  # noqa: E402
+from hsam.evaluation import evaluate_files  # noqa: E402
 from hsam.inference import organ_volumes_ml  # noqa: E402
 from hsam.labels import CLASS_NAMES, ORGANS, color_table_csv, remap_labels  # noqa: E402
 from HSAMSlicerLib.export import (  # noqa: E402
@@ -26,6 +27,7 @@ from HSAMSlicerLib.export import (  # noqa: E402
     segment_array,
     segment_terminology,
 )
+from HSAMSlicerLib import results  # noqa: E402
 from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput  # noqa: E402
 
 
@@ -157,9 +159,65 @@ def test_user_segmentation_without_a_stored_prediction(app, case, tmp_path):
     provenance = json.loads((folder / PROVENANCE_FILE).read_text())
     assert provenance["changes"]["prediction_available"] is False
     assert provenance["segments"] == {
-        "exported": {"liver": "mine-liver"}, "ignored": ["tumour"], "overlapping_voxels": 0,
+        "exported": {"liver": "mine-liver"}, "merged": {}, "ignored": ["tumour"], "overlapping_voxels": 0,
     }  # fmt: skip
+    assert [name for name, state in provenance["organs"].items() if state == "labelled"] == ["liver"]
     assert provenance["model"] is None
+
+
+def test_a_partial_run_exports_only_what_was_labelled(app, case, tmp_path):
+    """A liver-only run: spleen & co. are 'unknown' in the case, and training never calls them background."""
+    from hsam.training.data import load_cases
+
+    volume, full, labels, _ = case
+    # a full run whose stomach segment the user deleted: the stomach is unknown, the rest labelled
+    full.GetSegmentation().RemoveSegment("stomach")
+    provenance = json.loads((export_case(full, tmp_path / "cases") / PROVENANCE_FILE).read_text())
+    assert [name for name, state in provenance["organs"].items() if state == "unknown"] == ["stomach"]
+
+    logic = HSAMSlicerLogic(app.scene)
+    model = ModelInfo(id="reference", name="reference", classes=list(CLASS_NAMES))
+    liver_only = logic.apply_result(volume, SegmentationOutput(labels=labels, confidence=None, model=model),
+                                    RunOptions(model="reference", organs=[5], show_3d=False))  # fmt: skip
+    folder = export_case(liver_only, tmp_path / "cases", case_name="liver-only")
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels.nii.gz")))
+    np.testing.assert_array_equal(exported, np.where(labels == 5, 5, 0))
+    assert int((labels == 1).sum()) > 0, "the spleen is in this CT, so 0 there would teach a lie"
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert provenance["organs"] == {o.name: "labelled" if o.index == 5 else "unknown" for o in ORGANS}
+    (case_volume,) = load_cases(folder, (-125, 275), "LPS")
+    assert case_volume.unknown_organs == frozenset({1, 2, 3, 4, 6, 7, 8})
+    # hsam evaluate against the exported case scores only its labelled organ (all eight are in this prediction)
+    prediction = sitk.GetImageFromArray(labels)
+    prediction.CopyInformation(sitk.ReadImage(str(folder / "labels.nii.gz")))
+    sitk.WriteImage(prediction, str(tmp_path / "prediction.nii.gz"))
+    with pytest.warns(UserWarning, match="did not label spleen"):
+        rows = evaluate_files(tmp_path / "prediction.nii.gz", folder / "labels.nii.gz")
+    assert [(row.organ_name, row.score.dice) for row in rows] == [("liver", 1.0)]
+    message = HSAMSlicerLogic.describe_export(folder)
+    assert "Exported 1 labelled organ(s) (liver)" in message, message
+    assert ("Not labelled, so never taught as background: spleen, right kidney, left kidney, gallbladder, stomach, "
+            "aorta, pancreas.") in message, message
+
+
+
+def test_duplicate_segments_of_one_organ_are_merged_and_named(app, case, tmp_path):
+    """A second 'Liver' segment (the user's own, or a copy) is part of the liver, not silently dropped."""
+    volume, segmentation, labels, _ = case
+    extra = np.zeros(labels.shape, dtype=np.uint8)
+    free = np.argwhere(labels == 0)[:83]  # 83 background voxels the user adds as liver in a segment of their own
+    extra[tuple(free.T)] = 1
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("my-liver", "Liver", [0.8, 0.4, 0.3])
+    slicer.util.updateSegmentBinaryLabelmapFromArray(extra, segmentation, segment_id, volume)
+    with pytest.warns(UserWarning, match="merged 2 segments into liver .their union.: liver, Liver"):
+        folder = export_case(segmentation, tmp_path / "cases")
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels.nii.gz")))
+    assert int(((exported == 5) & (extra == 1)).sum()) == 83
+    np.testing.assert_array_equal(exported == 5, (labels == 5) | (extra == 1))
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert provenance["segments"]["merged"] == {"liver": ["liver", "Liver"]}
+    message = HSAMSlicerLogic.describe_export(folder)
+    assert "Exported 8 labelled organ(s)" in message and "Merged 2 segments into liver" in message, message
 
 
 def test_export_errors_leave_no_folder(app, case, tmp_path):
@@ -217,6 +275,7 @@ def test_a_saved_and_reloaded_scene_still_knows_the_prediction(app, case, tmp_pa
     volume = reloaded.scene.GetFirstNodeByName("CT abdomen")
     segmentation = HSAMSlicerLogic(reloaded.scene).find_result(volume)
     assert segmentation is not None and segmentation.GetAttribute("HSAMSlicer.ModelSHA256") == "ab" * 32
+    assert results.is_untouched(segmentation), "saving and loading is no edit: a re-run may still replace it"
     aorta_slices = np.flatnonzero((labels == 7).any(axis=(1, 2)))
     edit_segment(segmentation, "aorta", volume, lambda m: m.__setitem__(int(aorta_slices[0]), 0))
     provenance = json.loads((export_case(segmentation, tmp_path / "cases") / PROVENANCE_FILE).read_text())

@@ -28,10 +28,13 @@ from HSAMSlicerLib.logic import (  # noqa: E402
     ROLE_TABLE,
     HSAMSlicerLogic,
     ModelInfo,
+    NotCT,
     RunOptions,
     SegmentationOutput,
 )
+from HSAMSlicerLib import results  # noqa: E402
 from HSAMSlicerLib.process import JobCancelled  # noqa: E402
+from HSAMSlicerLib.results import ResultsOfVolume  # noqa: E402
 from HSAMSlicerLib.testing import save_tiny_model  # noqa: E402
 
 
@@ -138,6 +141,24 @@ def test_missing_input_and_empty_organ_choice(app, ct_path, tiny_model):
         logic.start_segmentation(volume, RunOptions(model=str(tiny_model), device="cpu", organs=[]))
 
 
+def test_a_volume_that_is_not_ct_is_a_question_before_anything_starts(app, real_data, ct_path, tiny_model):
+    """MR (the real TotalSegmentator MR sample): the Logic asks (NotCT) instead of segmenting with a red line."""
+    logic = HSAMSlicerLogic(app.scene)
+    mr = app.load_volume(real_data / "totalsegmentator" / "example_mr_sm.nii.gz", "MR")
+    before = node_ids(app.scene)
+    options = RunOptions(model=str(tiny_model), device="cpu", organs=[5], show_3d=False, mode="eager")
+    with pytest.raises(NotCT, match="'MR' does not look like CT.*Segment it anyway\\?$"):
+        logic.start_segmentation(mr, options)
+    assert node_ids(app.scene) == before and logic._jobs == [], "nothing started"
+    ct = logic.start_segmentation(app.load_volume(ct_path), options)
+    assert "--allow-non-ct" not in ct.job.arguments, "a CT needs no permission"
+    ct.job.cleanup()
+
+    options.allow_non_ct = True  # the user said yes
+    segmentation = logic.process(mr, options)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+
 # ---------------------------------------------------------------------------------------------------- result nodes
 
 
@@ -227,7 +248,19 @@ def test_model_with_its_own_class_order(app, ct_path, reference_labels):
         np.testing.assert_array_equal(voxels, wanted, err_msg=entry.name)
 
 
-def test_rerun_replaces_only_its_own_result(app, ct_path, reference_labels):
+def edit_segment(segmentation, segment_id: str, volume, change) -> None:
+    """Change a segment the way Segment Editor does: read its voxels, modify them, write them back."""
+    mask = segment_array(segmentation, segment_id, volume).astype(np.uint8)
+    change(mask)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment_id, volume)
+
+
+def parts_of(segmentation) -> list[str]:
+    return [segmentation.GetNodeReferenceID(role) for role in (ROLE_PREDICTION, ROLE_CONFIDENCE, ROLE_TABLE)
+            if segmentation.GetNodeReferenceID(role)]
+
+
+def test_rerun_replaces_an_untouched_result_and_nothing_else(app, ct_path, reference_labels):
     volume = app.load_volume(ct_path)
     other = app.load_volume(ct_path, "second CT")
     logic = HSAMSlicerLogic(app.scene)
@@ -235,17 +268,83 @@ def test_rerun_replaces_only_its_own_result(app, ct_path, reference_labels):
     user_made.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     result = output_from_labels(reference_labels)
     first = logic.apply_result(volume, result, RunOptions(model="reference", confidence=True))
-    first_parts = [first.GetNodeReference(role).GetID() for role in (ROLE_PREDICTION, ROLE_CONFIDENCE, ROLE_TABLE)]
+    first_parts = parts_of(first)
     for_other = logic.apply_result(other, result, RunOptions(model="reference"))
-    assert logic.find_result(volume) is first
+    first.GetDisplayNode().SetOpacity(0.3)  # looking at a result (display, 3-D surface) is no edit
+    first.CreateClosedSurfaceRepresentation()
+    assert logic.results_of_volume(volume) == ResultsOfVolume(untouched=(first,), edited=())
 
     second = logic.apply_result(volume, result, RunOptions(model="reference"))
     ids = node_ids(app.scene)
-    assert first.GetID() not in ids and not set(first_parts) & ids, "the earlier result and its parts are gone"
+    assert first.GetID() not in ids and not set(first_parts) & ids, "the untouched result and its parts are replaced"
     assert {second.GetID(), user_made.GetID(), for_other.GetID()} <= ids
-    assert logic.find_result(volume) is second
-    assert logic.find_result(other) is for_other
+    assert logic.find_result(volume) is second and logic.find_result(other) is for_other
     assert second.GetName() == "CT organs"
+
+
+def test_rerun_never_removes_an_edited_result(app, ct_path, reference_labels):
+    volume = app.load_volume(ct_path)
+    logic = HSAMSlicerLogic(app.scene)
+    result = output_from_labels(reference_labels)
+    first = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False))
+    liver_slice = int(np.flatnonzero((sitk.GetArrayFromImage(reference_labels) == 5).any(axis=(1, 2)))[0])
+    edit_segment(first, "liver", volume, lambda m: m.__setitem__(liver_slice, 0))  # the radiologist's correction
+    corrected = segment_array(first, "liver", volume)
+    previous = logic.results_of_volume(volume)
+    assert previous.untouched == () and [e.node_id for e in previous.edited] == [first.GetID()]
+
+    second = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False))  # no choice: keep
+    assert app.scene.GetNodeByID(first.GetID()) is first and all(app.scene.GetNodeByID(i) for i in parts_of(first))
+    np.testing.assert_array_equal(segment_array(first, "liver", volume), corrected)
+    assert (first.GetName(), second.GetName()) == ("CT organs", "CT organs 2")
+    assert logic.find_result(volume) is second
+
+    # "Replace" chosen when asked, but the user edited again while the run went on: the new edit is kept
+    chosen = logic.results_of_volume(volume).edited
+    edit_segment(first, "spleen", volume, lambda m: m.__setitem__(liver_slice, 0))
+    third = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False, replace_edited=chosen))
+    assert app.scene.GetNodeByID(first.GetID()) is first, "edited after the question: kept"
+    assert app.scene.GetNodeByID(second.GetID()) is None, "untouched: replaced"
+    assert third.GetName() == "CT organs 2"
+    # "Replace" chosen for the content it has now: it goes, with its parts
+    chosen = logic.results_of_volume(volume).edited
+    parts = parts_of(first)
+    fourth = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False, replace_edited=chosen))
+    assert not ({first.GetID(), third.GetID(), *parts} & node_ids(app.scene))
+    assert fourth.GetName() == "CT organs"
+
+
+def test_a_copy_of_a_result_is_the_users_and_keeps_its_parts(app, ct_path, reference_labels):
+    """vtkMRMLNode::Copy copies the result's tag and its references: the copy must still never be removed."""
+    volume = app.load_volume(ct_path)
+    logic = HSAMSlicerLogic(app.scene)
+    result = output_from_labels(reference_labels)
+    first = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False))
+    copy = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "kept copy")
+    copy.Copy(first)
+    assert copy.GetAttribute(RESULT_ATTRIBUTE) == "segmentation" and copy.GetNodeReference(ROLE_PREDICTION)
+    assert not logic.is_result(copy) and logic.is_result(first)
+    assert logic.results_of_volume(volume).untouched == (first,)
+
+    second = logic.apply_result(volume, result, RunOptions(model="reference", show_3d=False))
+    assert app.scene.GetNodeByID(first.GetID()) is None
+    assert app.scene.GetNodeByID(copy.GetID()) is copy
+    assert copy.GetNodeReference(ROLE_PREDICTION) is not None, "the prediction the copy refers to stays"
+    assert logic.find_result(volume) is second
+
+
+def test_an_edit_undone_is_untouched_again(app, ct_path, reference_labels):
+    """The fingerprint is the content, so Segment Editor's undo (back to the same voxels) restores 'untouched'."""
+    volume = app.load_volume(ct_path)
+    logic = HSAMSlicerLogic(app.scene)
+    first = logic.apply_result(volume, output_from_labels(reference_labels), RunOptions(model="reference"))
+    before = segment_array(first, "aorta", volume).astype(np.uint8)
+    edit_segment(first, "aorta", volume, lambda m: m.fill(0))
+    assert not results.is_untouched(first)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(before, first, "aorta", volume)
+    assert results.is_untouched(first)
+    first.GetSegmentation().GetSegment("aorta").SetName("Aorta (checked)")
+    assert not results.is_untouched(first), "a renamed segment is an edit"
 
 
 def test_failed_apply_leaves_the_scene_as_it_was(app, ct_path, reference_labels):
@@ -290,7 +389,9 @@ def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
     from hsam import weights
 
     logic = HSAMSlicerLogic(app.scene)
-    state = logic.start_model_import(str(tiny_model / "model.json")).wait(timeout=120)
+    job = logic.start_model_import(str(tiny_model / "model.json"))
+    state = job.wait(timeout=120, cleanup=True)
+    assert not job.folder.exists()
     assert state.error is None, state.error
     model_id = state.result["id"]
     assert model_id == "hsam-tiny-test"
@@ -300,7 +401,7 @@ def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
                                                     mode="eager"))
     assert segmentation.GetAttribute("HSAMSlicer.ModelId") == model_id
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
-    failed = logic.start_model_import(str(ct_path.parent / "missing-model")).wait(timeout=120)
+    failed = logic.start_model_import(str(ct_path.parent / "missing-model")).wait(timeout=120, cleanup=True)
     assert isinstance(failed.error, HSAMError) and failed.result is None
     assert "\n" not in str(failed.error) and "missing-model" in str(failed.error), failed.error
 
@@ -360,3 +461,13 @@ def test_the_slicer_self_test_path_runs_headless(app, tmp_path):
     messages = []
     case = check_whole_path(HSAMSlicerLogic(app.scene), tmp_path, log=messages.append)
     assert (case / "provenance.json").is_file() and len(messages) >= 4
+
+
+def test_initialising_the_logic_twice_leaves_one_scene_observer(app):
+    """Slicer's ScriptedLoadableModuleLogic.__init__ may run the Qt-free __init__ through super() before the module's
+    own explicit call: the first observer must not stay behind (it would stop jobs twice and keep a stale Logic)."""
+    logic = HSAMSlicerLogic(app.scene)
+    first = logic._close_observer
+    HSAMSlicerLogic.__init__(logic, app.scene)
+    assert app.scene.GetCommand(first) is None
+    assert app.scene.GetCommand(logic._close_observer) is not None

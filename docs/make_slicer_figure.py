@@ -39,7 +39,7 @@ def main() -> int:
 
     from hsam.labels import ORGANS
     from hsam.samples import write_sample
-    from HSAMSlicerLib.export import label_array
+    from HSAMSlicerLib.export import collect_labels
     from HSAMSlicerLib.logic import ROLE_TABLE, HSAMSlicerLogic, RunOptions
 
     app = slicer_headless.start()
@@ -48,7 +48,7 @@ def main() -> int:
     logic = HSAMSlicerLogic(app.scene)
     segmentation = logic.process(volume, RunOptions(model=args.model, device=args.device, show_3d=False))
     source = f"prediction of model {args.model} (drawn figure, not a screenshot)"
-    labels, _, _, _ = label_array(segmentation, volume)  # what the segments hold, on the CT grid
+    labels = collect_labels(segmentation, volume).labels  # what the segments hold, on the CT grid
     table = segmentation.GetNodeReference(ROLE_TABLE).GetTable()
     rows = range(table.GetNumberOfRows())
     volumes = {table.GetValue(r, 0).ToString(): table.GetValue(r, 3).ToDouble() for r in rows}

@@ -6,7 +6,11 @@ A case is a new folder under the export root holding::
     labels.nii.gz           uint8 H-SAM label values (0 background, 1 spleen ... 8 pancreas) on the CT's grid
     segmentation.seg.nrrd   the segmentation as Slicer saves it (names, colours, terminology)
     hsam_labels.csv         the label table (Slicer colour table with terminology columns)
-    provenance.json         model, times, and which organs and slices the user changed versus the stored prediction
+    provenance.json         model, times, which organs are labelled and which unknown, segments merged or left out,
+                            and which organs and slices the user changed versus the stored prediction
+
+Only what was labelled teaches: an organ without a segment (not run, or deleted) is "unknown", not background;
+training masks it (hsam.training.losses) and validation does not score it. Several segments of one organ are merged.
 
 provenance.json is written last, atomically: a folder without it is an interrupted export. An existing folder is never
 written into; the case name gets a ``_2``, ``_3`` ... suffix instead.
@@ -18,6 +22,8 @@ import datetime as _dt
 import json
 import re
 import shutil
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,32 +114,55 @@ def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray
     return array
 
 
-def label_array(segmentation_node, volume_node) -> tuple[np.ndarray, dict[str, str], list[str], int]:
-    """H-SAM label array on the CT grid, plus {organ name: segment id}, unmatched segment names, overlap voxels.
+@dataclass
+class ExportedLabels:
+    """What a segmentation holds as H-SAM labels on the CT grid, and how its segments were used."""
 
-    Organs are painted in H-SAM order, so where the user let two organ segments overlap the higher label wins.
+    labels: np.ndarray  # uint8 [k, j, i], H-SAM label values, 0 where no labelled organ is
+    segments: dict[str, list[str]]  # organ name -> the IDs of its segments (several: merged, their union)
+    ignored: list[str]  # names of segments that are none of the eight organs
+    overlap: int  # voxels claimed by two organ segments (the higher label value wins)
+    names: dict[str, str] = field(default_factory=dict)  # segment ID -> segment name
+
+    def merged(self) -> dict[str, list[str]]:
+        """Organ name -> segment names, for the organs whose segments were merged (two or more)."""
+        return {organ: [self.names[i] for i in ids] for organ, ids in self.segments.items() if len(ids) > 1}
+
+
+def collect_labels(segmentation_node, volume_node) -> ExportedLabels:
+    """The segmentation as one H-SAM label array on the CT grid.
+
+    Several segments of one organ (a copied or split segment, or the user's own "Liver" next to the result's) are
+    merged: their union is the organ. Organs are painted in H-SAM order, so where two organ segments overlap the higher
+    label wins.
     """
     shape = slicer.util.arrayFromVolume(volume_node).shape
     labels = np.zeros(shape, dtype=np.uint8)
     seen = np.zeros(shape, dtype=bool)
-    overlap = 0
     segmentation = segmentation_node.GetSegmentation()
-    matched: dict[int, tuple[Any, str]] = {}
-    unmatched: list[str] = []
+    matched: dict[int, tuple[Any, list[str]]] = {}
+    ignored: list[str] = []
+    names: dict[str, str] = {}
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
-        entry = organ_of_segment(segmentation.GetSegment(segment_id))
-        if entry is None or entry.index in matched:
-            unmatched.append(segmentation.GetSegment(segment_id).GetName())
+        segment = segmentation.GetSegment(segment_id)
+        names[segment_id] = segment.GetName()
+        entry = organ_of_segment(segment)
+        if entry is None:
+            ignored.append(segment.GetName())
             continue
-        matched[entry.index] = (entry, segment_id)
+        matched.setdefault(entry.index, (entry, []))[1].append(segment_id)
+    overlap = 0
     for value in sorted(matched):
-        entry, segment_id = matched[value]
-        mask = segment_array(segmentation_node, segment_id, volume_node)
+        entry, segment_ids = matched[value]
+        mask = np.zeros(shape, dtype=bool)
+        for segment_id in segment_ids:
+            mask |= segment_array(segmentation_node, segment_id, volume_node)
         overlap += int(np.count_nonzero(mask & seen))
         seen |= mask
         labels[mask] = entry.index
-    return labels, {entry.name: sid for entry, sid in matched.values()}, unmatched, overlap
+    segments = {entry.name: ids for entry, ids in (matched[v] for v in sorted(matched))}
+    return ExportedLabels(labels, segments, ignored, overlap, names)
 
 
 def changes_versus_prediction(labels: np.ndarray, prediction: np.ndarray | None, organ_indices: list[int]) -> dict:
@@ -184,8 +213,9 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
         raise HSAMError("no export folder: choose a folder for the training cases")
 
     image = _image(volume_node)
-    labels, segment_ids, unmatched, overlap = label_array(segmentation_node, volume_node)
-    if not segment_ids:
+    collected = collect_labels(segmentation_node, volume_node)
+    labels = collected.labels
+    if not collected.segments:
         raise HSAMError(
             f"'{segmentation_node.GetName()}' has no segment that is one of the eight H-SAM organs "
             "(matched by terminology or name): nothing to export"
@@ -198,7 +228,10 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
             prediction = None  # the CT was changed after the run; differences would be meaningless
     attributes = HSAMSlicerLogic.provenance(segmentation_node)
     predicted_organs = [int(v) for v in attributes.get("Organs", "").split(",") if v.strip()]
-    compared = sorted({o.index for o in ORGANS if o.name in segment_ids} | set(predicted_organs))
+    compared = sorted({o.index for o in ORGANS if o.name in collected.segments} | set(predicted_organs))
+    for organ_name, names in collected.merged().items():
+        warnings.warn(f"merged {len(names)} segments into {organ_name} (their union): {', '.join(names)}",
+                      UserWarning, stacklevel=2)
 
     root = Path(output_root).expanduser()
     folder = reserve_case_folder(root, sanitize_case_name(case_name or volume_node.GetName()))
@@ -227,7 +260,13 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
                 "slice_axis": "k (axis 0 of the [k, j, i] array; z of the NIfTI files)",
             },
             "model": {key: attributes[key] for key in PROVENANCE_KEYS if key in attributes} or None,
-            "segments": {"exported": segment_ids, "ignored": unmatched, "overlapping_voxels": overlap},
+            # per organ: "labelled" (a segment of it was exported: its voxels, or its absence, are the truth) or
+            # "unknown" (no segment: not run, or deleted; 0 in labels.nii.gz means "not known" there, and training
+            # never teaches it as background)
+            "organs": {o.name: "labelled" if o.name in collected.segments else "unknown" for o in ORGANS},
+            "segments": {"exported": {organ: ids[0] for organ, ids in collected.segments.items()},
+                         "merged": collected.merged(), "ignored": collected.ignored,
+                         "overlapping_voxels": collected.overlap},  # fmt: skip
             "labels": {str(o.index): o.name for o in ORGANS},
             "changes": changes_versus_prediction(labels, prediction, compared),
         }
@@ -236,6 +275,25 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def describe_export(folder: Path) -> str:
+    """One message saying what an exported case holds: the organs labelled, segments merged, segments left out and
+    the organs left unknown (read from its provenance.json)."""
+    from hsam.labels import organ
+
+    provenance = json.loads((Path(folder) / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    organs, segments = provenance["organs"], provenance["segments"]
+    labelled = [organ(name).display_name for name, state in organs.items() if state == "labelled"]
+    unknown = [organ(name).display_name for name, state in organs.items() if state != "labelled"]
+    text = f"Exported {len(labelled)} labelled organ(s) ({', '.join(labelled)}) to {folder}."
+    for organ_name, names in segments.get("merged", {}).items():
+        text += f" Merged {len(names)} segments into {organ(organ_name).display_name}: {', '.join(names)}."
+    if segments.get("ignored"):
+        text += f" Left out (not one of the eight organs): {', '.join(segments['ignored'])}."
+    if unknown:
+        text += f" Not labelled, so never taught as background: {', '.join(unknown)}."
+    return text
 
 
 def _image(volume_node) -> sitk.Image:

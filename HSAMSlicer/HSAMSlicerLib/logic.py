@@ -6,12 +6,15 @@ shows a dialog. No model work runs in Slicer's process (``product.md``, "Process
 ``hsam`` command in a child process (:mod:`HSAMSlicerLib.process`), and this process never imports torch. A
 segmentation is three steps, so that the GUI can follow the middle one from a timer:
 
-1. :meth:`HSAMSlicerLogic.start_segmentation` (main thread): the volume node's voxels and geometry go to a private
-   folder, and ``hsam segment ... --progress json`` starts on them.
+1. :meth:`HSAMSlicerLogic.start_segmentation` (main thread): the volume node's voxels (in their own type, no copy:
+   :mod:`HSAMSlicerLib.nrrd_input`) and geometry go to a private folder under :func:`jobs_root`, and
+   ``hsam segment ... --progress json`` starts on them.
 2. :meth:`HSAMSlicerLib.process.ChildJob.poll` (main thread, never blocks): progress, status, warnings.
-3. :meth:`HSAMSlicerLogic.finish_segmentation` (main thread): the labels are read back and become MRML nodes,
-   replacing this module's earlier result for the same volume (never a segmentation the user made); the folder is
-   removed.
+3. :meth:`HSAMSlicerLogic.finish_segmentation` (main thread): the labels are read back and become a new result.
+   It replaces this module's earlier result for the same volume only where that is untouched since it was made; an
+   edited result stays (the new one is numbered) unless the user chose to replace it (:class:`RunOptions`
+   ``replace_edited``); a segmentation the user made or copied is never touched (:mod:`HSAMSlicerLib.results`). The
+   folder is removed.
 
 :meth:`HSAMSlicerLogic.process` runs all three in a row (scripts, the self-test). Model downloads, imports, device
 detection and fine-tuning are child jobs too (``start_*`` methods).
@@ -30,14 +33,14 @@ import numpy as np
 import slicer
 import vtk
 
+from HSAMSlicerLib import results
 from HSAMSlicerLib.process import ChildJob, JobState
+from HSAMSlicerLib.results import RESULT_ATTRIBUTE, ROLE_SOURCE, SEGMENTATION, EditedResult, ResultsOfVolume
 from hsam.errors import HSAMError
 
-# Attribute that marks every node this module creates; its value says which part of a result the node is.
-RESULT_ATTRIBUTE = "HSAMSlicer.Result"
-SEGMENTATION, PREDICTION, CONFIDENCE, TABLE = "segmentation", "prediction", "confidence", "volumes"
-# Node-reference roles from the segmentation node to its CT and to the other parts of the result.
-ROLE_SOURCE = "HSAMSlicer.SourceVolume"
+# RESULT_ATTRIBUTE marks every node this module creates; its value says which part of a result the node is.
+PREDICTION, CONFIDENCE, TABLE = "prediction", "confidence", "volumes"
+# Node-reference roles from the segmentation node to its CT (ROLE_SOURCE) and to the other parts of the result.
 ROLE_PREDICTION = "HSAMSlicer.Prediction"
 ROLE_CONFIDENCE = "HSAMSlicer.Confidence"
 ROLE_TABLE = "HSAMSlicer.OrganVolumes"
@@ -66,6 +69,16 @@ class RunOptions:
     show_3d: bool = True  # build closed surfaces so the organs show in 3D (when display nodes exist)
     batch_size: int | None = None
     mode: str = "auto"  # speed mode (hsam segment --mode)
+    # edited earlier results the user chose to replace (results_of_volume().edited, as they were when asked); any
+    # other edited result stays and the new result gets a numbered name
+    replace_edited: Sequence[EditedResult] = ()
+    # segment a volume that does not look like CT (MR, a normalised image): only after the user said so (NotCT)
+    allow_non_ct: bool = False
+
+
+class NotCT(HSAMError):
+    """The volume does not look like CT in Hounsfield units (the CLI's check): a question for the user, not an error.
+    Ask it (the message ends with one) and start again with ``RunOptions.allow_non_ct`` on a yes."""
 
 
 @dataclass
@@ -111,6 +124,16 @@ class SegmentationJob:
         self.job.cancel()
 
 
+def jobs_root() -> Path:
+    """Where job folders go: ``hsam`` under Slicer's temporary folder (Application Settings), else under the
+    system's temporary folder (headless)."""
+    import tempfile
+
+    application = getattr(slicer, "app", None)
+    base = getattr(application, "temporaryPath", "") if application is not None else ""
+    return Path(base or tempfile.gettempdir()) / "hsam"
+
+
 def hsam_organs_of_card(card) -> dict[int, Any]:
     """{model label value: hsam.labels organ} for the card's classes that are H-SAM organs (others are dropped)."""
     from hsam.labels import ORGANS, organ
@@ -146,25 +169,67 @@ class HSAMSlicerLogic:
     """Segment abdominal organs in a CT volume node with H-SAM and manage the resulting nodes.
 
     ``scene`` defaults to ``slicer.mrmlScene``. ``child_env`` adds environment variables for the child processes.
-    Closing the scene ends every child job this Logic started.
+    Closing the scene ends the segmentations (their volume is gone); fine-tuning, downloads and imports do not depend on
+    the scene and keep running (:meth:`stop_jobs` ends them: module closed, Slicer exits).
     """
 
     def __init__(self, scene=None, child_env: dict[str, str] | None = None):
+        # Slicer's ScriptedLoadableModuleLogic.__init__ may already have run this (cooperative super()): once is enough
+        for tag in (getattr(self, "_close_observer", None), getattr(self, "_removal_observer", None)):
+            if tag is not None:
+                self.scene.RemoveObserver(tag)
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.child_env = dict(child_env or {})
+        self.jobs_root = jobs_root()
         self._jobs: list[ChildJob] = []
+        self._scene_jobs: list[ChildJob] = []  # segmentations: they need their volume
+        self._segmentations: list[SegmentationJob] = []
         logic = weakref.ref(self)  # the scene must not keep the Logic alive (a reference cycle through VTK)
-        self.scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
-                               lambda caller, event: logic() is not None and logic().stop_jobs())
+        self._close_observer = self.scene.AddObserver(
+            slicer.vtkMRMLScene.StartCloseEvent,
+            lambda caller, event: logic() is not None and logic().stop_scene_jobs())
+
+        @vtk.calldata_type(vtk.VTK_OBJECT)
+        def removed(caller, event, node) -> None:
+            if logic() is not None and node is not None:
+                logic().cancel_segmentations_of(node.GetID())
+
+        self._removal_observer = self.scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, removed)
+
+    def cancel_segmentations_of(self, volume_id: str) -> None:
+        """The volume was removed from the scene: its running segmentations stop (their result has nowhere to go)."""
+        self._segmentations = [s for s in self._segmentations if not s.poll().done]
+        for running in self._segmentations:
+            if running.volume_id == volume_id:
+                running.cancel()
+
+    def sweep_stale_job_folders(self) -> list:
+        """Remove job folders a crash left behind (module start); folders of running jobs stay."""
+        from HSAMSlicerLib.process import sweep_stale_folders
+
+        return sweep_stale_folders(self.jobs_root)
 
     def stop_jobs(self) -> None:
-        """End every child job this Logic started and remove their folders (scene closed, module closed, exit)."""
-        jobs, self._jobs = self._jobs, []
+        """End every child job this Logic started and remove their folders (module closed, Slicer exits)."""
+        jobs, self._jobs, self._scene_jobs = self._jobs, [], []
         for job in jobs:
             job.cleanup()
 
-    def _track(self, job: ChildJob) -> ChildJob:
+    def stop_scene_jobs(self) -> None:
+        """End the jobs that need the scene (segmentations) and remove their folders: the scene is being closed."""
+        jobs, self._scene_jobs = self._scene_jobs, []
+        self._jobs = [j for j in self._jobs if j not in jobs]
+        for job in jobs:
+            job.cleanup()
+
+    def running_jobs(self) -> list[ChildJob]:
+        """The child jobs that have not ended yet."""
+        return [j for j in self._jobs if j.process is not None and j.process.poll() is None]
+
+    def _track(self, job: ChildJob, needs_scene: bool = False) -> ChildJob:
         self._jobs = [j for j in self._jobs if j.process is None or j.process.poll() is None] + [job]
+        if needs_scene:
+            self._scene_jobs = [j for j in self._scene_jobs if j in self._jobs] + [job]
         return job
 
     # ------------------------------------------------------------------ step 1: volume node -> SimpleITK image
@@ -210,18 +275,32 @@ class HSAMSlicerLogic:
     def start_segmentation(self, volume_node, options: RunOptions) -> SegmentationJob:
         """Write the CT to a private folder and start ``hsam segment`` on it; returns the running job.
 
-        Raises HSAMError for a bad input volume or option before anything starts.
+        Raises HSAMError for a bad input volume or option before anything starts, and :class:`NotCT` (a question)
+        for a volume that does not look like CT unless ``options.allow_non_ct``.
         """
-        import SimpleITK as sitk
+        from HSAMSlicerLib import geometry
+        from HSAMSlicerLib.nrrd_input import write_volume_nrrd
 
         organs = [o.name for o in organs_selected(options.organs)]  # by name: a model may order its classes freely
-        image = self.volume_to_image(volume_node)
-        job = self._track(ChildJob([], env=self.child_env))
+        self.check_input_volume(volume_node)
+        if not options.allow_non_ct:
+            from hsam.volume.intensity import looks_like_ct  # the check `hsam segment` makes, on the same voxels
+
+            if not looks_like_ct(slicer.util.arrayFromVolume(volume_node)):
+                raise NotCT(f"'{volume_node.GetName()}' does not look like CT in Hounsfield units (no air near "
+                            "-1000 HU: MR or a normalised image?). H-SAM models are trained on CT, so the organs may "
+                            "be wrong or missing. Segment it anyway?")
+        matrix = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(matrix)
+        job = self._track(ChildJob([], env=self.child_env, root=self.jobs_root), needs_scene=True)
         try:
             source = job.folder / "input.nrrd"
-            sitk.WriteImage(image, str(source), False)  # uncompressed: written and read in a fraction of a second
+            # the voxels as Slicer holds them (own type, no copy), uncompressed: written in a fraction of a second
+            write_volume_nrrd(slicer.util.arrayFromVolume(volume_node), geometry.vtk_matrix_to_numpy(matrix), source)
             arguments = ["segment", source, "-o", job.folder / "labels.nrrd", "--model", options.model,
-                         "--device", options.device or "auto", "--organs", ",".join(organs), "--allow-non-ct"]
+                         "--device", options.device or "auto", "--organs", ",".join(organs)]
+            if options.allow_non_ct:
+                arguments.append("--allow-non-ct")
             if options.confidence:
                 arguments += ["--confidence", job.folder / "confidence.nrrd"]
             if options.largest_component:
@@ -235,7 +314,9 @@ class HSAMSlicerLogic:
         except BaseException:
             job.cleanup()
             raise
-        return SegmentationJob(job, volume_node.GetID(), options)
+        running = SegmentationJob(job, volume_node.GetID(), options)
+        self._segmentations.append(running)
+        return running
 
     def finish_segmentation(self, running: SegmentationJob, state: JobState | None = None):
         """Apply a finished job's result to the scene and remove its folder; returns the segmentation node.
@@ -297,7 +378,7 @@ class HSAMSlicerLogic:
 
     def start_job(self, arguments: Sequence[str]) -> ChildJob:
         """Any other ``hsam`` command as a child job (``--progress json`` is added)."""
-        return self._track(ChildJob(arguments, env=self.child_env)).start()
+        return self._track(ChildJob(arguments, env=self.child_env, root=self.jobs_root)).start()
 
     def start_device_detection(self) -> ChildJob:
         """``hsam devices``: imports torch in the child; the result's ``devices`` says what PyTorch can use."""
@@ -350,10 +431,12 @@ class HSAMSlicerLogic:
 
     # ------------------------------------------------------------------ step 3: result -> MRML (main thread)
     def apply_result(self, volume_node, output: SegmentationOutput, options: RunOptions):
-        """Build the segmentation (+ stored prediction, optional confidence volume, organ-volume table) for
-        ``volume_node`` and remove this module's earlier result for it. Returns the segmentation node.
+        """Build a new result for ``volume_node``: the segmentation (+ stored prediction, optional confidence volume,
+        organ-volume table). Returns the segmentation node.
 
-        Nothing is left behind if this fails: the new nodes are removed and the earlier result stays.
+        Earlier results for the volume that are untouched since they were made are replaced; edited ones stay (the new
+        result is numbered: "CT organs 2") unless listed in ``options.replace_edited`` with the content they still
+        have. Nothing is left behind if this fails: the new nodes are removed and the earlier results stay.
         """
         self.check_input_volume(volume_node)
         chosen = organs_selected(options.organs)
@@ -369,11 +452,11 @@ class HSAMSlicerLogic:
                 lut[value] = entry.index
         labels = lut[labels]
 
-        old_nodes = self._result_nodes(volume_node)
+        replaced = self._replaced_results(volume_node, options.replace_edited)
+        name = results.unique_name(self.scene, self._result_name(volume_node), {n.GetID() for n in replaced})
         created: list = []
         try:
-            segmentation = self._new_node("vtkMRMLSegmentationNode", self._result_name(volume_node), SEGMENTATION,
-                                          created)  # fmt: skip
+            segmentation = self._new_node("vtkMRMLSegmentationNode", name, SEGMENTATION, created)
             segmentation.CreateDefaultDisplayNodes()
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
             segmentation.SetNodeReferenceID(ROLE_SOURCE, volume_node.GetID())
@@ -405,28 +488,33 @@ class HSAMSlicerLogic:
             self._place_in_subject_hierarchy(volume_node, [n for n in created if n is not prediction])
             if options.show_3d and segmentation.GetDisplayNode() is not None:
                 segmentation.CreateClosedSurfaceRepresentation()
+            results.mark_result(segmentation)
         except BaseException:
             for node in reversed(created):
                 self.scene.RemoveNode(node)
             raise
-        for node in old_nodes:
-            self.scene.RemoveNode(node)
+        for node in replaced:
+            self._remove_result(node)
         return segmentation
 
     # ------------------------------------------------------------------ finding results
     def find_result(self, volume_node):
-        """This module's segmentation for ``volume_node``, or None. User-made segmentations are never returned."""
+        """This module's newest segmentation for ``volume_node``, or None. User-made segmentations (copies of a result
+        included) are never returned."""
         if volume_node is None:
             return None
-        for node in self._nodes_of_class("vtkMRMLSegmentationNode"):
-            ours = node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION
-            if ours and node.GetNodeReferenceID(ROLE_SOURCE) == volume_node.GetID():
-                return node
-        return None
+        found = [node for node in self._nodes_of_class("vtkMRMLSegmentationNode")
+                 if results.is_result(node) and node.GetNodeReferenceID(ROLE_SOURCE) == volume_node.GetID()]
+        return found[-1] if found else None
+
+    def results_of_volume(self, volume_node) -> ResultsOfVolume:
+        """The earlier results for ``volume_node``: untouched ones (a new run replaces them) and edited ones (the widget
+        asks whether to keep them, the default, or to replace them: ``RunOptions.replace_edited``)."""
+        return results.results_of_volume(self.scene, volume_node)
 
     @staticmethod
     def is_result(node) -> bool:
-        return node is not None and node.GetAttribute(RESULT_ATTRIBUTE) == SEGMENTATION
+        return results.is_result(node)
 
     @staticmethod
     def source_volume(segmentation_node):
@@ -454,26 +542,39 @@ class HSAMSlicerLogic:
 
         return export_case(segmentation_node, output_root, volume_node=volume_node, case_name=case_name)
 
+    @staticmethod
+    def describe_export(folder) -> str:
+        """What an exported case holds: labelled organs, merged and left-out segments, unknown organs."""
+        from HSAMSlicerLib.export import describe_export
+
+        return describe_export(folder)
+
     # ------------------------------------------------------------------ helpers
     def _nodes_of_class(self, class_name: str) -> list:
         collection = self.scene.GetNodesByClass(class_name)
         nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
         return nodes
 
-    def _result_nodes(self, volume_node) -> list:
-        """This module's earlier result for the volume: the segmentation and the nodes it references."""
-        nodes = []
-        for segmentation in self._nodes_of_class("vtkMRMLSegmentationNode"):
-            if segmentation.GetAttribute(RESULT_ATTRIBUTE) != SEGMENTATION:
+    def _replaced_results(self, volume_node, chosen: Sequence[EditedResult]) -> list:
+        """The earlier results a new run replaces: the untouched ones, and edited ones the user chose to replace whose
+        content is still what it was when asked."""
+        previous = results.results_of_volume(self.scene, volume_node)
+        replaced = list(previous.untouched)
+        for edited in previous.edited:
+            if edited in chosen:  # same node, same content: a later edit makes it a different EditedResult
+                replaced.append(self.scene.GetNodeByID(edited.node_id))
+        return replaced
+
+    def _remove_result(self, segmentation) -> None:
+        """Remove a result and its parts, except parts another segmentation still references (a user's copy)."""
+        others = [n for n in self._nodes_of_class("vtkMRMLSegmentationNode") if n is not segmentation]
+        for part, role in PART_ROLES.items():
+            node = segmentation.GetNodeReference(role)
+            if node is None or node.GetAttribute(RESULT_ATTRIBUTE) != part:
                 continue
-            if segmentation.GetNodeReferenceID(ROLE_SOURCE) != volume_node.GetID():
-                continue
-            for part, role in PART_ROLES.items():
-                node = segmentation.GetNodeReference(role)
-                if node is not None and node.GetAttribute(RESULT_ATTRIBUTE) == part:
-                    nodes.append(node)
-            nodes.append(segmentation)
-        return nodes
+            if not any(other.GetNodeReferenceID(role) == node.GetID() for other in others):
+                self.scene.RemoveNode(node)
+        self.scene.RemoveNode(segmentation)
 
     @staticmethod
     def _result_name(volume_node) -> str:

@@ -9,7 +9,10 @@ child is Slicer's own Python (``PythonSlicer``) running ``python -m hsam COMMAND
 - its stderr goes to ``log.txt`` beside it (shown with an error);
 - its stdin is a pipe that the parent never writes to: closing it asks the child to stop, and the operating system
   closes it when Slicer exits or crashes, so a child never outlives Slicer (``hsam.cli.stop``);
-- it runs in its own process group (session on POSIX), so Cancel ends it and every process it started.
+- it runs in its own process group (a new session on POSIX), so Cancel ends it and every process it started. Under
+  Slicer the direct child is ``PythonSlicer``, CTK's AppLauncher, which starts the real interpreter as *its* child:
+  the launcher may end at once on SIGTERM while the interpreter still cleans up. So a job is over only when its whole
+  group is gone (:func:`group_alive`), and its folder is removed only then.
 
 No Qt and no MRML here: the widget calls :meth:`ChildJob.poll` from a QTimer, the Logic applies results.
 """
@@ -32,6 +35,8 @@ from hsam.errors import HSAMError
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "log.txt"
+GROUP_FILE = "group.txt"  # the child's process group: the sweep leaves a folder alone while that group runs
+STALE_AFTER_S = 3600.0  # a job folder nothing wrote to for this long, whose processes are gone, is swept
 STOP_GRACE_S = 1.0  # after a cancel, the child gets this long to clean up before it is killed
 LOG_TAIL_LINES = 30
 
@@ -79,6 +84,28 @@ def package_root() -> Path:
     return Path(hsam.__file__).resolve().parent.parent
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` still runs (POSIX). Zombies do not run: in a container
+    whose init reaps orphans late, an ended interpreter can stay a zombie for a second or two."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        return True  # no /proc (macOS): init reaps at once there
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _child_environment(extra: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     root = str(package_root())
@@ -90,16 +117,39 @@ def _child_environment(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def sweep_stale_folders(root: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove job folders under ``root`` left by a crash (of Slicer or the machine): nothing in them changed for
+    ``stale_after_s`` and their process group no longer runs. Returns the folders removed."""
+    removed = []
+    now = time.time()
+    for folder in sorted(Path(root).glob("job-*")) if Path(root).is_dir() else []:
+        try:
+            newest = max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.iterdir()])
+            group = int((folder / GROUP_FILE).read_text()) if (folder / GROUP_FILE).is_file() else None
+        except (OSError, ValueError):
+            continue  # being removed, or a half-written group file: next time
+        if now - newest < stale_after_s or (group is not None and os.name != "nt" and group_alive(group)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 class ChildJob:
     """``python -m hsam ARGUMENTS --progress json`` in a child process with a private working folder.
 
-    ``folder`` (created when None) is removed by :meth:`cleanup`; the command's outputs should be written there.
+    ``folder`` (created as ``root/job-*`` when None; ``root`` None: the system's temporary folder) is removed by
+    :meth:`cleanup`; the command's outputs should be written there.
     """
 
     def __init__(self, arguments: Sequence[str], folder: Path | None = None, env: dict[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, root: Path | None = None) -> None:
         self.arguments = [str(a) for a in arguments]
-        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="hsam-slicer-"))
+        if folder is None:
+            if root is not None:
+                Path(root).mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="job-" if root is not None else "hsam-job-", dir=root))
+        self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._env = env
         self._clock = clock
@@ -117,6 +167,9 @@ class ChildJob:
         self._epochs: list[dict[str, Any]] = []
         self._final: dict[str, Any] | None = None
         self._cancel_at: float | None = None
+        self._exited: tuple[int, float] | None = None  # the direct child's exit code and when it was seen
+        self._gone = False  # the whole group was seen gone: its ID may be reused, so it is never signalled again
+        self._windows_job = None  # Windows: the job object holding the child's whole tree (HSAMSlicerLib.winjob)
         self._error: BaseException | None = None
         self._done = False
 
@@ -128,7 +181,10 @@ class ChildJob:
         """Start the child. Raises HSAMError when it cannot be started (the folder is removed then)."""
         popen: dict[str, Any] = {}
         if os.name == "nt":
-            popen["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+            from HSAMSlicerLib import winjob
+
+            popen["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+                                      | winjob.CREATE_SUSPENDED)  # resumed once it is in its job object
         else:
             popen["start_new_session"] = True
         try:
@@ -139,21 +195,34 @@ class ChildJob:
             self.cleanup()
             raise HSAMError(f"could not start the H-SAM process ({error.strerror or error}); check that Slicer's "
                             "Python can run") from None
+        if os.name == "nt":
+            from HSAMSlicerLib import winjob
+
+            self._windows_job = winjob.create(self.process)  # None: taskkill /T is the fallback
         self._started_at = self._clock()
+        (self.folder / GROUP_FILE).write_text(str(self.process.pid))
         return self
 
     # ------------------------------------------------------------------ following the child
     def poll(self) -> JobState:
-        """Read what the child reported since the last call (never blocks) and return the job's state."""
+        """Read what the child reported since the last call (never blocks) and return the job's state. The job is
+        done once the direct child has ended *and* every process it started is gone; processes left behind (the
+        interpreter under a launcher) get :data:`STOP_GRACE_S` and are then killed."""
         if self.process is not None and not self._done:
             self._read_lines()
             code = self.process.poll()
-            if code is None and self._cancel_at is not None and self._clock() >= self._cancel_at:
-                self.kill()
+            now = self._clock()
+            if code is None and self._cancel_at is not None and now >= self._cancel_at:
+                self._kill_group()
                 code = self.process.poll()
-            if code is not None:
-                self._read_lines()
-                self._finish(code)
+            if code is not None and self._exited is None:
+                self._exited = (code, now)
+            if self._exited is not None:
+                if self._tree_alive() and now >= self._exited[1] + STOP_GRACE_S:
+                    self._kill_group()
+                if not self._tree_alive():
+                    self._read_lines()
+                    self._finish(self._exited[0])
         return self._state()
 
     def _read_lines(self) -> None:
@@ -210,12 +279,17 @@ class ChildJob:
         elif self._error is None:
             self._error = ChildCrashed(self._crash_message(code), self.log_tail())
 
-    def _crash_message(self, code: int) -> str:
-        if code < 0:
+    @staticmethod
+    def _crash_message(code: int) -> str:
+        """A negative code is a signal (the direct child); 129-159 is 128 + a signal, how a launcher or shell reports
+        a child that a signal ended (the interpreter under ``PythonSlicer``, killed for memory)."""
+        signal_number = -code if code < 0 else code - 128 if 128 < code < 160 else None
+        if signal_number is not None:
             try:
-                how = f"was ended by signal {signal.Signals(-code).name}"
+                name = signal.Signals(signal_number).name
             except ValueError:
-                how = f"was ended by signal {-code}"
+                name = str(signal_number)
+            how = f"was ended by signal {name}" + (f" (exit code {code})" if code > 0 else "")
         else:
             how = f"stopped with exit code {code}"
         return (f"the H-SAM process {how} without finishing (out of memory, a GPU driver error or a crash?); "
@@ -243,13 +317,16 @@ class ChildJob:
             error=self._error if self._done else None,
         )
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> JobState:
-        """Poll until the job ends (headless use and tests); the same as the GUI's timer, without the GUI."""
+    def wait(self, timeout: float | None = None, interval: float = 0.05, cleanup: bool = False) -> JobState:
+        """Poll until the job ends (headless use and tests); the same as the GUI's timer, without the GUI. With
+        ``cleanup`` the folder is removed afterwards (for jobs whose result is all in the returned state)."""
         deadline = None if timeout is None else self._clock() + timeout
         state = self.poll()
         while not state.done and (deadline is None or self._clock() < deadline):
             time.sleep(interval)
             state = self.poll()
+        if cleanup:
+            self.cleanup()
         return state
 
     # ------------------------------------------------------------------ stopping
@@ -266,22 +343,52 @@ class ChildJob:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def kill(self) -> None:
-        """End the child and every process it started, now."""
-        if self.process is None or self.process.poll() is not None:
-            return
+    def kill(self, timeout_s: float = 5.0) -> bool:
+        """End the child and every process it started, now, also when the direct child (a launcher) has already
+        ended. Returns whether all of them are gone within ``timeout_s``."""
+        if self.process is None:
+            return True
         self._close_stdin()
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
-        else:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self.process.kill()
+        self._kill_group()
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while self._tree_alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _kill_group(self) -> None:
+        """SIGKILL to the child's process group (POSIX); on Windows, end the process tree."""
+        if self._gone:
+            return
+        if os.name == "nt" and self._windows_job is not None:
+            self._windows_job.terminate()
+            return
+        if os.name == "nt":
+            if self.process.poll() is None:  # taskkill /T follows parent links: only while the child exists
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True,
+                               check=False)  # fmt: skip
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
+
+    def _tree_alive(self) -> bool:
+        """Whether the child or any process it started still runs (Windows: the direct child only)."""
+        if self.process is None or self._gone:
+            return False
+        if os.name == "nt":
+            active = self._windows_job.active() if self._windows_job is not None else -1
+            alive = active > 0 or (active < 0 and self.process.poll() is None)
+        else:
+            alive = self.process.poll() is None or group_alive(self.process.pid)
+        self._gone = not alive
+        return alive
 
     def _close_stdin(self) -> None:
         if self.process is not None and self.process.stdin is not None and not self.process.stdin.closed:
@@ -291,10 +398,12 @@ class ChildJob:
                 pass
 
     def cleanup(self) -> None:
-        """Kill the child if it still runs and remove the private folder."""
-        self.kill()
-        self._close_stdin()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Kill the child and every process it started if any still runs, then remove the private folder. A process
+        that survives SIGKILL (stuck in the kernel) keeps its folder: the module's start-up sweep removes it later."""
+        if self.kill():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._windows_job is not None and self._gone:
+            self._windows_job.close()
 
 
 def format_eta(seconds: float | None) -> str:

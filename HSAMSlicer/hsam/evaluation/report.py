@@ -9,11 +9,13 @@ with, or on the grid both SEGs span).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
@@ -40,6 +42,9 @@ class LabelVolume:
     spacing: tuple[float, float, float] | None
     origin: tuple[float, ...] | None = None
     direction: tuple[float, ...] | None = None
+    # a reference's labelled organs (a DICOM SEG's segments, an exported case's "labelled" organs); None: every organ
+    # was labelled, so an organ absent from it is truly absent
+    labelled: frozenset[int] | None = None
 
     @classmethod
     def from_image(cls, image) -> "LabelVolume":
@@ -250,9 +255,39 @@ def evaluate_volumes(
         spacing = ref.spacing if ref.spacing is not None else pred.spacing
         if protocol == "mm" and spacing is None:
             raise HSAMError(f"case {case}: no voxel spacing is known (h5/npz input); use --protocol reference")
-        for score in score_volume(pred.array, ref.array, organs, spacing, protocol):
+        scored = [k for k in organs if ref.labelled is None or k in ref.labelled]
+        if len(scored) < len(organs):
+            left_out = ", ".join(names.get(k, f"label_{k}") for k in organs if k not in scored)
+            warnings.warn(f"case {case}: the reference did not label {left_out}; not scored", UserWarning, stacklevel=2)
+        for score in score_volume(pred.array, ref.array, scored, spacing, protocol):
             rows.append(Row(case, score.organ, names.get(score.organ, f"label_{score.organ}"), score))
     return rows
+
+
+def labelled_organs(path: Path) -> frozenset[int] | None:
+    """The organs a reference file labelled, where it says so: a DICOM SEG's segments, or an exported case's
+    provenance.json next to it (``organs``). None: a plain label volume, taken as labelling every organ."""
+    from hsam.labels import ORGANS
+
+    if path.name.lower().endswith(".dcm"):
+        import pydicom
+
+        from hsam.volume.dicom_seg import is_dicom_seg, organ_of_segment
+
+        if not is_dicom_seg(path):
+            return None
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        return frozenset(o for o in (organ_of_segment(item) for item in dataset.SegmentSequence) if o)
+    provenance = path.parent / "provenance.json"
+    if path.name.startswith("labels.") and provenance.is_file():
+        from hsam.training.data import unknown_organs_of_case
+
+        try:
+            unknown = unknown_organs_of_case(json.loads(provenance.read_text(encoding="utf-8")))
+        except ValueError:
+            raise HSAMError(f"{provenance} is not valid JSON") from None
+        return frozenset(o.index for o in ORGANS) - unknown
+    return None
 
 
 def read_pair(pred_path: Path, ref_path: Path) -> tuple[LabelVolume, LabelVolume]:
@@ -299,7 +334,7 @@ def evaluate_files(
                 p = LabelVolume(remap_labels(p.array, pred_map), p.spacing, p.origin, p.direction)
             if ref_map is not None:
                 r = LabelVolume(remap_labels(r.array, ref_map), r.spacing, r.origin, r.direction)
-            yield case, p, r
+            yield case, p, dataclasses.replace(r, labelled=labelled_organs(ref_path))
 
     return evaluate_volumes(load(), organs, protocol)
 

@@ -42,6 +42,9 @@ class Volume:
     label: np.ndarray
     spacing: tuple[float, float, float] | None = None  # (z, y, x) mm; None when unknown (h5)
     source: dict[str, Any] = field(default_factory=dict)
+    # organ indices nobody labelled in this volume (a partial export): 0 in ``label`` there means "not known", and
+    # the loss never teaches them as background (hsam.training.losses)
+    unknown_organs: frozenset[int] = frozenset()
 
     def slice_name(self, z: int) -> str:
         return f"{self.name}_slice{z:03d}"
@@ -70,6 +73,10 @@ class SliceStore:
         """The organ indices present in slice ``i``."""
         return _organs_in(self.get(i)[1])
 
+    def unknown_organs(self, i: int) -> frozenset[int]:
+        """The organ indices nobody labelled in slice ``i``'s volume (none: every organ was labelled)."""
+        return frozenset()
+
     def subset(self, names: Sequence[str]) -> "SliceStore":
         """The slices named in ``names`` in that order (repeats allowed: oversampling)."""
         position = {name: i for i, name in enumerate(self.ids)}
@@ -90,6 +97,9 @@ class _Subset(SliceStore):
     def organs(self, i: int) -> frozenset[int]:
         return self.parent.organs(self.indices[i])
 
+    def unknown_organs(self, i: int) -> frozenset[int]:
+        return self.parent.unknown_organs(self.indices[i])
+
 
 class VolumeSlices(SliceStore):
     """Every axial slice of in-memory volumes."""
@@ -104,6 +114,9 @@ class VolumeSlices(SliceStore):
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         volume, z = self.index[i]
         return volume.image[z], volume.label[z]
+
+    def unknown_organs(self, i: int) -> frozenset[int]:
+        return self.index[i][0].unknown_organs
 
 
 class NpzSlices(SliceStore):
@@ -325,8 +338,23 @@ def load_cases(root: str | Path, window: Sequence[float], orientation: str,
                 volume.source["provenance"] = json.loads(provenance.read_text(encoding="utf-8"))
             except ValueError:
                 raise HSAMError(f"{provenance} is not valid JSON") from None
+            volume.unknown_organs = unknown_organs_of_case(volume.source["provenance"])
         volumes.append(volume)
     return volumes
+
+
+def unknown_organs_of_case(provenance: Mapping[str, Any]) -> frozenset[int]:
+    """The organ indices an exported case did not label: ``organs`` (name -> "labelled" | "unknown"); in an export
+    from before that field, every organ without an exported segment."""
+    from hsam.labels import ORGANS, organ
+
+    states = provenance.get("organs")
+    if isinstance(states, Mapping):
+        return frozenset(organ(name).index for name, state in states.items() if state != "labelled")
+    exported = (provenance.get("segments") or {}).get("exported")
+    if isinstance(exported, Mapping):
+        return frozenset(o.index for o in ORGANS if o.name not in exported)
+    return frozenset()
 
 
 def load_source_volumes(source: Mapping[str, Any], window: Sequence[float], orientation: str,

@@ -209,7 +209,7 @@ class EncodedVolumes:
         was_training = model.training
         model.eval()
         try:
-            return mean_dice(((self.predict(model, index, batch_size, autocast), volume.label)
+            return mean_dice(((self.predict(model, index, batch_size, autocast), volume.label, volume.unknown_organs)
                               for index, volume in enumerate(self.volumes)), organs)
         finally:
             model.train(was_training)

@@ -33,6 +33,11 @@ class TrainingSlices(Dataset):
         return {"image": torch.from_numpy(img), "label": torch.from_numpy(lab), "low_res_label": torch.from_numpy(low),
                 "index": torch.tensor(index)}
 
+    def unknown_organs(self, indices) -> torch.Tensor:
+        """int64 [B]: per sample a bitmask (bit c = organ c) of the organs its volume did not label (losses.py)."""
+        return torch.tensor([sum(1 << c for c in self.store.unknown_organs(int(i))) for i in indices],
+                            dtype=torch.int64)
+
 
 def global_batches(n: int, batch_size: int, epoch: int, seed: int, world_size: int = 1) -> list[np.ndarray]:
     """The epoch's global batches (indices into the dataset): a shuffle seeded by (seed, epoch); the last batch may be

@@ -588,7 +588,9 @@ def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, sched
         from tqdm import tqdm
 
         bar = tqdm(total=len(sampler), desc=f"epoch {epoch + 1}/{config['epochs']}", leave=False, dynamic_ncols=True)
-    for batch, global_n in zip(_batches(dataset, sampler, config, epoch, device, encoded), sampler.global_sizes):
+    for batch, global_n, indices in zip(_batches(dataset, sampler, config, epoch, device, encoded),
+                                        sampler.global_sizes, sampler.batches):
+        unknown = dataset.unknown_organs(indices).to(device)  # organs a partial case did not label: never background
         label = batch["label"].to(device, non_blocking=True)
         low = batch["low_res_label"].to(device, non_blocking=True)
         n = label.shape[0]
@@ -598,7 +600,7 @@ def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, sched
             else:
                 stage1, stage2 = net(batch["image"].to(device, non_blocking=True), noise)
         parts = hsam_loss(stage1["low_res_logits"], stage2["low_res_logits"], low, label, epoch, loss_cfg,
-                          ce_share=n * ddp.world_size / global_n)
+                          ce_share=n * ddp.world_size / global_n, unknown=unknown)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(parts.total).backward()

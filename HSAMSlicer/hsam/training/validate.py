@@ -54,18 +54,19 @@ def validate(model: torch.nn.Module, volumes: Sequence[Volume], organs: Sequence
     was_training = model.training
     model.eval()
     try:
-        return mean_dice(((predict_volume(model, v.image, batch_size, device, autocast), v.label) for v in volumes),
-                         organs)
+        return mean_dice(((predict_volume(model, v.image, batch_size, device, autocast), v.label, v.unknown_organs)
+                          for v in volumes), organs)
     finally:
         model.train(was_training)
 
 
-def mean_dice(pairs: Iterable[tuple[np.ndarray, np.ndarray]], organs: Sequence[int]) -> dict[str, float]:
-    """``dice_<organ>``: mean over the (prediction, reference) pairs where the organ is in either; ``dice``: their
-    mean (NaN when no organ was anywhere)."""
+def mean_dice(pairs: Iterable[tuple], organs: Sequence[int]) -> dict[str, float]:
+    """``dice_<organ>``: mean over the (prediction, reference[, organs the reference did not label]) pairs where the
+    organ is in either and was labelled; ``dice``: their mean (NaN when no organ was anywhere)."""
     per_organ: dict[int, list[float]] = {k: [] for k in organs}
-    for prediction, reference in pairs:
-        for k, value in dice_per_organ(prediction, reference, organs).items():
+    for prediction, reference, *unlabelled in pairs:
+        scored = [k for k in organs if not unlabelled or k not in unlabelled[0]]
+        for k, value in dice_per_organ(prediction, reference, scored).items():
             if not math.isnan(value):
                 per_organ[k].append(value)
     means = {k: float(np.mean(v)) for k, v in per_organ.items() if v}
