@@ -123,6 +123,14 @@ def _selected_channels(organs: Sequence[int | str] | None, names: list[str]) -> 
     return chosen
 
 
+def model_images(slices: np.ndarray, window_hu: Sequence[float], size: int, device: torch.device) -> torch.Tensor:
+    """Raw slices [b,H,W] (HU) -> network input [b,3,size,size]: windowed to [0, 1], resized bicubic (clamped)."""
+    batch = torch.from_numpy(window(slices, float(window_hu[0]), float(window_hu[1]))).to(device)[:, None]
+    if tuple(batch.shape[-2:]) != (size, size):
+        batch = F.interpolate(batch, (size, size), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
+    return batch.expand(-1, 3, -1, -1)
+
+
 def predict_slices(
     model: "HSAM",
     slices: np.ndarray,
@@ -138,12 +146,8 @@ def predict_slices(
     [b,K,S,S] are resized back to H x W (bilinear) *before* softmax/argmax. ``predictor`` (images -> fused logits,
     from :func:`hsam.engines.modes.prepare`) replaces ``model.predict``.
     """
-    size = model.img_size
-    batch = torch.from_numpy(window(slices, float(window_hu[0]), float(window_hu[1]))).to(device)[:, None]
-    height, width = batch.shape[-2:]
-    if (height, width) != (size, size):
-        batch = F.interpolate(batch, (size, size), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
-    images = batch.expand(-1, 3, -1, -1)
+    height, width = slices.shape[-2:]
+    images = model_images(slices, window_hu, model.img_size, device)
     run = predictor or model.predict
     with torch.inference_mode():
         if dtype is not None:

@@ -248,6 +248,50 @@ def run_cohort(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def write_outputs(args: argparse.Namespace, outputs: list[Path], result, image, class_names: list[str],  # noqa: ANN001
+                  algorithm, source_series=None, title: str = "") -> list[Path]:  # noqa: ANN001
+    """Write the labels (``outputs[0]``; DICOM SEG when ``source_series`` is given) and the requested
+    ``--confidence`` / ``--stats`` / ``--overlay`` files of a SegmentationResult; returns the paths written.
+
+    All or nothing without losing the previous run: every output is written to a hidden file beside it first and
+    only moved onto its name once all of them were written (deleting a half-set would delete the files the previous
+    run left there, as the new ones have already replaced them).
+    """
+    from hsam.volume import write_image, write_labels
+    from hsam.volume.io import TEMP_PREFIX, _host_tag
+
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(final: Path) -> Path:
+        temp = final.with_name(f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-out-{final.name}")
+        staged.append((temp, final))
+        return temp
+
+    try:
+        if source_series is not None:
+            from hsam.volume.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, algorithm)
+        else:
+            write_labels(result.labels, stage(outputs[0]))
+        rest = iter(outputs[1:])
+        if getattr(args, "confidence", None):
+            write_image(result.confidence, stage(next(rest)))
+        if args.stats:
+            _write_text_atomic(stage(next(rest)), stats_csv(result, class_names))
+        if args.overlay:
+            from hsam.overlay import render_overlay
+
+            render_overlay(image, result.labels, stage(next(rest)), class_names, title=title)
+        for temp, final in staged:
+            os.replace(temp, final)
+    except BaseException:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in staged]
+
+
 def run(args: argparse.Namespace) -> int:
     """Segment ``args.input`` and write the requested outputs (a whole cohort for a folder or list file)."""
     import SimpleITK as sitk
@@ -259,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hsam.errors import HSAMError
     from hsam.inference import _selected_channels, select_device, select_precision
-    from hsam.volume import read_image, write_image, write_labels
+    from hsam.volume import read_image
     from hsam.weights import available_models, fetch, load_named_model, needs_download, resolve_model
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
@@ -316,42 +360,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         reporter.close_bar()
 
-    # All or nothing without losing the previous run: every output is written to a hidden file beside it first
-    # and only moved onto its name once all of them were written (deleting a half-set would delete the files the
-    # previous run left there, as the new ones have already replaced them).
-    from hsam.volume.io import TEMP_PREFIX, _host_tag
-
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(final: Path) -> Path:
-        temp = final.with_name(f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-out-{final.name}")
-        staged.append((temp, final))
-        return temp
-
-    try:
-        if source_series is not None:
-            from hsam.volume.dicom_seg import write_dicom_seg
-
-            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, _algorithm(model_id, card))
-        else:
-            write_labels(result.labels, stage(outputs[0]))
-        rest = iter(outputs[1:])
-        if args.confidence:
-            write_image(result.confidence, stage(next(rest)))
-        if args.stats:
-            _write_text_atomic(stage(next(rest)), stats_csv(result, list(card.classes)))
-        if args.overlay:
-            from hsam.overlay import render_overlay
-
-            render_overlay(image, result.labels, stage(next(rest)), list(card.classes),
-                           title=f"{Path(args.input).name} - {model_id}")
-        for temp, final in staged:
-            os.replace(temp, final)
-    except BaseException:
-        for temp, _ in staged:
-            temp.unlink(missing_ok=True)
-        raise
-    written = [final for _, final in staged]
+    written = write_outputs(args, outputs, result, image, list(card.classes), _algorithm(model_id, card),
+                            source_series, title=f"{Path(args.input).name} - {model_id}")
 
     for message in result.warnings:
         reporter.warning(message)
