@@ -242,6 +242,25 @@ def _fall_back_to_cpu(
     return torch.device("cpu"), None, "fp32", batch_size or DEFAULT_BATCH["cpu"]
 
 
+def _refine_stage(model: "HSAM", refine: bool | None, notes: list[str],
+                  status: Callable[[str], None] | None) -> "torch.nn.Module | None":
+    """The prompt decoder when the refine stage runs (``refine``: True required, None where possible), else None."""
+    if refine is False:
+        return None
+    from hsam.prompting.refine import refine_decoder_for
+
+    decoder, why_not = refine_decoder_for(model)
+    if decoder is None:
+        if refine:
+            raise HSAMError(f"{why_not}; run without --refine")
+        return None
+    notes_text = "refine: each slice's automatic result prompts LiteMedSAM's decoder (boxes from the probabilities)"
+    if status:
+        status(notes_text)
+    log.info(notes_text)
+    return decoder
+
+
 def segment_volume(
     image: sitk.Image,
     model: "HSAM",
@@ -260,6 +279,7 @@ def segment_volume(
     organs: Sequence[int | str] | None = None,
     orientation: str | None = None,
     check_orientation: bool = True,
+    refine: bool | None = False,
 ) -> SegmentationResult:
     """Segment a 3-D CT volume; see the module docstring for the pipeline.
 
@@ -289,6 +309,8 @@ def segment_volume(
             model doing clearly better on mirrored or turned slices, a warning containing "orientation" is added to
             ``warnings``; its measurements are in ``orientation_check``. With it the final labels' sides are
             checked in patient coordinates (:mod:`hsam.laterality_check`, no extra inference; ``laterality_check``).
+        refine: the refine stage (:mod:`hsam.prompting.refine`): each slice's automatic result prompts LiteMedSAM's
+            decoder. True: required (an error where the model cannot have it); None: where it can; False: off.
     """
     started = time.perf_counter()
     image = check_volume(image, "the input volume")
@@ -333,6 +355,7 @@ def segment_volume(
     labels = np.zeros(work.shape, dtype=np.uint8)
     confidence = np.zeros(work.shape, dtype=np.uint8)
 
+    decoder = _refine_stage(model, refine, notes, status)
     model.eval()
     try:
         model.to(target)
@@ -360,9 +383,16 @@ def segment_volume(
                 predictor = prepare(model, mode_name, target, say=status or log.info)
             engine_device = target
         try:
-            batch_labels, batch_confidence = predict_slices_skipping_air(
-                model, work[done:stop], window_hu, target, dtype, channels, predictor, air_cache
-            )
+            if decoder is not None:
+                from hsam.prompting.refine import predict_refined
+
+                batch_labels, batch_confidence = predict_refined(
+                    model, work[done:stop], window_hu, target, dtype, channels, predictor, decoder, pixel_mm
+                )
+            else:
+                batch_labels, batch_confidence = predict_slices_skipping_air(
+                    model, work[done:stop], window_hu, target, dtype, channels, predictor, air_cache
+                )
         except Exception as error:  # noqa: BLE001 (only out-of-memory is handled; everything else re-raised)
             if not _is_oom(error) or target.type == "cpu":
                 raise

