@@ -19,7 +19,7 @@ from hsam import __version__
 from hsam.errors import HSAMError
 
 # each command module adds its name here
-COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "prompt", "series", "models", "bench", "train", "devices", "sample")
+COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "prompt", "serve", "series", "models", "bench", "train", "devices", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
