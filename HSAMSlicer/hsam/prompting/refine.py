@@ -23,8 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from hsam.prompting.decoder import PromptDecoder
 
 
-# The default follows the measurement in benchmarks/prompting/RESULTS.md (issue 26 rule: on only where every labelled
-# CT gains on the mean of liver, spleen, stomach and aorta and no organ loses more than 0.01)
+# Off (benchmarks/prompting/RESULTS.md): issue 26's rule, on only where every labelled CT gains on the mean of liver,
+# spleen, stomach and aorta and no organ loses more than 0.01, failed: lidc-idri-0001 mean 0.672 -> 0.713 but liver
+# -0.020; the demo's own training patient lost on every organ (mean 0.941 -> 0.857)
 REFINE_BY_DEFAULT = False
 
 
