@@ -108,7 +108,8 @@ class PromptProcess:
             child.wait()
 
 
-def apply_organ_mask(segmentation_node, segment_id: str, volume_node, labels: np.ndarray, organ: int) -> int:  # noqa: ANN001
+def apply_organ_mask(segmentation_node, segment_id: str, volume_node,  # noqa: ANN001 (MRML nodes)
+                     labels: np.ndarray, organ: int) -> int:
     """Set segment ``segment_id`` to ``labels == organ`` (labels [k, j, i] on ``volume_node``'s grid, as
     ``slicer.util.arrayFromVolume`` orders it); returns the voxel count. Other segments are not modified."""
     import slicer

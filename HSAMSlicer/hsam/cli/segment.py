@@ -121,6 +121,11 @@ def _segment(image, model, card, args: argparse.Namespace, organs, progress=None
                           orientation=args.orientation, refine=_refine_choice(args))
 
 
+def _stage_of(status_text: str) -> str:
+    """The JSON progress stage of a status line of ``segment_volume``: "refine" for the refine stage, else "engine"."""
+    return "refine" if status_text.startswith("refine") else "engine"
+
+
 def _refine_choice(args: argparse.Namespace) -> bool | None:
     """``segment_volume``'s ``refine``: the user's --refine / --no-refine, else the measured default."""
     from hsam.prompting.refine import REFINE_BY_DEFAULT
@@ -371,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = _segment(image, model, card, args, organs,
                           progress=lambda done, total: reporter.progress(done, total, "segment"),
-                          status=lambda text: reporter.status(text, "refine" if text.startswith("refine") else "engine"))
+                          status=lambda text: reporter.status(text, _stage_of(text)))
     finally:
         reporter.close_bar()
 

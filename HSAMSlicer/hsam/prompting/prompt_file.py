@@ -176,5 +176,7 @@ def read_prompt_file(path: str | Path, how: Reorientation) -> PromptPlan:
     except (OSError, UnicodeDecodeError) as error:
         raise HSAMError(f"could not read the prompt file {path}: {error}") from None
     except json.JSONDecodeError as error:
-        raise HSAMError(f"{path.name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+        raise HSAMError(
+            f"{path.name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from None
     return parse_prompts(data, how, path.name)
