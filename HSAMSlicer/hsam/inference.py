@@ -123,6 +123,14 @@ def _selected_channels(organs: Sequence[int | str] | None, names: list[str]) -> 
     return chosen
 
 
+def model_images(slices: np.ndarray, window_hu: Sequence[float], size: int, device: torch.device) -> torch.Tensor:
+    """Raw slices [b,H,W] (HU) -> network input [b,3,size,size]: windowed to [0, 1], resized bicubic (clamped)."""
+    batch = torch.from_numpy(window(slices, float(window_hu[0]), float(window_hu[1]))).to(device)[:, None]
+    if tuple(batch.shape[-2:]) != (size, size):
+        batch = F.interpolate(batch, (size, size), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
+    return batch.expand(-1, 3, -1, -1)
+
+
 def predict_slices(
     model: "HSAM",
     slices: np.ndarray,
@@ -138,12 +146,8 @@ def predict_slices(
     [b,K,S,S] are resized back to H x W (bilinear) *before* softmax/argmax. ``predictor`` (images -> fused logits,
     from :func:`hsam.engines.modes.prepare`) replaces ``model.predict``.
     """
-    size = model.img_size
-    batch = torch.from_numpy(window(slices, float(window_hu[0]), float(window_hu[1]))).to(device)[:, None]
-    height, width = batch.shape[-2:]
-    if (height, width) != (size, size):
-        batch = F.interpolate(batch, (size, size), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
-    images = batch.expand(-1, 3, -1, -1)
+    height, width = slices.shape[-2:]
+    images = model_images(slices, window_hu, model.img_size, device)
     run = predictor or model.predict
     with torch.inference_mode():
         if dtype is not None:
@@ -238,6 +242,25 @@ def _fall_back_to_cpu(
     return torch.device("cpu"), None, "fp32", batch_size or DEFAULT_BATCH["cpu"]
 
 
+def _refine_stage(model: "HSAM", refine: bool | None, notes: list[str],
+                  status: Callable[[str], None] | None) -> "torch.nn.Module | None":
+    """The prompt decoder when the refine stage runs (``refine``: True required, None where possible), else None."""
+    if refine is False:
+        return None
+    from hsam.prompting.refine import refine_decoder_for
+
+    decoder, why_not = refine_decoder_for(model)
+    if decoder is None:
+        if refine:
+            raise HSAMError(f"{why_not}; run without --refine")
+        return None
+    notes_text = "refine: each slice's automatic result prompts LiteMedSAM's decoder (boxes from the probabilities)"
+    if status:
+        status(notes_text)
+    log.info(notes_text)
+    return decoder
+
+
 def segment_volume(
     image: sitk.Image,
     model: "HSAM",
@@ -256,6 +279,7 @@ def segment_volume(
     organs: Sequence[int | str] | None = None,
     orientation: str | None = None,
     check_orientation: bool = True,
+    refine: bool | None = False,
 ) -> SegmentationResult:
     """Segment a 3-D CT volume; see the module docstring for the pipeline.
 
@@ -285,6 +309,8 @@ def segment_volume(
             model doing clearly better on mirrored or turned slices, a warning containing "orientation" is added to
             ``warnings``; its measurements are in ``orientation_check``. With it the final labels' sides are
             checked in patient coordinates (:mod:`hsam.laterality_check`, no extra inference; ``laterality_check``).
+        refine: the refine stage (:mod:`hsam.prompting.refine`): each slice's automatic result prompts LiteMedSAM's
+            decoder. True: required (an error where the model cannot have it); None: where it can; False: off.
     """
     started = time.perf_counter()
     image = check_volume(image, "the input volume")
@@ -329,6 +355,7 @@ def segment_volume(
     labels = np.zeros(work.shape, dtype=np.uint8)
     confidence = np.zeros(work.shape, dtype=np.uint8)
 
+    decoder = _refine_stage(model, refine, notes, status)
     model.eval()
     try:
         model.to(target)
@@ -356,9 +383,16 @@ def segment_volume(
                 predictor = prepare(model, mode_name, target, say=status or log.info)
             engine_device = target
         try:
-            batch_labels, batch_confidence = predict_slices_skipping_air(
-                model, work[done:stop], window_hu, target, dtype, channels, predictor, air_cache
-            )
+            if decoder is not None:
+                from hsam.prompting.refine import predict_refined
+
+                batch_labels, batch_confidence = predict_refined(
+                    model, work[done:stop], window_hu, target, dtype, channels, predictor, decoder, pixel_mm
+                )
+            else:
+                batch_labels, batch_confidence = predict_slices_skipping_air(
+                    model, work[done:stop], window_hu, target, dtype, channels, predictor, air_cache
+                )
         except Exception as error:  # noqa: BLE001 (only out-of-memory is handled; everything else re-raised)
             if not _is_oom(error) or target.type == "cpu":
                 raise

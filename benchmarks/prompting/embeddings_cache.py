@@ -1,0 +1,32 @@
+"""On-disk cache of slice embeddings for the benchmarks (float16, one file per case), so that reruns skip the
+encoder. Delete the folder to recompute; the numbers in RESULTS.md were made through this cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hsam.prompting.embedding import SliceEmbeddings
+
+
+def load_into(embeddings: SliceEmbeddings, folder: Path | None, name: str) -> int:
+    """Put the cached embeddings of case ``name`` into ``embeddings``; returns how many."""
+    path = None if folder is None else Path(folder) / f"{name}.pt"
+    if path is None or not path.is_file():
+        return 0
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    for z, value in stored.items():
+        embeddings.put(int(z), value.float())
+    return len(stored)
+
+
+def save_from(embeddings: SliceEmbeddings, folder: Path | None, name: str) -> None:
+    """Save every embedding ``embeddings`` holds (float16) for case ``name``."""
+    if folder is None:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / f"{name}.pt"
+    previous = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+    previous.update({z: value.half() for z, value in embeddings.items()})
+    torch.save(previous, path)
