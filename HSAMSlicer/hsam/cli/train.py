@@ -81,7 +81,7 @@ def _report(result, reporter, fewshot: bool = False) -> int:
         print(f"stopped after epoch {last.get('epoch', -1) + 1}; continue with --resume")
         reporter.finished(run_folder=str(result.output_dir), complete=False)
         return 0
-    if result.best:
+    if result.best and result.best.get("val_dice") is not None:
         print(f"best validation Dice {result.best['val_dice']:.4f} at epoch {result.best['epoch'] + 1}")
     if "loss" in last:
         print(f"final training loss {last['loss']:.4f}")
@@ -89,10 +89,13 @@ def _report(result, reporter, fewshot: bool = False) -> int:
         print(f"model saved: {result.model_dir}")
     if result.installed is not None:
         print(f"installed as '{result.installed.name}' (hsam models list; hsam segment --model {result.installed.name})")
+    slices = result.info.get("held_out_slices")
+    if slices:
+        print("held out for early stopping and the held-out figure (not trained on): " + "; ".join(
+            f"{case} slices {', '.join(str(z) for z in zs)}" for case, zs in slices.items()))
     guard = result.info.get("forgetting_guard")
     if guard is not None:
-        print(f"forgetting guard: Dice on the reference case(s) {', '.join(guard['reference'])}: "
-              f"{_fmt(guard['dice_before'])} before, {_fmt(guard['dice_after'])} after")
+        _report_guard(guard)
     held = result.info.get("held_out")
     if held is not None:
         print(f"held-out Dice: {_fmt(held['dice_before'])} before, {_fmt(held['dice_after'])} after")
@@ -101,11 +104,27 @@ def _report(result, reporter, fewshot: bool = False) -> int:
                   "the starting model, or correct more slices (or lower --set optim.base_lr=...) and fine-tune again")
     reporter.finished(
         run_folder=str(result.output_dir), complete=True, best=result.best, forgetting_guard=guard, held_out=held,
+        held_out_slices=slices,
         stopped_early=result.info.get("stopped_early"), fewshot=fewshot,
         model={"id": result.installed.name if result.installed is not None else None,
                "path": str(result.model_dir) if result.model_dir is not None else None},
     )
     return 0
+
+
+def _report_guard(guard: dict[str, Any]) -> None:
+    """The forgetting guard's lines: the reference Dice before/after, and what the margin refused."""
+    margin = guard.get("margin")
+    rule = f" (allowed drop {margin:.3f})" if margin is not None else " (report only: no margin set)"
+    print(f"forgetting guard: Dice on the reference case(s) {', '.join(guard['reference'])}: "
+          f"{_fmt(guard['dice_before'])} before, {_fmt(guard['dice_after'])} after{rule}")
+    if guard.get("epochs_over_margin"):
+        print(f"forgetting guard: epoch(s) {', '.join(map(str, guard['epochs_over_margin']))} lost more than "
+              f"{margin:.3f} on the reference case(s) and were not kept")
+    if guard.get("within_margin") is False:
+        print("warning: every epoch of this fine-tune lost more than the allowed margin on the reference case(s); "
+              "the new model keeps the starting weights: keep using the starting model, or lower the learning rate "
+              "(--set optim.base_lr=...) or rehearse more (--set rehearsal.ratio=...) and fine-tune again")
 
 
 def _fmt(value: float | None) -> str:
@@ -129,7 +148,8 @@ def _train(config, args: argparse.Namespace, class_names: Sequence[str]):
                   if index and f"val_dice_{index}" in row}
         reporter.epoch(epoch=int(row["epoch"]) + 1, epochs=epochs, loss=_number(row.get("loss")),
                        train_dice=_number(row.get("train_dice")), val_dice=_number(row.get("val_dice")),
-                       val_dice_organs=organs, seconds=row.get("seconds"))
+                       val_dice_organs=organs, reference_dice=_number(row.get("reference_dice")),
+                       seconds=row.get("seconds"))
 
     if reporter.json:
         reporter.status(f"Training {config['name']} for {epochs} epochs", "train")
@@ -176,8 +196,6 @@ def run_finetune(args: argparse.Namespace) -> int:
                  "window": list(card.window), "orientation": card.orientation,
                  "holdout": {"fraction": 0.0, "count": n_val, "seed": 2345}},
     }
-    if n_val == 0:
-        extra["validation"] = {"every": 0}
     reference = reference_cases(card)
     if reference is not None:
         extra["reference"] = reference
