@@ -159,3 +159,26 @@ def test_rehearsal_keeps_more_of_the_reference_than_no_rehearsal(tmp_path, base_
     assert rehearsed.info["forgetting_guard"]["rehearsal_ratio"] == 1.0
     last = [run.history[-1]["reference_dice"] for run in (plain, rehearsed)]
     assert last[1] > last[0] + 0.05, last
+
+
+def test_finetune_of_one_case_holds_out_slices_spread_over_z_and_says_so(tmp_path, real_data, capsys):
+    from hsam.cli import main
+    from hsam.model.build import build_hsam
+    from hsam.model.checkpoint import ModelCard, save_model
+    from hsam.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    base = build_hsam(ModelConfig(backbone="vit_tiny", img_size=64, lora_rank=2, keep_cmattn_tensors=False))
+    save_model(base, ModelCard.for_config(base.config, "tiny-base", title="Tiny base", window=[-125.0, 275.0],
+                                          training_data="nothing"), tmp_path / "tiny-base")
+    _case(tmp_path / "cases", real_data, 10, 20)
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(tmp_path / "tiny-base"), "--cases", str(tmp_path / "cases"), "--epochs",
+                 "1", "--set", 'model.freeze=["image_encoder", "lora"]', "--output", str(out), "--no-register",
+                 "--progress", "json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert any("no rehearsal and no forgetting guard" in e.get("status", "") for e in events)
+    last = events[-1]
+    assert last["held_out_slices"] == {"case": [2, 7]} and last["held_out"]["dice_before"] is not None
+    assert (out / "splits" / "train.txt").read_text().split() == [f"case_slice{z:03d}" for z in range(8)]
+    assert (out / "splits" / "val.txt").read_text().split() == ["case_heldout"]

@@ -151,16 +151,49 @@ def _round(value: float) -> float | None:
     return None if value != value else round(float(value), 4)
 
 
+def table(paths: list[Path]) -> str:
+    """Markdown rows (one per arm, the base model first) of bench records."""
+    lines = ["| arm | spleen | liver | stomach | aorta | held-out mean4 | demo, other slices | reference (guard) "
+             "before -> after | kept epoch / run | wall s (load) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base_done = False
+    for path in paths:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        rows = [] if base_done else [("base model", record["base"]["held_out"], record["base"]["demo_other"], None)]
+        base_done = True
+        rows += [(run["arm"], run["held_out"], run["demo_other"], run) for run in record["runs"]]
+        for name, held, demo, run in rows:
+            organs = held["organs"]
+            cells = [name, *(f"{organs[k]:.3f}" for k in ("spleen", "liver", "stomach", "aorta")),
+                     f"**{held['mean4']:.3f}**", f"{demo['mean']:.3f}"]
+            if run is None:
+                cells += ["", "", ""]
+            else:
+                guard = run["guard"] or {}
+                kept = guard.get("kept_epoch")
+                cells += [f"{guard.get('dice_before')} -> {guard.get('dice_after')}",
+                          f"{'last' if kept is None else kept} / {len(run['epochs'])}",
+                          f"{run['wall_s']} ({run['load_before'][0]}-{run['load_after'][0]})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/unseen"))
     parser.add_argument("--model", default="hsam-lite-demo")
-    parser.add_argument("--arm", action="append", required=True, help="NAME=extra hsam finetune arguments")
+    parser.add_argument("--arm", action="append", default=[], help="NAME=extra hsam finetune arguments")
+    parser.add_argument("--table", type=Path, nargs="+", default=None,
+                        help="print the markdown table of these bench records (--json files) and exit")
     parser.add_argument("--source", type=Path, default=None,
                         help="run the arms with the hsam package in this folder (e.g. a snapshot of HSAMSlicer/ at "
                         "the baseline commit: git archive COMMIT HSAMSlicer | tar -x -C DIR)")
     parser.add_argument("--json", type=Path, default=None, help="append-safe record: written after every arm")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
+    if not args.arm:
+        parser.error("give at least one --arm (or --table)")
     import torch
 
     from hsam.engines.cpu import processor

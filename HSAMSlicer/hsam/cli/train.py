@@ -199,6 +199,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     reference = reference_cases(card)
     if reference is not None:
         extra["reference"] = reference
+    else:  # nothing to rehearse or to guard with: the few-shot rehearsal would be an error
+        extra["rehearsal"] = {"ratio": 0.0}
+        args.reporter.status(f"{model_id} names no reference cases: no rehearsal and no forgetting guard", "train")
     config = load_training_config(config_name, _overrides(args), extra=extra)
     return _report(_train(config, args, list(card.classes)), args.reporter,
                    fewshot=config_name == "finetune_fewshot" and args.config is None)
