@@ -184,7 +184,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         config_name = "finetune_fewshot" if slices <= FEW_SHOT_SLICES else "finetune"
         if config_name == "finetune_fewshot":
             args.reporter.status(f"{slices} slices: few-shot settings (finetune_fewshot: short warm-up, encoder "
-                                 "outputs reused, held-out Dice every epoch, stop after 3 epochs without gain)", "train")
+                                 "outputs reused, held-out Dice every epoch, stop after 3 epochs without gain, "
+                                 "reference slices rehearsed, no epoch kept that loses more than the guard margin "
+                                 "there)", "train")
     n_val = args.val_cases if args.val_cases is not None else (max(1, round(len(cases) / 5)) if len(cases) > 1 else 0)
     if n_val >= len(cases):
         raise HSAMError(f"--val-cases {n_val} leaves no case to train on ({len(cases)} found in {args.cases})")
