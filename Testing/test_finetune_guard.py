@@ -182,3 +182,14 @@ def test_finetune_of_one_case_holds_out_slices_spread_over_z_and_says_so(tmp_pat
     assert last["held_out_slices"] == {"case": [2, 7]} and last["held_out"]["dice_before"] is not None
     assert (out / "splits" / "train.txt").read_text().split() == [f"case_slice{z:03d}" for z in range(8)]
     assert (out / "splits" / "val.txt").read_text().split() == ["case_heldout"]
+
+
+def test_without_held_out_data_the_guard_stops_a_run_whose_epochs_it_keeps_refusing(tmp_path, base_and_cases):
+    base, reference, contrary = base_and_cases
+    result = train(_tiny(tmp_path, "no-val", ["epochs=6", "optim.base_lr=0.003", "optim.warmup_iters=1",
+                                              "guard.margin=0.0", "stopping.patience=2"],
+                         model={"init": {"model": str(base)}}, reference=reference, data={"train": contrary}),
+                   progress=False, register=False)
+    guard = result.info["forgetting_guard"]
+    assert guard["epochs_over_margin"] == [1, 2] and guard["kept_epoch"] == 0 and guard["within_margin"] is False
+    assert len(result.history) == 2 and result.info["stopped_early"] == {"epoch": 2, "best_epoch": 0}

@@ -447,9 +447,12 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
             if on_epoch is not None and ddp.main:
                 on_epoch(row)
             interrupted = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs
-            # with an acting guard, epochs refused since the start count as epochs without a gain
+            # with an acting guard, epochs refused since the start count as epochs without a gain; without held-out
+            # data the guard's verdict is the only check of an epoch
             anchor = best["epoch"] if best is not None else (-1 if guard.acting else None)
-            stalled = bool(patience and anchor is not None and validated and epoch - anchor >= patience * val_every)
+            checked = validated or (guard.acting and not val_volumes)
+            stalled = bool(patience and anchor is not None and checked
+                           and epoch - anchor >= patience * (val_every if validated else 1))
             last_epoch = epoch + 1 == epochs or interrupted or stalled
             rng_states = _gather_rng(ddp)
             if ddp.main:
