@@ -764,9 +764,11 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder = state.result.get("run_folder", "")
             if worse:  # a fine-tune that made the held-out cases worse must not become the default silently
                 self.ui.finetuneResultLabel.text = _(
-                    "New model {model} scores lower than {base} on the held-out cases, so {base} stays selected. "
+                    "New model {model} scores lower than {base} on the held-out cases or lost more than the allowed "
+                    "margin on the reference case, so {base} stays selected. "
                     "{summary} Run folder: {folder}").format(model=model, base=base, summary=summary, folder=folder)
-                self._setStatus(_("Fine-tuned model {model} is worse than {base} on the held-out cases; {base} stays "
+                self._setStatus(_("Fine-tuned model {model} is worse than {base} on the held-out or reference cases; "
+                                  "{base} stays "
                                   "selected.").format(model=model, base=base))  # fmt: skip
                 return
             self.ui.finetuneResultLabel.text = _("New model {model} (chosen above). {summary} Run folder: "

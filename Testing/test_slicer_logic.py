@@ -423,9 +423,14 @@ def test_only_re_downloadable_models_are_offered_for_deletion(tiny_model):
     (held_out_figures(0.380, 0.337), True),
     (held_out_figures(0.888, 0.890), False),
     (None, False),  # one case: nothing held out
+    ("guard broken", True),  # better on the held-out slices, but no epoch kept within the forgetting guard's margin
 ])
 def test_a_fine_tune_worse_than_its_base_is_not_put_in_use(held_out, worse):
-    finished = {"finished": True, "complete": True, "held_out": held_out, "model": {"id": "tiny-ft"}}
+    guard = None
+    if held_out == "guard broken":
+        held_out, guard = held_out_figures(0.87, 0.87), {"margin": 0.02, "within_margin": False, "kept_epoch": 0}
+    finished = {"finished": True, "complete": True, "held_out": held_out, "model": {"id": "tiny-ft"},
+                "forgetting_guard": guard}
     assert HSAMSlicerLogic.finetune_worse_than_base(finished) is worse
 
 

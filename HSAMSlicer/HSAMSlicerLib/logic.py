@@ -412,8 +412,10 @@ class HSAMSlicerLogic:
     @staticmethod
     def finetune_worse_than_base(result: dict) -> bool:
         """Whether a finished fine-tune (``result``: the ``finished`` line of ``hsam finetune --progress json``)
-        scored lower than its starting model on the held-out cases; then the starting model should stay in use."""
-        return bool((result.get("held_out") or {}).get("worse_than_start"))
+        scored lower than its starting model on the held-out cases, or broke the forgetting guard (no epoch within
+        its margin on the reference cases); then the starting model should stay in use."""
+        return bool((result.get("held_out") or {}).get("worse_than_start")
+                    or (result.get("forgetting_guard") or {}).get("within_margin") is False)
 
     @staticmethod
     def downloaded_models() -> list[str]:

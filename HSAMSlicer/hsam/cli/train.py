@@ -81,7 +81,7 @@ def _report(result, reporter, fewshot: bool = False) -> int:
         print(f"stopped after epoch {last.get('epoch', -1) + 1}; continue with --resume")
         reporter.finished(run_folder=str(result.output_dir), complete=False)
         return 0
-    if result.best:
+    if result.best and result.best.get("val_dice") is not None:
         print(f"best validation Dice {result.best['val_dice']:.4f} at epoch {result.best['epoch'] + 1}")
     if "loss" in last:
         print(f"final training loss {last['loss']:.4f}")
@@ -89,10 +89,13 @@ def _report(result, reporter, fewshot: bool = False) -> int:
         print(f"model saved: {result.model_dir}")
     if result.installed is not None:
         print(f"installed as '{result.installed.name}' (hsam models list; hsam segment --model {result.installed.name})")
+    slices = result.info.get("held_out_slices")
+    if slices:
+        print("held out for early stopping and the held-out figure (not trained on): " + "; ".join(
+            f"{case} slices {', '.join(str(z) for z in zs)}" for case, zs in slices.items()))
     guard = result.info.get("forgetting_guard")
     if guard is not None:
-        print(f"forgetting guard: Dice on the reference case(s) {', '.join(guard['reference'])}: "
-              f"{_fmt(guard['dice_before'])} before, {_fmt(guard['dice_after'])} after")
+        _report_guard(guard)
     held = result.info.get("held_out")
     if held is not None:
         print(f"held-out Dice: {_fmt(held['dice_before'])} before, {_fmt(held['dice_after'])} after")
@@ -101,11 +104,27 @@ def _report(result, reporter, fewshot: bool = False) -> int:
                   "the starting model, or correct more slices (or lower --set optim.base_lr=...) and fine-tune again")
     reporter.finished(
         run_folder=str(result.output_dir), complete=True, best=result.best, forgetting_guard=guard, held_out=held,
+        held_out_slices=slices,
         stopped_early=result.info.get("stopped_early"), fewshot=fewshot,
         model={"id": result.installed.name if result.installed is not None else None,
                "path": str(result.model_dir) if result.model_dir is not None else None},
     )
     return 0
+
+
+def _report_guard(guard: dict[str, Any]) -> None:
+    """The forgetting guard's lines: the reference Dice before/after, and what the margin refused."""
+    margin = guard.get("margin")
+    rule = f" (allowed drop {margin:.3f})" if margin is not None else " (report only: no margin set)"
+    print(f"forgetting guard: Dice on the reference case(s) {', '.join(guard['reference'])}: "
+          f"{_fmt(guard['dice_before'])} before, {_fmt(guard['dice_after'])} after{rule}")
+    if guard.get("epochs_over_margin"):
+        print(f"forgetting guard: epoch(s) {', '.join(map(str, guard['epochs_over_margin']))} lost more than "
+              f"{margin:.3f} on the reference case(s) and were not kept")
+    if guard.get("within_margin") is False:
+        print("warning: every epoch of this fine-tune lost more than the allowed margin on the reference case(s); "
+              "the new model keeps the starting weights: keep using the starting model, or lower the learning rate "
+              "(--set optim.base_lr=...) or rehearse more (--set rehearsal.ratio=...) and fine-tune again")
 
 
 def _fmt(value: float | None) -> str:
@@ -129,7 +148,8 @@ def _train(config, args: argparse.Namespace, class_names: Sequence[str]):
                   if index and f"val_dice_{index}" in row}
         reporter.epoch(epoch=int(row["epoch"]) + 1, epochs=epochs, loss=_number(row.get("loss")),
                        train_dice=_number(row.get("train_dice")), val_dice=_number(row.get("val_dice")),
-                       val_dice_organs=organs, seconds=row.get("seconds"))
+                       val_dice_organs=organs, reference_dice=_number(row.get("reference_dice")),
+                       seconds=row.get("seconds"))
 
     if reporter.json:
         reporter.status(f"Training {config['name']} for {epochs} epochs", "train")
@@ -164,7 +184,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         config_name = "finetune_fewshot" if slices <= FEW_SHOT_SLICES else "finetune"
         if config_name == "finetune_fewshot":
             args.reporter.status(f"{slices} slices: few-shot settings (finetune_fewshot: short warm-up, encoder "
-                                 "outputs reused, held-out Dice every epoch, stop after 3 epochs without gain)", "train")
+                                 "outputs reused, held-out Dice every epoch, stop after 3 epochs without gain, "
+                                 "reference slices rehearsed, no epoch kept that loses more than the guard margin "
+                                 "there)", "train")
     n_val = args.val_cases if args.val_cases is not None else (max(1, round(len(cases) / 5)) if len(cases) > 1 else 0)
     if n_val >= len(cases):
         raise HSAMError(f"--val-cases {n_val} leaves no case to train on ({len(cases)} found in {args.cases})")
@@ -176,11 +198,12 @@ def run_finetune(args: argparse.Namespace) -> int:
                  "window": list(card.window), "orientation": card.orientation,
                  "holdout": {"fraction": 0.0, "count": n_val, "seed": 2345}},
     }
-    if n_val == 0:
-        extra["validation"] = {"every": 0}
     reference = reference_cases(card)
     if reference is not None:
         extra["reference"] = reference
+    else:  # nothing to rehearse or to guard with: the few-shot rehearsal would be an error
+        extra["rehearsal"] = {"ratio": 0.0}
+        args.reporter.status(f"{model_id} names no reference cases: no rehearsal and no forgetting guard", "train")
     config = load_training_config(config_name, _overrides(args), extra=extra)
     return _report(_train(config, args, list(card.classes)), args.reporter,
                    fewshot=config_name == "finetune_fewshot" and args.config is None)

@@ -36,7 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "train": None,  # a data source: {"format": "synapse_npz"|"synapse_h5"|"nnunet"|"cases"|"pairs", ...}
         "val": None,  # held-out volumes (a volume source), or None
-        "holdout": {"fraction": 0.0, "count": None, "seed": 2345},  # hold out training volumes for validation
+        "holdout": {"fraction": 0.0, "count": None, "seed": 2345,  # hold out training volumes for validation
+                    # with nothing else held out (one case): this share of each case's slices, spread over z
+                    "slices": 0.0},
         "label_map": None,  # btcv | totalseg_total | totalseg_total_mr | {source: target} | JSON file
         "window": [-125, 275],  # HU window -> [0, 1] (volume sources; Synapse npz/h5 are already windowed)
         "orientation": "LPS",  # canonical slice layout (model card field)
@@ -66,6 +68,10 @@ DEFAULTS: dict[str, Any] = {
     # every encoder output of the run: training copies and the held-out and reference volumes
     "encoder_cache": {"enabled": False, "copies": 0, "precision": "fp32"},
     "reference": None,  # forgetting guard: a volume source the base model was validated on, scored before and after
+    # reference Dice drop allowed (null: the guard only reports): epochs past it are never kept (hsam.training.guard)
+    "guard": {"margin": None},
+    # rehearsal: ceil(ratio x user samples) slices of the reference cases appended to every batch (training.rehearsal)
+    "rehearsal": {"ratio": 0.0},
     "checkpoint_every": 50,  # keep the weights of every N-th epoch (the release did the same)
     # write checkpoints/last.pt (for --resume) after the last epoch and after any epoch ending this many seconds
     # after the previous write (0: after every epoch): a crash loses at most this much work, and a one-minute
@@ -219,6 +225,15 @@ def validate(config: Mapping[str, Any]) -> None:
     every_s = config["state_every_s"]
     if isinstance(every_s, bool) or not isinstance(every_s, (int, float)) or every_s < 0:
         raise HSAMError(f"state_every_s must be a number of seconds >= 0, got {every_s!r}")
+    margin = config["guard"]["margin"]
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0):
+        raise HSAMError(f"guard.margin must be a Dice drop >= 0 or null, got {margin!r}")
+    ratio = config["rehearsal"]["ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0:
+        raise HSAMError(f"rehearsal.ratio must be a number >= 0, got {ratio!r}")
+    slices = config["data"]["holdout"]["slices"]
+    if isinstance(slices, bool) or not isinstance(slices, (int, float)) or not 0 <= slices < 1:
+        raise HSAMError(f"data.holdout.slices must be a share of a case's slices in [0, 1), got {slices!r}")
     parts = {"image_encoder", "lora", "prompt_encoder", "mask_decoder", "mask_decoder2"}
     bad = set(config["model"]["freeze"]) - parts
     if bad:

@@ -1,4 +1,5 @@
-"""Seeded splits: few-shot slice subsets (H-SAM's "10% of slices") and held-out validation volumes.
+"""Seeded splits: few-shot slice subsets (H-SAM's "10% of slices"), held-out validation volumes, and held-out
+slices spread over z when a fine-tune has a single case.
 
 The released 10% list (``train_220.txt``) was drawn without a seed; here the seed, the fraction and the per-organ slice
 counts are written next to the list so a split can be reproduced and audited.
@@ -17,7 +18,7 @@ import numpy as np
 
 from hsam import atomic
 from hsam.errors import HSAMError
-from hsam.training.data import SliceStore
+from hsam.training.data import SliceStore, Volume
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,29 @@ def write_list(path: str | os.PathLike[str], names: Sequence[str], meta: dict | 
     if meta is not None:
         atomic.write_text(target.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return target
+
+
+def spread_indices(depth: int, count: int) -> list[int]:
+    """``count`` slice indices of ``depth`` spread evenly over z (the middle of each of ``count`` equal parts)."""
+    count = max(0, min(count, depth - 1))
+    return sorted({int((i + 0.5) * depth / count) for i in range(count)}) if count else []
+
+
+def hold_out_slices(volumes: Sequence[Volume], fraction: float) -> tuple[list[Volume], list[Volume], dict]:
+    """Split each volume along z: ``round(fraction * depth)`` slices (at least 1 when ``fraction`` > 0, never all),
+    spread over z by :func:`spread_indices`, go to a held-out volume ``<name>_heldout``; the rest stay for training.
+    Returns ``(train volumes, held-out volumes, {case: held-out z list})``; used when a user gives a single case, so
+    early stopping and the held-out figure come from the same patient without a second case."""
+    train, held, where = [], [], {}
+    for volume in volumes:
+        depth = volume.image.shape[0]
+        out = spread_indices(depth, max(1, int(round(fraction * depth)))) if fraction > 0 else []
+        if not out:
+            train.append(volume)
+            continue
+        keep = [z for z in range(depth) if z not in set(out)]
+        train.append(Volume(volume.name, volume.image[keep], volume.label[keep], volume.spacing, volume.source))
+        held.append(Volume(f"{volume.name}_heldout", volume.image[out], volume.label[out], volume.spacing,
+                           volume.source))
+        where[volume.name] = out
+    return train, held, where

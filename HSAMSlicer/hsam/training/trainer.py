@@ -41,14 +41,16 @@ from hsam.errors import HSAMError
 from hsam.training import logs
 from hsam.training.augment import AugmentConfig
 from hsam.training.config import with_defaults
-from hsam.training.data import SliceStore, Volume, check_labels, load_slices, load_source_volumes
+from hsam.training.data import SliceStore, Volume, VolumeSlices, check_labels, load_slices, load_source_volumes
 from hsam.engines.cpu import processor
 from hsam.training.frozen import EncodedSamples, EncodedVolumes, encoder_autocast
-from hsam.training.loader import EpochBatchSampler, TrainingSlices, iterations_per_epoch
+from hsam.training.guard import ForgettingGuard
+from hsam.training.loader import TrainingSlices, iterations_per_epoch
 from hsam.training.losses import LossConfig, hsam_loss
 from hsam.training.model_setup import build_training_model, encoder_is_frozen
+from hsam.training.rehearsal import JoinedSlices, RehearsalBatchSampler
 from hsam.training.schedule import PaperSchedule
-from hsam.training.splits import few_shot_split, split_cases, write_list
+from hsam.training.splits import few_shot_split, hold_out_slices, split_cases, write_list
 from hsam.training.state import (
     capture_rng,
     frozen_fingerprint,
@@ -152,12 +154,13 @@ def _prepare_data(config: Mapping[str, Any], out: Path | None) -> tuple[SliceSto
                                              holdout.get("count"), holdout.get("seed", config["seed"]))
         val_volumes = [v for v in volumes if v.name in set(val_names)]
         volumes = [v for v in volumes if v.name in set(train_names)]
-        from hsam.training.data import VolumeSlices
-
         store = VolumeSlices(volumes)
         info["held_out"] = val_names
     if data["val"] is not None:
         val_volumes += load_source_volumes(data["val"], window, orientation, label_map)
+    if volumes and holdout.get("slices") and not val_volumes:  # one case: validate on some of its own slices
+        volumes, val_volumes, info["held_out_slices"] = hold_out_slices(volumes, float(holdout["slices"]))
+        store = VolumeSlices(volumes)
     few = data["few_shot"]
     meta: dict[str, Any] = {"source": "all slices", "count": len(store)}
     if few:
@@ -322,7 +325,11 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
         if name in set(unused):
             p.requires_grad_(False)  # receives no gradient: leaving it out keeps AdamW's decay off it, as released
     info.update({"low_res": low_res, "never_trained": len(unused), "frozen_encoder": frozen_encoder})
-    dataset = TrainingSlices(store, model.img_size, low_res, augment, seed)
+    reference = _reference_volumes(config)
+    rehearsal = _rehearsal_store(config, reference)
+    dataset = TrainingSlices(JoinedSlices([store, rehearsal]) if rehearsal is not None else store, model.img_size,
+                             low_res, augment, seed)
+    mix = (len(store), len(rehearsal) if rehearsal is not None else 0, float(config["rehearsal"]["ratio"]))
     cache_cfg = config["encoder_cache"]
     # DDP wraps the whole network, so the decoder-only step runs in single-process runs only
     encoded: EncodedSamples | None = None
@@ -340,13 +347,16 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
     if batch_size < ddp.world_size:
         raise HSAMError(f"batch_size {batch_size} is smaller than the number of processes {ddp.world_size}")
-    per_epoch = iterations_per_epoch(len(dataset), batch_size, ddp.world_size)
+    per_epoch = iterations_per_epoch(len(store), batch_size, ddp.world_size)
     schedule = PaperSchedule(optimizer, optim_cfg["base_lr"], optim_cfg["warmup_iters"], epochs * per_epoch,
                              optim_cfg["poly_power"])
     autocast, scaler, precision = _autocast(device, config["amp"], config["cpu_amp"])
     loss_cfg = LossConfig.from_dict(config["loss"])
 
     fingerprint = frozen_fingerprint(model)
+    # the guard may have to give back the starting weights: no epoch kept within its margin
+    start_weights = {k: v.detach().clone() for k, v in trainable_state(model).items()} \
+        if config["guard"]["margin"] is not None else None
     start_epoch, history, best = 0, [], None
     # Each process gets its own dropout/noise stream; the data pipeline is seeded per sample and needs none.
     torch.manual_seed(seed + 1000 * ddp.rank + 1)
@@ -374,7 +384,6 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
 
     organs = list(range(1, model.config.num_outputs))
     val_batch = int(config["validation"]["batch_size"])
-    reference = _reference_volumes(config)
     val_scorer = ref_scorer = None
     if ddp.main:  # validation and the guard run on the main process only
         reuse = encoder_precision if encoded is not None else None
@@ -391,6 +400,8 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     else:
         baseline = {"val": None, "reference": None}
     info["baseline"] = baseline
+    guard = ForgettingGuard(config["guard"]["margin"], (baseline["reference"] or {}).get("dice") if ddp.main else None)
+    guard.replay(history)
     patience = int(config["stopping"]["patience"])
 
     net: torch.nn.Module = model
@@ -412,24 +423,36 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
         for epoch in range(start_epoch, epochs):
             started = time.time()
             row = _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast,
-                             loss_cfg, noise, frozen_encoder, progress, organs, step_report, encoded)
+                             loss_cfg, noise, frozen_encoder, progress, organs, step_report, encoded, mix)
             row["seconds"] = round(time.time() - started, 3)
             validated = val_volumes and val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs)
+            allowed = True
+            if guard.acting and ref_scorer is not None:
+                row["reference_dice"] = ref_scorer()["dice"]
+                allowed = guard.allows(epoch, row["reference_dice"])
             if validated and ddp.main:
                 assert val_scorer is not None
                 metrics = val_scorer()
                 row["val_dice"] = metrics["dice"]
                 row.update({f"val_dice_{k}": metrics[f"dice_{k}"] for k in organs})
-                if best is None or (not math.isnan(metrics["dice"]) and metrics["dice"] > best["val_dice"]):
+                gain = best is None or (not math.isnan(metrics["dice"]) and metrics["dice"] > best["val_dice"])
+                if allowed and gain:
                     best = {"epoch": epoch, "val_dice": metrics["dice"]}
                     save_state(out / "checkpoints" / "best.pt", {"model": trainable_state(model), "epoch": epoch,
                                                                    "metrics": metrics})
+            elif allowed and guard.acting and ddp.main and not val_volumes:  # no held-out data: the last epoch allowed
+                best = {"epoch": epoch, "val_dice": None}
+                save_state(out / "checkpoints" / "best.pt", {"model": trainable_state(model), "epoch": epoch})
             history.append(row)
             if on_epoch is not None and ddp.main:
                 on_epoch(row)
             interrupted = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs
-            stalled = bool(patience and best is not None and validated
-                           and epoch - best["epoch"] >= patience * val_every)
+            # with an acting guard, epochs refused since the start count as epochs without a gain; without held-out
+            # data the guard's verdict is the only check of an epoch
+            anchor = best["epoch"] if best is not None else (-1 if guard.acting else None)
+            checked = validated or (guard.acting and not val_volumes)
+            stalled = bool(patience and anchor is not None and checked
+                           and epoch - anchor >= patience * (val_every if validated else 1))
             last_epoch = epoch + 1 == epochs or interrupted or stalled
             rng_states = _gather_rng(ddp)
             if ddp.main:
@@ -456,7 +479,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
                 finished = False
                 break
             if stalled:
-                info["stopped_early"] = {"epoch": epoch + 1, "best_epoch": best["epoch"] + 1}
+                info["stopped_early"] = {"epoch": epoch + 1, "best_epoch": anchor + 1}
                 break
     finally:
         if board is not None:
@@ -467,23 +490,30 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
     result = TrainResult(out, history, best, model, finished=finished, info=info)
     if not finished:
         return result
+    kept = None  # 1-based epoch saved as the model (0: the starting weights), None: the last epoch
     if best is not None and ddp.main:  # the best validation epoch, not the last one, becomes the model
         model.load_state_dict(load_state(out / "checkpoints" / "best.pt")["model"], strict=False)
+        kept = best["epoch"] + 1
+    elif guard.acting and guard.over and start_weights is not None and ddp.main:  # no epoch within the margin
+        model.load_state_dict(start_weights, strict=False)
+        kept = 0
     if ddp.main:
-        guard = None
+        figures = None
         if ref_scorer is not None:
-            guard = _guard_figures(reference, baseline["reference"], ref_scorer())
-            info["forgetting_guard"] = guard
-        if baseline["val"] is not None and best is not None:
-            info["held_out"] = held_out_figures(baseline["val"]["dice"], best["val_dice"])
+            figures = _guard_figures(reference, baseline["reference"], ref_scorer())
+            figures.update(guard.record(kept), rehearsal_ratio=mix[2] if mix[1] else 0.0)
+            info["forgetting_guard"] = figures
+        if baseline["val"] is not None and kept is not None:
+            after = baseline["val"]["dice"] if kept == 0 else best["val_dice"]
+            info["held_out"] = held_out_figures(baseline["val"]["dice"], after)
         extra = {"training": {"epochs": epochs, "batch_size": batch_size, "best": best, "precision": precision,
                               "processes": ddp.world_size, "train_slices": info["train_slices"],
                               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                               "final_train_loss": history[-1]["loss"] if history else None,
                               "epochs_run": len(history), "encoder_cache": info.get("encoder_cache"),
-                              "held_out": info.get("held_out")}}
-        if guard is not None:
-            extra["forgetting_guard"] = guard
+                              "held_out": info.get("held_out"), "held_out_slices": info.get("held_out_slices")}}
+        if figures is not None:
+            extra["forgetting_guard"] = figures
             if config["reference"].get("name"):  # fine-tunes of this model are guarded by the same cases
                 extra["reference_case"] = config["reference"]["name"]
         card = _make_card(config, model, source_card, extra)
@@ -530,6 +560,16 @@ def _scorer(model: torch.nn.Module, volumes: list[Volume], encoder_precision: Ca
     return lambda starting=False: validate(model, volumes, organs, batch_size, device, autocast)
 
 
+def _rehearsal_store(config: Mapping[str, Any], reference: list[Volume]) -> VolumeSlices | None:
+    """The slices mixed into every batch (``rehearsal.ratio`` > 0): the reference cases' slices."""
+    if not config["rehearsal"]["ratio"]:
+        return None
+    if not reference:
+        raise HSAMError("rehearsal.ratio > 0 needs the base model's reference cases (reference: a volume source); "
+                        "set --set rehearsal.ratio=0 for a model without them")
+    return VolumeSlices(reference)
+
+
 def _reference_volumes(config: Mapping[str, Any]) -> list[Volume]:
     """The forgetting guard's reference cases (``reference``: a volume source the base model was validated on)."""
     source = config["reference"]
@@ -574,9 +614,10 @@ def _batches(dataset, sampler, config, epoch, device, encoded):
 
 
 def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast, loss_cfg,
-               noise, frozen_encoder, progress, organs, step_report, encoded=None) -> dict[str, Any]:
-    sampler = EpochBatchSampler(len(dataset), int(config["batch_size"]), epoch, int(config["seed"]), ddp.rank,
-                                ddp.world_size)
+               noise, frozen_encoder, progress, organs, step_report, encoded=None, mix=None) -> dict[str, Any]:
+    n_user, n_rehearsal, ratio = mix if mix is not None else (len(dataset), 0, 0.0)
+    sampler = RehearsalBatchSampler(n_user, n_rehearsal, int(config["batch_size"]), ratio, epoch, int(config["seed"]),
+                                    ddp.rank, ddp.world_size)
     model.train()
     if frozen_encoder:
         model.image_encoder.eval()  # nothing to train there: no dropout/BN updates, and no graph is recorded
