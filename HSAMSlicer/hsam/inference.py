@@ -58,6 +58,7 @@ class SegmentationResult:
     orientation: str = "LPS"  # the canonical orientation the scan was put in (the card's, or the override)
     orientation_check: dict | None = None  # hsam.orientation_check.OrientationCheck.as_dict(); None when not run
     laterality_check: dict | None = None  # hsam.laterality_check.LateralityCheck.as_dict(); None when not run
+    slab: dict | None = None  # hsam.slab.SlabPlan.as_dict(): which slices were encoded; None when the search was off
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -78,8 +79,9 @@ def select_device(device: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def select_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """``(name, autocast dtype or None)``. ``auto``: bf16 on CUDA GPUs that support it, else fp16 on GPUs, fp32 on CPU."""
+def select_precision(precision: str, device: torch.device, family: str = "any") -> tuple[str, torch.dtype | None]:
+    """``(name, autocast dtype or None)``. ``auto``: fp32 on the CPU; on GPUs the half precision that met the
+    precision rule for the encoder ``family`` (:func:`hsam.engines.modes.gpu_precision`), else fp32."""
     name = (precision or "auto").lower()
     if name not in PRECISIONS:
         raise HSAMError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -88,7 +90,10 @@ def select_precision(precision: str, device: torch.device) -> tuple[str, torch.d
             raise HSAMError(f"{name} runs only on a GPU; use --precision fp32 (or auto) on the CPU")
         return "fp32", None
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
+        from hsam.engines.modes import gpu_precision
+
+        bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        name = gpu_precision(device.type, bf16, family)[0]
     return name, {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
@@ -256,6 +261,7 @@ def segment_volume(
     organs: Sequence[int | str] | None = None,
     orientation: str | None = None,
     check_orientation: bool = True,
+    slab: bool | None = None,
 ) -> SegmentationResult:
     """Segment a 3-D CT volume; see the module docstring for the pipeline.
 
@@ -285,6 +291,9 @@ def segment_volume(
             model doing clearly better on mirrored or turned slices, a warning containing "orientation" is added to
             ``warnings``; its measurements are in ``orientation_check``. With it the final labels' sides are
             checked in patient coordinates (:mod:`hsam.laterality_check`, no extra inference; ``laterality_check``).
+        slab: (None: :data:`hsam.slab.BY_DEFAULT`) encode only the slab around the organs (:mod:`hsam.slab`: probe slices first, then the range around
+            the organs found); what it did is in ``slab`` and is sent to ``status``. ``progress``'s n is the slice
+            count until the slab is chosen, then the slices to encode.
     """
     started = time.perf_counter()
     image = check_volume(image, "the input volume")
@@ -298,11 +307,12 @@ def segment_volume(
         raise HSAMError(f"batch size must be at least 1, got {batch_size}")
 
     target = select_device(device)
-    precision_name, dtype = select_precision(precision, target)
-    size = batch_size or DEFAULT_BATCH[target.type]
     from hsam.engines.modes import choose_engine, encoder_family, prepare
 
-    choice = choose_engine(mode, target, encoder_family(model))
+    family = encoder_family(model)
+    precision_name, dtype = select_precision(precision, target, family)
+    size = batch_size or DEFAULT_BATCH[target.type]
+    choice = choose_engine(mode, target, family)
     mode_name, mode_reason = choice.mode, choice.reason
     if status:
         status(f"engine {mode_name}: {mode_reason}")
@@ -336,13 +346,18 @@ def segment_volume(
         if not _is_oom(error) or target.type == "cpu":
             raise
         target, dtype, precision_name, size = _fall_back_to_cpu(model, target, batch_size, notes)
+    from hsam.slab import BY_DEFAULT, choose_slab, encoded_mask, plan_probes
+
+    plan = plan_probes(total, how.canonical_spacing[2]) if (BY_DEFAULT if slab is None else slab) else None
+    todo = list(plan.probes) if plan is not None else list(range(total))  # slices to encode, in order
     if progress:
         progress(0, total)
     done = 0
-    while done < total:
+    while done < len(todo):
         if cancel is not None and cancel():
-            raise Cancelled(f"cancelled after {done} of {total} slices")
-        stop = min(total, done + size)
+            raise Cancelled(f"cancelled after {done} of {len(todo)} slices")
+        stop = min(len(todo), done + size)
+        chosen = todo[done:stop]
         if engine_device != target:
             if engine_device is not None:
                 mode_name = "fast"  # after an out-of-memory fallback to the CPU: no export/quantisation mid-run
@@ -357,7 +372,7 @@ def segment_volume(
             engine_device = target
         try:
             batch_labels, batch_confidence = predict_slices_skipping_air(
-                model, work[done:stop], window_hu, target, dtype, channels, predictor, air_cache
+                model, work[chosen], window_hu, target, dtype, channels, predictor, air_cache
             )
         except Exception as error:  # noqa: BLE001 (only out-of-memory is handled; everything else re-raised)
             if not _is_oom(error) or target.type == "cpu":
@@ -370,11 +385,15 @@ def segment_volume(
                 continue
             target, dtype, precision_name, size = _fall_back_to_cpu(model, target, batch_size, notes)
             continue
-        labels[done:stop] = batch_labels
-        confidence[done:stop] = batch_confidence
+        labels[chosen] = batch_labels
+        confidence[chosen] = batch_confidence
         done = stop
+        if plan is not None and done == len(todo) and plan.last < plan.first:  # the probes ran: choose the slab
+            todo += choose_slab(plan, labels)
+            if status:
+                status(f"slab: {plan.reason}")
         if progress:
-            progress(done, total)
+            progress(done, len(todo) if plan is not None and plan.last >= plan.first else total)
     check = None
     if check_orientation:
         from hsam.orientation_check import check_orientation as run_check
@@ -385,6 +404,8 @@ def segment_volume(
             return predict_slices(model, slices, window_hu, target, dtype, channels, predictor)
 
         tissue = (work.reshape(total, -1) > float(window_hu[0])).any(axis=1)
+        if plan is not None:  # check only slices the network ran on
+            tissue &= encoded_mask(plan)
         check = run_check(work, labels, confidence, predict_checked, orientation, tissue)
         if check.warning:
             log.warning(check.warning)
@@ -429,4 +450,5 @@ def segment_volume(
         orientation=orientation,
         orientation_check=check.as_dict() if check is not None else None,
         laterality_check=laterality.as_dict() if laterality is not None else None,
+        slab=plan.as_dict() if plan is not None else None,
     )

@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "background)")
     parser.add_argument("--organs", default=None,
                         help="comma-separated organ names or label values to segment (default: all)")
+    parser.add_argument("--slab", action=argparse.BooleanOptionalAction, default=None,
+                        help="encode only the slab around the organs: probe slices every 15 mm, then every slice "
+                        "from 25 mm below the lowest to 25 mm above the highest organ found (hsam.slab; default: "
+                        "on); --no-slab encodes every slice")
     parser.add_argument("--allow-non-ct", action="store_true",
                         help="segment an image that does not look like CT in Hounsfield units (MR, normalised "
                              "images); the models are trained on CT, so expect poor results")
@@ -90,7 +94,8 @@ def _check_protocol(args: argparse.Namespace) -> None:
             raise HSAMError("--input-size belongs to --protocol reference")
         return
     clashes = [name for name, value in (("--orientation", args.orientation), ("--organs", args.organs),
-                                        ("--largest-component", args.largest_component)) if value]
+                                        ("--largest-component", args.largest_component),
+                                        ("--slab", args.slab)) if value]
     if args.precision not in ("auto", "fp32") or args.mode not in ("auto", "eager"):
         clashes.append("--precision/--mode")
     if clashes:
@@ -113,7 +118,7 @@ def _segment(image, model, card, args: argparse.Namespace, organs, progress=None
                           precision=args.precision, mode=args.mode, progress=progress,
                           status=status, largest_component=args.largest_component,
                           body_mask=not args.no_body_mask, organs=organs,
-                          orientation=args.orientation)
+                          orientation=args.orientation, slab=args.slab)
 
 
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
@@ -312,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = _segment(image, model, card, args, organs,
                           progress=lambda done, total: reporter.progress(done, total, "segment"),
-                          status=lambda text: reporter.status(text, "engine"))
+                          status=lambda text: reporter.status(text, "slab" if text.startswith("slab:") else "engine"))
     finally:
         reporter.close_bar()
 
@@ -359,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, mode {result.mode}, "
             f"batch {result.batch_size})")
         say(f"  engine: {result.mode_reason}")
+        if result.slab is not None:
+            say(f"  slab: {result.slab['reason']}")
         for name, ml in result.volumes_ml.items():
             say(f"  {name:<14} {ml:9.1f} ml")
         for path in written:
@@ -369,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
         result={"device": result.device, "precision": result.precision, "mode": result.mode,
                 "mode_reason": result.mode_reason,
                 "batch_size": result.batch_size, "seconds": round(result.seconds, 3), "warnings": result.warnings,
+                "slab": result.slab,
                 "volumes_ml": result.volumes_ml},
         model={"id": model_id, "name": card.name, "title": card.title, "sha256": card.sha256 or "",
                "classes": list(card.classes), "demo": bool(card.demo)},
