@@ -80,3 +80,30 @@ def test_segment_volume_with_the_slab_keeps_the_full_runs_labels(real_data):
     checked = sparse.orientation_check["slices"]
     probes = set(plan_probes(plan["total"], 9.0).probes)
     assert checked and all(plan["first"] <= z <= plan["last"] or z in probes for z in checked)
+
+
+@needs_litemedsam
+def test_cli_reports_the_slab_stage_and_result(real_data, tmp_path, capsys):
+    """``hsam segment --slab --progress json`` on dcmqi's 3-slice CT: a ``slab`` status line says what the search did
+    (too short to skip anything) and the result carries the plan."""
+    import json
+
+    from hsam.cli import main
+
+    out = tmp_path / "labels.nii.gz"
+    code = main(["segment", str(real_data / "dcmqi" / "ct-3slice"), "-o", str(out), "--model", "hsam-lite-demo",
+                 "--device", "cpu", "--mode", "eager", "--slab", "--progress", "json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert code == 0 and out.exists()
+    assert any(e.get("stage") == "slab" and "too short" in e.get("status", "") for e in lines)
+    result = lines[-1]["result"]
+    assert result["slab"]["encoded"] == result["slab"]["total"] == 3
+
+
+def test_reference_protocol_refuses_the_slab_search(real_data, tmp_path, capsys):
+    from hsam.cli import main
+
+    code = main(["segment", str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"), "-o",
+                 str(tmp_path / "l.nii.gz"), "--protocol", "reference", "--slab"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--slab" in err and not (tmp_path / "l.nii.gz").exists()

@@ -9,6 +9,7 @@ per (volume, mode, organ); fp32's labels are kept in ``--cache`` so ``--slab`` c
     python benchmarks/precision_rule.py --model hsam-lite-demo --modes bf16,ort,ort-int8,int8 \
         --json benchmarks/results/precision_rule_lite.json
     python benchmarks/precision_rule.py --model hsam-lite-demo --slab --json benchmarks/results/slab_lite.json
+    python benchmarks/precision_rule.py --summarise benchmarks/results/precision_rule_lite_*.json
 
 Times in the records are from whatever machine ran it (a busy shared one here): not speed figures.
 """
@@ -72,21 +73,48 @@ def organ_rows(name: str, mode: str, labels: np.ndarray, fp32: np.ndarray, refer
     return rows
 
 
+def summarise(files: list[Path]) -> None:
+    """Print the records of several result files as markdown tables and the rule's verdict per mode over all."""
+    from hsam.engines.modes import passes_precision_rule
+
+    loaded = [json.loads(f.read_text()) for f in files]
+    records = [r for data in loaded for r in data["records"]]
+    print("| volume | mode | organ | fp32 Dice vs reference | mode Dice vs reference | change | voxels equal fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        change = r["dice_vs_reference"] - r["fp32_dice_vs_reference"]
+        print(f"| {r['volume']} | {r['mode']} | {r['organ']} | {r['fp32_dice_vs_reference']:.4f} | "
+              f"{r['dice_vs_reference']:.4f} | {change:+.4f} | {100 * r['voxels_equal_fp32']:.3f} % |")
+    for data in loaded:
+        for run in data["runs"]:
+            print(json.dumps(run))
+    for mode in dict.fromkeys(r["mode"] for r in records):
+        print(mode, json.dumps(passes_precision_rule([r for r in records if r["mode"] == mode])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="hsam-lite-demo", help="bundled model name or saved model folder")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/real"))
     parser.add_argument("--modes", default="bf16,ort,ort-int8,int8", help="modes compared with eager fp32")
     parser.add_argument("--cases", default=ALL_CASES, help=f"comma-separated, in order, from {ALL_CASES}")
-    parser.add_argument("--slab", action="store_true", help="instead: eager fp32 with the slab search vs without")
+    parser.add_argument("--reference", choices=("eager", "ort"), default="eager", help="the fp32 engine compared "
+                        "with (ort: fp32 ONNX Runtime, labels identical to eager in RESULTS.md, 1.4x faster)")
+    parser.add_argument("--slab", action="store_true", help="instead: the fp32 reference engine with the slab search "
+                        "vs without")
     parser.add_argument("--cache", type=Path, default=Path("runs/precision_rule"), help="fp32 labels kept here")
     parser.add_argument("--keep-going", action="store_true", help="also run a mode on the volumes after one where it "
                         "failed the rule (by default it is skipped there: the rule needs every volume)")
     parser.add_argument("--also", type=Path, nargs="*", default=[], help="JSON files of runs on other volumes "
                         "(run in parallel): a mode that failed the rule there is skipped here too")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--json", type=Path, help="write the results here (resumes from it if it exists)")
+    parser.add_argument("--summarise", type=Path, nargs="+", help="only print tables and verdicts of these results")
     args = parser.parse_args()
+    if args.summarise:
+        return summarise(args.summarise)
+    if args.json is None:
+        parser.error("--json is needed to run")
     torch.set_num_threads(args.threads)
 
     from hsam.engines.modes import passes_precision_rule
@@ -103,19 +131,19 @@ def main() -> None:
         _, image_file, label_file, label_map, scored = by_name[name]
         image, reference = load_case(args.data, image_file, label_file, label_map)
         organs = scored or [k for k in range(1, len(classes)) if (reference == k).any()]
-        cached = args.cache / f"{Path(args.model).name}_{name}_fp32.npy"
+        cached = args.cache / f"{Path(args.model).name}_{name}_{args.reference}.npy"
         if cached.exists():
             fp32 = np.load(cached)
         else:
-            fp32, info = run(image, model, card, "eager", slab=False)
+            fp32, info = run(image, model, card, args.reference, slab=False)
             cached.parent.mkdir(parents=True, exist_ok=True)
             np.save(cached, fp32)
-            runs.append({"volume": name, "mode": "eager", "slices": int(fp32.shape[0]), **info})
+            runs.append({"volume": name, "mode": args.reference, "slices": int(fp32.shape[0]), **info})
         known = records + [r for other in args.also if other.exists()
                            for r in json.loads(other.read_text()).get("records", [])]
         failed = {m for m in dict.fromkeys(r["mode"] for r in known)
                   if not passes_precision_rule([r for r in known if r["mode"] == m])["passes"]}
-        for mode in (["eager+slab"] if args.slab else args.modes.split(",")):
+        for mode in ([f"{args.reference}+slab"] if args.slab else args.modes.split(",")):
             if any(r["volume"] == name and r["mode"] == mode for r in runs):
                 continue
             if mode in failed and not args.keep_going:  # the rule needs every volume: one miss decides it
@@ -124,7 +152,8 @@ def main() -> None:
             labels, info = run(image, model, card, mode.split("+")[0], slab=mode.endswith("+slab"))
             runs.append({"volume": name, "mode": mode, "slices": int(labels.shape[0]),
                          "voxels_equal_fp32": round(float((labels == fp32).mean()), 6), **info})
-            records += organ_rows(name, mode, labels, fp32, reference, organs, classes)
+            records += [{**row, "fp32_reference": args.reference}
+                        for row in organ_rows(name, mode, labels, fp32, reference, organs, classes)]
             print(json.dumps(runs[-1]), flush=True)
             args.json.write_text(json.dumps({"model": args.model, "runs": runs, "records": records}, indent=1) + "\n")
     verdicts = {mode: passes_precision_rule([r for r in records if r["mode"] == mode])

@@ -350,6 +350,7 @@ def segment_volume(
 
     plan = plan_probes(total, how.canonical_spacing[2]) if (BY_DEFAULT if slab is None else slab) else None
     todo = list(plan.probes) if plan is not None else list(range(total))  # slices to encode, in order
+    slab_chosen = plan is None
     if progress:
         progress(0, total)
     done = 0
@@ -388,12 +389,13 @@ def segment_volume(
         labels[chosen] = batch_labels
         confidence[chosen] = batch_confidence
         done = stop
-        if plan is not None and done == len(todo) and plan.last < plan.first:  # the probes ran: choose the slab
+        if not slab_chosen and done == len(todo):  # the probes ran: choose the slab
             todo += choose_slab(plan, labels)
+            slab_chosen = True
             if status:
                 status(f"slab: {plan.reason}")
         if progress:
-            progress(done, len(todo) if plan is not None and plan.last >= plan.first else total)
+            progress(done, len(todo) if slab_chosen else total)
     check = None
     if check_orientation:
         from hsam.orientation_check import check_orientation as run_check
