@@ -11,29 +11,30 @@ from hsam.slab import choose_slab, encoded_mask, plan_probes
 
 
 def test_probe_step_and_margin_follow_the_slice_spacing():
-    plan = plan_probes(112, 3.0)
-    assert (plan.probe_step, plan.margin) == (5, 4)
+    plan = plan_probes(112, 3.0, 9.0)
+    assert (plan.probe_step, plan.margin, plan.min_voxels) == (5, 4, 23)  # 200 mm^2 of 3 x 3 mm pixels
     assert plan.probes[:3] == [0, 5, 10] and plan.probes[-1] == 111
-    assert plan_probes(133, 2.5).probe_step == 6
+    assert plan_probes(133, 2.5, 0.7 ** 2).probe_step == 6
 
 
 def test_a_short_volume_is_encoded_whole():
-    plan = plan_probes(3, 1.0)
+    plan = plan_probes(3, 1.0, 1.0)
     assert plan.probes == [0, 1, 2] and plan.encoded == 3 and "too short" in plan.reason
     assert choose_slab(plan, np.zeros((3, 4, 4), np.uint8)) == []
 
 
 def test_no_organ_on_any_probe_encodes_everything():
-    plan = plan_probes(60, 3.0)
+    plan = plan_probes(60, 3.0, 9.0)
     rest = choose_slab(plan, np.zeros((60, 4, 4), np.uint8))
     assert sorted(rest + plan.probes) == list(range(60)) and plan.encoded == 60
     assert encoded_mask(plan).all()
 
 
 def test_slab_is_the_found_range_widened_by_one_step_and_the_margin():
-    labels = np.zeros((100, 4, 4), np.uint8)
-    labels[50:71, 1, 1] = 3  # an organ on slices 50-70: probes (every 5th) find it on 50-70
-    plan = plan_probes(100, 3.0)
+    labels = np.zeros((100, 8, 8), np.uint8)
+    labels[50:71, :4, :6] = 3  # an organ of 24 voxels (216 mm^2) on slices 50-70: probes (every 5th) find it on 50-70
+    labels[10, 0, :5] = 2  # a few stray voxels (45 mm^2) on probe 10: they do not stretch the slab
+    plan = plan_probes(100, 3.0, 9.0)
     rest = choose_slab(plan, labels)
     assert (plan.first, plan.last) == (50 - 9, 70 + 9)
     assert set(rest) == set(range(41, 80)) - set(plan.probes)
@@ -49,7 +50,7 @@ def test_slab_on_the_real_reference_labels_covers_every_organ_slice(real_data):
 
     image = sitk.ReadImage(str(real_data / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"))
     labels = remap_labels(sitk.GetArrayFromImage(image), "totalseg_total")
-    plan = plan_probes(labels.shape[0], image.GetSpacing()[2])
+    plan = plan_probes(labels.shape[0], image.GetSpacing()[2], image.GetSpacing()[0] * image.GetSpacing()[1])
     choose_slab(plan, labels)
     organ_slices = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
     assert encoded_mask(plan)[organ_slices].all()
@@ -78,7 +79,7 @@ def test_segment_volume_with_the_slab_keeps_the_full_runs_labels(real_data):
     equal = (sitk.GetArrayFromImage(sparse.labels) == sitk.GetArrayFromImage(full.labels)).mean()
     assert equal >= 0.999
     checked = sparse.orientation_check["slices"]
-    probes = set(plan_probes(plan["total"], 9.0).probes)
+    probes = set(plan_probes(plan["total"], 9.0, 9.0).probes)
     assert checked and all(plan["first"] <= z <= plan["last"] or z in probes for z in checked)
 
 

@@ -330,7 +330,7 @@ def segment_volume(
     total = canonical.shape[0]
     from hsam.body_mask import clear_outside_trunk, tissue_threshold, trunk_box
 
-    sx, sy, _ = how.canonical_spacing
+    sx, sy, sz = how.canonical_spacing
     pixel_mm, tissue_hu = (sy, sx), tissue_threshold(window_hu[0])  # how the trunk mask tells the trunk on a slice
     box = None
     if crop_to_body:
@@ -348,7 +348,7 @@ def segment_volume(
         target, dtype, precision_name, size = _fall_back_to_cpu(model, target, batch_size, notes)
     from hsam.slab import BY_DEFAULT, choose_slab, encoded_mask, plan_probes
 
-    plan = plan_probes(total, how.canonical_spacing[2]) if (BY_DEFAULT if slab is None else slab) else None
+    plan = plan_probes(total, sz, sx * sy) if (BY_DEFAULT if slab is None else slab) else None
     todo = list(plan.probes) if plan is not None else list(range(total))  # slices to encode, in order
     slab_chosen = plan is None
     if progress:
