@@ -6,8 +6,10 @@ Pipeline (hsam-model.md §3): reorient to the card's canonical slice layout -> f
 confidence -> paste into uint8 volumes -> back to the input grid.
 
 Memory is bounded by one batch: only the uint8 label and confidence volumes are kept for the whole scan, never a
-per-class float volume. Device: CUDA, then MPS, then CPU; fp16/bf16 autocast only on GPUs. On CUDA out-of-memory the
-batch is halved and retried; at batch 1 the run continues on the CPU with a warning. ``progress(k, n)`` is called
+per-class float volume. Device: CUDA, then MPS, then CPU; fp16/bf16 autocast only on GPUs (on request, or by the
+precision rule of :mod:`hsam.engines.modes`). Slab search (:mod:`hsam.slab`): probe slices first, then only the slices
+around the organs found. On CUDA out-of-memory the batch is halved and retried; at batch 1 the run continues on the CPU
+with a warning. ``progress(k, n)`` is called
 after every batch; ``cancel()`` is checked before every batch and raises :class:`Cancelled`.
 """
 
@@ -271,10 +273,11 @@ def segment_volume(
             is moved to the chosen device (and to the CPU after an out-of-memory fallback).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"`` | ``"mps"``.
         batch_size: slices per forward pass (default 8 on CUDA, 4 on MPS, 2 on CPU).
-        precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs).
-        mode: speed mode (:mod:`hsam.engines.modes`): ``"auto"`` (the measured fastest mode meeting the agreement bar
-            for the device, processor and encoder family), ``"eager"``, ``"fast"``, ``"bf16"``, ``"int8"``, ``"ort"``,
-            ``"ort-int8"``, ``"compile"``.
+        precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs; ``auto``:
+            :func:`select_precision`).
+        mode: speed mode (:mod:`hsam.engines.modes`): ``"auto"`` (the measured fastest mode meeting the one precision
+            rule for the device, processor and encoder family), ``"eager"``, ``"fast"``, ``"bf16"``, ``"int8"``,
+            ``"ort"``, ``"ort-int8"``, ``"compile"``.
         progress: called as ``progress(k, n)`` with k slices of n done (first with k = 0).
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
         status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).
@@ -291,9 +294,9 @@ def segment_volume(
             model doing clearly better on mirrored or turned slices, a warning containing "orientation" is added to
             ``warnings``; its measurements are in ``orientation_check``. With it the final labels' sides are
             checked in patient coordinates (:mod:`hsam.laterality_check`, no extra inference; ``laterality_check``).
-        slab: (None: :data:`hsam.slab.BY_DEFAULT`) encode only the slab around the organs (:mod:`hsam.slab`: probe slices first, then the range around
-            the organs found); what it did is in ``slab`` and is sent to ``status``. ``progress``'s n is the slice
-            count until the slab is chosen, then the slices to encode.
+        slab: encode only the slab around the organs (:mod:`hsam.slab`: probe slices first, then the range
+            around the organs found); None: :data:`hsam.slab.BY_DEFAULT`. What it did is in ``slab`` and is sent to
+            ``status``. ``progress``'s n is the slice count until the slab is chosen, then the slices to encode.
     """
     started = time.perf_counter()
     image = check_volume(image, "the input volume")

@@ -4,11 +4,11 @@ The eight H-SAM organs lie in one stretch of the trunk (upper abdomen); a pelvis
 scan has many slices without any of them. The search runs the network on *probe* slices every ``PROBE_MM`` first;
 the slab is the range from the lowest to the highest probe that found organs covering at least ``MIN_ORGAN_MM2``
 (a few stray voxels, e.g. a false positive in the pelvis, do not stretch the slab over the whole scan), widened on
-each side by one probe step (an organ may reach up to the next probe, which found less) plus ``MARGIN_MM``. Only the slab's other
-slices are then encoded; the slices outside it keep the probes' labels where probed and are background otherwise.
-Everything between the first and last organ is encoded, so gaps between organs cannot be missed; what can be missed
-is organ that starts and ends between two empty probes outside the slab (< ``PROBE_MM`` long), which the
-measurement in benchmarks/RESULTS.md ("Slab search") bounds.
+each side by one probe step (an organ may reach up to the next probe, which found less) plus ``MARGIN_MM``. Only the
+slab's other slices are then encoded; the slices outside it keep the probes' labels where probed and are background
+otherwise. Everything between the first and last organ is encoded, so gaps between organs cannot be missed; what can
+be missed is organ that starts and ends between two probes outside the slab (< ``PROBE_MM`` long) or covers less than
+``MIN_ORGAN_MM2`` on every probe, which the measurement in benchmarks/RESULTS.md ("the slab search") bounds.
 
 When no probe finds an organ, or the volume is too short to save anything, every slice is encoded.
 """

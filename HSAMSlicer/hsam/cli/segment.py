@@ -45,11 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: by device)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="half precision only on GPUs (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+                        help="half precision only on GPUs (default auto: fp32; on GPUs a half precision once it "
+                        "has met the one precision rule there, see docs/speed.md)")
     parser.add_argument("--mode", "--speed", dest="mode", default="auto",
                         choices=["auto", "eager", "fast", "bf16", "int8", "ort", "ort-int8", "compile"],
-                        help="speed mode (default auto: the fastest mode that met the agreement bar with eager fp32 "
-                        "for this processor and model family, printed with the reason; see benchmarks/RESULTS.md)")
+                        help="speed mode (default auto: the fastest mode that met the one precision rule (organ "
+                        "Dice vs reference within 0.01 of fp32's, >= 99.5 %% voxels as fp32) for this processor "
+                        "and model family, printed with the reason; see docs/speed.md)")
     parser.add_argument("--confidence", metavar="PATH", default=None,
                         help="also write the confidence map (uint8, 255 x max class probability)")
     parser.add_argument("--stats", metavar="CSV", default=None, help="also write per-organ volumes (ml) as CSV")
