@@ -620,6 +620,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for warning in state.warnings:  # the run's own (e.g. not CT-like, CPU fallback) and the model's (demo)
             message += " " + _("Warning: {text}.").format(text=warning)
         self._setStatus(message, error=bool(result.get("warnings")))
+        self.ui.statusLabel.toolTip = result.get("mode_reason", "")  # why this engine: the precision rule's evidence
 
     def _resetViewsTo(self, segmentation) -> None:
         """Show the CT in the slice views and centre the 3D view on the organs, unless the user has moved on to

@@ -106,6 +106,8 @@ def test_devices_reports_what_torch_sees():
     devices = events[-1]["devices"]
     assert devices["auto"] == ("cuda" if devices["cuda"] else "mps" if devices["mps"] else "cpu")
     assert devices["torch"] and devices["cpu_threads"] >= 1
+    # why auto runs what it runs: the precision rule's evidence, per model family
+    assert all(reason.startswith(devices["cpu"]) for reason in devices["cpu_engine_reasons"].values())
 
 
 def _write_case(folder: Path, image: sitk.Image, labels: sitk.Image) -> None:

@@ -89,8 +89,8 @@ def test_oblique_input_keeps_its_grid(tiny, ct):
 def test_progress_and_cancel(tiny, ct):
     model, card = tiny
     calls = []
-    segment_volume(ct, model, card, device="cpu", batch_size=4, progress=lambda k, n: calls.append((k, n)))
-    assert calls == [(0, 30)] + [(min(30, k), 30) for k in range(4, 34, 4)]
+    segment_volume(ct, model, card, device="cpu", batch_size=4, slab=False, progress=lambda k, n: calls.append((k, n)))
+    assert calls == [(0, 30)] + [(min(30, k), 30) for k in range(4, 34, 4)]  # with the slab search: test_slab.py
     polled = []
 
     def cancel() -> bool:
@@ -99,7 +99,8 @@ def test_progress_and_cancel(tiny, ct):
 
     seen = []
     with pytest.raises(Cancelled):
-        segment_volume(ct, model, card, device="cpu", batch_size=4, cancel=cancel, progress=lambda k, n: seen.append(k))
+        segment_volume(ct, model, card, device="cpu", batch_size=4, slab=False, cancel=cancel,
+                       progress=lambda k, n: seen.append(k))
     assert seen == [0, 4, 8]  # two batches ran, the third was cancelled before it started
 
 

@@ -42,9 +42,15 @@ def test_cuda_matches_cpu_and_half_precision_runs(tiny, ct):
     assert gpu.device.startswith("cuda") and same_geometry(gpu.labels, ct, 0.0)
     agreement = (sitk.GetArrayViewFromImage(gpu.labels) == sitk.GetArrayViewFromImage(cpu.labels)).mean()
     assert agreement > 0.99
-    half = segment_volume(ct, model, card, device="auto")
+    half_name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    half = segment_volume(ct, model, card, device="auto", precision=half_name)
     assert half.device.startswith("cuda") and half.precision in ("bf16", "fp16")
     assert same_geometry(half.labels, ct, 0.0)
+    # auto follows the one precision rule (hsam.engines.modes.GPU_AUTO): fp32 until a half precision has met it
+    from hsam.engines.modes import gpu_precision
+
+    auto = segment_volume(ct, model, card, device="auto")
+    assert auto.precision == gpu_precision("cuda", torch.cuda.is_bf16_supported())[0]
 
 
 def test_out_of_memory_halves_the_batch_then_falls_back_to_cpu(tiny, ct, caplog):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from hsam.engines import ort
 from hsam.engines import cpu as cpu_info
-from hsam.engines.modes import CPU_AUTO, MODES, choose_engine, encoder_family, prepare
+from hsam.engines.modes import MODES, choose_engine, encoder_family, prepare
 from hsam.engines.vit import FastEncoder, with_encoder
 from hsam.errors import HSAMError
 from hsam.inference import segment_volume
@@ -82,24 +82,6 @@ def test_cpuinfo_is_parsed_into_the_flags_that_matter():
     assert spr.describe() == "Xeon SPR (AVX-512, AVX512_BF16, VNNI, AMX)"
     assert not zen2.native_bf16 and not zen2.native_int8 and zen2.describe() == "EPYC Zen 2 (AVX2)"
     assert cpu_info.processor().name  # this machine's, from /proc/cpuinfo or NumPy
-
-
-@pytest.mark.skipif(not ort.available(), reason="onnxruntime/onnx not installed (pip install hsam[onnx])")
-@pytest.mark.parametrize("cpuinfo", [XEON_SPR, EPYC_ZEN2])
-def test_auto_picks_per_processor_and_family_and_says_why(monkeypatch, cpuinfo):
-    machine = cpu_info.parse_cpuinfo(cpuinfo)
-    monkeypatch.setattr(cpu_info, "processor", lambda: machine)
-    cpu = torch.device("cpu")
-    for family in ("sam_vit", "tiny_vit"):
-        choice = choose_engine("auto", cpu, family)
-        expected = next(mode for feature, fam, mode, _ in CPU_AUTO
-                        if fam in ("any", family) and (not feature or getattr(machine, feature)))
-        assert choice.mode == expected and choice.reason.startswith(machine.describe())
-        # a faster mode the processor could run is named with the reason it is not the default; none elsewhere
-        assert ("bf16" in choice.reason) == machine.native_bf16
-        assert ("agreement bar" in choice.reason) == (machine.native_bf16 or machine.native_int8)
-    # GPUs keep the exact rewrites whatever the CPU
-    assert choose_engine("auto", torch.device("cuda"), "sam_vit").mode == "fast"
 
 
 def test_encoder_family_names_the_backbones():

@@ -6,8 +6,10 @@ Pipeline (hsam-model.md §3): reorient to the card's canonical slice layout -> f
 confidence -> paste into uint8 volumes -> back to the input grid.
 
 Memory is bounded by one batch: only the uint8 label and confidence volumes are kept for the whole scan, never a
-per-class float volume. Device: CUDA, then MPS, then CPU; fp16/bf16 autocast only on GPUs. On CUDA out-of-memory the
-batch is halved and retried; at batch 1 the run continues on the CPU with a warning. ``progress(k, n)`` is called
+per-class float volume. Device: CUDA, then MPS, then CPU; fp16/bf16 autocast only on GPUs (on request, or by the
+precision rule of :mod:`hsam.engines.modes`). Slab search (:mod:`hsam.slab`): probe slices first, then only the slices
+around the organs found. On CUDA out-of-memory the batch is halved and retried; at batch 1 the run continues on the CPU
+with a warning. ``progress(k, n)`` is called
 after every batch; ``cancel()`` is checked before every batch and raises :class:`Cancelled`.
 """
 
@@ -58,6 +60,7 @@ class SegmentationResult:
     orientation: str = "LPS"  # the canonical orientation the scan was put in (the card's, or the override)
     orientation_check: dict | None = None  # hsam.orientation_check.OrientationCheck.as_dict(); None when not run
     laterality_check: dict | None = None  # hsam.laterality_check.LateralityCheck.as_dict(); None when not run
+    slab: dict | None = None  # hsam.slab.SlabPlan.as_dict(): which slices were encoded; None when the search was off
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -78,8 +81,9 @@ def select_device(device: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def select_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """``(name, autocast dtype or None)``. ``auto``: bf16 on CUDA GPUs that support it, else fp16 on GPUs, fp32 on CPU."""
+def select_precision(precision: str, device: torch.device, family: str = "any") -> tuple[str, torch.dtype | None]:
+    """``(name, autocast dtype or None)``. ``auto``: fp32 on the CPU; on GPUs the half precision that met the
+    precision rule for the encoder ``family`` (:func:`hsam.engines.modes.gpu_precision`), else fp32."""
     name = (precision or "auto").lower()
     if name not in PRECISIONS:
         raise HSAMError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -88,7 +92,10 @@ def select_precision(precision: str, device: torch.device) -> tuple[str, torch.d
             raise HSAMError(f"{name} runs only on a GPU; use --precision fp32 (or auto) on the CPU")
         return "fp32", None
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
+        from hsam.engines.modes import gpu_precision
+
+        bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        name = gpu_precision(device.type, bf16, family)[0]
     return name, {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
@@ -280,6 +287,7 @@ def segment_volume(
     orientation: str | None = None,
     check_orientation: bool = True,
     refine: bool | None = False,
+    slab: bool | None = None,
 ) -> SegmentationResult:
     """Segment a 3-D CT volume; see the module docstring for the pipeline.
 
@@ -289,10 +297,11 @@ def segment_volume(
             is moved to the chosen device (and to the CPU after an out-of-memory fallback).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"`` | ``"mps"``.
         batch_size: slices per forward pass (default 8 on CUDA, 4 on MPS, 2 on CPU).
-        precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs).
-        mode: speed mode (:mod:`hsam.engines.modes`): ``"auto"`` (the measured fastest mode meeting the agreement bar
-            for the device, processor and encoder family), ``"eager"``, ``"fast"``, ``"bf16"``, ``"int8"``, ``"ort"``,
-            ``"ort-int8"``, ``"compile"``.
+        precision: ``"auto"`` | ``"fp32"`` | ``"fp16"`` | ``"bf16"`` (half precisions only on GPUs; ``auto``:
+            :func:`select_precision`).
+        mode: speed mode (:mod:`hsam.engines.modes`): ``"auto"`` (the measured fastest mode meeting the one precision
+            rule for the device, processor and encoder family), ``"eager"``, ``"fast"``, ``"bf16"``, ``"int8"``,
+            ``"ort"``, ``"ort-int8"``, ``"compile"``.
         progress: called as ``progress(k, n)`` with k slices of n done (first with k = 0).
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
         status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).
@@ -311,6 +320,9 @@ def segment_volume(
             checked in patient coordinates (:mod:`hsam.laterality_check`, no extra inference; ``laterality_check``).
         refine: the refine stage (:mod:`hsam.prompting.refine`): each slice's automatic result prompts LiteMedSAM's
             decoder. True: required (an error where the model cannot have it); None: where it can; False: off.
+        slab: encode only the slab around the organs (:mod:`hsam.slab`: probe slices first, then the range
+            around the organs found); None: :data:`hsam.slab.BY_DEFAULT`. What it did is in ``slab`` and is sent to
+            ``status``. ``progress``'s n is the slice count until the slab is chosen, then the slices to encode.
     """
     started = time.perf_counter()
     image = check_volume(image, "the input volume")
@@ -324,11 +336,12 @@ def segment_volume(
         raise HSAMError(f"batch size must be at least 1, got {batch_size}")
 
     target = select_device(device)
-    precision_name, dtype = select_precision(precision, target)
-    size = batch_size or DEFAULT_BATCH[target.type]
     from hsam.engines.modes import choose_engine, encoder_family, prepare
 
-    choice = choose_engine(mode, target, encoder_family(model))
+    family = encoder_family(model)
+    precision_name, dtype = select_precision(precision, target, family)
+    size = batch_size or DEFAULT_BATCH[target.type]
+    choice = choose_engine(mode, target, family)
     mode_name, mode_reason = choice.mode, choice.reason
     if status:
         status(f"engine {mode_name}: {mode_reason}")
@@ -346,7 +359,7 @@ def segment_volume(
     total = canonical.shape[0]
     from hsam.body_mask import clear_outside_trunk, tissue_threshold, trunk_box
 
-    sx, sy, _ = how.canonical_spacing
+    sx, sy, sz = how.canonical_spacing
     pixel_mm, tissue_hu = (sy, sx), tissue_threshold(window_hu[0])  # how the trunk mask tells the trunk on a slice
     box = None
     if crop_to_body:
@@ -363,13 +376,19 @@ def segment_volume(
         if not _is_oom(error) or target.type == "cpu":
             raise
         target, dtype, precision_name, size = _fall_back_to_cpu(model, target, batch_size, notes)
+    from hsam.slab import BY_DEFAULT, choose_slab, encoded_mask, plan_probes
+
+    plan = plan_probes(total, sz, sx * sy) if (BY_DEFAULT if slab is None else slab) else None
+    todo = list(plan.probes) if plan is not None else list(range(total))  # slices to encode, in order
+    slab_chosen = plan is None
     if progress:
         progress(0, total)
     done = 0
-    while done < total:
+    while done < len(todo):
         if cancel is not None and cancel():
-            raise Cancelled(f"cancelled after {done} of {total} slices")
-        stop = min(total, done + size)
+            raise Cancelled(f"cancelled after {done} of {len(todo)} slices")
+        stop = min(len(todo), done + size)
+        chosen = todo[done:stop]
         if engine_device != target:
             if engine_device is not None:
                 mode_name = "fast"  # after an out-of-memory fallback to the CPU: no export/quantisation mid-run
@@ -387,11 +406,11 @@ def segment_volume(
                 from hsam.prompting.refine import predict_refined
 
                 batch_labels, batch_confidence = predict_refined(
-                    model, work[done:stop], window_hu, target, dtype, channels, predictor, decoder, pixel_mm
+                    model, work[chosen], window_hu, target, dtype, channels, predictor, decoder, pixel_mm
                 )
             else:
                 batch_labels, batch_confidence = predict_slices_skipping_air(
-                    model, work[done:stop], window_hu, target, dtype, channels, predictor, air_cache
+                    model, work[chosen], window_hu, target, dtype, channels, predictor, air_cache
                 )
         except Exception as error:  # noqa: BLE001 (only out-of-memory is handled; everything else re-raised)
             if not _is_oom(error) or target.type == "cpu":
@@ -404,11 +423,16 @@ def segment_volume(
                 continue
             target, dtype, precision_name, size = _fall_back_to_cpu(model, target, batch_size, notes)
             continue
-        labels[done:stop] = batch_labels
-        confidence[done:stop] = batch_confidence
+        labels[chosen] = batch_labels
+        confidence[chosen] = batch_confidence
         done = stop
+        if not slab_chosen and done == len(todo):  # the probes ran: choose the slab
+            todo += choose_slab(plan, labels)
+            slab_chosen = True
+            if status:
+                status(f"slab: {plan.reason}")
         if progress:
-            progress(done, total)
+            progress(done, len(todo) if slab_chosen else total)
     check = None
     if check_orientation:
         from hsam.orientation_check import check_orientation as run_check
@@ -419,6 +443,8 @@ def segment_volume(
             return predict_slices(model, slices, window_hu, target, dtype, channels, predictor)
 
         tissue = (work.reshape(total, -1) > float(window_hu[0])).any(axis=1)
+        if plan is not None:  # check only slices the network ran on
+            tissue &= encoded_mask(plan)
         check = run_check(work, labels, confidence, predict_checked, orientation, tissue)
         if check.warning:
             log.warning(check.warning)
@@ -463,4 +489,5 @@ def segment_volume(
         orientation=orientation,
         orientation_check=check.as_dict() if check is not None else None,
         laterality_check=laterality.as_dict() if laterality is not None else None,
+        slab=plan.as_dict() if plan is not None else None,
     )

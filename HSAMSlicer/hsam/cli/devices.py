@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def detect() -> dict[str, object]:
-    """{'torch', 'cuda', 'cuda_devices', 'mps', 'cpu', 'cpu_threads', 'cpu_engines', 'auto'}; imports torch."""
+    """{'torch', 'cuda', 'cuda_devices', 'mps', 'cpu', 'cpu_threads', 'cpu_engines', 'cpu_engine_reasons',
+    'gpu_engine_reason', 'auto'}; imports torch."""
     import torch
 
     from hsam.engines.cpu import processor
@@ -28,15 +29,21 @@ def detect() -> dict[str, object]:
 
     cuda = bool(torch.cuda.is_available())
     mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    cpu_choices = {family: choose_engine("auto", torch.device("cpu"), family) for family in FAMILY_NAMES}
+    gpu = "cuda" if cuda else "mps" if mps_ok else None
     return {
         "torch": torch.__version__,
         "cuda": cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "mps": bool(mps is not None and mps.is_available()),
+        "mps": mps_ok,
         "cpu": processor().describe(),
         "cpu_threads": torch.get_num_threads(),
         # what --mode auto runs on this CPU for each encoder family (ViT-B H-SAM, TinyViT H-SAM-Lite)
-        "cpu_engines": {family: choose_engine("auto", torch.device("cpu"), family).mode for family in FAMILY_NAMES},
+        "cpu_engines": {family: choice.mode for family, choice in cpu_choices.items()},
+        # why: the precision rule over the measured evidence (hsam.engines.modes.CPU_AUTO / GPU_AUTO)
+        "cpu_engine_reasons": {family: choice.reason for family, choice in cpu_choices.items()},
+        "gpu_engine_reason": choose_engine("auto", torch.device(gpu)).reason if gpu else None,
         "auto": str(select_device("auto")),
     }
 
@@ -54,5 +61,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  cpu     {found['cpu']}, {found['cpu_threads']} threads")
     engines = ", ".join(f"{engine} for {FAMILY_NAMES[family]}" for family, engine in found["cpu_engines"].items())
     print(f"--mode auto on the CPU runs: {engines}")
+    for family, reason in found["cpu_engine_reasons"].items():
+        print(f"  why, {FAMILY_NAMES[family]}: {reason}")
+    if found["gpu_engine_reason"]:
+        print(f"--mode auto on the GPU: {found['gpu_engine_reason']}")
     print(f"--device auto uses: {found['auto']}")
     return 0

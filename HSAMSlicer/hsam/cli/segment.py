@@ -45,11 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: by device)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="half precision only on GPUs (default auto: bf16/fp16 on GPU, fp32 on CPU)")
+                        help="half precision only on GPUs (default auto: fp32; on GPUs a half precision once it "
+                        "has met the one precision rule there, see docs/speed.md)")
     parser.add_argument("--mode", "--speed", dest="mode", default="auto",
                         choices=["auto", "eager", "fast", "bf16", "int8", "ort", "ort-int8", "compile"],
-                        help="speed mode (default auto: the fastest mode that met the agreement bar with eager fp32 "
-                        "for this processor and model family, printed with the reason; see benchmarks/RESULTS.md)")
+                        help="speed mode (default auto: the fastest mode that met the one precision rule (organ "
+                        "Dice vs reference within 0.01 of fp32's, >= 99.5 %% voxels as fp32) for this processor "
+                        "and model family, printed with the reason; see docs/speed.md)")
     parser.add_argument("--confidence", metavar="PATH", default=None,
                         help="also write the confidence map (uint8, 255 x max class probability)")
     parser.add_argument("--stats", metavar="CSV", default=None, help="also write per-organ volumes (ml) as CSV")
@@ -61,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "background)")
     parser.add_argument("--organs", default=None,
                         help="comma-separated organ names or label values to segment (default: all)")
+    parser.add_argument("--slab", action=argparse.BooleanOptionalAction, default=None,
+                        help="encode only the slab around the organs: probe slices every 15 mm, then every slice "
+                        "from 25 mm below the lowest to 25 mm above the highest organ found (hsam.slab; default: "
+                        "on); --no-slab encodes every slice")
     parser.add_argument("--allow-non-ct", action="store_true",
                         help="segment an image that does not look like CT in Hounsfield units (MR, normalised "
                              "images); the models are trained on CT, so expect poor results")
@@ -130,7 +136,7 @@ def _check_protocol(args: argparse.Namespace) -> None:
         return
     clashes = [name for name, value in (("--orientation", args.orientation), ("--organs", args.organs),
                                         ("--largest-component", args.largest_component),
-                                        ("--refine", getattr(args, "refine", None))) if value]
+                                        ("--refine", getattr(args, "refine", None)), ("--slab", args.slab)) if value]
     if args.precision not in ("auto", "fp32") or args.mode not in ("auto", "eager"):
         clashes.append("--precision/--mode")
     if clashes:
@@ -153,11 +159,13 @@ def _segment(image, model, card, args: argparse.Namespace, organs, progress=None
                           precision=args.precision, mode=args.mode, progress=progress,
                           status=status, largest_component=args.largest_component,
                           body_mask=not args.no_body_mask, organs=organs,
-                          orientation=args.orientation, refine=_refine_choice(args))
+                          orientation=args.orientation, refine=_refine_choice(args), slab=args.slab)
 
 
 def _stage_of(status_text: str) -> str:
-    """The JSON progress stage of a status line of ``segment_volume``: "refine" for the refine stage, else "engine"."""
+    """The JSON progress stage of a status line of ``segment_volume``: "slab" for the slab search, "refine" for the refine stage, else "engine"."""
+    if status_text.startswith("slab:"):
+        return "slab"
     return "refine" if status_text.startswith("refine") else "engine"
 
 
@@ -437,6 +445,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, mode {result.mode}, "
             f"batch {result.batch_size})")
         say(f"  engine: {result.mode_reason}")
+        if result.slab is not None:
+            say(f"  slab: {result.slab['reason']}")
         for name, ml in result.volumes_ml.items():
             say(f"  {name:<14} {ml:9.1f} ml")
         for path in written:
@@ -447,6 +457,7 @@ def run(args: argparse.Namespace) -> int:
         result={"device": result.device, "precision": result.precision, "mode": result.mode,
                 "mode_reason": result.mode_reason,
                 "batch_size": result.batch_size, "seconds": round(result.seconds, 3), "warnings": result.warnings,
+                "slab": result.slab,
                 "volumes_ml": result.volumes_ml},
         model={"id": model_id, "name": card.name, "title": card.title, "sha256": card.sha256 or "",
                "classes": list(card.classes), "demo": bool(card.demo)},
