@@ -14,8 +14,8 @@ from hsam.labels import remap_labels
 from hsam.training.config import load_training_config
 from hsam.training.data import Volume
 from hsam.training.guard import ForgettingGuard
-from hsam.training.loader import global_batches
-from hsam.training.rehearsal import RehearsalBatchSampler, rehearsal_batches, rehearsal_count
+from hsam.training.loader import EpochBatchSampler, global_batches
+from hsam.training.rehearsal import rehearsal_batches, rehearsal_count
 from hsam.training.splits import hold_out_slices, spread_indices
 from hsam.training.trainer import train
 
@@ -37,7 +37,8 @@ def test_rehearsal_adds_ceil_ratio_reference_slices_to_each_user_batch():
         drawn += [int(i) - n_user for i in mixed[len(user):]]
     assert sorted(drawn[:n_rehearsal]) == list(range(n_rehearsal))  # every rehearsal slice before any repeats
     assert rehearsal_batches(n_user, n_rehearsal, batch_size, 0.0, 2, 7)[0].tolist() == users[0].tolist()
-    sampler = RehearsalBatchSampler(n_user, n_rehearsal, batch_size, ratio, 2, 7, rank=1, world_size=2)
+    sampler = EpochBatchSampler(rehearsal_batches(n_user, n_rehearsal, batch_size, ratio, 2, 7, 2), 2, rank=1,
+                                world_size=2)
     assert sampler.global_sizes == [len(b) for b in batches]
     assert [i for _, i in next(iter(sampler))] == np.array_split(batches[0], 2)[1].tolist()
 

@@ -238,14 +238,14 @@ def test_global_batches_cover_the_epoch_and_split_evenly_over_processes():
 def test_batches_do_not_depend_on_loader_workers():
     from torch.utils.data import DataLoader
 
-    from hsam.training.loader import EpochBatchSampler, TrainingSlices
+    from hsam.training.loader import EpochBatchSampler, TrainingSlices, global_batches
 
     rng = np.random.default_rng(0)
     volumes = [Volume("v", rng.random((12, 40, 40)).astype(np.float32), rng.integers(0, 9, (12, 40, 40)).astype(np.uint8))]
     dataset = TrainingSlices(VolumeSlices(volumes), 32, 8, AugmentConfig(), seed=3)
 
     def batches(workers):
-        loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), 4, 1, 3), num_workers=workers)
+        loader = DataLoader(dataset, batch_sampler=EpochBatchSampler(global_batches(len(dataset), 4, 1, 3), 1), num_workers=workers)
         return [b["image"] for b in loader]
 
     assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2)))

@@ -53,11 +53,12 @@ def local_batch(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 
 class EpochBatchSampler:
-    """Batch sampler yielding this process's ``[(epoch, index), ...]`` lists for one epoch."""
+    """Batch sampler yielding this process's ``[(epoch, index), ...]`` lists for one epoch of ``batches``, the
+    epoch's global batches (:func:`global_batches`, or :func:`hsam.training.rehearsal.rehearsal_batches`)."""
 
-    def __init__(self, n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.batches = [local_batch(b, rank, world_size) for b in global_batches(n, batch_size, epoch, seed, world_size)]
-        self.global_sizes = [len(b) for b in global_batches(n, batch_size, epoch, seed, world_size)]
+    def __init__(self, batches: list[np.ndarray], epoch: int, rank: int = 0, world_size: int = 1):
+        self.batches = [local_batch(b, rank, world_size) for b in batches]
+        self.global_sizes = [len(b) for b in batches]
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

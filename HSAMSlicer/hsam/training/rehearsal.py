@@ -13,12 +13,12 @@ The dataset index space is the user's slices first (``0 .. n_user-1``) and the r
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from hsam.training.data import SliceStore
-from hsam.training.loader import global_batches, local_batch
+from hsam.training.loader import global_batches
 
 
 class JoinedSlices(SliceStore):
@@ -55,22 +55,3 @@ def rehearsal_batches(n_user: int, n_rehearsal: int, batch_size: int, ratio: flo
         batches.append(np.concatenate([batch, n_user + walk[used:used + count]]))
         used += count
     return batches
-
-
-class RehearsalBatchSampler:
-    """As :class:`hsam.training.loader.EpochBatchSampler` (``[(epoch, index), ...]`` lists of this process's share of
-    each global batch), over user slices with rehearsal slices mixed in."""
-
-    def __init__(self, n_user: int, n_rehearsal: int, batch_size: int, ratio: float, epoch: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
-        batches = rehearsal_batches(n_user, n_rehearsal, batch_size, ratio, epoch, seed, world_size)
-        self.batches = [local_batch(b, rank, world_size) for b in batches]
-        self.global_sizes = [len(b) for b in batches]
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.batches:
-            yield [(self.epoch, int(i)) for i in batch]
-
-    def __len__(self) -> int:
-        return len(self.batches)

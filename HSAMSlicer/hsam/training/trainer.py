@@ -45,10 +45,10 @@ from hsam.training.data import SliceStore, Volume, VolumeSlices, check_labels, l
 from hsam.engines.cpu import processor
 from hsam.training.frozen import EncodedSamples, EncodedVolumes, encoder_autocast
 from hsam.training.guard import ForgettingGuard
-from hsam.training.loader import TrainingSlices, iterations_per_epoch
+from hsam.training.loader import EpochBatchSampler, TrainingSlices, iterations_per_epoch
 from hsam.training.losses import LossConfig, hsam_loss
 from hsam.training.model_setup import build_training_model, encoder_is_frozen
-from hsam.training.rehearsal import JoinedSlices, RehearsalBatchSampler
+from hsam.training.rehearsal import JoinedSlices, rehearsal_batches
 from hsam.training.schedule import PaperSchedule
 from hsam.training.splits import few_shot_split, hold_out_slices, split_cases, write_list
 from hsam.training.state import (
@@ -616,8 +616,9 @@ def _batches(dataset, sampler, config, epoch, device, encoded):
 def _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast, loss_cfg,
                noise, frozen_encoder, progress, organs, step_report, encoded=None, mix=None) -> dict[str, Any]:
     n_user, n_rehearsal, ratio = mix if mix is not None else (len(dataset), 0, 0.0)
-    sampler = RehearsalBatchSampler(n_user, n_rehearsal, int(config["batch_size"]), ratio, epoch, int(config["seed"]),
-                                    ddp.rank, ddp.world_size)
+    batches = rehearsal_batches(n_user, n_rehearsal, int(config["batch_size"]), ratio, epoch, int(config["seed"]),
+                                ddp.world_size)
+    sampler = EpochBatchSampler(batches, epoch, ddp.rank, ddp.world_size)
     model.train()
     if frozen_encoder:
         model.image_encoder.eval()  # nothing to train there: no dropout/BN updates, and no graph is recorded
