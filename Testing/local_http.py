@@ -19,12 +19,15 @@ Google Drive's download endpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import html
+import json
 import secrets
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import parse_qs, urlsplit
 
@@ -160,3 +163,28 @@ def serve_files(files: Mapping[str, bytes], drive: Mapping[str, bytes] | None = 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def served_base_weights(folder: Path, monkeypatch, model_id: str, seed: int,  # noqa: ANN001 (pytest fixture)
+                        delay: float) -> Iterator[tuple[FileServer, bytes]]:
+    """A model manifest (installed through ``HSAM_MANIFEST``) whose one entry, base weights ``model_id``, is
+    3 MiB of random bytes served from this machine with ``delay`` seconds between 64 KiB pieces: a download slow
+    enough for a test to act while it runs. Yields (server, payload)."""
+    import numpy as np
+
+    from hsam import weights
+
+    payload = np.random.default_rng(seed).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    name = f"{model_id}.pth"
+    with serve_files({name: payload}) as server:
+        server.delay = delay
+        manifest = {"format": 1, "models": [{
+            "id": model_id, "title": f"{model_id} weights", "kind": "base", "backbone": "vit_b", "priority": 0,
+            "license": "test", "homepage": "", "install": "download",
+            "files": [{"name": name, "url": server.url(name), "size": len(payload),
+                       "sha256": hashlib.sha256(payload).hexdigest()}]}]}  # fmt: skip
+        path = folder / f"{model_id}-models.json"
+        path.write_text(json.dumps(manifest))
+        monkeypatch.setenv(weights.MANIFEST_ENV, str(path))
+        yield server, payload

@@ -25,7 +25,7 @@ pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install -
 
 import slicer_headless  # noqa: E402  (puts HSAMSlicer/ on sys.path)
 import slicer  # noqa: E402
-from local_http import serve_files  # noqa: E402
+from local_http import served_base_weights  # noqa: E402
 
 from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput  # noqa: E402
 from HSAMSlicerLib.process import ChildCrashed, JobCancelled, group_alive  # noqa: E402
@@ -265,39 +265,16 @@ def test_cancel_while_segmenting(app, long_ct, tiny_model):
 @pytest.fixture
 def slow_download(tmp_path, monkeypatch):
     """A manifest base-weights download from a local server that takes about 5 s: the model id to download."""
-    import hashlib
-
-    from hsam import weights
-
-    payload = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
-    with serve_files({"slow.pth": payload}) as server:
-        server.delay = 0.1
-        manifest = {"format": 1, "models": [{
-            "id": "slow-base", "title": "slow base weights", "kind": "base", "backbone": "vit_b", "priority": 0,
-            "license": "test", "homepage": "", "install": "download",
-            "files": [{"name": "slow.pth", "url": server.url("slow.pth"), "size": len(payload),
-                       "sha256": hashlib.sha256(payload).hexdigest()}]}]}  # fmt: skip
-        (tmp_path / "slow-models.json").write_text(json.dumps(manifest))
-        monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "slow-models.json"))
+    with served_base_weights(tmp_path, monkeypatch, "slow-base", seed=1, delay=0.1):
         yield "slow-base"
 
 
 def test_cancel_while_downloading_and_resume_later(app, tmp_path, monkeypatch):
     """A model download cancelled half-way leaves no file in the cache; the next download resumes where it stopped."""
-    import hashlib
-
     from hsam import weights
 
-    payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
-    with serve_files({"base.pth": payload}) as server:
-        server.delay = 0.05  # 64 KiB every 50 ms: about 2.5 s for the whole file
-        manifest = {"format": 1, "models": [{
-            "id": "test-base", "title": "test base weights", "kind": "base", "backbone": "vit_b", "priority": 0,
-            "license": "test", "homepage": "", "install": "download",
-            "files": [{"name": "base.pth", "url": server.url("base.pth"), "size": len(payload),
-                       "sha256": hashlib.sha256(payload).hexdigest()}]}]}  # fmt: skip
-        (tmp_path / "models.json").write_text(json.dumps(manifest))
-        monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
+    # 64 KiB every 50 ms: about 2.5 s for the whole file
+    with served_base_weights(tmp_path, monkeypatch, "test-base", seed=0, delay=0.05) as (server, payload):
         logic = HSAMSlicerLogic(app.scene)
 
         job = logic.start_model_download("test-base")

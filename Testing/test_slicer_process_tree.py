@@ -8,7 +8,6 @@ it. "Ended" means the process group is gone: ``os.killpg(pgid, 0)`` raises.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.skipif(os.name == "nt" or not Path("/proc/self/stat").i
                                 reason="process groups and /proc (Linux)")
 
 import slicer_headless  # noqa: E402,F401  (puts HSAMSlicer/ on sys.path)
-from local_http import serve_files  # noqa: E402
+from local_http import served_base_weights  # noqa: E402
 
 from HSAMSlicerLib.process import ChildCrashed, ChildJob, JobCancelled, group_alive, python_executable  # noqa: E402
 
@@ -51,18 +50,7 @@ def launcher(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def slow_download(tmp_path, monkeypatch):
     """A model download from a local server slow enough (about 5 s) that a test can act while it runs."""
-    from hsam import weights
-
-    payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
-    with serve_files({"base.pth": payload}) as server:
-        server.delay = 0.1
-        manifest = {"format": 1, "models": [{
-            "id": "test-base", "title": "test base weights", "kind": "base", "backbone": "vit_b", "priority": 0,
-            "license": "test", "homepage": "", "install": "download",
-            "files": [{"name": "base.pth", "url": server.url("base.pth"), "size": len(payload),
-                       "sha256": hashlib.sha256(payload).hexdigest()}]}]}  # fmt: skip
-        (tmp_path / "models.json").write_text(json.dumps(manifest))
-        monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
+    with served_base_weights(tmp_path, monkeypatch, "test-base", seed=0, delay=0.1):
         yield ["models", "download", "test-base"]
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hsam.prompting.decoder import INPUT_SIZE
+from hsam.prompting.session import box_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from hsam.prompting.decoder import PromptDecoder
@@ -41,11 +42,13 @@ class RefineRule:
 
 def _box(mask: np.ndarray, widen: float, min_side: float) -> tuple[float, float, float, float] | None:
     """Edges (x0, y0, x1, y1) in model pixels of a [256, 256] mask, widened and at least ``min_side`` per side."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    around = box_of(mask)
+    if around is None:
         return None
+    # the rule was measured with edges at the first index and the last index + 1: half a pixel on from box_of's
+    x0, y0, x1, y1 = (edge + 0.5 for edge in around)
     edges = []
-    for low, high in ((cols[0], cols[-1] + 1.0), (rows[0], rows[-1] + 1.0)):
+    for low, high in ((x0, x1), (y0, y1)):
         low, high = low - widen, high + widen
         if high - low < min_side:
             centre = (low + high) / 2
