@@ -1,4 +1,4 @@
-"""The trunk mask (hsam.body_mask): arms beside the body are background, the trunk is untouched, MR passes through;
+"""The trunk mask (hsam.checks.body_mask): arms beside the body are background, the trunk is untouched, MR passes through;
 segment_volume applies it by default and not with body_mask=False (issue 15: arms labelled liver and spleen)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hsam.body_mask import clear_outside_trunk, trunk_mask_slice
+from hsam.checks.body_mask import clear_outside_trunk, trunk_mask_slice
 
 PIXEL_MM = 1.5
 
@@ -99,7 +99,7 @@ def test_segment_volume_masks_arms_by_default(liver_everywhere, body_mask):
 
 
 def test_trunk_box_is_a_square_around_the_trunk():
-    from hsam.body_mask import trunk_box
+    from hsam.checks.body_mask import trunk_box
 
     hu, trunk, touching, free = phantom()
     rows, cols = trunk_box(np.stack([hu, hu]), (PIXEL_MM, PIXEL_MM), margin_mm=15.0)

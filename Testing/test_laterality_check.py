@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from hsam.labels import CLASS_NAMES
-from hsam.laterality_check import check_laterality
+from hsam.checks.laterality import check_laterality
 
 NAMES = list(CLASS_NAMES)
 SPLEEN, GALLBLADDER, LIVER = NAMES.index("spleen"), NAMES.index("gallbladder"), NAMES.index("liver")

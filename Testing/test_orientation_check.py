@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam.orientation_check import (
+from hsam.checks.orientation import (
     MIN_ORGAN_FRACTION, VARIANTS, better_layout, check_orientation, first_slice, further_slices, settled,
     suggested_code,
 )

@@ -35,7 +35,7 @@ def three_slices(real_data) -> tuple[sitk.Image, np.ndarray]:
 @needs_litemedsam
 @pytest.mark.slow  # 3 slices, but 3.5 min on the loaded shared 2-core machine
 def test_refined_labels_stay_in_the_trunk_and_find_the_liver(three_slices):
-    from hsam.body_mask import trunk_mask_slice
+    from hsam.checks.body_mask import trunk_mask_slice
     from hsam.inference import segment_volume
     from hsam.weights import load_named_model
 

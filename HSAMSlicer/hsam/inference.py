@@ -58,8 +58,8 @@ class SegmentationResult:
     mode_reason: str = ""  # why that engine ran (processor, evidence; hsam.engines.modes.choose_engine)
     warnings: list[str] = field(default_factory=list)
     orientation: str = "LPS"  # the canonical orientation the scan was put in (the card's, or the override)
-    orientation_check: dict | None = None  # hsam.orientation_check.OrientationCheck.as_dict(); None when not run
-    laterality_check: dict | None = None  # hsam.laterality_check.LateralityCheck.as_dict(); None when not run
+    orientation_check: dict | None = None  # hsam.checks.orientation.OrientationCheck.as_dict(); None when not run
+    laterality_check: dict | None = None  # hsam.checks.laterality.LateralityCheck.as_dict(); None when not run
     slab: dict | None = None  # hsam.slab.SlabPlan.as_dict(): which slices were encoded; None when the search was off
 
 
@@ -306,18 +306,18 @@ def segment_volume(
         cancel: polled before every batch; True raises :class:`Cancelled` (nothing is returned).
         status: receives one-line messages about slow preparation steps (building the ONNX Runtime engine).
         largest_component: keep only the largest connected component of each organ.
-        body_mask: label nothing outside the patient's trunk on each slice (:mod:`hsam.body_mask`): arms, table and
+        body_mask: label nothing outside the patient's trunk on each slice (:mod:`hsam.checks.body_mask`): arms, table and
             air are background. On by default: it removed the arm false positives measured in issue 15 at no cost
             to the organs (benchmarks/RESULTS-lite.md).
         crop_to_body: before the resize to the model input, crop every slice to one square around the volume's
-            trunk (:func:`hsam.body_mask.trunk_box`), so that a wide field of view (arms, table, air) does not shrink
+            trunk (:func:`hsam.checks.body_mask.trunk_box`), so that a wide field of view (arms, table, air) does not shrink
             the organs in the input; outside the square is background.
         organs: restrict the argmax to these organs (label values or names); others are never predicted.
         orientation: canonical orientation code for this run (e.g. ``"RPS"``) instead of the card's.
-        check_orientation: run the orientation self-check (:mod:`hsam.orientation_check`); when it finds the
+        check_orientation: run the orientation self-check (:mod:`hsam.checks.orientation`); when it finds the
             model doing clearly better on mirrored or turned slices, a warning containing "orientation" is added to
             ``warnings``; its measurements are in ``orientation_check``. With it the final labels' sides are
-            checked in patient coordinates (:mod:`hsam.laterality_check`, no extra inference; ``laterality_check``).
+            checked in patient coordinates (:mod:`hsam.checks.laterality`, no extra inference; ``laterality_check``).
         refine: the refine stage (:mod:`hsam.prompting.refine`): each slice's automatic result prompts LiteMedSAM's
             decoder. True: required (an error where the model cannot have it); None: where it can; False: off.
         slab: encode only the slab around the organs (:mod:`hsam.slab`: probe slices first, then the range
@@ -357,7 +357,7 @@ def segment_volume(
             "results on MR or pre-normalised images are unreliable"
         )
     total = canonical.shape[0]
-    from hsam.body_mask import clear_outside_trunk, tissue_threshold, trunk_box
+    from hsam.checks.body_mask import clear_outside_trunk, tissue_threshold, trunk_box
 
     sx, sy, sz = how.canonical_spacing
     pixel_mm, tissue_hu = (sy, sx), tissue_threshold(window_hu[0])  # how the trunk mask tells the trunk on a slice
@@ -435,7 +435,7 @@ def segment_volume(
             progress(done, len(todo) if slab_chosen else total)
     check = None
     if check_orientation:
-        from hsam.orientation_check import check_orientation as run_check
+        from hsam.checks.orientation import check_orientation as run_check
 
         def predict_checked(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if cancel is not None and cancel():  # the check's passes answer a cancel as the run's batches do
@@ -468,7 +468,7 @@ def segment_volume(
     del labels
     laterality = None
     if check_orientation:
-        from hsam.laterality_check import check_laterality
+        from hsam.checks.laterality import check_laterality
 
         laterality = check_laterality(label_image, image, names)
         if laterality.warning:

@@ -117,7 +117,7 @@ def segment_volume_reference(
     The orientation self-check runs on the stored slice order; its warning, if any, is in ``warnings``.
     """
     from hsam.inference import DEFAULT_BATCH, SegmentationResult, _class_names, organ_volumes_ml, select_device
-    from hsam.orientation_check import check_orientation as run_check
+    from hsam.checks.orientation import check_orientation as run_check
 
     started = time.perf_counter()
     image = check_volume(image, "the input volume")
@@ -142,8 +142,8 @@ def segment_volume_reference(
     confidence_image = sitk.GetImageFromArray(confidence)
     confidence_image.CopyInformation(image)
     laterality = None
-    if check_orientation:  # sides in patient coordinates (no inference): hsam.laterality_check
-        from hsam.laterality_check import check_laterality
+    if check_orientation:  # sides in patient coordinates (no inference): hsam.checks.laterality
+        from hsam.checks.laterality import check_laterality
 
         laterality = check_laterality(label_image, image, names)
         if laterality.warning:

@@ -107,7 +107,7 @@ def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eage
              post: tuple[str, ...] = ("body",), crop_to_body: bool = False) -> dict:
     """``{post variant: {case: scores}}``. One ``segment_volume`` run per case without post-processing; each
     variant then applies the same functions segment_volume uses (body mask first, then largest component)."""
-    from hsam.body_mask import clear_outside_trunk, tissue_threshold
+    from hsam.checks.body_mask import clear_outside_trunk, tissue_threshold
     from hsam.inference import keep_largest_components, segment_volume
     from hsam.labels import remap_labels
     from hsam.volume import read_image, same_geometry

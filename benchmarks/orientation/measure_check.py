@@ -2,7 +2,7 @@
 left-right, mirrored front-back and turned 180 degrees (voxel arrays flipped in-plane, header kept: a scan whose
 header lies), and optionally cut to sub-ranges of its slices (scans that start or stop at other heights).
 
-Two parts, both with the shipped code (hsam.orientation_check.check_orientation, hsam.laterality_check):
+Two parts, both with the shipped code (hsam.checks.orientation.check_orientation, hsam.checks.laterality):
 
 * cost: ``segment_volume`` run for real on each scan as given (``--live-copies`` adds the copies): wall and CPU
   seconds of the whole run and of the check, and the check's forward passes against the run's;
@@ -31,8 +31,8 @@ import SimpleITK as sitk
 import torch
 
 from hsam.inference import predict_slices_skipping_air, segment_volume
-from hsam.laterality_check import check_laterality
-from hsam.orientation_check import check_orientation
+from hsam.checks.laterality import check_laterality
+from hsam.checks.orientation import check_orientation
 from hsam.volume import from_canonical, read_image, to_canonical
 from hsam.weights import load_named_model
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import CASES, Case, aorta_below_arch, dice, load_case  # noqa: E402
 from embeddings_cache import load_into, save_from  # noqa: E402
 
-from hsam.body_mask import clear_outside_trunk, tissue_threshold, trunk_mask_slice  # noqa: E402
+from hsam.checks.body_mask import clear_outside_trunk, tissue_threshold, trunk_mask_slice  # noqa: E402
 from hsam.prompting.decoder import load_prompt_decoder  # noqa: E402
 from hsam.prompting.embedding import SliceEmbeddings  # noqa: E402
 from hsam.prompting.refine import RefineRule, refine_batch  # noqa: E402

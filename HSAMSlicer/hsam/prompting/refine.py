@@ -1,7 +1,7 @@
 """The automatic refinement stage of ``hsam segment`` (issue 26): the prompt-free result prompts LiteMedSAM.
 
 For every slice and organ: the organ's softmax probability of the automatic model, inside the slice's trunk
-(:mod:`hsam.body_mask`), >= ``min_probability`` gives a box, widened by ``widen_px`` and made at least ``min_side_px``
+(:mod:`hsam.checks.body_mask`), >= ``min_probability`` gives a box, widened by ``widen_px`` and made at least ``min_side_px``
 wide and high; the prompt decoder turns it into a mask; one more pass re-boxes each mask (``rebox_px``) and decodes
 again; organs are merged by the highest decoder logit (background where every logit is negative). Pixel sizes are in
 the 256-px model frame, so they scale with the field of view. Only H-SAM-Lite models have the stage: their image
@@ -135,7 +135,7 @@ def predict_refined(model: torch.nn.Module, slices: np.ndarray, window_hu: Seque
                     ) -> tuple[np.ndarray, np.ndarray]:
     """The refine stage for one batch of raw slices [b,H,W] (HU): the automatic model's logits and embeddings from
     one engine pass, then :func:`refine_batch`. Returns labels and confidence uint8 [b,H,W]."""
-    from hsam.body_mask import tissue_threshold, trunk_mask_slice
+    from hsam.checks.body_mask import tissue_threshold, trunk_mask_slice
     from hsam.inference import model_images
 
     images = model_images(slices, window_hu, model.img_size, device)

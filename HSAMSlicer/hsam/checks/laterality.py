@@ -4,7 +4,7 @@ For a model that finds organs by how they look (the paper's ViT-B model), a scan
 gives labels on the wrong side *in patient coordinates*: the model labels the liver where the liver is in the voxels,
 and the header puts those voxels on the patient's left. This costs no inference: it reads the final labels and the
 CT's body outline. (A position-driven model, such as the bundled demo, keeps putting its liver on the canonical
-right of a mirrored scan, so this check stays silent there; :mod:`hsam.orientation_check` covers that case.)
+right of a mirrored scan, so this check stays silent there; :mod:`hsam.checks.orientation` covers that case.)
 
 Sides are taken in LPS patient coordinates (x grows towards the patient's left) against the body's midline (the
 mean x of the voxels denser than ``BODY_HU``, over the slices that hold either organ group), so the result does not
