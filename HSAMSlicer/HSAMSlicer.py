@@ -350,7 +350,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _fillModelList(self, select: Optional[str] = None) -> None:
         """Installed models first (most accurate first; demo models say so), then manifest models to download. The
         Fine-tune section lists the installed models."""
-        from hsam import weights
+        from hsam.weights.manifest import load_manifest
+        from hsam.weights.store import available_models
 
         combo, bases = self.ui.modelComboBox, self.ui.finetuneBaseComboBox
         wasBlocked = combo.blockSignals(True)
@@ -358,7 +359,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bases.clear()
         installed = set()
         try:
-            for model in weights.available_models():
+            for model in available_models():
                 installed.add(model.id)
                 title = f"{model.title} ({model.id})"
                 if model.demo:
@@ -366,7 +367,7 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.addItem(title, model.id)
                 combo.setItemData(combo.count - 1, str(model.path), qt.Qt.ToolTipRole)
                 bases.addItem(title, model.id)
-            for entry in sorted(weights.load_manifest().values(), key=lambda e: -e.priority):
+            for entry in sorted(load_manifest().values(), key=lambda e: -e.priority):
                 if entry.kind != "hsam" or entry.id in installed:
                     continue
                 suffix = _("download on first use") if entry.downloadable else _("needs import, see tooltip")
@@ -490,17 +491,19 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _downloadFirst(self, modelId: str) -> bool:
         """A manifest model that is not installed yet: show what it is and its terms, and on OK download it in a child
         process, then segment. True when the segmentation must wait (download started or declined)."""
-        from hsam import weights
+        from hsam.paths import hsam_home
+        from hsam.weights.manifest import load_manifest
+        from hsam.weights.store import available_models
 
-        entry = weights.load_manifest().get(modelId)
-        installed = {m.id for m in weights.available_models()}
+        entry = load_manifest().get(modelId)
+        installed = {m.id for m in available_models()}
         if entry is None or entry.kind != "hsam" or modelId in installed or not entry.downloadable:
             return False
         size = sum(f.size or 0 for f in entry.files)
         terms = entry.license_text or _("Licence: {license}").format(license=entry.license or _("see the homepage"))
         text = _("{title} is downloaded now{size}, checked and kept in {folder}.\n\n{terms}\n\n{homepage}\n\n"
                  "Accept these terms and download it?").format(
-            title=entry.title, size=f" ({round(size / 2**20)} MB)" if size else "", folder=weights.hsam_home(),
+            title=entry.title, size=f" ({round(size / 2**20)} MB)" if size else "", folder=hsam_home(),
             terms=terms, homepage=entry.homepage)  # fmt: skip
         if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Download a model")):
             self._setStatus(_("The model was not downloaded; choose another model or import one."))
@@ -725,7 +728,8 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            _("Importing {path}").format(path=path))  # fmt: skip
 
     def onClearCache(self) -> None:
-        from hsam import weights
+        from hsam.paths import hsam_home
+        from hsam.weights.store import remove_model
 
         downloaded = self.logic.downloaded_models()  # only what can be downloaded again
         if not downloaded:
@@ -733,11 +737,11 @@ class HSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not slicer.util.confirmOkCancelDisplay(
             _("Delete these downloaded models from {folder}? They are downloaded again when needed.").format(
-                folder=weights.hsam_home()) + "\n\n" + "\n".join(downloaded)):  # fmt: skip
+                folder=hsam_home()) + "\n\n" + "\n".join(downloaded)):  # fmt: skip
             return
         with self._reportingErrors():
             for model_id in downloaded:
-                weights.remove_model(model_id)
+                remove_model(model_id)
         self._fillModelList()
         self._setStatus(_("Deleted {count} downloaded models.").format(count=len(downloaded)))
 

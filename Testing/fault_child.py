@@ -2,8 +2,8 @@
 
     python fault_child.py labels OUT SEED DEPTH [REPEAT]   write_labels of seeded random labels [DEPTH, 128, 128]
     python fault_child.py model FOLDER SEED                 save_model of a seeded tiny H-SAM into FOLDER
-    python fault_child.py install FOLDER [REPEAT]           hsam.weights.import_model(FOLDER), REPEAT times
-    python fault_child.py fetch MODEL_ID                    hsam.weights.fetch(MODEL_ID)
+    python fault_child.py install FOLDER [REPEAT]           hsam.weights.store.import_model(FOLDER), REPEAT times
+    python fault_child.py fetch MODEL_ID                    hsam.weights.fetch.fetch(MODEL_ID)
     python fault_child.py cli ARG...                        hsam.cli.main([ARG...])
     python fault_child.py export DATA ROOT NAME [REPEAT]    Slicer export_case of the real CT + reference labels
 
@@ -87,12 +87,12 @@ def main(argv: list[str]) -> int:
             model, card = tiny_model(int(args[1]))
             save_model(model, card, args[0])
         elif action == "install":
-            from hsam.weights import import_model
+            from hsam.weights.store import import_model
 
             for _ in range(int(args[1]) if len(args) > 1 else 1):
                 import_model(args[0])
         elif action == "fetch":
-            from hsam.weights import fetch
+            from hsam.weights.fetch import fetch
 
             fetch(args[0])
         elif action == "export":

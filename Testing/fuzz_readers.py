@@ -242,7 +242,7 @@ def pth_target(legacy: bool):
 
 
 def manifest_target(work: Path):
-    from hsam.weights import load_manifest
+    from hsam.weights.manifest import load_manifest
     from hsam.paths import resources_dir
 
     seed = (resources_dir() / "models.json").read_bytes()

@@ -173,7 +173,7 @@ def served_base_weights(folder: Path, monkeypatch, model_id: str, seed: int,  # 
     enough for a test to act while it runs. Yields (server, payload)."""
     import numpy as np
 
-    from hsam import weights
+    from hsam.weights.manifest import MANIFEST_ENV
 
     payload = np.random.default_rng(seed).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
     name = f"{model_id}.pth"
@@ -186,5 +186,5 @@ def served_base_weights(folder: Path, monkeypatch, model_id: str, seed: int,  # 
                        "sha256": hashlib.sha256(payload).hexdigest()}]}]}  # fmt: skip
         path = folder / f"{model_id}-models.json"
         path.write_text(json.dumps(manifest))
-        monkeypatch.setenv(weights.MANIFEST_ENV, str(path))
+        monkeypatch.setenv(MANIFEST_ENV, str(path))
         yield server, payload

@@ -56,7 +56,7 @@ def test_segment_writes_all_outputs_on_the_input_grid(installed, ct_path, tmp_pa
     assert code == 0, err
     # the default is the most accurate installed model: the non-demo one, and it says so
     # (the others: tiny-demo and the H-SAM-Lite demo bundled with the package)
-    from hsam.weights import available_models
+    from hsam.weights.store import available_models
 
     others = len(available_models()) - 1
     assert f"model: tiny-user (the most accurate installed model; {others} other(s) installed)" in err
@@ -135,10 +135,10 @@ def test_bad_input_exits_2_with_one_error_line_and_no_output(installed, ct_path,
 
 
 def test_no_model_installed_says_what_to_do(ct_path, tmp_path, capsys, monkeypatch):
-    import hsam.weights
+    import hsam.weights.store
 
     # a package without the bundled H-SAM-Lite demo (a fresh package has it: Testing/test_lite_model.py)
-    monkeypatch.setattr(hsam.weights, "bundled_models_dir", lambda: tmp_path / "no-bundled-models")
+    monkeypatch.setattr(hsam.weights.store, "bundled_models_dir", lambda: tmp_path / "no-bundled-models")
     assert main(["segment", str(ct_path), "-o", str(tmp_path / "x.nii.gz")]) == 2
     assert "no segmentation model is installed" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
@@ -183,15 +183,15 @@ def test_import_official_rejects_an_unknown_sam_file(tmp_path, capsys, monkeypat
     # without --sam the SAM base weights are downloaded first; offline that fails with where to put the file
     import json
 
-    from hsam import weights
+    from hsam.weights.manifest import MANIFEST_ENV, manifest_path
 
-    manifest = json.loads(weights.manifest_path().read_text())
+    manifest = json.loads(manifest_path().read_text())
     for entry in manifest["models"]:
         for file in entry["files"]:
             if file.get("url"):
                 file["url"] = "http://127.0.0.1:9/" + file["name"]  # nothing listens there: as offline, no traffic out
     (tmp_path / "models.json").write_text(json.dumps(manifest))
-    monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
+    monkeypatch.setenv(MANIFEST_ENV, str(tmp_path / "models.json"))
     assert main(["models", "import-official", str(tmp_path / "h.pth")]) == 2
     assert "could not download sam_vit_b_01ec64.pth" in capsys.readouterr().err
 
@@ -220,7 +220,7 @@ def test_import_official_installs_the_converted_model_as_default(tmp_path, monke
     from hsam.model.config import load_model_config
     from hsam.model.official import export_official
     from hsam.model.sam_compat import build_sam
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     torch.manual_seed(0)
     sam_path, hsam_path = tmp_path / "sam_vit_b_01ec64.pth", tmp_path / "220_epoch_299.pth"

@@ -261,7 +261,7 @@ def test_segment_dicom_folder_to_dicom_seg_end_to_end(dcmqi, ct, tmp_path, capsy
         label_table.organ(int(v)).display_name for v in np.unique(nifti) if v}
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     from hsam.model.checkpoint import read_card
-    from hsam.weights import resolve_model
+    from hsam.weights.store import resolve_model
 
     card = read_card(resolve_model("hsam-lite-demo")[1])
     assert algorithm.AlgorithmName == "hsam-lite-demo" and card.sha256 in algorithm.AlgorithmParameters

@@ -143,7 +143,7 @@ def test_segmentation_with_damaged_terminology_fields(tmp_path):
 def test_malformed_or_hostile_manifest_gets_one_line_error(tmp_path, manifest):
     """A mirror's manifest (HSAM_MANIFEST) that is malformed, or names files outside the cache, is refused."""
     from hsam.errors import HSAMError
-    from hsam.weights import load_manifest
+    from hsam.weights.manifest import load_manifest
 
     path = tmp_path / "models.json"
     path.write_text(json.dumps(manifest))

@@ -16,7 +16,7 @@ DEMO_ID = "hsam-lite-demo"
 
 
 def test_demo_model_is_bundled_and_installed_by_default() -> None:
-    from hsam.weights import available_models, bundled_models_dir, default_model_id, resolve_model
+    from hsam.weights.store import available_models, bundled_models_dir, default_model_id, resolve_model
 
     models = {m.id: m for m in available_models()}  # HSAM_HOME is an empty per-test folder (conftest)
     assert DEMO_ID in models, "the bundled demo model is missing from the package"
@@ -35,7 +35,7 @@ def test_demo_model_has_its_forgetting_guard_reference_cases() -> None:
     from types import SimpleNamespace
 
     from hsam.training.reference import reference_cases
-    from hsam.weights import available_models
+    from hsam.weights.store import available_models
 
     card = next(m.card for m in available_models() if m.id == DEMO_ID)
     reference = reference_cases(SimpleNamespace(name=card["name"], extra=card.get("extra")))
@@ -46,7 +46,7 @@ def test_demo_model_has_its_forgetting_guard_reference_cases() -> None:
 def test_installed_model_with_the_same_id_takes_precedence(tmp_path) -> None:
     import shutil
 
-    from hsam.weights import available_models, bundled_models_dir, models_dir, resolve_model
+    from hsam.weights.store import available_models, bundled_models_dir, models_dir, resolve_model
 
     own = models_dir() / DEMO_ID
     shutil.copytree(bundled_models_dir() / DEMO_ID, own)
@@ -61,7 +61,7 @@ def test_demo_model_segments_the_sample_ct(real_data) -> None:
     from hsam.evaluation.metrics import dice
     from hsam.inference import segment_volume
     from hsam.labels import remap_labels
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     model, card = load_named_model(None)  # the default model with an empty cache: the bundled demo
     assert card.name == DEMO_ID
@@ -85,7 +85,7 @@ def test_demo_model_finds_the_liver_of_a_patient_it_never_saw(real_data) -> None
     from hsam.evaluation.metrics import dice
     from hsam.inference import segment_volume
     from hsam.volume import read_image
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     model, card = load_named_model(None)
     image = read_image(real_data / "dcmqi" / "ct-3slice")

@@ -212,7 +212,7 @@ def test_demo_model_on_real_ct_as_given_mirrored_and_turned(real_data):
     """The sample CT, cut to its 12 central slices to keep the test short (the check still picks one)."""
     from hsam.inference import segment_volume
     from hsam.volume import read_image
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     model, card = load_named_model("hsam-lite-demo")
     image = read_image(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"))[:, :, 9:21]
@@ -329,7 +329,7 @@ def test_demo_model_flags_the_example_ct_copies_the_old_choice_missed(real_data,
     """The whole example_ct (112 slices), mirrored front-back or turned under its header, run for real."""
     from hsam.inference import segment_volume
     from hsam.volume import read_image
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     model, card = load_named_model("hsam-lite-demo")
     image = read_image(str(real_data / "totalsegmentator" / "example_ct.nii.gz"))

@@ -37,7 +37,7 @@ def three_slices(real_data) -> tuple[sitk.Image, np.ndarray]:
 def test_refined_labels_stay_in_the_trunk_and_find_the_liver(three_slices):
     from hsam.checks.body_mask import trunk_mask_slice
     from hsam.inference import segment_volume
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     ct, reference = three_slices
     model, card = load_named_model("hsam-lite-demo")

@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam import weights
 from hsam.volume import read_labels, write_labels
+from hsam.weights.cache import CHUNK, partial_dir
+from hsam.weights.fetch import fetch
+from hsam.weights.manifest import MANIFEST_ENV
+from hsam.weights.store import MODEL_FILES, import_model, models_dir, verify_model_folder
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "fault_child.py"
@@ -146,7 +149,7 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
 def test_full_disk_during_hsam_segment_keeps_previous_outputs(tiny_files, real_data, tmp_path):
     """The labels fit under the limit but the (uncompressed) confidence map does not: previous outputs must survive."""
     ct = real_data / "totalsegmentator" / "example_ct_sm.nii.gz"
-    weights.import_model(tiny_files["v1"])
+    import_model(tiny_files["v1"])
     out, confidence, stats = tmp_path / "ct labels.seg.nrrd", tmp_path / "confidence.nii", tmp_path / "volumes.csv"
     args = ["segment", str(ct), "-o", str(out), "--confidence", str(confidence), "--stats", str(stats),
             "--model", "tiny", "-q", "--device", "cpu"]  # fmt: skip
@@ -221,7 +224,7 @@ def test_killed_while_writing_labels_leaves_the_previous_or_the_new_file(tmp_pat
 
 
 def test_killed_while_installing_a_model_keeps_a_complete_model(tiny_files):
-    from hsam.weights import available_models, import_model, models_dir, resolve_model, verify_model_folder
+    from hsam.weights.store import available_models, import_model, models_dir, resolve_model, verify_model_folder
 
     import_model(tiny_files["v1"])
     digests = {digest(tiny_files[v] / "model.safetensors") for v in ("v1", "v2")}
@@ -246,16 +249,16 @@ def test_killed_while_installing_a_model_keeps_a_complete_model(tiny_files):
 def model_server(tiny_files, tmp_path, monkeypatch):
     """A local server publishing version ``v1``/``v2`` of the tiny model as manifest entry ``tiny-dl``."""
     manifest = tmp_path / "models.json"
-    monkeypatch.setenv(weights.MANIFEST_ENV, str(manifest))
+    monkeypatch.setenv(MANIFEST_ENV, str(manifest))
     with serve_files({}) as httpd:
 
         def publish(version: str) -> None:
             folder = tiny_files[version]
-            httpd.files = {f"{version}/{n}": (folder / n).read_bytes() for n in weights.MODEL_FILES}
+            httpd.files = {f"{version}/{n}": (folder / n).read_bytes() for n in MODEL_FILES}
             files = [
                 {"name": n, "url": httpd.url(f"{version}/{n}"), "size": len(httpd.files[f"{version}/{n}"]),
                  "sha256": hashlib.sha256(httpd.files[f"{version}/{n}"]).hexdigest()}
-                for n in weights.MODEL_FILES
+                for n in MODEL_FILES
             ]  # fmt: skip
             entry = {"id": "tiny-dl", "title": "tiny", "kind": "hsam", "backbone": "vit_tiny", "files": files}
             manifest.write_text(json.dumps({"models": [entry]}))
@@ -265,49 +268,49 @@ def model_server(tiny_files, tmp_path, monkeypatch):
 
 
 def _installed_digest() -> str:
-    folder = weights.models_dir() / "tiny-dl"
-    weights.verify_model_folder(folder)
+    folder = models_dir() / "tiny-dl"
+    verify_model_folder(folder)
     return digest(folder / "model.safetensors")
 
 
 def _no_partial_files_outside_partial() -> None:
-    home = weights.models_dir().parent
+    home = models_dir().parent
     for path in home.rglob("*"):
-        if weights.partial_dir() in path.parents or path == weights.partial_dir():
+        if partial_dir() in path.parents or path == partial_dir():
             continue
         assert not path.name.endswith((".part", ".tmp")) and not path.name.startswith("."), path
-    if weights.models_dir().is_dir():
-        assert listing(weights.models_dir()) == {"tiny-dl"}
+    if models_dir().is_dir():
+        assert listing(models_dir()) == {"tiny-dl"}
 
 
 def test_cut_download_keeps_the_installed_model_and_resumes(model_server, tiny_files):
     from hsam.errors import HSAMError
 
     model_server.publish("v1")
-    weights.fetch("tiny-dl")
+    fetch("tiny-dl")
     v1 = _installed_digest()
     model_server.publish("v2")  # an update is published; the connection drops mid-way through the tensors
-    model_server.cut_at = 5 * weights.CHUNK
+    model_server.cut_at = 5 * CHUNK
     with pytest.raises(HSAMError, match="run the same command again"):
-        weights.fetch("tiny-dl")
+        fetch("tiny-dl")
     assert _installed_digest() == v1
     _no_partial_files_outside_partial()
-    weights.fetch("tiny-dl")  # the retry resumes where the cut left off
-    assert model_server.range_starts() and model_server.range_starts()[-1] >= 5 * weights.CHUNK
+    fetch("tiny-dl")  # the retry resumes where the cut left off
+    assert model_server.range_starts() and model_server.range_starts()[-1] >= 5 * CHUNK
     assert _installed_digest() == digest(tiny_files["v2"] / "model.safetensors")
     _no_partial_files_outside_partial()
 
 
 def test_download_process_killed_keeps_the_installed_model(model_server, tiny_files):
     model_server.publish("v1")
-    weights.fetch("tiny-dl")
+    fetch("tiny-dl")
     v1 = _installed_digest()
     model_server.publish("v2")
     model_server.delay = 0.01  # ~6 MB/s: the 49 MB tensors file takes seconds
     process = subprocess.Popen([sys.executable, str(CHILD), "fetch", "tiny-dl"], stderr=subprocess.PIPE)
-    part = weights.partial_dir() / "tiny-dl-model.safetensors.part"
+    part = partial_dir() / "tiny-dl-model.safetensors.part"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (part.is_file() and part.stat().st_size > 2 * weights.CHUNK):
+    while time.monotonic() < deadline and not (part.is_file() and part.stat().st_size > 2 * CHUNK):
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.01)
     process.kill()
@@ -315,5 +318,5 @@ def test_download_process_killed_keeps_the_installed_model(model_server, tiny_fi
     assert _installed_digest() == v1
     _no_partial_files_outside_partial()
     model_server.delay = 0.0
-    weights.fetch("tiny-dl")
+    fetch("tiny-dl")
     assert _installed_digest() == digest(tiny_files["v2"] / "model.safetensors")

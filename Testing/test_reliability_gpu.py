@@ -75,7 +75,7 @@ sys.exit(main(sys.argv[2:]))
 def test_cli_finishes_on_the_cpu_when_the_model_does_not_fit(ct, real_data, tmp_path):
     from hsam.model.checkpoint import save_model
     from hsam.volume import read_labels, same_geometry
-    from hsam.weights import import_model
+    from hsam.weights.store import import_model
 
     model, card = tiny_model(0)
     import_model(save_model(model, card, tmp_path / "saved" / "tiny"))

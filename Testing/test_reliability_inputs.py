@@ -41,7 +41,7 @@ def saved_tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def installed(saved_tiny) -> str:
-    from hsam.weights import import_model
+    from hsam.weights.store import import_model
 
     import_model(saved_tiny)
     return "tiny"
@@ -289,7 +289,7 @@ def test_dicom_folder_with_two_series_takes_the_largest_and_says_so(installed, c
 
 def test_non_ascii_and_space_paths_everywhere(saved_tiny, ct, real_data, tmp_path, monkeypatch, capsys):
     """Input file, DICOM folder, output, model folder and HSAM_HOME all under names with spaces and non-ASCII."""
-    from hsam.weights import import_model
+    from hsam.weights.store import import_model
 
     root = tmp_path / "Patiënt Ünïcødé 日本 (copy)"
     monkeypatch.setenv("HSAM_HOME", str(root / "hsam home ñ"))

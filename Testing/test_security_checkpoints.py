@@ -294,7 +294,7 @@ def test_segment_with_card_and_network_of_different_class_counts(saved):
 
 @pytest.mark.parametrize("name", ["../../escaped", "..", ".hidden", "a/b", "a\\b", "C:evil", ""])
 def test_model_card_name_cannot_escape_the_model_cache(saved, tmp_path, name):
-    from hsam.weights import import_model, models_dir
+    from hsam.weights.store import import_model, models_dir
 
     folder = _copy(saved, tmp_path / "named")
     card = json.loads((folder / CARD_FILE).read_text())
@@ -310,7 +310,7 @@ def test_model_card_name_cannot_escape_the_model_cache(saved, tmp_path, name):
 
 
 def test_model_ids_from_the_command_line_cannot_escape(tmp_path):
-    from hsam.weights import remove_model
+    from hsam.weights.store import remove_model
 
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -64,7 +64,7 @@ def test_segment_volume_with_the_slab_keeps_the_full_runs_labels(real_data):
     encodes fewer slices, its labels equal the full run's on >= 99.9 % of voxels, the orientation check runs on
     encoded slices only, and progress ends at the slices encoded."""
     from hsam.inference import segment_volume
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     model, card = load_named_model("hsam-lite-demo")
     image = sitk.ReadImage(str(real_data / "totalsegmentator" / "example_ct.nii.gz"))[:, :, ::3]

@@ -271,7 +271,7 @@ def slow_download(tmp_path, monkeypatch):
 
 def test_cancel_while_downloading_and_resume_later(app, tmp_path, monkeypatch):
     """A model download cancelled half-way leaves no file in the cache; the next download resumes where it stopped."""
-    from hsam import weights
+    from hsam.weights.cache import base_file, partial_dir
 
     # 64 KiB every 50 ms: about 2.5 s for the whole file
     with served_base_weights(tmp_path, monkeypatch, "test-base", seed=0, delay=0.05) as (server, payload):
@@ -280,8 +280,8 @@ def test_cancel_while_downloading_and_resume_later(app, tmp_path, monkeypatch):
         job = logic.start_model_download("test-base")
         seconds, state = stop_at(job, slicer_like_loop, "download", lambda s: s.current > 0)
         assert_stopped(job, seconds, state)
-        assert weights.base_file("test-base") is None, "a cancelled download must not look finished"
-        kept = sum(p.stat().st_size for p in weights.partial_dir().rglob("*") if p.is_file())
+        assert base_file("test-base") is None, "a cancelled download must not look finished"
+        kept = sum(p.stat().st_size for p in partial_dir().rglob("*") if p.is_file())
         assert 0 < kept < len(payload)
 
         server.delay = 0.0
@@ -289,12 +289,12 @@ def test_cancel_while_downloading_and_resume_later(app, tmp_path, monkeypatch):
         state = job.wait(timeout=120, cleanup=True)
         assert not job.folder.exists(), "no folder is left behind"
         assert state.error is None, state.error
-        assert weights.base_file("test-base").read_bytes() == payload
+        assert base_file("test-base").read_bytes() == payload
         assert server.range_starts() and server.range_starts()[-1] > 0, "the second download resumed"
 
 
 def test_cancel_while_fine_tuning(app, sample, tiny_model, tmp_path):
-    from hsam import weights
+    from hsam.weights.store import available_models
 
     logic = HSAMSlicerLogic(app.scene)
     labels = slicer.util.arrayFromVolume(sample) > 100  # any labels: a case only has to be readable
@@ -307,7 +307,7 @@ def test_cancel_while_fine_tuning(app, sample, tiny_model, tmp_path):
     job = logic.start_finetune(cases, str(tiny_model), epochs=500, name="tiny-ft", device="cpu")
     seconds, state = stop_at(job, slicer_like_loop, "train", lambda s: s.current >= 1)
     assert_stopped(job, seconds, state)
-    assert "tiny-ft" not in [m.id for m in weights.available_models()], "no model is installed by a cancelled run"
+    assert "tiny-ft" not in [m.id for m in available_models()], "no model is installed by a cancelled run"
 
 
 def test_closing_the_scene_ends_a_segmentation_but_not_a_download(app, long_ct, tiny_model, slow_download):

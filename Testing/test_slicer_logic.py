@@ -386,7 +386,7 @@ def test_whole_path_with_the_tiny_model_on_the_real_ct(app, ct_path, tiny_model)
 
 def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
     """'Import model file...': a child job installs the file in the (per-test) model cache; it then runs by its id."""
-    from hsam import weights
+    from hsam.weights.store import available_models
 
     logic = HSAMSlicerLogic(app.scene)
     job = logic.start_model_import(str(tiny_model / "model.json"))
@@ -395,7 +395,7 @@ def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
     assert state.error is None, state.error
     model_id = state.result["id"]
     assert model_id == "hsam-tiny-test"
-    assert model_id in [m.id for m in weights.available_models()]
+    assert model_id in [m.id for m in available_models()]
     volume = app.load_volume(ct_path)
     segmentation = logic.process(volume, RunOptions(model=model_id, device="cpu", organs=[5], show_3d=False,
                                                     mode="eager"))
@@ -408,14 +408,16 @@ def test_imported_model_file_is_listed_and_runs_by_id(app, ct_path, tiny_model):
 
 def test_only_re_downloadable_models_are_offered_for_deletion(tiny_model):
     """'Delete downloaded models...' must not offer the user's converted or imported models."""
-    from hsam import weights
+    from hsam.weights.cache import downloads_dir
+    from hsam.weights.manifest import load_manifest
+    from hsam.weights.store import import_model
 
     assert HSAMSlicerLogic.downloaded_models() == []
-    weights.import_model(tiny_model, model_id="hsam-vitb-synapse")  # converted by the user: no download link
-    weights.import_model(tiny_model)  # the user's own model
-    base = weights.load_manifest()["sam-vit-b"].files[0]
-    weights.downloads_dir().mkdir(parents=True, exist_ok=True)
-    (weights.downloads_dir() / base.name).write_bytes(b"stands in for the 375 MB download")
+    import_model(tiny_model, model_id="hsam-vitb-synapse")  # converted by the user: no download link
+    import_model(tiny_model)  # the user's own model
+    base = load_manifest()["sam-vit-b"].files[0]
+    downloads_dir().mkdir(parents=True, exist_ok=True)
+    (downloads_dir() / base.name).write_bytes(b"stands in for the 375 MB download")
     assert HSAMSlicerLogic.downloaded_models() == ["sam-vit-b"]
 
 

@@ -129,10 +129,10 @@ def test_installed_module_finds_its_resources(tmp_path):
     modules = installed_layout(tmp_path / "qt-scripted-modules")
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import hsam, hsam.paths, hsam.labels, hsam.weights, HSAMSlicerLib.dependencies as d;"
+        "import hsam, hsam.paths, hsam.labels, hsam.weights.manifest, HSAMSlicerLib.dependencies as d;"
         "r = hsam.paths.resources_dir();"
         "print(hsam.__file__); print(r);"
-        "print(len(hsam.weights.load_manifest()));"
+        "print(len(hsam.weights.manifest.load_manifest()));"
         "print(d.read_requirements(r / d.REQUIREMENTS_FILE))"
     )
     # -S: no site-packages, so neither the editable install nor anything else can supply hsam

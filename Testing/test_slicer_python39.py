@@ -121,7 +121,7 @@ def test_what_slicers_process_imports_follows_python_39_rules():
         "import slicer_headless\n"
         "import HSAMSlicerLib.logic, HSAMSlicerLib.export, HSAMSlicerLib.results, HSAMSlicerLib.process\n"
         "import HSAMSlicerLib.dependencies, HSAMSlicerLib.geometry\n"
-        "import hsam.volume.intensity, hsam.labels, hsam.weights\n"
+        "import hsam.volume.intensity, hsam.labels, hsam.weights.store, hsam.weights.fetch\n"
         "print('\\n'.join(m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)))\n"
     ) % str(Path(__file__).parent)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -91,7 +91,7 @@ def test_finetune_picks_few_shot_settings_and_stores_the_forgetting_guard(tmp_pa
     from hsam.model.build import build_hsam
     from hsam.model.checkpoint import ModelCard, save_model
     from hsam.model.config import ModelConfig
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     torch.manual_seed(0)
     base = build_hsam(ModelConfig(backbone="vit_tiny", img_size=64, lora_rank=2, keep_cmattn_tensors=False))

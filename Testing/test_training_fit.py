@@ -57,7 +57,7 @@ def test_tiny_training_on_real_ct_fits_and_installs_the_model(tmp_path, real_dat
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "splits" / "train.txt").read_text().split()) == 30
 
-    from hsam.weights import available_models, load_named_model
+    from hsam.weights.store import available_models, load_named_model
 
     assert "hsam-tiny-ct" in [m.id for m in available_models()]
     model, card = load_named_model("hsam-tiny-ct")
@@ -91,7 +91,7 @@ def test_finetune_from_a_saved_model_on_exported_cases(tmp_path, real_data, caps
     from hsam.model.build import build_hsam
     from hsam.model.checkpoint import ModelCard, save_model
     from hsam.model.config import ModelConfig
-    from hsam.weights import available_models, load_named_model
+    from hsam.weights.store import available_models, load_named_model
 
     torch.manual_seed(0)
     base = build_hsam(ModelConfig(backbone="vit_tiny", img_size=64, lora_rank=2, keep_cmattn_tensors=False))

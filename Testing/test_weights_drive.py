@@ -15,13 +15,21 @@ import pytest
 import torch
 
 from conftest import REPOSITORY, one_line_error
-from hsam import drive, weights
 from hsam.errors import HSAMError
+from hsam.paths import resources_dir
+from hsam.weights import drive
+from hsam.weights.cache import CHUNK, downloads_dir, partial_dir
+from hsam.weights.download import download_file
+from hsam.weights.fetch import fetch
+from hsam.weights.manifest import MANIFEST_ENV, load_manifest
+from hsam.weights.official import _official_config
+from hsam.weights.store import default_model_id, load_named_model, models_dir, remove_model
+from hsam.weights.trust import recorded_sha256
 from local_http import serve_files
 from test_model_official import TINY, official_layout, random_official_state, random_sam_file
 
 FILE_ID = "1A1wqTT_FD6FXzqCj9LNStxT425ZfYpnE"
-PAYLOAD = os.urandom(3 * weights.CHUNK + 777)
+PAYLOAD = os.urandom(3 * CHUNK + 777)
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 KEYS_TSV = REPOSITORY.parent / "shared" / "design" / "hsam-official-checkpoint-keys.tsv"
 
@@ -54,19 +62,19 @@ def fake_drive():
 
 
 def test_confirmation_page_is_followed_and_the_file_verified(fake_drive):
-    path = weights.download_file(fake_drive.drive_url(FILE_ID), "x.pth", DIGEST)
+    path = download_file(fake_drive.drive_url(FILE_ID), "x.pth", DIGEST)
     assert path.read_bytes() == PAYLOAD
     assert fake_drive.confirm_pages == 1
-    assert list(weights.partial_dir().iterdir()) == []
+    assert list(partial_dir().iterdir()) == []
 
 
 def test_cut_drive_download_resumes_after_a_fresh_confirmation(fake_drive):
     fake_drive.cut_at = len(PAYLOAD) // 2
     with pytest.raises(HSAMError, match="again to resume"):
-        weights.download_file(fake_drive.drive_url(FILE_ID), "x.pth", DIGEST)
-    kept = (weights.partial_dir() / "x.pth.part").stat().st_size
-    assert 0 < kept < len(PAYLOAD) and not (weights.downloads_dir() / "x.pth").exists()
-    path = weights.download_file(fake_drive.drive_url(FILE_ID), "x.pth", DIGEST)
+        download_file(fake_drive.drive_url(FILE_ID), "x.pth", DIGEST)
+    kept = (partial_dir() / "x.pth.part").stat().st_size
+    assert 0 < kept < len(PAYLOAD) and not (downloads_dir() / "x.pth").exists()
+    path = download_file(fake_drive.drive_url(FILE_ID), "x.pth", DIGEST)
     assert path.read_bytes() == PAYLOAD
     assert fake_drive.confirm_pages == 2 and fake_drive.range_starts() == [kept, kept]  # page, then the file, resumed
 
@@ -76,12 +84,12 @@ def test_cut_drive_download_resumes_after_a_fresh_confirmation(fake_drive):
 def test_quota_and_other_pages_give_one_error_with_the_manual_route(fake_drive, answer, words):
     fake_drive.drive_answer = answer
     url = fake_drive.drive_url(FILE_ID)
-    destination = weights.downloads_dir() / "x.pth"
-    message = one_line_error(lambda: weights.download_file(url, "x.pth", DIGEST), *words, f"open {url} in a browser",
+    destination = downloads_dir() / "x.pth"
+    message = one_line_error(lambda: download_file(url, "x.pth", DIGEST), *words, f"open {url} in a browser",
                              f"save the file as {destination}")
     assert "<" not in message  # the page's text, not its markup
     assert not destination.exists()
-    assert not any(weights.partial_dir().iterdir()) if weights.partial_dir().is_dir() else True
+    assert not any(partial_dir().iterdir()) if partial_dir().is_dir() else True
 
 
 # ------------------------------------------------------------------------------------------------ fetch end to end
@@ -119,51 +127,51 @@ def test_one_command_fetches_checks_converts_and_installs_the_default_model(tiny
     with serve_files({"sam.pth": tiny_official["sam"]}, drive={FILE_ID: tiny_official["hsam"]}) as server:
         _manifest(tmp_path, server.url("sam.pth"), hashlib.sha256(tiny_official["sam"]).hexdigest(),
                   server.drive_url(FILE_ID))
-        monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
-        assert weights.load_manifest()["paper"].downloadable
+        monkeypatch.setenv(MANIFEST_ENV, str(tmp_path / "models.json"))
+        assert load_manifest()["paper"].downloadable
         assert main(["models", "download", "paper"]) == 0
         captured = capsys.readouterr()
         assert "terms of use\nterms" in captured.err
         assert server.confirm_pages == 1
-        assert weights.default_model_id() == "paper"  # above the bundled demo
-        card = json.loads((weights.models_dir() / "paper" / "model.json").read_text())
+        assert default_model_id() == "paper"  # above the bundled demo
+        card = json.loads((models_dir() / "paper" / "model.json").read_text())
         digest = hashlib.sha256(tiny_official["hsam"]).hexdigest()
         assert card["extra"]["source"]["hsam_sha256"] == digest
         assert card["extra"]["source"]["url"] == server.drive_url(FILE_ID)
         assert "first download" in card["extra"]["source"]["hsam_sha256_check"]
-        assert weights.recorded_sha256("paper.pth") == digest
-        model, _ = weights.load_named_model("paper")
+        assert recorded_sha256("paper.pth") == digest
+        model, _ = load_named_model("paper")
         assert model.config.backbone == "vit_tiny"
 
         # the authors' file changes under the same link: refused against the hash recorded at the first download
-        weights.remove_model("paper")
-        (weights.downloads_dir() / "paper.pth").unlink()
+        remove_model("paper")
+        (downloads_dir() / "paper.pth").unlink()
         server.drive[FILE_ID] = tiny_official["other"]
-        one_line_error(lambda: weights.fetch("paper"), "differs from the copy first downloaded", "recorded")
-        assert not (weights.downloads_dir() / "paper.pth").exists() and not (weights.models_dir() / "paper").exists()
+        one_line_error(lambda: fetch("paper"), "differs from the copy first downloaded", "recorded")
+        assert not (downloads_dir() / "paper.pth").exists() and not (models_dir() / "paper").exists()
 
 
 def test_a_file_of_the_wrong_structure_is_discarded(tiny_official, tmp_path, monkeypatch):
     with serve_files({"sam.pth": tiny_official["sam"]}, drive={FILE_ID: tiny_official["broken"]}) as server:
         _manifest(tmp_path, server.url("sam.pth"), hashlib.sha256(tiny_official["sam"]).hexdigest(),
                   server.drive_url(FILE_ID))
-        monkeypatch.setenv(weights.MANIFEST_ENV, str(tmp_path / "models.json"))
-        one_line_error(lambda: weights.fetch("paper"), "paper.pth is not the expected file", "missing",
+        monkeypatch.setenv(MANIFEST_ENV, str(tmp_path / "models.json"))
+        one_line_error(lambda: fetch("paper"), "paper.pth is not the expected file", "missing",
                        "discarded")
-    assert not (weights.downloads_dir() / "paper.pth").exists()
-    assert weights.recorded_sha256("paper.pth") is None
-    assert not any(weights.partial_dir().iterdir())
+    assert not (downloads_dir() / "paper.pth").exists()
+    assert recorded_sha256("paper.pth") is None
+    assert not any(partial_dir().iterdir())
 
 
 def test_shipped_entry_downloads_the_papers_checkpoint_from_drive():
-    entry = weights.load_manifest(Path(weights.resources_dir()) / "models.json")["hsam-vitb-synapse"]
+    entry = load_manifest(Path(resources_dir()) / "models.json")["hsam-vitb-synapse"]
     assert entry.downloadable and entry.requires == ("sam-vit-b",)
     assert drive.drive_file_id(entry.files[0].url) == FILE_ID
     assert entry.files[0].check == "hsam-official" and entry.files[0].sha256 is None
     assert "MIT" in entry.license_text and "Apache" in entry.license_text
     from hsam.model.official import official_layout as layout_of
 
-    expected = layout_of(weights._official_config(entry))
+    expected = layout_of(_official_config(entry))
     assert len(expected) == 489
     if KEYS_TSV.is_file():  # the key list measured on the released code
         measured = {}

@@ -119,7 +119,7 @@ def main() -> None:
 
     from hsam.engines.modes import passes_precision_rule
     from hsam.model.checkpoint import load_model
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     model, card = load_model(args.model) if Path(args.model).is_dir() else load_named_model(args.model)
     classes = list(card.classes)

@@ -423,12 +423,14 @@ class HSAMSlicerLogic:
 
         Models the user imported or converted (no download link in the manifest) are not listed.
         """
-        from hsam import weights
+        from hsam.weights.cache import base_file
+        from hsam.weights.manifest import load_manifest
+        from hsam.weights.store import available_models
 
-        manifest = weights.load_manifest()
+        manifest = load_manifest()
         again = {e.id for e in manifest.values() if e.verified_download}
-        found = [m.id for m in weights.available_models() if m.id in again]
-        found += [i for i in sorted(again) if manifest[i].kind == "base" and weights.base_file(i) is not None]
+        found = [m.id for m in available_models() if m.id in again]
+        found += [i for i in sorted(again) if manifest[i].kind == "base" and base_file(i) is not None]
         return found
 
     # ------------------------------------------------------------------ step 3: result -> MRML (main thread)

@@ -293,7 +293,7 @@ def segment_volume(
 
     Args:
         image: 3-D scalar CT in HU (any orientation; geometry in LPS as SimpleITK keeps it).
-        model, card: from :func:`hsam.weights.load_named_model` / :func:`hsam.model.checkpoint.load_model`. The model
+        model, card: from :func:`hsam.weights.store.load_named_model` / :func:`hsam.model.checkpoint.load_model`. The model
             is moved to the chosen device (and to the CPU after an out-of-memory fallback).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"cuda:N"`` | ``"mps"``.
         batch_size: slices per forward pass (default 8 on CUDA, 4 on MPS, 2 on CPU).

@@ -198,7 +198,7 @@ def main() -> int:
 
     from hsam.engines.cpu import processor
     from hsam.model.checkpoint import load_model
-    from hsam.weights import resolve_model
+    from hsam.weights.store import resolve_model
 
     torch.set_grad_enabled(False)
     data = prepare(args.out / "cases")

@@ -26,7 +26,7 @@ def main() -> None:
 
     from hsam.evaluation.metrics import dice
     from hsam.inference import segment_volume
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     model, card = load_named_model("hsam-lite-demo")
     image = sitk.ReadImage(str(args.data / "totalsegmentator" / "example_ct_sm.nii.gz"))

@@ -27,7 +27,7 @@ def lite_model(model: str | None):
     from hsam.model.checkpoint import load_model
 
     if model is None:
-        from hsam.weights import load_named_model
+        from hsam.weights.store import load_named_model
 
         return load_named_model("hsam-lite-demo", device="cpu")[0]
     return load_model(model)[0]

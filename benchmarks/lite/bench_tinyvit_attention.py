@@ -28,7 +28,7 @@ from hsam.model.tiny_vit import WindowAttention
 from hsam.samples import write_sample
 from hsam.training.augment import resize_image
 from hsam.volume.intensity import window as intensity_window
-from hsam.weights import load_named_model
+from hsam.weights.store import load_named_model
 
 
 def _attention_3d_mask(self: WindowAttention, x: torch.Tensor) -> torch.Tensor:

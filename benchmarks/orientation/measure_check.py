@@ -34,7 +34,7 @@ from hsam.inference import predict_slices_skipping_air, segment_volume
 from hsam.checks.laterality import check_laterality
 from hsam.checks.orientation import check_orientation
 from hsam.volume import from_canonical, read_image, to_canonical
-from hsam.weights import load_named_model
+from hsam.weights.store import load_named_model
 
 COPIES = {"as given": (), "mirrored left-right": (2,), "mirrored front-back": (1,), "turned 180 degrees": (1, 2)}
 Prediction = tuple[np.ndarray, np.ndarray]

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     from hsam.evaluation.metrics import score_volume
     from hsam.labels import ORGANS as ORGAN_TABLE
     from hsam.reference import predict_volume_reference
-    from hsam.weights import load_named_model, resolve_model
+    from hsam.weights.store import load_named_model, resolve_model
 
     cases = test_cases(Path(args.data), Path(args.list) if args.list else None)
     model_id, _ = resolve_model(args.model)

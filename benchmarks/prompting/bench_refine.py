@@ -29,7 +29,7 @@ from hsam.checks.body_mask import clear_outside_trunk, tissue_threshold, trunk_m
 from hsam.prompting.decoder import load_prompt_decoder  # noqa: E402
 from hsam.prompting.embedding import SliceEmbeddings  # noqa: E402
 from hsam.prompting.refine import RefineRule, refine_batch  # noqa: E402
-from hsam.weights import load_named_model  # noqa: E402
+from hsam.weights.store import load_named_model  # noqa: E402
 
 NAMES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach", 7: "aorta",
          8: "pancreas"}

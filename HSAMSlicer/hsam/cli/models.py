@@ -47,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print the manifest and installed models as a table."""
-    from hsam.weights import available_models, base_file, load_manifest
+    from hsam.weights.cache import base_file
+    from hsam.weights.manifest import load_manifest
+    from hsam.weights.store import available_models
 
     manifest = load_manifest()
     installed = {m.id: m for m in available_models()}
@@ -75,7 +77,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_download(args: argparse.Namespace) -> int:
     """Download a manifest entry with a byte progress bar."""
-    from hsam.weights import fetch, load_manifest
+    from hsam.weights.fetch import fetch
+    from hsam.weights.manifest import load_manifest
 
     entry = load_manifest().get(args.id)
     if entry is not None and entry.license_text:  # shown before anything is fetched (the Slicer module asks first)
@@ -89,7 +92,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     """Install a saved model folder into the cache."""
-    from hsam.weights import import_model
+    from hsam.weights.store import import_model
 
     args.reporter.status(f"Installing {args.path}", "install")
     folder = import_model(args.path, args.id)
@@ -100,7 +103,10 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_import_official(args: argparse.Namespace) -> int:
     """Convert and install an official H-SAM checkpoint (downloading the SAM base weights first when missing)."""
-    from hsam.weights import base_file, fetch, import_official, load_manifest
+    from hsam.weights.cache import base_file
+    from hsam.weights.fetch import fetch
+    from hsam.weights.manifest import load_manifest
+    from hsam.weights.official import import_official
 
     if (args.checkpoint is None) == (args.hsam is None):
         raise HSAMError("give the official H-SAM checkpoint once: hsam models import-official FILE.pth (or --hsam FILE.pth)")
@@ -121,7 +127,7 @@ def run_import_official(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     """Remove an installed model or base file."""
-    from hsam.weights import remove_model
+    from hsam.weights.store import remove_model
 
     print(f"removed {remove_model(args.id)}")
     return 0

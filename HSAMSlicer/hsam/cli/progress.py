@@ -107,7 +107,7 @@ class Reporter:
 
 
 def download_progress(reporter: Reporter, what: str, every_s: float = 0.25):
-    """A ``progress(done_bytes, total_bytes)`` callback for :func:`hsam.weights.fetch` that reports through
+    """A ``progress(done_bytes, total_bytes)`` callback for :func:`hsam.weights.fetch.fetch` that reports through
     ``reporter``: a status line first, then byte counts (at most one line per ``every_s`` in JSON mode)."""
     last = [-1.0]
 

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from hsam.prompting.build import confidence_of, run_plan, session_on
     from hsam.prompting.prompt_file import read_prompt_file
     from hsam.volume import check_volume, from_canonical, to_canonical
-    from hsam.weights import load_named_model, resolve_model
+    from hsam.weights.store import load_named_model, resolve_model
 
     started = time.perf_counter()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)

@@ -247,7 +247,7 @@ def run_cohort(args: argparse.Namespace) -> int:
     from hsam.volume import read_image, write_labels
     from hsam.volume.dicom_seg import read_sources, write_dicom_seg
     from hsam.volume.io import LABEL_SUFFIXES, read_dicom_volume
-    from hsam.weights import load_named_model, resolve_model
+    from hsam.weights.store import load_named_model, resolve_model
 
     if args.confidence or args.stats or args.overlay:
         raise HSAMError("--confidence, --stats and --overlay are for single volumes; segment the cohort without them")
@@ -375,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
     from hsam.errors import HSAMError
     from hsam.inference import _selected_channels, select_device, select_precision
     from hsam.volume import read_image
-    from hsam.weights import available_models, fetch, load_named_model, needs_download, resolve_model
+    from hsam.weights.fetch import fetch
+    from hsam.weights.store import available_models, load_named_model, needs_download, resolve_model
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
     outputs = _check_outputs(args)

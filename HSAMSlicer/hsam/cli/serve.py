@@ -39,7 +39,7 @@ class Server:
 
     def __init__(self, model_id: str | None) -> None:
         from hsam.prompting.decoder import load_prompt_decoder
-        from hsam.weights import load_named_model
+        from hsam.weights.store import load_named_model
 
         self.model, self.card = load_named_model(model_id, device="cpu")
         self.decoder = load_prompt_decoder()

@@ -173,7 +173,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from hsam.training.config import load_training_config
     from hsam.training.data import case_folders
     from hsam.training.reference import reference_cases
-    from hsam.weights import resolve_model
+    from hsam.weights.store import resolve_model
 
     model_id, folder = resolve_model(args.model)
     card = read_card(folder)

@@ -127,7 +127,7 @@ def load_subject(options: BenchOptions):  # noqa: ANN201 (model, card, image, de
     from hsam.volume import read_image
 
     if options.model:
-        from hsam.weights import load_named_model
+        from hsam.weights.store import load_named_model
 
         model, card = load_named_model(options.model, device="cpu")
         name = f"{card.name} (trained weights)"

@@ -41,7 +41,7 @@ def _init_from_sam(model: nn.Module, value: Any, config: Mapping[str, Any]) -> N
 
     path = value
     if value == "auto":
-        from hsam.weights import base_file
+        from hsam.weights.cache import base_file
 
         found = base_file(_sam_backbone_id(model.config.backbone))
         if found is None:
@@ -133,7 +133,7 @@ register_initializer("embedding_cache", _enable_embedding_cache)
 def load_source_model(id_or_path: str) -> tuple[nn.Module, Any]:
     """A saved/installed model as a trainable network (fresh build, LoRA unmerged, ``requires_grad`` as built)."""
     from hsam.model.build import build_hsam
-    from hsam.weights import load_named_model
+    from hsam.weights.store import load_named_model
 
     loaded, card = load_named_model(id_or_path, device="cpu")
     loaded.unmerge_lora()

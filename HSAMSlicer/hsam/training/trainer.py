@@ -523,7 +523,7 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
         result.model_dir = save_model(model, card, out / "model")
         result.card = card
         if register:
-            from hsam.weights import import_model
+            from hsam.weights.store import import_model
 
             result.installed = import_model(result.model_dir, config["name"])
     ddp.barrier()
