@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from conftest import one_line_error
 from dicom_variants import ENCODINGS, IDENTIFYING_UIDS, blank, make_multiframe, make_series, remove
 
-from hsam import cohort
+from hsam.cli import cohort
 from hsam.cli import main
 from hsam.volume import read_image, same_geometry
 from hsam.volume.dicom_seg import read_sources

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from conftest import one_line_error
 from seg_validators import check_segs_under
 
-from hsam import cohort
+from hsam.cli import cohort
 from hsam.cli import main
 from hsam.volume import read_image
 from hsam.volume.dicom_series import pick_series, scan_series

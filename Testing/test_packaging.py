@@ -30,5 +30,8 @@ def test_every_data_file_of_the_hsam_package_is_in_package_data():
     files = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
              and "__pycache__" not in p.parts}
     shipped = {p for pattern in data["hsam"] + data["*"] for p in package.glob(pattern)}
+    for name, patterns in data.items():  # a subpackage's own data (hsam.sample_data), relative to its folder
+        if name.startswith("hsam.") and name != "hsam.resources":
+            shipped |= {p for pattern in patterns for p in package.joinpath(*name.split(".")[1:]).glob(pattern)}
     assert files, "no data files found"
     assert files <= shipped, f"add {sorted(str(p.relative_to(package)) for p in files - shipped)} to package-data"

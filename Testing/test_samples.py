@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import one_line_error
-from hsam import samples
+from hsam.sample_data import samples
 from hsam.cli import main
 
 

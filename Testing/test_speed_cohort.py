@@ -1,4 +1,4 @@
-"""Cohorts (hsam.cohort, ``hsam segment FOLDER|LIST -o OUT_DIR``): inputs, resume after a kill, torchrun sharding."""
+"""Cohorts (hsam.cli.cohort, ``hsam segment FOLDER|LIST -o OUT_DIR``): inputs, resume after a kill, torchrun sharding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam import cohort
+from hsam.cli import cohort
 from hsam.cli import main
 from hsam.errors import HSAMError
 from hsam.labels import CLASS_NAMES

@@ -38,7 +38,7 @@ def main() -> int:
     import slicer_headless  # the real MRML library, headless
 
     from hsam.labels import ORGANS
-    from hsam.samples import write_sample
+    from hsam.sample_data.samples import write_sample
     from HSAMSlicerLib.export import collect_labels
     from HSAMSlicerLib.logic import ROLE_TABLE, HSAMSlicerLogic, RunOptions
 

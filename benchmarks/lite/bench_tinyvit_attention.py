@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from hsam.engines.cpu import processor
 from hsam.model.tiny_vit import WindowAttention
-from hsam.samples import write_sample
+from hsam.sample_data.samples import write_sample
 from hsam.training.augment import resize_image
 from hsam.volume.intensity import window as intensity_window
 from hsam.weights.store import load_named_model

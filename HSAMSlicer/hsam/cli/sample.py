@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sample`` command (no torch import here)."""
-    from hsam.samples import SAMPLES
+    from hsam.sample_data.samples import SAMPLES
 
     parser = subparsers.add_parser(
         "sample",
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hsam.samples import write_sample
+    from hsam.sample_data.samples import write_sample
 
     path = write_sample(args.name, args.output, overwrite=args.force)
     print(f"wrote {path}")

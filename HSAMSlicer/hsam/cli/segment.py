@@ -242,7 +242,7 @@ def run_cohort(args: argparse.Namespace) -> int:
     """Segment every case of a folder or list file into the folder ``args.output`` (resumable, sharded)."""
     import SimpleITK as sitk
 
-    from hsam import cohort
+    from hsam.cli import cohort
     from hsam.errors import HSAMError
     from hsam.volume import read_image, write_labels
     from hsam.volume.dicom_seg import read_sources, write_dicom_seg
@@ -351,7 +351,7 @@ def write_outputs(args: argparse.Namespace, outputs: list[Path], result, image, 
         if args.stats:
             _write_text_atomic(stage(next(rest)), stats_csv(result, class_names))
         if args.overlay:
-            from hsam.overlay import render_overlay
+            from hsam.evaluation.overlay import render_overlay
 
             render_overlay(image, result.labels, stage(next(rest)), class_names, title=title)
         for temp, final in staged:
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     """Segment ``args.input`` and write the requested outputs (a whole cohort for a folder or list file)."""
     import SimpleITK as sitk
 
-    from hsam.cohort import is_cohort_source
+    from hsam.cli.cohort import is_cohort_source
 
     if is_cohort_source(args.input):
         return run_cohort(args)

@@ -14,7 +14,7 @@ from pathlib import Path
 from hsam import atomic
 from hsam.errors import HSAMError
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+SAMPLE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
