@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hsam.errors import HSAMError
-from hsam.model.build import available_backbones, build_hsam, register_backbone
+from hsam.model.build import available_backbones, build_hsam
+from hsam.model.registry import register_backbone
 from hsam.model.cmattn import mask_guided_gain, released_gain
 from hsam.model.config import DEFAULT_MODEL_CONFIG, ModelConfig, available_model_configs, load_model_config
 from hsam.model.hsam import prior_from_logits

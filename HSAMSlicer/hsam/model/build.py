@@ -1,36 +1,23 @@
-"""Build an H-SAM network from a :class:`~hsam.model.config.ModelConfig`, with a registry of backbones.
+"""Build an H-SAM network from a :class:`~hsam.model.config.ModelConfig`: the built-in backbones (SAM's ViTs and the
+Lite TinyViT, with LiteMedSAM's frozen encoder as base weights) go into :mod:`hsam.model.registry`, which also takes
+more, e.g.::
 
-A backbone factory takes the config and returns an ``nn.Module`` mapping images [B,3,S,S] in [0,1] to an embedding
-[B,256,S/stride,S/stride] and exposing ``stride`` (int). It sets ``requires_grad`` of its own parameters (the SAM ViTs
-freeze their base weights and train LoRA). Register more with :func:`register_backbone`, e.g. the Lite TinyViT::
-
-    register_backbone("tiny_vit", lambda config: TinyViT())
+    register_backbone("my_backbone", lambda config: MyEncoder())
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
 
 from hsam.model.config import ModelConfig
-
-BackboneFactory = Callable[[ModelConfig], nn.Module]
-_BACKBONES: dict[str, BackboneFactory] = {}
-
-
-def register_backbone(name: str, factory: BackboneFactory, *, replace: bool = False) -> None:
-    """Make ``ModelConfig(backbone=name)`` buildable. Re-registering a name needs ``replace=True``."""
-    if name in _BACKBONES and not replace:
-        raise ValueError(f"backbone {name!r} is already registered")
-    _BACKBONES[name] = factory
+from hsam.model.registry import BackboneFactory, BaseWeights, backbone_factories, register_backbone, register_base_weights
 
 
 def available_backbones() -> list[str]:
-    """Registered backbone names."""
-    _register_builtin()
-    return sorted(_BACKBONES)
+    """Registered backbone names (the built-in ones included)."""
+    register_builtin()
+    return sorted(backbone_factories())
 
 
 def _sam_vit_factory(name: str) -> BackboneFactory:
@@ -42,28 +29,28 @@ def _sam_vit_factory(name: str) -> BackboneFactory:
     return factory
 
 
-def _register_builtin() -> None:
-    for name in ("vit_b", "vit_l", "vit_h", "vit_tiny"):
-        if name not in _BACKBONES:
-            _BACKBONES[name] = _sam_vit_factory(name)
-    if "tiny_vit" not in _BACKBONES:
-        try:  # the Lite backbone module registers itself when it provides ``register()``
-            from hsam.model import tiny_vit
+def register_builtin() -> None:
+    """Register SAM's ViTs, the Lite TinyViT and LiteMedSAM's encoder (base weights ``"litemedsam"``: models saved
+    with it leave out their frozen encoder); names already registered are kept."""
+    from hsam.model import tiny_vit
 
-            register = getattr(tiny_vit, "register", None)
-            if register is not None:
-                register()
-        except ImportError:
-            pass
+    registered = backbone_factories()
+    for name in ("vit_b", "vit_l", "vit_h", "vit_tiny"):
+        if name not in registered:
+            register_backbone(name, _sam_vit_factory(name))
+    if "tiny_vit" not in registered:
+        register_backbone("tiny_vit", tiny_vit.build_lite_backbone)
+        register_base_weights("litemedsam", BaseWeights("image_encoder.", tiny_vit.litemedsam_encoder_state))
 
 
 def build_backbone(config: ModelConfig) -> nn.Module:
-    """The image encoder for ``config.backbone`` (see the module docstring for the contract)."""
-    _register_builtin()
+    """The image encoder for ``config.backbone`` (see :mod:`hsam.model.registry` for the contract)."""
+    register_builtin()
+    factories = backbone_factories()
     try:
-        factory = _BACKBONES[config.backbone]
+        factory = factories[config.backbone]
     except KeyError:
-        raise ValueError(f"unknown backbone {config.backbone!r}; registered: {', '.join(sorted(_BACKBONES))}") from None
+        raise ValueError(f"unknown backbone {config.backbone!r}; registered: {', '.join(sorted(factories))}") from None
     return factory(config)
 
 

