@@ -182,7 +182,7 @@ def _refine_choice(args: argparse.Namespace) -> bool | None:
 def _check_outputs(args: argparse.Namespace) -> list[Path]:
     """Validate every requested output path before any work; returns them."""
     from hsam.errors import HSAMError
-    from hsam.volume.io import LABEL_SUFFIXES, check_writable, suffix_of
+    from hsam.volume.files import LABEL_SUFFIXES, check_writable, suffix_of
 
     outputs = [check_writable(args.output, LABEL_SUFFIXES + (".dcm",))]
     if suffix_of(args.output) == ".dcm" and not Path(args.input).is_dir():
@@ -246,7 +246,8 @@ def run_cohort(args: argparse.Namespace) -> int:
     from hsam.errors import HSAMError
     from hsam.volume import read_image, write_labels
     from hsam.volume.dicom_seg import read_sources, write_dicom_seg
-    from hsam.volume.io import LABEL_SUFFIXES, read_dicom_volume
+    from hsam.volume.files import LABEL_SUFFIXES
+    from hsam.volume.io import read_dicom_volume
     from hsam.weights.store import load_named_model, resolve_model
 
     if args.confidence or args.stats or args.overlay:
@@ -328,7 +329,7 @@ def write_outputs(args: argparse.Namespace, outputs: list[Path], result, image, 
     run left there, as the new ones have already replaced them).
     """
     from hsam.volume import write_image, write_labels
-    from hsam.volume.io import TEMP_PREFIX, _host_tag
+    from hsam.volume.files import TEMP_PREFIX, _host_tag
 
     staged: list[tuple[Path, Path]] = []
 

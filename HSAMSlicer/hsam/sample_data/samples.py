@@ -54,7 +54,7 @@ def sample_bytes(name: str) -> bytes:
 def write_sample(name: str, output: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Write sample ``name`` to ``output`` (a ``.nii.gz`` path) atomically; an existing file is kept unless
     ``overwrite``."""
-    from hsam.volume.io import check_writable
+    from hsam.volume.files import check_writable
 
     target = check_writable(output, (".nii.gz",))
     if target.exists() and not overwrite:

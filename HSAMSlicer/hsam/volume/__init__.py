@@ -3,16 +3,14 @@
 Uses numpy and SimpleITK only (slicerio for ``.seg.nrrd``); never torch.
 """
 
+from hsam.volume.files import LABEL_SUFFIXES, check_writable, suffix_of
 from hsam.volume.grid import onto_grid
 from hsam.volume.intensity import looks_like_ct, window
 from hsam.volume.io import (
-    LABEL_SUFFIXES,
     check_volume,
-    check_writable,
     read_image,
     read_labels,
     same_geometry,
-    suffix_of,
     write_image,
     write_labels,
     write_segmentation,

@@ -172,7 +172,7 @@ def write_dicom_seg(
     import pydicom
 
     from hsam import labels as label_table
-    from hsam.volume.io import _atomic_write, check_writable
+    from hsam.volume.files import atomic_write, check_writable
 
     target = check_writable(path, (".dcm",))
     options.check()
@@ -213,7 +213,7 @@ def write_dicom_seg(
     seg.ImageComments = comments
     if options.compress == "deflate":
         seg.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
-    return _atomic_write(target, lambda temp: seg.save_as(temp, enforce_file_format=True))
+    return atomic_write(target, lambda temp: seg.save_as(temp, enforce_file_format=True))
 
 
 def _comments(algorithm: Algorithm, looked_for: list[int], wanted: list[int], counts: np.ndarray, min_voxels: int,

@@ -1,14 +1,13 @@
 """Reading CT volumes (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps and .seg.nrrd segmentations.
 
 Everything is a ``SimpleITK.Image`` with its physical geometry in LPS, as ITK keeps it. Problems a user can fix raise
-:class:`hsam.errors.HSAMError` with a one-line message. Writes are atomic: a temporary file in the target folder,
-then ``os.replace``, so a failed run never leaves a partial output behind.
+:class:`hsam.errors.HSAMError` with a one-line message. Writes are atomic (:mod:`hsam.volume.files`): a temporary file
+in the target folder, then ``os.replace``, so a failed run never leaves a partial output behind.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -16,22 +15,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from hsam.errors import HSAMError
+from hsam.volume.files import (
+    IMAGE_SUFFIXES,
+    LABEL_SUFFIXES,
+    atomic_write,
+    check_nifti_complete,
+    check_writable,
+    suffix_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hsam.volume.dicom_series import DicomSeries
-
-IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
-LABEL_SUFFIXES: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
-"""Formats :func:`write_labels` can write (one file each); ``.seg.nrrd`` is a Slicer segmentation with terminology."""
-
-
-def suffix_of(path: str | os.PathLike[str]) -> str:
-    """The format-defining suffix, lower case: ``.seg.nrrd``, ``.nii.gz`` or the last suffix."""
-    name = Path(path).name.lower()
-    for double in (".seg.nrrd", ".nii.gz"):
-        if name.endswith(double):
-            return double
-    return Path(name).suffix
 
 
 def read_image(path: str | os.PathLike[str], series: str | None = None) -> sitk.Image:
@@ -54,7 +48,7 @@ def read_image(path: str | os.PathLike[str], series: str | None = None) -> sitk.
         if source.stat().st_size == 0:
             raise HSAMError(f"input file is empty (0 bytes): {source}; copy or export it again")
         if suffix_of(source) in (".nii", ".nii.gz"):
-            _check_nifti_complete(source)  # ITK reads a short NIfTI silently, padding with zeros
+            check_nifti_complete(source)  # ITK reads a short NIfTI silently, padding with zeros
         if suffix_of(source) in (".mha", ".mhd"):
             _check_metaimage_header(source)  # ITK's MetaIO crashes the process on some hostile headers
         try:
@@ -66,46 +60,6 @@ def read_image(path: str | os.PathLike[str], series: str | None = None) -> sitk.
                 f"(NIfTI, NRRD, MHA or a DICOM folder) [{detail}]"
             ) from None
     return check_volume(image, source.name)
-
-
-def _check_nifti_complete(source: Path) -> None:
-    """Raise HSAMError when a NIfTI-1/2 file (optionally gzipped) holds fewer voxel bytes than its header promises."""
-    import gzip
-    import struct
-    import zlib
-
-    opener = gzip.open if suffix_of(source) == ".nii.gz" else open
-    truncated = HSAMError(f"could not read {source.name}: the file is truncated (shorter than its header says); copy or export it again")
-    try:
-        with opener(source, "rb") as handle:
-            header = handle.read(540)
-            if len(header) < 348:
-                raise truncated
-            for endian in "<>":
-                size = struct.unpack(endian + "i", header[:4])[0]
-                if size == 348:  # NIfTI-1
-                    dims = struct.unpack(endian + "8h", header[40:56])
-                    bitpix = struct.unpack(endian + "h", header[72:74])[0]
-                    offset = int(struct.unpack(endian + "f", header[108:112])[0])
-                    break
-                if size == 540:  # NIfTI-2
-                    dims = struct.unpack(endian + "8q", header[16:80])
-                    bitpix = struct.unpack(endian + "h", header[14:16])[0]
-                    offset = struct.unpack(endian + "q", header[168:176])[0]
-                    break
-            else:
-                return  # not NIfTI after all: let ITK report it
-            if not 0 < dims[0] <= 7:
-                return
-            expected = max(offset, 348) + int(np.prod([max(1, d) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
-            total = len(header)
-            while total < expected:
-                chunk = handle.read(min(1 << 22, expected - total))
-                if not chunk:
-                    raise truncated
-                total += len(chunk)
-    except (EOFError, zlib.error, gzip.BadGzipFile):
-        raise truncated from None
 
 
 def _check_metaimage_header(source: Path) -> None:
@@ -300,93 +254,6 @@ def _organ_of_segment(segment: dict, label_table) -> int | None:
         return None
 
 
-def check_writable(path: str | os.PathLike[str], suffixes: Sequence[str] = LABEL_SUFFIXES) -> Path:
-    """Check that ``path`` has a supported suffix and its folder exists and is writable; return it as a Path."""
-    target = Path(path)
-    if suffix_of(target) not in suffixes:
-        raise HSAMError(f"cannot write {target.name}: use one of {', '.join(suffixes)} as the file extension")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise HSAMError(f"output folder does not exist: {folder}; create it first")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".hsam-write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise HSAMError(f"output folder is not writable: {folder} ({error.strerror}); choose another output path") from None
-    return target
-
-
-TEMP_PREFIX = ".tmp-hsam-"
-"""Temp files of :func:`_atomic_write` are ``.tmp-hsam-<host>-<pid>-<random><suffix>`` beside the target."""
-
-
-def _host_tag() -> str:
-    import hashlib
-    import socket
-
-    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
-
-
-def _remove_stale_temps(folder: Path, min_age_s: float = 60.0) -> None:
-    """Delete our temp files left in ``folder`` by a process of this host that was killed mid-write (SIGKILL, power).
-
-    Only files older than ``min_age_s`` whose writer process no longer exists are removed, so a concurrent write is
-    never touched; temp files of other hosts (shared folders) are left alone.
-    """
-    import time
-
-    host = _host_tag()
-    try:
-        candidates = list(folder.glob(f"{TEMP_PREFIX}{host}-*"))
-    except OSError:
-        return
-    for path in candidates:
-        try:
-            pid = int(path.name[len(TEMP_PREFIX) + len(host) + 1 :].split("-", 1)[0])
-            if time.time() - path.stat().st_mtime < min_age_s:
-                continue
-            os.kill(pid, 0)  # raises ProcessLookupError when the writer is gone
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except (ValueError, OSError):
-            continue
-
-
-def _atomic_write(target: Path, writer) -> Path:
-    """Call ``writer(temp_path)`` for a temp file beside ``target`` (same suffix), then move it into place.
-
-    The written file is checked (ITK's NIfTI writer reports success on a full disk and leaves a short file) and
-    synced before ``os.replace``, so the target is either the previous file or the complete new one. The temp file
-    is created with the user's umask (not 0600), so the output gets the same permissions as any other file.
-    """
-    import secrets
-
-    suffix = suffix_of(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    _remove_stale_temps(folder)
-    temp = folder / f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
-    try:
-        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        writer(str(temp))
-        if suffix in (".nii", ".nii.gz"):
-            try:
-                _check_nifti_complete(temp)
-            except HSAMError:
-                raise OSError("the file came out shorter than its header says (disk full or file size limit?)") from None
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        detail = " ".join(str(error.strerror or error).split())[:200]  # ITK messages span several lines
-        raise HSAMError(f"could not write {target}: {detail}; check free disk space and permissions") from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return target
-
-
 def write_image(image: sitk.Image, path: str | os.PathLike[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Path:
     """Write any image (labels, confidence) in the format its extension names (compressed where possible)."""
     target = check_writable(path, [s for s in suffixes if s not in (".seg.nrrd", ".dcm", ".mhd", ".nhdr")])
@@ -400,7 +267,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], suffixes: Seque
             reason = next((line for line in lines if line.startswith("Reason:")), lines[-1])
             raise OSError(reason.removeprefix("Reason:").strip()[:160]) from None
 
-    return _atomic_write(target, writer)
+    return atomic_write(target, writer)
 
 
 def write_labels(labels: sitk.Image, path: str | os.PathLike[str], organs: Sequence[int] | None = None) -> Path:
@@ -440,7 +307,7 @@ def write_segmentation(labels: sitk.Image, path: str | os.PathLike[str], organs:
         # the array is [z, y, x] in C order, i.e. (i, j, k) in Fortran order
         slicerio_segmentation.write_segmentation(temp, segmentation, index_order="C")
 
-    return _atomic_write(target, writer)
+    return atomic_write(target, writer)
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-5) -> bool:
