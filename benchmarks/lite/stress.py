@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 import synth
+from sources import body_centre, load_ct_source, load_mr_source, write_volume
 
 OUT_SIZE, OUT_MM = 512, 500.0 / 512  # the hidden patient's grid: 512x512, 0.98 mm pixels
 CONTRAST = {"aorta": 140.0, "artery": 120.0, "kidney": 60.0, "spleen": 25.0, "liver": 10.0}  # arterial phase, HU
@@ -80,8 +81,6 @@ def main() -> None:
     parser.add_argument("--phases", default="venous,native",
                         help=f"contrast phases of the unseen-anatomy cases, of {','.join(synth.CONTRAST_PHASES)}")
     args = parser.parse_args()
-
-    from prepare_data import body_centre, load_ct_source, load_mr_source, write_volume
 
     args.out.mkdir(parents=True, exist_ok=True)
 
