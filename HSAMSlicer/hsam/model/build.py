@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from hsam.model.config import ModelConfig
-from hsam.model.registry import BackboneFactory, BaseWeights, backbone_factories, register_backbone, register_base_weights
+from hsam.model.registry import (
+    BackboneFactory,
+    BaseWeights,
+    backbone_factories,
+    register_backbone,
+    register_base_weights,
+)
 
 
 def available_backbones() -> list[str]:

@@ -91,7 +91,7 @@ def download_file(
 ) -> Path:
     """Download ``url`` to ``downloads/<name>`` (or ``destination``), verified against ``sha256``; returns the path.
 
-    ``url`` may be a plain HTTP(S) URL or a Google Drive link (:mod:`hsam.drive`: its confirmation page is
+    ``url`` may be a plain HTTP(S) URL or a Google Drive link (:mod:`hsam.weights.drive`: its confirmation page is
     followed; a quota or other web page gives one HSAMError saying how to get the file by hand). When no SHA-256 is
     published (``sha256`` None), ``verify(path)`` must check the file's structure instead (raising HSAMError).
 

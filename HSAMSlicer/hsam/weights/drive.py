@@ -6,7 +6,8 @@ For files too large for Drive's virus scan that endpoint first answers with an H
 form (or, on the older ``/uc`` endpoint, a link) carries the confirmation token; following it gives the file.
 When too many people downloaded the file recently Drive answers with a "quota exceeded" page instead.
 
-This module only reads such pages; :func:`hsam.weights.download.download_file` does the requests. Standard library only.
+This module only reads such pages; :func:`hsam.weights.download.download_file` does the requests. Standard library
+only.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from hsam.weights.manifest import ManifestEntry, load_manifest
 from hsam.weights.store import install_folder
 from hsam.weights.trust import trust_first_use
 
+
 def _official_config(entry: ManifestEntry) -> Any:
     """The network an ``import-official`` entry's checkpoint must fit (backbone, input size, classes, LoRA rank)."""
     from hsam.model.config import ModelConfig
