@@ -44,8 +44,8 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    files = [*PACKAGE.rglob("*.py"), *(SOURCE / "HSAMSlicerLib").glob("*.py"), SOURCE / "HSAMSlicer.py",
-             *BENCHMARKS.rglob("*.py")]
+    """Every module of HSAMSlicer/ (hsam, the Slicer module and its packages) and every benchmark script, by name."""
+    files = [*SOURCE.rglob("*.py"), *BENCHMARKS.rglob("*.py")]
     return {_module_name(path): path for path in files if "__pycache__" not in path.parts}
 
 
@@ -76,7 +76,7 @@ def _imported(node: ast.AST, name: str, path: Path, modules: dict[str, Path]) ->
 
 @functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """``{module: the modules it imports}`` for hsam, HSAMSlicerLib, the module script and benchmarks/."""
+    """``{module: the modules it imports}`` for HSAMSlicer/ (hsam, HSAMSlicerLib, the module script) and benchmarks/."""
     modules = _modules()
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
