@@ -14,7 +14,7 @@ import torch
 from scipy.ndimage import zoom
 
 from conftest import REPOSITORY
-from hsam.reference import predict_volume_reference
+from hsam.pipeline.reference import predict_volume_reference
 from hsam.volume import window
 
 h5py = pytest.importorskip("h5py")
