@@ -49,7 +49,7 @@ def slicer_case(data: Path):
     import SimpleITK as sitk
     import slicer_headless
 
-    from hsam.inference import organ_volumes_ml
+    from hsam.pipeline.result import organ_volumes_ml
     from hsam.labels import CLASS_NAMES, remap_labels
     from HSAMSlicerLib.logic import HSAMSlicerLogic, ModelInfo, RunOptions, SegmentationOutput
 

@@ -1,5 +1,5 @@
 """The code's shape, read from the source with ``ast`` (nothing is imported): no import circles, a package root that
-holds only its foundations, and functions that fit on a screen.
+holds only its foundations (function length: test_function_length.py).
 
 Import graph: every ``import``/``from ... import`` anywhere in a module (at the top, inside functions, under
 ``TYPE_CHECKING``) is an edge, because a circle hidden in a function still ties the two modules together.
@@ -19,20 +19,9 @@ BENCHMARKS = REPOSITORY / "benchmarks"
 
 FOUNDATIONS = {"__init__.py", "__main__.py", "atomic.py", "errors.py", "labels.py", "paths.py"}
 """What the package root may hold besides folders: what every layer imports."""
-BEING_MOVED = {"inference.py", "reference.py", "slab.py"}
-# inference.py, reference.py and slab.py become hsam/pipeline/ on another branch (issue 31, part 2); the lead
-# empties BEING_MOVED when that merges.
 
-KNOWN_CIRCLES = [{"HSAMSlicerLib.logic", "HSAMSlicerLib.export"}, {"hsam.inference", "hsam.prompting.refine"}]
-# Both are broken on other branches (issue 31): HSAMSlicerLib.logic <-> export by the Slicer-module work, and
-# inference <-> prompting.refine (refine borrows inference.model_images) by hsam/pipeline/, where model_images
-# becomes a stage module of its own. The lead empties this list at merge.
-
-MAX_FUNCTION_LINES = 100
-KNOWN_LONG = {"hsam/training/trainer.py:_train", "hsam/inference.py:segment_volume", "hsam/cli/segment.py:run",
-              "hsam/speed/bench.py:run_bench"}
-# these four are being split on another branch (issue 31, part 2); the lead empties KNOWN_LONG at merge.
-
+KNOWN_CIRCLES = [{"HSAMSlicerLib.logic", "HSAMSlicerLib.export"}]
+# broken on the Slicer-module branch (issue 31); the lead empties this list at merge.
 
 def _module_name(path: Path) -> str:
     """``HSAMSlicer/hsam/volume/io.py`` -> ``hsam.volume.io``; a package's ``__init__.py`` -> the package;
@@ -166,32 +155,5 @@ def test_no_import_circles():
 
 
 def test_the_package_root_holds_only_its_foundations():
-    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in FOUNDATIONS | BEING_MOVED)
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in FOUNDATIONS)
     assert not loose, f"hsam/ holds {loose}: put each module in the folder of its role (checks/, weights/, volume/, ...)"
-
-
-def long_functions(root: Path = SOURCE, limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
-    """``{"path/inside/root.py:Class.function": lines}`` for every function longer than ``limit`` lines."""
-    found = {}
-    for path in sorted(root.rglob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        todo: list[tuple[ast.AST, str]] = [(tree, "")]
-        while todo:
-            node, prefix = todo.pop()
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    qualname = prefix + child.name
-                    lines = child.end_lineno - child.lineno + 1
-                    if not isinstance(child, ast.ClassDef) and lines > limit:
-                        found[f"{path.relative_to(root).as_posix()}:{qualname}"] = lines
-                    todo.append((child, qualname + "."))
-                else:
-                    todo.append((child, prefix))
-    return found
-
-
-def test_functions_fit_on_a_screen():
-    found = long_functions()
-    new = {name: lines for name, lines in found.items() if name not in KNOWN_LONG}
-    assert not new, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {new}"
-    assert KNOWN_LONG <= set(found), f"no longer long, remove from KNOWN_LONG: {sorted(KNOWN_LONG - set(found))}"

@@ -81,14 +81,16 @@ def liver_everywhere():
 
 @pytest.mark.parametrize("body_mask", [True, False])
 def test_segment_volume_masks_arms_by_default(liver_everywhere, body_mask):
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
 
     model, card = liver_everywhere
     hu, trunk, touching, free = phantom()
     image = sitk.GetImageFromArray(np.stack([hu] * 3).astype(np.int16))
     image.SetSpacing((PIXEL_MM, PIXEL_MM, 2.0))
     kwargs = {} if body_mask else {"body_mask": False}
-    result = segment_volume(image, model, card, device="cpu", mode="eager", check_orientation=False, **kwargs)
+    result = segment_volume(image, model, card,
+                            SegmentOptions(device="cpu", mode="eager", check_orientation=False, **kwargs))
     labels = sitk.GetArrayFromImage(result.labels)
     assert (labels[:, trunk] == 5).all()
     if body_mask:
@@ -112,14 +114,16 @@ def test_trunk_box_is_a_square_around_the_trunk():
 
 
 def test_crop_to_body_feeds_the_model_the_trunk_only(liver_everywhere):
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
 
     model, card = liver_everywhere
     hu, trunk, touching, free = phantom()
     image = sitk.GetImageFromArray(np.stack([hu] * 2).astype(np.int16))
     image.SetSpacing((PIXEL_MM, PIXEL_MM, 2.0))
-    result = segment_volume(image, model, card, device="cpu", mode="eager", check_orientation=False,
-                            body_mask=False, crop_to_body=True)
+    result = segment_volume(image, model, card,
+                            SegmentOptions(device="cpu", mode="eager", check_orientation=False, body_mask=False,
+                                           crop_to_body=True))
     labels = sitk.GetArrayFromImage(result.labels)
     assert (labels[:, trunk] == 5).all()
     assert (labels[:, free] == 0).mean() > 0.5  # outside the square: background even without the body mask

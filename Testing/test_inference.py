@@ -1,4 +1,4 @@
-"""hsam.inference.segment_volume with the real H-SAM network (tiny config, seeded random weights) on real CT."""
+"""hsam.pipeline.run.segment_volume with the real H-SAM network (tiny config, seeded random weights) on real CT."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import SimpleITK as sitk
 import torch
 
 from hsam.errors import HSAMError
-from hsam.inference import Cancelled, keep_largest_components, segment_volume, select_device, select_precision
+from hsam.pipeline.device import select_device, select_precision
+from hsam.pipeline.options import SegmentOptions
+from hsam.pipeline.post import keep_largest_components
+from hsam.pipeline.result import Cancelled
+from hsam.pipeline.run import segment_volume
 from hsam.labels import CLASS_NAMES
 from hsam.volume import read_image, same_geometry
 
@@ -34,7 +38,7 @@ def ct(real_data):
 @pytest.fixture(scope="module")
 def ct_result(tiny, ct):
     model, card = tiny
-    return segment_volume(ct, model, card, device="cpu")
+    return segment_volume(ct, model, card, SegmentOptions(device="cpu"))
 
 
 def _labels(image: sitk.Image) -> np.ndarray:
@@ -59,7 +63,7 @@ def test_output_grid_equals_ras_nifti_input(ct, ct_result):
 def test_output_grid_equals_lps_dicom_input(tiny, real_data):
     model, card = tiny
     dicom = read_image(real_data / "dcmqi" / "ct-3slice")
-    result = segment_volume(dicom, model, card, device="cpu", batch_size=3)
+    result = segment_volume(dicom, model, card, SegmentOptions(device="cpu", batch_size=3))
     assert same_geometry(result.labels, dicom, 0.0) and same_geometry(result.confidence, dicom, 0.0)
     assert result.labels.GetSize() == (512, 512, 3)
 
@@ -69,7 +73,7 @@ def test_output_grid_equals_lps_dicom_input(tiny, real_data):
 def test_flipped_and_permuted_copies_give_the_same_labels_in_physical_space(tiny, ct, ct_result, order, flips):
     model, card = tiny
     copy = sitk.Flip(sitk.PermuteAxes(ct, order), flips)
-    result = segment_volume(copy, model, card, device="cpu")
+    result = segment_volume(copy, model, card, SegmentOptions(device="cpu"))
     assert same_geometry(result.labels, copy, 0.0)
     # bring the copy's labels back onto the original grid by resampling in physical space (nearest neighbour)
     back = sitk.Resample(result.labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 255)
@@ -82,14 +86,15 @@ def test_oblique_input_keeps_its_grid(tiny, ct):
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     oblique = sitk.Image(ct)
     oblique.SetDirection((rotation @ np.array(ct.GetDirection()).reshape(3, 3)).ravel().tolist())
-    result = segment_volume(oblique, model, card, device="cpu")
+    result = segment_volume(oblique, model, card, SegmentOptions(device="cpu"))
     assert same_geometry(result.labels, oblique, 0.0)
 
 
 def test_progress_and_cancel(tiny, ct):
     model, card = tiny
     calls = []
-    segment_volume(ct, model, card, device="cpu", batch_size=4, slab=False, progress=lambda k, n: calls.append((k, n)))
+    segment_volume(ct, model, card,
+                   SegmentOptions(device="cpu", batch_size=4, slab=False), progress=lambda k, n: calls.append((k, n)))
     assert calls == [(0, 30)] + [(min(30, k), 30) for k in range(4, 34, 4)]  # with the slab search: test_slab.py
     polled = []
 
@@ -99,8 +104,9 @@ def test_progress_and_cancel(tiny, ct):
 
     seen = []
     with pytest.raises(Cancelled):
-        segment_volume(ct, model, card, device="cpu", batch_size=4, slab=False, cancel=cancel,
-                       progress=lambda k, n: seen.append(k))
+        segment_volume(ct, model, card,
+                       SegmentOptions(device="cpu", batch_size=4, slab=False), cancel=cancel, progress=lambda k,
+                                      n: seen.append(k))
     assert seen == [0, 4, 8]  # two batches ran, the third was cancelled before it started
 
 
@@ -108,14 +114,14 @@ def test_organ_subset_and_largest_component(tiny, ct):
     from scipy import ndimage
 
     model, card = tiny
-    result = segment_volume(ct, model, card, device="cpu", organs=["liver", 1], largest_component=True)
+    result = segment_volume(ct, model, card, SegmentOptions(device="cpu", organs=["liver", 1], largest_component=True))
     labels = _labels(result.labels)
     assert set(np.unique(labels)) <= {0, 1, 5}
     for value in (1, 5):
         _, count = ndimage.label(labels == value, structure=np.ones((3, 3, 3)))
         assert count <= 1
     with pytest.raises(HSAMError, match="unknown organ"):
-        segment_volume(ct, model, card, device="cpu", organs=["heart"])
+        segment_volume(ct, model, card, SegmentOptions(device="cpu", organs=["heart"]))
 
 
 def test_keep_largest_components_on_a_known_array():
@@ -130,23 +136,23 @@ def test_keep_largest_components_on_a_known_array():
 def test_bad_inputs_raise_one_line_errors(tiny, ct):
     model, card = tiny
     with pytest.raises(HSAMError, match="2-D"):
-        segment_volume(ct[:, :, 0], model, card, device="cpu")
+        segment_volume(ct[:, :, 0], model, card, SegmentOptions(device="cpu"))
     array = sitk.GetArrayFromImage(ct).astype(np.float32)
     array[1, 2, 3] = np.nan
     nan = sitk.GetImageFromArray(array)
     nan.CopyInformation(ct)
     with pytest.raises(HSAMError, match="NaN"):
-        segment_volume(nan, model, card, device="cpu")
+        segment_volume(nan, model, card, SegmentOptions(device="cpu"))
     with pytest.raises(HSAMError, match="GPU"):
-        segment_volume(ct, model, card, device="cpu", precision="fp16")
+        segment_volume(ct, model, card, SegmentOptions(device="cpu", precision="fp16"))
     with pytest.raises(HSAMError, match="batch size"):
-        segment_volume(ct, model, card, device="cpu", batch_size=0)
+        segment_volume(ct, model, card, SegmentOptions(device="cpu", batch_size=0))
 
 
 def test_mr_input_gets_a_warning(tiny, real_data):
     model, card = tiny
     mr = read_image(real_data / "totalsegmentator" / "example_mr_sm.nii.gz")
-    result = segment_volume(mr, model, card, device="cpu", batch_size=10)
+    result = segment_volume(mr, model, card, SegmentOptions(device="cpu", batch_size=10))
     assert any("does not look like CT" in w for w in result.warnings)
 
 

@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hsam.inference import segment_volume
+from hsam.pipeline.options import SegmentOptions
+from hsam.pipeline.run import segment_volume
 from hsam.labels import CLASS_NAMES
 from hsam.volume import read_image, same_geometry
 
@@ -37,19 +38,19 @@ def ct(real_data):
 
 def test_cuda_matches_cpu_and_half_precision_runs(tiny, ct):
     model, card = tiny
-    cpu = segment_volume(ct, model, card, device="cpu")
-    gpu = segment_volume(ct, model, card, device="cuda", precision="fp32")
+    cpu = segment_volume(ct, model, card, SegmentOptions(device="cpu"))
+    gpu = segment_volume(ct, model, card, SegmentOptions(device="cuda", precision="fp32"))
     assert gpu.device.startswith("cuda") and same_geometry(gpu.labels, ct, 0.0)
     agreement = (sitk.GetArrayViewFromImage(gpu.labels) == sitk.GetArrayViewFromImage(cpu.labels)).mean()
     assert agreement > 0.99
     half_name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    half = segment_volume(ct, model, card, device="auto", precision=half_name)
+    half = segment_volume(ct, model, card, SegmentOptions(device="auto", precision=half_name))
     assert half.device.startswith("cuda") and half.precision in ("bf16", "fp16")
     assert same_geometry(half.labels, ct, 0.0)
     # auto follows the one precision rule (hsam.engines.modes.GPU_AUTO): fp32 until a half precision has met it
     from hsam.engines.modes import gpu_precision
 
-    auto = segment_volume(ct, model, card, device="auto")
+    auto = segment_volume(ct, model, card, SegmentOptions(device="auto"))
     assert auto.precision == gpu_precision("cuda", torch.cuda.is_bf16_supported())[0]
 
 
@@ -62,8 +63,8 @@ def test_out_of_memory_halves_the_batch_then_falls_back_to_cpu(tiny, ct, caplog)
     # cap the allocator just above the weights: every forward pass runs out of memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (1 << 20)) / total)
     try:
-        with caplog.at_level(logging.WARNING, logger="hsam.inference"), pytest.warns(RuntimeWarning, match="CPU"):
-            result = segment_volume(ct, model, card, device="cuda", batch_size=8, precision="fp32")
+        with caplog.at_level(logging.WARNING, logger="hsam.pipeline.engine"), pytest.warns(RuntimeWarning, match="CPU"):
+            result = segment_volume(ct, model, card, SegmentOptions(device="cuda", batch_size=8, precision="fp32"))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     messages = [r.getMessage() for r in caplog.records]
@@ -71,5 +72,5 @@ def test_out_of_memory_halves_the_batch_then_falls_back_to_cpu(tiny, ct, caplog)
     assert result.device == "cpu" and any("continuing on the CPU" in w for w in result.warnings)
     # after the fallback the run continues in speed mode "fast" on the CPU (no export or quantisation mid-run)
     assert result.mode == "fast"
-    reference = segment_volume(ct, model, card, device="cpu", mode="fast", batch_size=8)
+    reference = segment_volume(ct, model, card, SegmentOptions(device="cpu", mode="fast", batch_size=8))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(reference.labels))

@@ -59,7 +59,8 @@ def test_demo_model_segments_the_sample_ct(real_data) -> None:
     import SimpleITK as sitk
 
     from hsam.evaluation.metrics import dice
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.labels import remap_labels
     from hsam.weights.store import load_named_model
 
@@ -69,7 +70,7 @@ def test_demo_model_segments_the_sample_ct(real_data) -> None:
     image = sitk.ReadImage(str(folder / "example_ct_sm.nii.gz"))[:, :, ::3]  # every third slice: 10 slices
     reference = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "example_seg.nii.gz")))[::3],
                              "totalseg_total")
-    result = segment_volume(image, model, card, device="cpu", mode="eager")
+    result = segment_volume(image, model, card, SegmentOptions(device="cpu", mode="eager"))
     labels = sitk.GetArrayFromImage(result.labels)
     assert labels.shape == reference.shape
     scores = {organ: dice(labels == index, reference == index) for organ, index in (("spleen", 1), ("liver", 5))}
@@ -83,13 +84,15 @@ def test_demo_model_finds_the_liver_of_a_patient_it_never_saw(real_data) -> None
     import SimpleITK as sitk
 
     from hsam.evaluation.metrics import dice
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.volume import read_image
     from hsam.weights.store import load_named_model
 
     model, card = load_named_model(None)
     image = read_image(real_data / "dcmqi" / "ct-3slice")
     liver = sitk.GetArrayFromImage(sitk.ReadImage(str(real_data / "dcmqi" / "liver_seg.nrrd"))) == 1
-    labels = sitk.GetArrayFromImage(segment_volume(image, model, card, device="cpu", mode="eager").labels)
+    labels = sitk.GetArrayFromImage(segment_volume(image, model, card,
+                                                   SegmentOptions(device="cpu", mode="eager")).labels)
     assert labels.shape == liver.shape
     assert dice(labels == 5, liver) > 0.8

@@ -210,7 +210,8 @@ def flipped(image: sitk.Image, axes: tuple[int, ...]) -> sitk.Image:
 @pytest.mark.slow
 def test_demo_model_on_real_ct_as_given_mirrored_and_turned(real_data):
     """The sample CT, cut to its 12 central slices to keep the test short (the check still picks one)."""
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.volume import read_image
     from hsam.weights.store import load_named_model
 
@@ -218,7 +219,7 @@ def test_demo_model_on_real_ct_as_given_mirrored_and_turned(real_data):
     image = read_image(str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz"))[:, :, 9:21]
     results = {}
     for name, axes in {"as given": (), "mirrored left-right": (2,), "turned 180 degrees": (1, 2)}.items():
-        result = segment_volume(flipped(image, axes), model, card, device="cpu", mode="eager")
+        result = segment_volume(flipped(image, axes), model, card, SegmentOptions(device="cpu", mode="eager"))
         results[name] = result
     assert results["as given"].warnings == [] and results["as given"].orientation_check["suspect"] is None
     for name in ("mirrored left-right", "turned 180 degrees"):
@@ -255,19 +256,20 @@ def small_ct() -> sitk.Image:
 
 def test_orientation_override_shows_the_model_the_mirrored_slices(tiny_folder, tmp_path, capsys):
     from hsam.cli import main
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.model.checkpoint import load_model
 
     model, card = load_model(tiny_folder)
     image = small_ct()
-    overridden = segment_volume(image, model, card, device="cpu", mode="eager", orientation="RPS")
+    overridden = segment_volume(image, model, card, SegmentOptions(device="cpu", mode="eager", orientation="RPS"))
     assert overridden.orientation == "RPS" and overridden.orientation_check is not None
     # RPS puts the LPS slices mirrored left-right before the network: the same as the card's LPS on a copy whose
     # voxels are mirrored under the same header, mapped back
-    mirrored = segment_volume(flipped(image, (2,)), model, card, device="cpu", mode="eager")
+    mirrored = segment_volume(flipped(image, (2,)), model, card, SegmentOptions(device="cpu", mode="eager"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(overridden.labels),
                                   np.flip(sitk.GetArrayFromImage(mirrored.labels), axis=2))
-    plain = segment_volume(image, model, card, device="cpu", mode="eager", check_orientation=False)
+    plain = segment_volume(image, model, card, SegmentOptions(device="cpu", mode="eager", check_orientation=False))
     assert plain.orientation == "LPS" and plain.orientation_check is None
 
     source, out = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
@@ -281,7 +283,9 @@ def test_orientation_override_shows_the_model_the_mirrored_slices(tiny_folder, t
 
 
 def test_cancel_is_answered_during_the_check(tiny_folder):
-    from hsam.inference import Cancelled, segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.result import Cancelled
+    from hsam.pipeline.run import segment_volume
     from hsam.model.checkpoint import load_model
 
     model, card = load_model(tiny_folder)
@@ -292,7 +296,7 @@ def test_cancel_is_answered_during_the_check(tiny_folder):
         return len(polls) > 1
 
     with pytest.raises(Cancelled, match="orientation check"):
-        segment_volume(small_ct(), model, card, device="cpu", mode="eager", batch_size=4, cancel=cancel)
+        segment_volume(small_ct(), model, card, SegmentOptions(device="cpu", mode="eager", batch_size=4), cancel=cancel)
     assert len(polls) == 2
 
 
@@ -327,13 +331,14 @@ def test_example_ct_copies_measured_slice_choice_and_verdict(copy):
 @pytest.mark.parametrize("name, axes, code", [("mirrored front-back", (1,), "LAS"), ("turned 180 degrees", (1, 2), "RAS")])
 def test_demo_model_flags_the_example_ct_copies_the_old_choice_missed(real_data, name, axes, code):
     """The whole example_ct (112 slices), mirrored front-back or turned under its header, run for real."""
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.volume import read_image
     from hsam.weights.store import load_named_model
 
     model, card = load_named_model("hsam-lite-demo")
     image = read_image(str(real_data / "totalsegmentator" / "example_ct.nii.gz"))
-    result = segment_volume(flipped(image, axes), model, card, device="cpu")
+    result = segment_volume(flipped(image, axes), model, card, SegmentOptions(device="cpu"))
     assert result.orientation_check["suspect"] == name, result.orientation_check
     assert result.orientation_check["suggested_orientation"] == code
     assert any("orientation" in w and f"--orientation {code}" in w for w in result.warnings)

@@ -36,14 +36,16 @@ def three_slices(real_data) -> tuple[sitk.Image, np.ndarray]:
 @pytest.mark.slow  # 3 slices, but 3.5 min on the loaded shared 2-core machine
 def test_refined_labels_stay_in_the_trunk_and_find_the_liver(three_slices):
     from hsam.checks.body_mask import trunk_mask_slice
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.weights.store import load_named_model
 
     ct, reference = three_slices
     model, card = load_named_model("hsam-lite-demo")
     messages: list[str] = []
-    result = segment_volume(ct, model, card, device="cpu", mode="eager", refine=True, check_orientation=False,
-                            status=messages.append)
+    result = segment_volume(ct, model, card,
+                            SegmentOptions(device="cpu", mode="eager", refine=True, check_orientation=False),
+                                           status=messages.append)
     assert any(m.startswith("refine") for m in messages)
     labels = sitk.GetArrayFromImage(result.labels)
     hu = sitk.GetArrayFromImage(ct)
@@ -55,7 +57,8 @@ def test_refined_labels_stay_in_the_trunk_and_find_the_liver(three_slices):
 
 
 def test_refine_needs_a_lite_model(three_slices):
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.labels import CLASS_NAMES
     from hsam.model.build import build_hsam
     from hsam.model.checkpoint import ModelCard
@@ -63,7 +66,8 @@ def test_refine_needs_a_lite_model(three_slices):
 
     config = load_model_config("vit_tiny")
     card = ModelCard.for_config(config, "tiny", title="tiny", classes=list(CLASS_NAMES), demo=True)
-    one_line_error(lambda: segment_volume(three_slices[0], build_hsam(config), card, device="cpu", refine=True),
+    one_line_error(lambda: segment_volume(three_slices[0], build_hsam(config), card,
+                                          SegmentOptions(device="cpu", refine=True)),
                    "H-SAM-Lite", "without --refine")
 
 

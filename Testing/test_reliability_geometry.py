@@ -205,12 +205,13 @@ def tiny():
 @given(perm=st.sampled_from(SIGNED_PERMUTATIONS), oblique=rotations(), use_oblique=st.booleans(), spacing=spacings,
        origin=origins, seed=st.integers(0, 2**31 - 1))  # fmt: skip
 def test_segment_volume_output_has_exactly_the_input_grid(tiny, perm, oblique, use_oblique, spacing, origin, seed):
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
 
     model, card = tiny
     values = np.random.default_rng(seed).normal(0, 300, size=(3, 20, 24)).astype(np.int16)
     image = _image(values, oblique if use_oblique else perm, spacing, origin)
-    result = segment_volume(image, model, card, device="cpu", batch_size=3)
+    result = segment_volume(image, model, card, SegmentOptions(device="cpu", batch_size=3))
     for output in (result.labels, result.confidence):
         assert output.GetSize() == image.GetSize() and output.GetPixelID() == sitk.sitkUInt8
         assert output.GetSpacing() == image.GetSpacing() and output.GetOrigin() == image.GetOrigin()

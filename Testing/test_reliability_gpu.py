@@ -29,22 +29,24 @@ def ct(real_data):
 
 
 def _peak(model, card, ct, batch: int) -> int:
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    segment_volume(ct, model, card, device="cuda", batch_size=batch, precision="fp32")
+    segment_volume(ct, model, card, SegmentOptions(device="cuda", batch_size=batch, precision="fp32"))
     torch.cuda.synchronize()
     return torch.cuda.max_memory_reserved()
 
 
 def test_halving_stops_where_the_batch_fits_and_stays_on_the_gpu(ct):
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
 
     model, card = tiny_model(0)
     model.eval()
-    reference = segment_volume(ct, model, card, device="cuda", batch_size=8, precision="fp32")
+    reference = segment_volume(ct, model, card, SegmentOptions(device="cuda", batch_size=8, precision="fp32"))
     peaks = {b: _peak(model, card, ct, b) for b in (2, 8)}
     assert peaks[8] > peaks[2], peaks
     total = torch.cuda.get_device_properties(0).total_memory
@@ -53,7 +55,7 @@ def test_halving_stops_where_the_batch_fits_and_stays_on_the_gpu(ct):
     cap = peaks[2] + (peaks[8] - peaks[2]) // 8
     torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
-        result = segment_volume(ct, model, card, device="cuda", batch_size=8, precision="fp32")
+        result = segment_volume(ct, model, card, SegmentOptions(device="cuda", batch_size=8, precision="fp32"))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert result.device.startswith("cuda"), result.warnings

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 
 from hsam.cli import main
 from hsam.errors import HSAMError
-from hsam.inference import segment_volume
+from hsam.pipeline.options import SegmentOptions
+from hsam.pipeline.run import segment_volume
 from hsam.volume import read_image, read_labels, same_geometry
 
 HERE = Path(__file__).resolve().parent
@@ -84,10 +85,10 @@ def test_mr_is_refused_with_what_to_do_and_runs_when_asked(installed, real_data,
 def test_one_and_two_slice_volumes(tiny, ct, slices):
     model, card = tiny
     thin = ct[:, :, 10 : 10 + slices]
-    result = segment_volume(thin, model, card, device="cpu")
+    result = segment_volume(thin, model, card, SegmentOptions(device="cpu"))
     assert same_geometry(result.labels, thin, 0.0) and labels_of(result).shape == (slices, 101, 122)
     # the same slices inside the full volume get the same labels: slices are segmented independently
-    full = labels_of(segment_volume(ct[:, :, 8:14], model, card, device="cpu"))
+    full = labels_of(segment_volume(ct[:, :, 8:14], model, card, SegmentOptions(device="cpu")))
     np.testing.assert_array_equal(labels_of(result), full[2 : 2 + slices])
 
 
@@ -99,7 +100,7 @@ def test_two_slice_dicom_series(tiny, real_data, tmp_path):
     image = read_image(folder)
     assert image.GetSize()[2] == 2
     model, card = tiny
-    result = segment_volume(image, model, card, device="cpu", batch_size=2)
+    result = segment_volume(image, model, card, SegmentOptions(device="cpu", batch_size=2))
     assert same_geometry(result.labels, image, 0.0)
 
 
@@ -107,7 +108,8 @@ _LONG_SCAN = r"""
 import json, sys, numpy as np, SimpleITK as sitk
 sys.path.insert(0, sys.argv[1])
 from fault_child import tiny_model
-from hsam.inference import segment_volume
+from hsam.pipeline.options import SegmentOptions
+from hsam.pipeline.run import segment_volume
 
 def peak_kib():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
@@ -122,10 +124,11 @@ def scan(n, tissue_every):
     return sitk.GetImageFromArray(a)
 
 calls = []
-segment_volume(scan(40, 20), model, card, device="cpu", batch_size=4)  # warm-up: engines, allocator pools
+segment_volume(scan(40, 20), model, card,
+               SegmentOptions(device="cpu", batch_size=4))  # warm-up: engines, allocator pools
 before = peak_kib()
-result = segment_volume(scan(int(sys.argv[2]), int(sys.argv[3])), model, card, device="cpu", batch_size=4,
-                        progress=lambda k, n: calls.append((k, n)))
+result = segment_volume(scan(int(sys.argv[2]), int(sys.argv[3])), model, card,
+                        SegmentOptions(device="cpu", batch_size=4), progress=lambda k, n: calls.append((k, n)))
 after = peak_kib()
 print(json.dumps({"grew_kib": after - before, "size": list(result.labels.GetSize()), "calls": calls[-1],
                   "first": calls[0], "labels_max": int(sitk.GetArrayViewFromImage(result.labels).max())}))
@@ -196,9 +199,10 @@ def test_every_voxel_type_gives_the_labels_of_the_same_values(tiny, ct, dtype, l
     """The same HU values stored as int8 ... float64 give identical labels (values clipped to what the type holds)."""
     model, card = tiny
     hu = np.clip(_crop(ct), low, high)
-    reference = labels_of(segment_volume(_with_geometry(hu.astype(np.float32), ct), model, card, device="cpu"))
+    reference = labels_of(segment_volume(_with_geometry(hu.astype(np.float32), ct), model, card,
+                                         SegmentOptions(device="cpu")))
     image = _with_geometry(hu.astype(dtype), ct)
-    result = segment_volume(image, model, card, device="cpu")
+    result = segment_volume(image, model, card, SegmentOptions(device="cpu"))
     assert same_geometry(result.labels, image, 0.0)
     np.testing.assert_array_equal(labels_of(result), reference)
 
@@ -215,8 +219,9 @@ def test_extreme_values_behave_like_the_window_bounds(tiny, ct, dtype, extreme):
     hu[:, -8:] = -extreme - (1 if np.issubdtype(dtype, np.integer) else 0)  # a band of padding
     lo, hi = card.window
     image = _with_geometry(hu.astype(dtype), ct)
-    result = segment_volume(image, model, card, device="cpu")
-    clipped = segment_volume(_with_geometry(np.clip(hu, lo, hi).astype(np.float32), ct), model, card, device="cpu")
+    result = segment_volume(image, model, card, SegmentOptions(device="cpu"))
+    clipped = segment_volume(_with_geometry(np.clip(hu, lo, hi).astype(np.float32), ct), model, card,
+                             SegmentOptions(device="cpu"))
     np.testing.assert_array_equal(labels_of(result), labels_of(clipped))
     assert set(result.volumes_ml) == set(card.classes[1:])
     assert all(np.isfinite(v) for v in result.volumes_ml.values())
@@ -228,7 +233,7 @@ def test_nan_and_inf_are_refused(tiny, ct):
         hu = _crop(ct).astype(np.float32)
         hu[1, 5, 5] = bad
         with pytest.raises(HSAMError, match="NaN or infinite"):
-            segment_volume(_with_geometry(hu, ct), model, card, device="cpu")
+            segment_volume(_with_geometry(hu, ct), model, card, SegmentOptions(device="cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------- DICOM

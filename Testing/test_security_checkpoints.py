@@ -281,12 +281,13 @@ def test_checkpoint_for_another_class_count(saved, tmp_path):
 def test_segment_with_card_and_network_of_different_class_counts(saved):
     import SimpleITK as sitk
 
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
 
     model, card = load_model(saved)
     short = dataclasses.replace(card, classes=card.classes[:5])
     image = sitk.GetImageFromArray(np.full((2, 16, 16), -1000, dtype=np.int16))
-    one_line_error(lambda: segment_volume(image, model, short, device="cpu"), "5 classes", "9 outputs")
+    one_line_error(lambda: segment_volume(image, model, short, SegmentOptions(device="cpu")), "5 classes", "9 outputs")
 
 
 # --------------------------------------------------------------------------------------- names from hostile cards

@@ -1,4 +1,4 @@
-"""Slab search (hsam.slab, issue 30): which slices are encoded, and that the labels stay those of the full run."""
+"""Slab search (hsam.pipeline.slab, issue 30): which slices are encoded, and that the labels stay those of the full run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import needs_litemedsam
-from hsam.slab import choose_slab, encoded_mask, plan_probes
+from hsam.pipeline.slab import choose_slab, encoded_mask, plan_probes
 
 
 def test_probe_step_and_margin_follow_the_slice_spacing():
@@ -63,15 +63,17 @@ def test_segment_volume_with_the_slab_keeps_the_full_runs_labels(real_data):
     """H-SAM-Lite on every 3rd slice of example_ct (38 slices of 9 mm; organs in the upper half): the slab run
     encodes fewer slices, its labels equal the full run's on >= 99.9 % of voxels, the orientation check runs on
     encoded slices only, and progress ends at the slices encoded."""
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.weights.store import load_named_model
 
     model, card = load_named_model("hsam-lite-demo")
     image = sitk.ReadImage(str(real_data / "totalsegmentator" / "example_ct.nii.gz"))[:, :, ::3]
-    full = segment_volume(image, model, card, device="cpu", mode="eager", slab=False)
+    full = segment_volume(image, model, card, SegmentOptions(device="cpu", mode="eager", slab=False))
     calls, messages = [], []
-    sparse = segment_volume(image, model, card, device="cpu", mode="eager", slab=True,
-                            progress=lambda k, n: calls.append((k, n)), status=messages.append)
+    sparse = segment_volume(image, model, card,
+                            SegmentOptions(device="cpu", mode="eager", slab=True), progress=lambda k,
+                                           n: calls.append((k, n)), status=messages.append)
     plan = sparse.slab
     assert plan is not None and plan["encoded"] < plan["total"] == image.GetSize()[2]
     assert calls[0] == (0, plan["total"]) and calls[-1] == (plan["encoded"], plan["encoded"])

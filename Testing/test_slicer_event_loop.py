@@ -218,7 +218,7 @@ volume = app.load_volume({str(real_data / "totalsegmentator" / "example_ct_sm.ni
 node = HSAMSlicerLogic(app.scene).process(volume, RunOptions(model={str(tiny_model)!r}, device="cpu", mode="eager"))
 assert node.GetSegmentation().GetNumberOfSegments() == 8
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnxruntime", "segment_anything")
-               or m.startswith("hsam.model") or m == "hsam.inference")
+               or m.startswith("hsam.model") or m == "hsam.pipeline.run")
 print("HEAVY", heavy)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

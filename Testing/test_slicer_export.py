@@ -17,7 +17,7 @@ import slicer  # noqa: E402
 
 from hsam.errors import HSAMError  # noqa: E402
 from hsam.evaluation import evaluate_files  # noqa: E402
-from hsam.inference import organ_volumes_ml  # noqa: E402
+from hsam.pipeline.result import organ_volumes_ml  # noqa: E402
 from hsam.labels import CLASS_NAMES, ORGANS, color_table_csv, remap_labels  # noqa: E402
 from HSAMSlicerLib.export import (  # noqa: E402
     PROVENANCE_FILE,

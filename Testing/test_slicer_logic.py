@@ -16,7 +16,7 @@ import slicer  # noqa: E402
 import vtk  # noqa: E402
 
 from hsam.errors import HSAMError  # noqa: E402
-from hsam.inference import organ_volumes_ml  # noqa: E402
+from hsam.pipeline.result import organ_volumes_ml  # noqa: E402
 from hsam.labels import CLASS_NAMES, ORGANS, remap_labels  # noqa: E402
 from hsam.training.trainer import held_out_figures  # noqa: E402
 from HSAMSlicerLib import geometry  # noqa: E402

@@ -176,7 +176,7 @@ def test_loading_the_module_imports_neither_torch_nor_simpleitk():
 import sys
 sys.path.insert(0, {str(MODULE)!r})
 import HSAMSlicerLib.logic, HSAMSlicerLib.process, HSAMSlicerLib.dependencies
-print("HEAVY", sorted(m for m in ("torch", "SimpleITK", "onnxruntime", "hsam.inference", "hsam.model") if m in sys.modules))
+print("HEAVY", sorted(m for m in ("torch", "SimpleITK", "onnxruntime", "hsam.pipeline.run", "hsam.model") if m in sys.modules))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

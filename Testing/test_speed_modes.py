@@ -14,7 +14,8 @@ from hsam.engines import cpu as cpu_info
 from hsam.engines.modes import MODES, choose_engine, encoder_family, prepare
 from hsam.engines.vit import FastEncoder, with_encoder
 from hsam.errors import HSAMError
-from hsam.inference import segment_volume
+from hsam.pipeline.options import SegmentOptions
+from hsam.pipeline.run import segment_volume
 from hsam.labels import CLASS_NAMES, remap_labels
 from hsam.speed.bench import dice_per_organ
 
@@ -144,7 +145,7 @@ def trained_tiny(real_data):
 @pytest.fixture(scope="module")
 def eager_labels(trained_tiny):
     model, card, image = trained_tiny
-    result = segment_volume(image, model, card, device="cpu", mode="eager")
+    result = segment_volume(image, model, card, SegmentOptions(device="cpu", mode="eager"))
     labels = sitk.GetArrayFromImage(result.labels)
     assert result.mode == "eager"
     assert len(np.unique(labels)) >= 3, "the tiny model should have learned some organs"
@@ -152,7 +153,7 @@ def eager_labels(trained_tiny):
 
 
 def _agreement(model, card, image, mode, reference):
-    result = segment_volume(image, model, card, device="cpu", mode=mode)
+    result = segment_volume(image, model, card, SegmentOptions(device="cpu", mode=mode))
     assert result.mode == mode
     labels = sitk.GetArrayFromImage(result.labels)
     identical = float((labels == reference).mean())
@@ -243,7 +244,7 @@ def test_air_slices_reuse_one_prediction(trained_tiny):
         calls.append(len(images))
         return predictor(images)
 
-    from hsam.inference import predict_slices, predict_slices_skipping_air
+    from hsam.pipeline.predict import predict_slices, predict_slices_skipping_air
     from hsam.volume import to_canonical
 
     canonical, _ = to_canonical(volume, card.orientation)

@@ -77,7 +77,8 @@ def main() -> int:
 
     import torch
 
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.labels import CLASS_NAMES
     from hsam.model.build import build_hsam
     from hsam.model.checkpoint import ModelCard
@@ -102,8 +103,8 @@ def main() -> int:
 
     started = time.perf_counter()
     image = phantom((args.slices, args.size, args.size))
-    result = segment_volume(image, model, card, device=args.device, batch_size=args.batch_size,
-                            precision=args.precision)
+    result = segment_volume(image, model, card,
+                            SegmentOptions(device=args.device, batch_size=args.batch_size, precision=args.precision))
     seconds = time.perf_counter() - started
     peak = _status("VmHWM") if reset else None
     record = {

@@ -219,7 +219,8 @@ def main() -> int:
             import numpy as np
             import SimpleITK as sitk
 
-            from hsam.inference import segment_volume
+            from hsam.pipeline.options import SegmentOptions
+            from hsam.pipeline.run import segment_volume
             from hsam.model.checkpoint import ModelCard
 
             card = ModelCard.for_config(model.config, "bench", demo=True)
@@ -231,8 +232,9 @@ def main() -> int:
                 for batch in sorted({16, best_batch}):
                     if elapsed() > args.budget * 0.8:
                         break
-                    result = segment_volume(image, model, card, device="cuda", precision="bf16", batch_size=batch,
-                                            mode=mode)
+                    result = segment_volume(image, model, card,
+                                            SegmentOptions(device="cuda", precision="bf16", batch_size=batch,
+                                                           mode=mode))
                     row = {"variant": f"segment_volume-{mode}-bf16", "batch": batch,
                            "slices_per_s": round(160 / result.seconds, 1), "seconds": round(result.seconds, 2)}
                     record["results"].append(row)

@@ -1,6 +1,6 @@
 """Issue 30's one precision rule, measured: every speed mode vs eager fp32 *against the reference labels*.
 
-For each labelled real volume and each mode, the whole volume goes through :func:`hsam.inference.segment_volume`
+For each labelled real volume and each mode, the whole volume goes through :func:`hsam.pipeline.run.segment_volume`
 (slab search off, orientation check off: the network's labels only); per organ present in the reference it records
 Dice against the reference for the mode and for fp32, their difference, and the share of voxels whose label equals
 fp32's. :func:`hsam.engines.modes.passes_precision_rule` then says which modes pass on every volume. One JSON record
@@ -48,12 +48,15 @@ def load_case(data: Path, image_file: str, label_file: str, label_map) -> tuple[
 
 
 def run(image: sitk.Image, model, card, mode: str, slab: bool) -> tuple[np.ndarray, dict]:
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
 
-    segment_volume(image[:, :, :1], model, card, device="cpu", mode=mode, slab=False,
-                   check_orientation=False)  # build/export the engine outside the timed run
+    segment_volume(image[:, :, :1], model, card,
+                   SegmentOptions(device="cpu", mode=mode, slab=False,
+                                  check_orientation=False))  # build/export the engine outside the timed run
     started = time.perf_counter()
-    result = segment_volume(image, model, card, device="cpu", mode=mode, slab=slab, check_orientation=False)
+    result = segment_volume(image, model, card,
+                            SegmentOptions(device="cpu", mode=mode, slab=slab, check_orientation=False))
     info = {"ran": result.mode, "seconds_busy_machine": round(time.perf_counter() - started, 1),
             "slab": result.slab}
     return sitk.GetArrayFromImage(result.labels), info

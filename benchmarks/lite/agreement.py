@@ -25,16 +25,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from hsam.evaluation.metrics import dice
-    from hsam.inference import segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
     from hsam.weights.store import load_named_model
 
     model, card = load_named_model("hsam-lite-demo")
     image = sitk.ReadImage(str(args.data / "totalsegmentator" / "example_ct_sm.nii.gz"))
     runs = {}
     for mode in ["eager"] + args.modes.split(","):
-        segment_volume(image[:, :, :2], model, card, device="cpu", mode=mode)  # build/export the engine first
+        segment_volume(image[:, :, :2], model, card,
+                       SegmentOptions(device="cpu", mode=mode))  # build/export the engine first
         started = time.perf_counter()
-        result = segment_volume(image, model, card, device="cpu", mode=mode)
+        result = segment_volume(image, model, card, SegmentOptions(device="cpu", mode=mode))
         runs[mode] = (sitk.GetArrayFromImage(result.labels), time.perf_counter() - started, result.mode)
     reference = runs["eager"][0]
     report = {}

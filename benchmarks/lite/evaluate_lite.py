@@ -1,6 +1,6 @@
 """Per-organ Dice of an H-SAM(-Lite) model on the shared real volumes, through the product pipeline.
 
-Each volume goes through :func:`hsam.inference.segment_volume` (reorientation, the card's window, resize to S, resize
+Each volume goes through :func:`hsam.pipeline.run.segment_volume` (reorientation, the card's window, resize to S, resize
 back, argmax); Dice is computed per organ on the whole 3-D volume against the TotalSegmentator pseudo-labels mapped to
 the H-SAM organs (``nan``: organ absent from both). ``dcmqi_liver`` is a patient no model here was trained on
 (dcmqi's 3-slice GE CT at the liver dome, 512x512, 0.81 mm, with a manual liver segmentation): only the liver is
@@ -108,7 +108,9 @@ def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eage
     """``{post variant: {case: scores}}``. One ``segment_volume`` run per case without post-processing; each
     variant then applies the same functions segment_volume uses (body mask first, then largest component)."""
     from hsam.checks.body_mask import clear_outside_trunk, tissue_threshold
-    from hsam.inference import keep_largest_components, segment_volume
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.post import keep_largest_components
+    from hsam.pipeline.run import segment_volume
     from hsam.labels import remap_labels
     from hsam.volume import read_image, same_geometry
 
@@ -125,8 +127,9 @@ def evaluate(model, card, data: Path, precision: str = "fp32", mode: str = "eage
             raise SystemExit(f"{label_file} is not on the grid of {image_file}")
         reference = remap_labels(sitk.GetArrayFromImage(labels), label_map)
         started = time.perf_counter()
-        result = segment_volume(image, model, card, device="cpu", precision=precision, mode=mode, body_mask=False,
-                                crop_to_body=crop_to_body)
+        result = segment_volume(image, model, card,
+                                SegmentOptions(device="cpu", precision=precision, mode=mode, body_mask=False,
+                                               crop_to_body=crop_to_body))
         seconds = time.perf_counter() - started
         raw = sitk.GetArrayFromImage(result.labels)
         hu = sitk.GetArrayFromImage(image)

@@ -30,7 +30,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from hsam.inference import predict_slices_skipping_air, segment_volume
+from hsam.pipeline.options import SegmentOptions
+from hsam.pipeline.predict import predict_slices_skipping_air
+from hsam.pipeline.run import segment_volume
 from hsam.checks.laterality import check_laterality
 from hsam.checks.orientation import check_orientation
 from hsam.volume import from_canonical, read_image, to_canonical
@@ -103,7 +105,7 @@ class Predictions:
 def live_row(image: sitk.Image, model, card, scan: str, copy: str) -> dict:
     """One real run with the check: wall and process-CPU seconds of the run and of the check."""
     cpu, started = time.process_time(), time.perf_counter()
-    result = segment_volume(flipped(image, COPIES[copy]), model, card, device="cpu")
+    result = segment_volume(flipped(image, COPIES[copy]), model, card, SegmentOptions(device="cpu"))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     check = result.orientation_check or {}
     return {"scan": scan, "copy": copy, "slices": image.GetSize()[2], "run_s": round(wall, 2), "run_cpu_s": round(cpu, 2),

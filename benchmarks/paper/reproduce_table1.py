@@ -1,5 +1,5 @@
 """Reproduce the columns of Table 1 of the H-SAM paper (Synapse, 10 % of the training slices, ViT-B) with the released
-test protocol: the released test pipeline (:mod:`hsam.reference`) and the released scoring (Dice and HD95 in voxels per
+test protocol: the released test pipeline (:mod:`hsam.pipeline.reference`) and the released scoring (Dice and HD95 in voxels per
 volume, the empty-prediction rules; ``hsam evaluate --protocol reference``).
 
 Two commands, with network access and the Synapse test set of the H-SAM README (``test_vol_h5``, 12 volumes
@@ -75,10 +75,10 @@ def run(args: argparse.Namespace) -> dict:
 
     from hsam.evaluation import markdown_summary, write_csv
     from hsam.evaluation.report import Row, summarize
-    from hsam.inference import select_device
+    from hsam.pipeline.device import select_device
     from hsam.evaluation.metrics import score_volume
     from hsam.labels import ORGANS as ORGAN_TABLE
-    from hsam.reference import predict_volume_reference
+    from hsam.pipeline.reference import predict_volume_reference
     from hsam.weights.store import load_named_model, resolve_model
 
     cases = test_cases(Path(args.data), Path(args.list) if args.list else None)

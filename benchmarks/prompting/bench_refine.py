@@ -2,7 +2,7 @@
 decoder (:mod:`hsam.prompting.refine`), Dice per organ against the reference labels of the labelled CTs.
 
 Both arms run on the same TinyViT embeddings (the demo model's frozen encoder = LiteMedSAM's): the automatic labels
-are the demo's fused logits resized to the slice, softmax argmax (as :func:`hsam.inference.predict_slices`, eager
+are the demo's fused logits resized to the slice, softmax argmax (as :func:`hsam.pipeline.predict.predict_slices`, eager
 fp32), both then cleared outside the trunk (``hsam segment``'s default body mask).
 
     python benchmarks/prompting/bench_refine.py --data ../shared/data/real --cache runs/prompt-embeddings \

@@ -25,7 +25,7 @@ def detect() -> dict[str, object]:
 
     from hsam.engines.cpu import processor
     from hsam.engines.modes import choose_engine
-    from hsam.inference import select_device
+    from hsam.pipeline.device import select_device
 
     cuda = bool(torch.cuda.is_available())
     mps = getattr(torch.backends, "mps", None)

@@ -5,7 +5,7 @@ The JSON lines, in the order a command prints them (every line is one object, fl
 
 - ``{"status": "Loading model ...", "stage": "load"}``: what the command is doing now. Stages: ``download``,
   ``load``, ``engine`` (the engine chosen and why; building the ONNX Runtime engine), ``slab`` (which slices the
-  slab search encodes, :mod:`hsam.slab`), ``segment``, ``train``, ``install``.
+  slab search encodes, :mod:`hsam.pipeline.slab`), ``segment``, ``train``, ``install``.
 - ``{"done": k, "total": n, "stage": "segment"}``: k of n units done (slices, bytes, training steps), after every step.
 - ``{"epoch": k, "epochs": n, "loss": ..., "val_dice": ..., "val_dice_organs": {...}}``: after a training epoch.
 - ``{"warning": "..."}``: something the user should know about the result.

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
     """Read the CT and the prompts, decode them, write the outputs."""
     import SimpleITK as sitk
 
-    from hsam.cli.segment import _algorithm, _check_outputs, write_outputs
-    from hsam.inference import SegmentationResult, organ_volumes_ml
+    from hsam.cli.segment import _algorithm, _check_outputs
+    from hsam.pipeline.result import SegmentationResult, organ_volumes_ml
+    from hsam.pipeline.write import DicomTarget, write_outputs
     from hsam.labels import CLASS_NAMES
     from hsam.prompting.build import confidence_of, run_plan, session_on
     from hsam.prompting.prompt_file import read_prompt_file
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         labels=labels, confidence=from_canonical(confidence_of(session, canonical_labels), how),
         volumes_ml=organ_volumes_ml(labels, CLASS_NAMES), device="cpu", seconds=time.perf_counter() - started,
     )
-    written = write_outputs(args, outputs, result, image, list(CLASS_NAMES), _algorithm(model_id, card), source,
+    dicom = DicomTarget(source, _algorithm(model_id, card)) if source is not None else None
+    written = write_outputs(result, image, list(CLASS_NAMES), outputs, dicom,
                             title=f"{Path(args.input).name} - prompts")
     if not args.quiet:
         say(f"done in {result.seconds:.1f} s: {len(plan.prompts)} prompted slices, "
@@ -98,10 +100,9 @@ def run(args: argparse.Namespace) -> int:
         for name, ml in result.volumes_ml.items():
             if ml:
                 say(f"  {name:<14} {ml:9.1f} ml")
-        for path in written:
+        for path in written.values():
             say(f"wrote {path}")
-    kinds = ["labels"] + [k for k in ("confidence", "stats", "overlay") if getattr(args, k)]
-    reporter.finished(written={kind: str(path) for kind, path in zip(kinds, written)},
+    reporter.finished(written={kind: str(path) for kind, path in written.items()},
                       result={"seconds": round(result.seconds, 3), "volumes_ml": result.volumes_ml,
                               "prompted_slices": len(plan.prompts), "masks": len(session.masks)},
                       model={"id": model_id, "sha256": card.sha256 or ""})

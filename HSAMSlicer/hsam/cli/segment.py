@@ -9,15 +9,19 @@ writable folder before any work, and written atomically; on an error no output f
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from hsam import atomic
 from hsam.cli import progress as progress_option
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.result import SegmentationResult
+    from hsam.pipeline.write import OutputPaths
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,8 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated organ names or label values to segment (default: all)")
     parser.add_argument("--slab", action=argparse.BooleanOptionalAction, default=None,
                         help="encode only the slab around the organs: probe slices every 15 mm, then every slice "
-                        "from 25 mm below the lowest to 25 mm above the highest organ found (hsam.slab; default: "
-                        "on); --no-slab encodes every slice")
+                        "from 25 mm below the lowest to 25 mm above the highest organ found (hsam.pipeline.slab; "
+                        "default: on); --no-slab encodes every slice")
     parser.add_argument("--allow-non-ct", action="store_true",
                         help="segment an image that does not look like CT in Hounsfield units (MR, normalised "
                              "images); the models are trained on CT, so expect poor results")
@@ -145,21 +149,24 @@ def _check_protocol(args: argparse.Namespace) -> None:
         raise HSAMError(f"--input-size must be at least 8 pixels, got {args.input_size}")
 
 
-def _segment(image, model, card, args: argparse.Namespace, organs, progress=None, status=None):  # noqa: ANN001, ANN202
-    """Run the chosen protocol on one volume; returns a SegmentationResult. ``progress(k, n)``: slices done;
-    ``status(text)``: slow preparation steps."""
+def _options(args: argparse.Namespace, organs: list[int | str] | None) -> "SegmentOptions":
+    """The run's :class:`hsam.pipeline.options.SegmentOptions` from the command line (checked by
+    :func:`_check_protocol`)."""
+    from hsam.pipeline.options import REFERENCE_INPUT_SIZE, SegmentOptions
+
     if args.protocol == "reference":
-        from hsam.reference import DEFAULT_INPUT_SIZE, segment_volume_reference
+        return SegmentOptions.reference(device=args.device, batch_size=args.batch_size,
+                                        input_size=args.input_size or REFERENCE_INPUT_SIZE)
+    return SegmentOptions(device=args.device, batch_size=args.batch_size, precision=args.precision, mode=args.mode,
+                          organs=organs, orientation=args.orientation, body_mask=not args.no_body_mask,
+                          slab=args.slab, refine=_refine_choice(args), largest_component=args.largest_component)
 
-        return segment_volume_reference(image, model, card, input_size=args.input_size or DEFAULT_INPUT_SIZE,
-                                        device=args.device, batch_size=args.batch_size, progress=progress)
-    from hsam.inference import segment_volume
 
-    return segment_volume(image, model, card, device=args.device, batch_size=args.batch_size,
-                          precision=args.precision, mode=args.mode, progress=progress,
-                          status=status, largest_component=args.largest_component,
-                          body_mask=not args.no_body_mask, organs=organs,
-                          orientation=args.orientation, refine=_refine_choice(args), slab=args.slab)
+def _organs(args: argparse.Namespace) -> list[int | str] | None:
+    """``--organs`` as names and label values (None: all)."""
+    if not args.organs:
+        return None
+    return [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
 
 
 def _stage_of(status_text: str) -> str:
@@ -179,56 +186,30 @@ def _refine_choice(args: argparse.Namespace) -> bool | None:
     return bool(chosen)
 
 
-def _check_outputs(args: argparse.Namespace) -> list[Path]:
+def _check_outputs(args: argparse.Namespace) -> "OutputPaths":
     """Validate every requested output path before any work; returns them."""
     from hsam.errors import HSAMError
+    from hsam.pipeline.write import OutputPaths
     from hsam.volume.files import LABEL_SUFFIXES, check_writable, suffix_of
 
-    outputs = [check_writable(args.output, LABEL_SUFFIXES + (".dcm",))]
+    labels = check_writable(args.output, LABEL_SUFFIXES + (".dcm",))
     if suffix_of(args.output) == ".dcm" and not Path(args.input).is_dir():
         raise HSAMError(f"{Path(args.output).name}: a DICOM SEG output needs a DICOM folder as input (the SEG references "
                         f"its source images), but {Path(args.input).name} is a file; write .seg.nrrd or .nii.gz instead")
-    if args.confidence:
-        outputs.append(check_writable(args.confidence, tuple(s for s in LABEL_SUFFIXES if s != ".seg.nrrd")))
+    confidence = stats = overlay = None
+    if getattr(args, "confidence", None):
+        confidence = check_writable(args.confidence, tuple(s for s in LABEL_SUFFIXES if s != ".seg.nrrd"))
     if args.stats:
-        outputs.append(check_writable(args.stats, (".csv",)))
+        stats = check_writable(args.stats, (".csv",))
     if args.overlay:
-        outputs.append(check_writable(args.overlay, (".png",)))
-    resolved = [p.resolve() for p in outputs]
+        overlay = check_writable(args.overlay, (".png",))
+    outputs = OutputPaths(labels, confidence, stats, overlay)
+    resolved = [p.resolve() for p in outputs.requested().values()]
     if len(set(resolved)) != len(resolved):
         raise HSAMError("two outputs have the same path; give each output its own file name")
     if Path(args.input).exists() and Path(args.input).resolve() in resolved:
         raise HSAMError("an output path is the input file; choose another output name")
     return outputs
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    from hsam.errors import HSAMError
-
-    try:
-        atomic.write_text(path, text)
-    except OSError as error:
-        raise HSAMError(f"could not write {path}: {error.strerror or error}; check free disk space and permissions") from None
-
-
-def stats_csv(result, class_names) -> str:  # noqa: ANN001 (SegmentationResult; typed loosely to keep imports light)
-    """Per-organ table: label, organ, voxels, volume_ml, mean_confidence (0-1 over the organ's voxels)."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    labels = sitk.GetArrayViewFromImage(result.labels).ravel()
-    confidence = sitk.GetArrayViewFromImage(result.confidence).ravel()
-    counts = np.bincount(labels, minlength=len(class_names))
-    sums = np.bincount(labels, weights=confidence, minlength=len(class_names))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["label", "organ", "voxels", "volume_ml", "mean_confidence"])
-    for index, name in enumerate(class_names):
-        if index == 0:
-            continue
-        mean = sums[index] / counts[index] / 255.0 if counts[index] else 0.0
-        writer.writerow([index, name, int(counts[index]), f"{result.volumes_ml[name]:.3f}", f"{mean:.4f}"])
-    return buffer.getvalue()
 
 
 def _algorithm(model_id: str, card):  # noqa: ANN001, ANN202 (ModelCard -> Algorithm; imports kept light)
@@ -244,6 +225,7 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     from hsam.cli import cohort
     from hsam.errors import HSAMError
+    from hsam.pipeline.run import segment_volume
     from hsam.volume import read_image, write_labels
     from hsam.volume.dicom_seg import read_sources, write_dicom_seg
     from hsam.volume.files import LABEL_SUFFIXES
@@ -281,9 +263,8 @@ def run_cohort(args: argparse.Namespace) -> int:
     model_id, folder = resolve_model(args.model)
     model, card = load_named_model(str(folder), device="cpu")
     say(f"{tag}model: {model_id}; {len(mine)} of {len(cases)} cases; device {device}")
-    organs = None
-    if args.organs:
-        organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
+    organs = _organs(args)
+    options = replace(_options(args, organs), device=device)
 
     def segment_one(case: Path, output: Path) -> None:
         with warnings.catch_warnings(record=True) as caught:  # which series of a study was picked
@@ -301,7 +282,7 @@ def run_cohort(args: argparse.Namespace) -> int:
             if not looks_like_ct(sitk.GetArrayViewFromImage(image)):  # as for one volume: MR is refused unless asked
                 raise HSAMError(f"{case.name} does not look like CT in Hounsfield units; pass --allow-non-ct to "
                                 "segment it anyway")
-        result = _segment(image, model, card, argparse.Namespace(**{**vars(args), "device": device}), organs)
+        result = segment_volume(image, model, card, options)
         for message in result.warnings:
             say(f"{tag}warning: {case.name}: {message}")
         if args.suffix == ".dcm":
@@ -317,133 +298,43 @@ def run_cohort(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def write_outputs(args: argparse.Namespace, outputs: list[Path], result, image, class_names: list[str],  # noqa: ANN001
-                  algorithm, source_series=None, title: str = "", organ_indices: list[int] | None = None,
-                  seg_options=None) -> list[Path]:  # noqa: ANN001
-    """Write the labels (``outputs[0]``; DICOM SEG when ``source_series`` is given, with ``seg_options`` (default:
-    SegOptions()) and ``organ_indices``, the organs looked for) and the requested ``--confidence`` / ``--stats`` /
-    ``--overlay`` files of a SegmentationResult; returns the paths written.
+def _load_model(args: argparse.Namespace) -> tuple[str, Path, Any, Any]:
+    """(model id, folder, model on the CPU, card) of ``--model`` (a manifest model is downloaded on first use)."""
+    from hsam.weights import fetch
+    from hsam.weights.store import load_named_model, needs_download, resolve_model
 
-    All or nothing without losing the previous run: every output is written to a hidden file beside it first and
-    only moved onto its name once all of them were written (deleting a half-set would delete the files the previous
-    run left there, as the new ones have already replaced them).
-    """
-    from hsam.volume import write_image, write_labels
-    from hsam.volume.files import TEMP_PREFIX, _host_tag
-
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(final: Path) -> Path:
-        temp = final.with_name(f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-out-{final.name}")
-        staged.append((temp, final))
-        return temp
-
-    try:
-        if source_series is not None:
-            from hsam.volume.dicom_seg import SegOptions, write_dicom_seg
-
-            write_dicom_seg(result.labels, stage(outputs[0]), source_series.files, algorithm, organ_indices,
-                            seg_options or SegOptions())
-        else:
-            write_labels(result.labels, stage(outputs[0]))
-        rest = iter(outputs[1:])
-        if getattr(args, "confidence", None):
-            write_image(result.confidence, stage(next(rest)))
-        if args.stats:
-            _write_text_atomic(stage(next(rest)), stats_csv(result, class_names))
-        if args.overlay:
-            from hsam.evaluation.overlay import render_overlay
-
-            render_overlay(image, result.labels, stage(next(rest)), class_names, title=title)
-        for temp, final in staged:
-            os.replace(temp, final)
-    except BaseException:
-        for temp, _ in staged:
-            temp.unlink(missing_ok=True)
-        raise
-    return [final for _, final in staged]
-
-
-def run(args: argparse.Namespace) -> int:
-    """Segment ``args.input`` and write the requested outputs (a whole cohort for a folder or list file)."""
-    import SimpleITK as sitk
-
-    from hsam.cli.cohort import is_cohort_source
-
-    if is_cohort_source(args.input):
-        return run_cohort(args)
-
-    from hsam.errors import HSAMError
-    from hsam.inference import _selected_channels, select_device, select_precision
-    from hsam.volume import read_image
-    from hsam.weights.fetch import fetch
-    from hsam.weights.store import available_models, load_named_model, needs_download, resolve_model
-
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
-    outputs = _check_outputs(args)
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    source_series = None  # the DICOM series read, when a DICOM SEG must reference it
-    with warnings.catch_warnings(record=True) as caught:  # e.g. "the folder holds 2 DICOM series: using ..."
-        warnings.simplefilter("always", UserWarning)
-        if outputs[0].name.lower().endswith(".dcm"):
-            from hsam.volume.io import read_dicom_volume
-
-            image, source_series = read_dicom_volume(args.input, args.series)
-            from hsam.volume.dicom_seg import read_sources
-
-            _seg_options(args)
-            read_sources(source_series.files, args.dicom_new_uids)  # refuse unreferenceable sources before any work
-        else:
-            image = read_image(args.input, series=args.series)
-    for warning in caught:
-        args.reporter.warning(str(warning.message))  # also with -q: the user must know what was read
-    if not getattr(args, "allow_non_ct", False):
-        from hsam.volume import looks_like_ct
-
-        if not looks_like_ct(sitk.GetArrayViewFromImage(image)):
-            raise HSAMError(
-                f"{Path(args.input).name} does not look like CT in Hounsfield units (no air near -1000 HU: MR or a "
-                "normalised image?); H-SAM models are trained on CT: pass --allow-non-ct to segment it anyway"
-            )
-
-    select_precision(args.precision, select_device(args.device))
-    _check_protocol(args)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise HSAMError(f"--batch-size must be at least 1, got {args.batch_size}")
     reporter = args.reporter
-    if args.model is not None and needs_download(args.model):  # a manifest model is downloaded on first use
+    if args.model is not None and needs_download(args.model):
         fetch(args.model, progress=progress_option.download_progress(reporter, f"model {args.model}"))
         reporter.close_bar()
     model_id, folder = resolve_model(args.model)
     reporter.status(f"Loading model {model_id}", "load")
     model, card = load_named_model(str(folder), device="cpu")
-    organs = None
-    if args.organs:
-        organs = [int(x) if x.strip().isdigit() else x.strip() for x in args.organs.split(",") if x.strip()]
-    _selected_channels(organs, list(card.classes))
-    # every user choice is settled above, before anything is printed: a mistake gives one error line only
+    return model_id, folder, model, card
+
+
+def _say_model(args: argparse.Namespace, model_id: str, folder: Path, card: Any) -> None:
+    """Which model runs (and that a demo model's labels are not for real use)."""
+    from hsam.weights.store import available_models
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.model is None:
         others = len(available_models()) - 1
         say(f"model: {model_id} (the most accurate installed model{f'; {others} other(s) installed' if others else ''})")
     else:
         say(f"model: {model_id} ({folder})")
-    if card.demo and (reporter.json or not args.quiet):
-        reporter.warning(f"{model_id} is a demo model (card says demo=true); its labels are not meant for real use")
+    if card.demo and (args.reporter.json or not args.quiet):
+        args.reporter.warning(f"{model_id} is a demo model (card says demo=true); its labels are not meant for real "
+                              "use")
 
-    try:
-        result = _segment(image, model, card, args, organs,
-                          progress=lambda done, total: reporter.progress(done, total, "segment"),
-                          status=lambda text: reporter.status(text, _stage_of(text)))
-    finally:
-        reporter.close_bar()
 
-    written = write_outputs(args, outputs, result, image, list(card.classes), _algorithm(model_id, card),
-                            source_series, title=f"{Path(args.input).name} - {model_id}",
-                            organ_indices=_organ_indices(organs), seg_options=_seg_options(args))
-
+def _report(args: argparse.Namespace, result: "SegmentationResult", written: dict[str, Path], model_id: str,
+            card: Any) -> None:
+    """The summary on stderr (unless -q) and the ``finished`` record of the JSON progress."""
     for message in result.warnings:
-        reporter.warning(message)
+        args.reporter.warning(message)
     if not args.quiet:
+        say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
         say(f"done in {result.seconds:.1f} s on {result.device} ({result.precision}, mode {result.mode}, "
             f"batch {result.batch_size})")
         say(f"  engine: {result.mode_reason}")
@@ -451,11 +342,10 @@ def run(args: argparse.Namespace) -> int:
             say(f"  slab: {result.slab['reason']}")
         for name, ml in result.volumes_ml.items():
             say(f"  {name:<14} {ml:9.1f} ml")
-        for path in written:
+        for path in written.values():
             say(f"wrote {path}")
-    kinds = ["labels"] + [k for k in ("confidence", "stats", "overlay") if getattr(args, k)]
-    reporter.finished(
-        written={kind: str(path) for kind, path in zip(kinds, written)},
+    args.reporter.finished(
+        written={kind: str(path) for kind, path in written.items()},
         result={"device": result.device, "precision": result.precision, "mode": result.mode,
                 "mode_reason": result.mode_reason,
                 "batch_size": result.batch_size, "seconds": round(result.seconds, 3), "warnings": result.warnings,
@@ -464,4 +354,56 @@ def run(args: argparse.Namespace) -> int:
         model={"id": model_id, "name": card.name, "title": card.title, "sha256": card.sha256 or "",
                "classes": list(card.classes), "demo": bool(card.demo)},
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment ``args.input`` and write the requested outputs (a whole cohort for a folder or list file): the read,
+    segment (:func:`hsam.pipeline.run.segment_volume`) and write stages, every choice checked before the slow work."""
+    import SimpleITK as sitk
+
+    from hsam.cli.cohort import is_cohort_source
+
+    if is_cohort_source(args.input):
+        return run_cohort(args)
+
+    from hsam.errors import HSAMError
+    from hsam.pipeline.run import segment_volume
+    from hsam.pipeline.device import select_device, select_precision
+    from hsam.pipeline.predict import selected_channels
+    from hsam.pipeline.read import read_ct
+    from hsam.pipeline.write import DicomTarget, write_outputs
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warnings would break the one-line error contract
+    outputs = _check_outputs(args)
+    reporter = args.reporter
+    dicom_seg = outputs.labels.name.lower().endswith(".dcm")
+    if dicom_seg:
+        _seg_options(args)
+    image, source_series = read_ct(args.input, args.series, dicom_seg, getattr(args, "allow_non_ct", False),
+                                   reporter.warning)  # warnings also with -q: the user must know what was read
+    if dicom_seg:
+        from hsam.volume.dicom_seg import read_sources
+
+        read_sources(source_series.files, args.dicom_new_uids)  # refuse unreferenceable sources before any work
+    select_precision(args.precision, select_device(args.device))
+    _check_protocol(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise HSAMError(f"--batch-size must be at least 1, got {args.batch_size}")
+    organs = _organs(args)
+    options = _options(args, organs)
+    model_id, folder, model, card = _load_model(args)
+    selected_channels(organs, list(card.classes))
+    # every user choice is settled above, before anything is printed: a mistake gives one error line only
+    _say_model(args, model_id, folder, card)
+    try:
+        result = segment_volume(image, model, card, options,
+                                progress=lambda done, total: reporter.progress(done, total, "segment"),
+                                status=lambda text: reporter.status(text, _stage_of(text)))
+    finally:
+        reporter.close_bar()
+    dicom = DicomTarget(source_series, _algorithm(model_id, card), _organ_indices(organs), _seg_options(args)) \
+        if source_series is not None else None
+    written = write_outputs(result, image, list(card.classes), outputs, dicom,
+                            title=f"{Path(args.input).name} - {model_id}")
+    _report(args, result, written, model_id, card)
     return 0

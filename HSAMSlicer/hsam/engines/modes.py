@@ -1,4 +1,4 @@
-"""Engines ("speed modes"): how :func:`hsam.inference.segment_volume` runs the network on a device.
+"""Engines ("speed modes"): how :func:`hsam.pipeline.run.segment_volume` runs the network on a device.
 
 ==========  ======  ======================================================================================
 mode        where   what

@@ -1,7 +1,7 @@
 """TinyViT image embeddings of axial slices, cached per slice of one volume.
 
 The prompt decoder reads LiteMedSAM's embedding of a slice windowed to [0, 1] and resized to 256 x 256: exactly the
-input the demo model (H-SAM-Lite, frozen LiteMedSAM encoder) builds in :func:`hsam.inference.model_images` (the
+input the demo model (H-SAM-Lite, frozen LiteMedSAM encoder) builds in :func:`hsam.pipeline.window.model_images` (the
 issue-26 measurement found the same Dice with it as with LiteMedSAM's own padding preprocessing). An automatic run of
 a Lite model hands its embeddings over (:meth:`SliceEmbeddings.put`), so they are not computed twice.
 """
@@ -65,7 +65,7 @@ class SliceEmbeddings:
         if not 0 <= z < self.volume.shape[0]:
             raise IndexError(f"slice {z} is outside the volume (0..{self.volume.shape[0] - 1})")
         if z not in self._cache:
-            from hsam.inference import model_images
+            from hsam.pipeline.window import model_images
 
             images = model_images(self.volume[z : z + 1], self.window_hu, INPUT_SIZE, torch.device("cpu"))
             with torch.inference_mode():

@@ -136,7 +136,7 @@ def predict_refined(model: torch.nn.Module, slices: np.ndarray, window_hu: Seque
     """The refine stage for one batch of raw slices [b,H,W] (HU): the automatic model's logits and embeddings from
     one engine pass, then :func:`refine_batch`. Returns labels and confidence uint8 [b,H,W]."""
     from hsam.checks.body_mask import tissue_threshold, trunk_mask_slice
-    from hsam.inference import model_images
+    from hsam.pipeline.window import model_images
 
     images = model_images(slices, window_hu, model.img_size, device)
     if dtype is not None:

@@ -195,27 +195,12 @@ def dice_per_organ(labels: np.ndarray, reference: np.ndarray, names: Sequence[st
     return out
 
 
-def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark; returns a JSON-able record (see module docstring)."""
-    import SimpleITK as sitk
-    import torch
-
+def _prepare_modes(model: Any, device: Any, all_modes: list[str], say: Callable[[str], None]
+                   ) -> tuple[dict[str, ModeResult], dict[str, Callable]]:
+    """Build each mode's predictor (timed); a mode the model cannot run (e.g. int8 on a Lite model) is left out of
+    ``all_modes``. Returns the per-mode results so far and the predictors."""
+    from hsam.engines.modes import prepare
     from hsam.errors import HSAMError
-    from hsam.inference import segment_volume, select_device, select_precision
-    from hsam.engines.modes import choose_engine, encoder_family, prepare
-
-    if options.threads:
-        torch.set_num_threads(int(options.threads))
-    load_before = os.getloadavg()[0]
-    model, card, image, model_name, volume_name = load_subject(options)
-    device = select_device(options.device)
-    precision, dtype = select_precision(options.precision, device)
-    modes = [choose_engine(m, device, encoder_family(model)).mode for m in (options.modes or default_modes(options.device))]
-    modes = [m for m in dict.fromkeys(modes) if m != "eager"]
-    all_modes = ["eager", *modes]
-    model.to(device)
-    say(f"model {model_name}; volume {volume_name} {image.GetSize()}; device {device} ({precision}); "
-        f"{torch.get_num_threads()} threads; modes {', '.join(all_modes)}")
 
     results = {mode: ModeResult(mode) for mode in all_modes}
     predictors: dict[str, Callable] = {}
@@ -228,23 +213,19 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
                 raise
             say(f"  skipped {mode}: {error}")
             all_modes.remove(mode)
-            modes.remove(mode)
             del results[mode]
             continue
         results[mode].prepare_s = time.perf_counter() - started
         say(f"  prepared {mode} in {results[mode].prepare_s:.1f} s")
+    return results, predictors
 
-    inputs = [x.to(device) for x in _model_inputs(model, card, image, options.slices)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def call(mode: str, images: Any) -> Any:
-        with torch.inference_mode():
-            if dtype is not None and mode not in ("int8", "ort", "ort-int8"):
-                with torch.autocast(device_type=device.type, dtype=dtype):
-                    return predictors[mode](images).float()
-            return predictors[mode](images).float()
+def _accuracy(call: Callable[[str, Any], Any], model: Any, inputs: list, modes: Sequence[str],
+              predictors: dict[str, Callable], results: dict[str, ModeResult]) -> None:
+    """Relative error of each mode's logits (and encoder output, where the engine exposes it) against eager; also
+    the warm-up: the first call of every engine is not timed."""
+    import torch
 
-    # accuracy of the network outputs (and warm-up: the first call of every engine is not timed)
     with torch.inference_mode():
         reference_logits = [call("eager", x) for x in inputs]
         reference_embedding = [model.image_encoder(x).float() for x in inputs]
@@ -257,8 +238,14 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
                     _relative(e, r) for e, r in zip(embeddings, reference_embedding)
                 )
 
-    # per-slice latency, interleaved
-    for round_index in range(options.rounds):
+
+def _slice_latency(call: Callable[[str, Any], Any], device: Any, inputs: list, all_modes: Sequence[str],
+                   rounds: int, results: dict[str, ModeResult], say: Callable[[str], None]) -> None:
+    """Per-slice wall and CPU time of every mode, interleaved round by round."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for round_index in range(rounds):
         for mode in all_modes:
             for x in inputs:
                 sync()
@@ -267,35 +254,78 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
                 sync()
                 results[mode].slice_wall_s.append(time.perf_counter() - wall)
                 results[mode].slice_cpu_s.append(time.process_time() - cpu)
-        say(f"  round {round_index + 1}/{options.rounds}: "
+        say(f"  round {round_index + 1}/{rounds}: "
             + ", ".join(f"{m} {statistics.median(results[m].slice_wall_s[-len(inputs):]):.2f} s" for m in all_modes))
 
-    # whole volume through segment_volume, with agreement against eager
+
+def _whole_volume(options: BenchOptions, model: Any, card: Any, image: Any, device: Any, all_modes: Sequence[str],
+                  results: dict[str, ModeResult], say: Callable[[str], None]) -> None:
+    """The whole volume through ``segment_volume`` per mode: time, peak memory, agreement with eager."""
+    import SimpleITK as sitk
+    import torch
+
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
+
     reference = None
     names = list(card.classes)
+    for round_index in range(options.volume_rounds):
+        for mode in all_modes:
+            rss_before = _status("VmRSS")
+            reset = _reset_peak_rss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            result = segment_volume(image, model, card, SegmentOptions(
+                device=options.device, batch_size=options.batch_size, precision=options.precision, mode=mode))
+            results[mode].volume_s.append(time.perf_counter() - started)
+            peak = _status("VmHWM") if reset else None
+            if peak and rss_before:
+                results[mode].peak_rss_gib = max(results[mode].peak_rss_gib or 0.0, peak / GIB)
+            if device.type == "cuda":
+                results[mode].peak_gpu_gib = torch.cuda.max_memory_allocated() / GIB
+            labels = sitk.GetArrayFromImage(result.labels)
+            if mode == "eager" and reference is None:
+                reference = labels
+            if reference is not None and round_index == 0:
+                results[mode].identical = float((labels == reference).mean())
+                results[mode].dice = dice_per_organ(labels, reference, names)
+            say(f"  volume {mode}: {results[mode].volume_s[-1]:.1f} s")
+
+
+def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-able record (see module docstring)."""
+    import torch
+
+    from hsam.engines.modes import choose_engine, encoder_family
+    from hsam.pipeline.device import select_device, select_precision
+
+    if options.threads:
+        torch.set_num_threads(int(options.threads))
+    load_before = os.getloadavg()[0]
+    model, card, image, model_name, volume_name = load_subject(options)
+    device = select_device(options.device)
+    precision, dtype = select_precision(options.precision, device)
+    family = encoder_family(model)
+    modes = [choose_engine(m, device, family).mode for m in (options.modes or default_modes(options.device))]
+    all_modes = ["eager", *[m for m in dict.fromkeys(modes) if m != "eager"]]
+    model.to(device)
+    say(f"model {model_name}; volume {volume_name} {image.GetSize()}; device {device} ({precision}); "
+        f"{torch.get_num_threads()} threads; modes {', '.join(all_modes)}")
+    results, predictors = _prepare_modes(model, device, all_modes, say)
+    inputs = [x.to(device) for x in _model_inputs(model, card, image, options.slices)]
+
+    def call(mode: str, images: Any) -> Any:
+        with torch.inference_mode():
+            if dtype is not None and mode not in ("int8", "ort", "ort-int8"):
+                with torch.autocast(device_type=device.type, dtype=dtype):
+                    return predictors[mode](images).float()
+            return predictors[mode](images).float()
+
+    _accuracy(call, model, inputs, all_modes[1:], predictors, results)
+    _slice_latency(call, device, inputs, all_modes, options.rounds, results, say)
     if not options.skip_volume:
-        for round_index in range(options.volume_rounds):
-            for mode in all_modes:
-                rss_before = _status("VmRSS")
-                reset = _reset_peak_rss()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                result = segment_volume(image, model, card, device=options.device, batch_size=options.batch_size,
-                                        precision=options.precision, mode=mode)
-                results[mode].volume_s.append(time.perf_counter() - started)
-                peak = _status("VmHWM") if reset else None
-                if peak and rss_before:
-                    results[mode].peak_rss_gib = max(results[mode].peak_rss_gib or 0.0, peak / GIB)
-                if device.type == "cuda":
-                    results[mode].peak_gpu_gib = torch.cuda.max_memory_allocated() / GIB
-                labels = sitk.GetArrayFromImage(result.labels)
-                if mode == "eager" and reference is None:
-                    reference = labels
-                if reference is not None and round_index == 0:
-                    results[mode].identical = float((labels == reference).mean())
-                    results[mode].dice = dice_per_organ(labels, reference, names)
-                say(f"  volume {mode}: {results[mode].volume_s[-1]:.1f} s")
+        _whole_volume(options, model, card, image, device, all_modes, results, say)
     record = _record(options, results, model_name, volume_name, image, device, precision, inputs)
     limit = CONTENDED_LOAD_PER_2_CORES * (os.cpu_count() or 2) / 2
     record["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}

@@ -289,9 +289,51 @@ def train(config: Mapping[str, Any], *, resume: bool = False, stop_after_epoch: 
             dist.destroy_process_group()
 
 
-def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_epoch: int | None, progress: bool,
-           register: bool, on_step: Callable[[int, int], None] | None,
-           on_epoch: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+@dataclass
+class _Run:
+    """Everything one training run works with; built step by step before the first epoch, then updated per epoch."""
+
+    config: dict[str, Any]
+    ddp: Distributed
+    device: torch.device
+    out: Path
+    last_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    source_card: Any = None
+    store: Any = None
+    val_volumes: list[Volume] = field(default_factory=list)
+    reference: list[Volume] = field(default_factory=list)
+    dataset: Any = None
+    mix: tuple[int, int, float] = (0, 0, 0.0)
+    noise: float = 0.0
+    frozen_encoder: bool = False
+    encoded: EncodedSamples | None = None
+    encoder_precision: Any = None
+    encoder_name: str = ""
+    optimizer: Any = None
+    schedule: Any = None
+    autocast: Any = None
+    scaler: Any = None
+    precision: str = ""
+    loss_cfg: Any = None
+    batch_size: int = 0
+    epochs: int = 0
+    per_epoch: int = 0
+    fingerprint: Any = None
+    start_weights: dict[str, torch.Tensor] | None = None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+    organs: list[int] = field(default_factory=list)
+    val_scorer: Callable | None = None
+    ref_scorer: Callable | None = None
+    guard: Any = None
+
+
+def _start(config: dict[str, Any], ddp: Distributed, resume: bool) -> _Run:
+    """The device and the run folder (refuses to overwrite a run, or to resume a missing one)."""
     device = resolve_device(config["device"], ddp.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -306,226 +348,292 @@ def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_ep
             raise HSAMError(f"nothing to resume: {last_path} does not exist")
         out.mkdir(parents=True, exist_ok=True)
     ddp.barrier()
+    return _Run(config, ddp, device, out, last_path)
 
+
+def _data_and_model(run: _Run) -> None:
+    """The slices, the model (seeded: identical initial weights on every process), the training set with rehearsal,
+    and the frozen encoder's cache."""
+    config, ddp, device = run.config, run.ddp, run.device
     seed = int(config["seed"])
-    store, val_volumes, info = _prepare_data(config, out if ddp.main else None)
+    run.store, run.val_volumes, run.info = _prepare_data(config, run.out if ddp.main else None)
     _seed_everything(seed)  # identical initial weights on every process
-    model, source_card = build_training_model(config)
+    model, run.source_card = build_training_model(config)
     model.to(device)
-    _check_label_range(store, info.pop("volumes"), val_volumes, model.config.num_classes)
+    _check_label_range(run.store, run.info.pop("volumes"), run.val_volumes, model.config.num_classes)
     if ddp.main:
-        atomic.write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-
+        atomic.write_text(run.out / "config.json", json.dumps(config, indent=2) + "\n")
     augment = AugmentConfig.from_dict(config["augmentation"])
-    noise = float(config["embedding_noise"])
-    probe_set = TrainingSlices(store, model.img_size, max(1, model.img_size // 4), None, seed)
-    frozen_encoder = encoder_is_frozen(model)
-    low_res, unused = _probe(model, probe_set, noise, device, frozen_encoder)
+    run.noise = float(config["embedding_noise"])
+    probe_set = TrainingSlices(run.store, model.img_size, max(1, model.img_size // 4), None, seed)
+    run.frozen_encoder = encoder_is_frozen(model)
+    low_res, unused = _probe(model, probe_set, run.noise, device, run.frozen_encoder)
     for name, p in model.named_parameters():
         if name in set(unused):
             p.requires_grad_(False)  # receives no gradient: leaving it out keeps AdamW's decay off it, as released
-    info.update({"low_res": low_res, "never_trained": len(unused), "frozen_encoder": frozen_encoder})
-    reference = _reference_volumes(config)
-    rehearsal = _rehearsal_store(config, reference)
-    dataset = TrainingSlices(JoinedSlices([store, rehearsal]) if rehearsal is not None else store, model.img_size,
-                             low_res, augment, seed)
-    mix = (len(store), len(rehearsal) if rehearsal is not None else 0, float(config["rehearsal"]["ratio"]))
+    run.info.update({"low_res": low_res, "never_trained": len(unused), "frozen_encoder": run.frozen_encoder})
+    run.reference = _reference_volumes(config)
+    rehearsal = _rehearsal_store(config, run.reference)
+    run.dataset = TrainingSlices(JoinedSlices([run.store, rehearsal]) if rehearsal is not None else run.store,
+                                 model.img_size, low_res, augment, seed)
+    run.mix = (len(run.store), len(rehearsal) if rehearsal is not None else 0, float(config["rehearsal"]["ratio"]))
     cache_cfg = config["encoder_cache"]
     # DDP wraps the whole network, so the decoder-only step runs in single-process runs only
-    encoded: EncodedSamples | None = None
-    encoder_precision, encoder_name = encoder_autocast(device, cache_cfg["precision"])
-    if cache_cfg["enabled"] and frozen_encoder and ddp.world_size == 1:
-        encoded = EncodedSamples(model, dataset, int(cache_cfg["copies"]), device, encoder_precision)
-        info["encoder_cache"] = {"copies": int(cache_cfg["copies"]), "precision": encoder_name}
+    run.encoder_precision, run.encoder_name = encoder_autocast(device, cache_cfg["precision"])
+    if cache_cfg["enabled"] and run.frozen_encoder and ddp.world_size == 1:
+        run.encoded = EncodedSamples(model, run.dataset, int(cache_cfg["copies"]), device, run.encoder_precision)
+        run.info["encoder_cache"] = {"copies": int(cache_cfg["copies"]), "precision": run.encoder_name}
+    run.model = model
 
+
+def _optimisation(run: _Run) -> None:
+    """AdamW over the trainable tensors, the paper's schedule, AMP and the loss; the starting weights for the guard."""
+    config, model = run.config, run.model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise HSAMError("nothing to train: every part of the model is frozen")
     optim_cfg = config["optim"]
-    optimizer = torch.optim.AdamW(params, lr=optim_cfg["base_lr"], betas=tuple(optim_cfg["betas"]),
-                                  weight_decay=optim_cfg["weight_decay"], eps=optim_cfg["eps"], foreach=True)
-    batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
-    if batch_size < ddp.world_size:
-        raise HSAMError(f"batch_size {batch_size} is smaller than the number of processes {ddp.world_size}")
-    per_epoch = iterations_per_epoch(len(store), batch_size, ddp.world_size)
-    schedule = PaperSchedule(optimizer, optim_cfg["base_lr"], optim_cfg["warmup_iters"], epochs * per_epoch,
-                             optim_cfg["poly_power"])
-    autocast, scaler, precision = _autocast(device, config["amp"], config["cpu_amp"])
-    loss_cfg = LossConfig.from_dict(config["loss"])
-
-    fingerprint = frozen_fingerprint(model)
+    run.optimizer = torch.optim.AdamW(params, lr=optim_cfg["base_lr"], betas=tuple(optim_cfg["betas"]),
+                                      weight_decay=optim_cfg["weight_decay"], eps=optim_cfg["eps"], foreach=True)
+    run.batch_size, run.epochs = int(config["batch_size"]), int(config["epochs"])
+    if run.batch_size < run.ddp.world_size:
+        raise HSAMError(f"batch_size {run.batch_size} is smaller than the number of processes {run.ddp.world_size}")
+    run.per_epoch = iterations_per_epoch(len(run.store), run.batch_size, run.ddp.world_size)
+    run.schedule = PaperSchedule(run.optimizer, optim_cfg["base_lr"], optim_cfg["warmup_iters"],
+                                 run.epochs * run.per_epoch, optim_cfg["poly_power"])
+    run.autocast, run.scaler, run.precision = _autocast(run.device, config["amp"], config["cpu_amp"])
+    run.loss_cfg = LossConfig.from_dict(config["loss"])
+    run.fingerprint = frozen_fingerprint(model)
     # the guard may have to give back the starting weights: no epoch kept within its margin
-    start_weights = {k: v.detach().clone() for k, v in trainable_state(model).items()} \
+    run.start_weights = {k: v.detach().clone() for k, v in trainable_state(model).items()} \
         if config["guard"]["margin"] is not None else None
-    start_epoch, history, best = 0, [], None
-    # Each process gets its own dropout/noise stream; the data pipeline is seeded per sample and needs none.
-    torch.manual_seed(seed + 1000 * ddp.rank + 1)
-    if resume:
-        state = load_state(last_path)
-        saved_config = with_defaults(json.loads(state["config"]))
-        if _comparable(saved_config) != _comparable(config):
-            changed = sorted(k for k in set(saved_config) | set(config)
-                             if k not in _RESUMABLE_CHANGES and saved_config.get(k) != config.get(k))
-            raise HSAMError(f"the config differs from the run being resumed in {changed}; resume with the same config")
-        if state["world_size"] != ddp.world_size:
-            raise HSAMError(f"the run used {state['world_size']} processes; resume it with the same number")
-        if not same_frozen_base(state["frozen_fingerprint"], fingerprint):
-            raise HSAMError("the frozen base weights differ from those of the run being resumed (another SAM file?)")
-        missing = set(trainable_state(model)) - set(state["model"])
-        if missing:
-            raise HSAMError(f"{last_path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"][ddp.rank])
-        start_epoch, history, best = int(state["epoch"]), list(state["history"]), state.get("best")
 
-    organs = list(range(1, model.config.num_outputs))
+
+def _resume_from(run: _Run) -> dict[str, Any]:
+    """Restore the run in ``last_path`` exactly (weights, optimizer, schedule, scaler, RNG, history); returns its
+    saved state. Refuses a different config, process count or frozen base."""
+    state = load_state(run.last_path)
+    saved_config = with_defaults(json.loads(state["config"]))
+    if _comparable(saved_config) != _comparable(run.config):
+        changed = sorted(k for k in set(saved_config) | set(run.config)
+                         if k not in _RESUMABLE_CHANGES and saved_config.get(k) != run.config.get(k))
+        raise HSAMError(f"the config differs from the run being resumed in {changed}; resume with the same config")
+    if state["world_size"] != run.ddp.world_size:
+        raise HSAMError(f"the run used {state['world_size']} processes; resume it with the same number")
+    if not same_frozen_base(state["frozen_fingerprint"], run.fingerprint):
+        raise HSAMError("the frozen base weights differ from those of the run being resumed (another SAM file?)")
+    missing = set(trainable_state(run.model)) - set(state["model"])
+    if missing:
+        raise HSAMError(f"{run.last_path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    run.model.load_state_dict(state["model"], strict=False)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"][run.ddp.rank])
+    run.start_epoch, run.history, run.best = int(state["epoch"]), list(state["history"]), state.get("best")
+    return state
+
+
+def _scorers_and_guard(run: _Run, resume: bool, state: dict[str, Any] | None) -> None:
+    """Validation and guard scorers (main process), the starting model's scores (the "before" of a fine-tune), and
+    the forgetting guard with the history replayed."""
+    config, ddp = run.config, run.ddp
+    run.organs = list(range(1, run.model.config.num_outputs))
     val_batch = int(config["validation"]["batch_size"])
-    val_scorer = ref_scorer = None
     if ddp.main:  # validation and the guard run on the main process only
-        reuse = encoder_precision if encoded is not None else None
-        val_scorer = _scorer(model, val_volumes, reuse, organs, val_batch, device, autocast, precision)
+        reuse = run.encoder_precision if run.encoded is not None else None
+        run.val_scorer = _scorer(run.model, run.val_volumes, reuse, run.organs, val_batch, run.device, run.autocast,
+                                 run.precision)
         # the reference cases ship with the model: their encoder outputs are cached for the next fine-tune
-        ref_scorer = _scorer(model, reference, reuse, organs, val_batch, device, autocast, precision,
-                             cache_as=encoder_name)
+        run.ref_scorer = _scorer(run.model, run.reference, reuse, run.organs, val_batch, run.device, run.autocast,
+                                 run.precision, cache_as=run.encoder_name)
     if not resume and ddp.main:
         # the starting model on the held-out and reference cases: the "before" of a fine-tune
-        baseline = {"val": val_scorer(starting=True) if val_scorer and source_card is not None else None,
-                    "reference": ref_scorer(starting=True) if ref_scorer else None}
+        run.baseline = {
+            "val": run.val_scorer(starting=True) if run.val_scorer and run.source_card is not None else None,
+            "reference": run.ref_scorer(starting=True) if run.ref_scorer else None}
     elif resume:
-        baseline = state.get("baseline") or {"val": None, "reference": None}
+        run.baseline = state.get("baseline") or {"val": None, "reference": None}
     else:
-        baseline = {"val": None, "reference": None}
-    info["baseline"] = baseline
-    guard = ForgettingGuard(config["guard"]["margin"], (baseline["reference"] or {}).get("dice") if ddp.main else None)
-    guard.replay(history)
+        run.baseline = {"val": None, "reference": None}
+    run.info["baseline"] = run.baseline
+    run.guard = ForgettingGuard(config["guard"]["margin"],
+                                (run.baseline["reference"] or {}).get("dice") if ddp.main else None)
+    run.guard.replay(run.history)
+
+
+def _network(run: _Run) -> torch.nn.Module:
+    """The module the steps run through: the model, or its DistributedDataParallel wrapper under torchrun."""
+    if run.ddp.world_size == 1:
+        return run.model
+    from hsam.training.losses import use_reduce_group
+
+    use_reduce_group(dist.new_group(backend="gloo" if run.device.type == "cpu" else None))
+    return torch.nn.parallel.DistributedDataParallel(
+        run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def _judge_epoch(run: _Run, epoch: int, row: dict[str, Any], validated: bool) -> None:
+    """The guard's verdict and the validation of one epoch; a better allowed epoch becomes ``best.pt``."""
+    allowed = True
+    if run.guard.acting and run.ref_scorer is not None:
+        row["reference_dice"] = run.ref_scorer()["dice"]
+        allowed = run.guard.allows(epoch, row["reference_dice"])
+    if validated and run.ddp.main:
+        assert run.val_scorer is not None
+        metrics = run.val_scorer()
+        row["val_dice"] = metrics["dice"]
+        row.update({f"val_dice_{k}": metrics[f"dice_{k}"] for k in run.organs})
+        gain = run.best is None or (not math.isnan(metrics["dice"]) and metrics["dice"] > run.best["val_dice"])
+        if allowed and gain:
+            run.best = {"epoch": epoch, "val_dice": metrics["dice"]}
+            save_state(run.out / "checkpoints" / "best.pt", {"model": trainable_state(run.model), "epoch": epoch,
+                                                               "metrics": metrics})
+    elif allowed and run.guard.acting and run.ddp.main and not run.val_volumes:  # no held-out data: last allowed
+        run.best = {"epoch": epoch, "val_dice": None}
+        save_state(run.out / "checkpoints" / "best.pt", {"model": trainable_state(run.model), "epoch": epoch})
+
+
+def _save_epoch(run: _Run, epoch: int, last_epoch: bool, rng_states: list[dict[str, Any]], saved_at: float) -> float:
+    """Main process: the epoch checkpoint, ``last.pt`` (at the end or every ``state_every_s``) and ``log.csv``;
+    returns when ``last.pt`` was last written."""
+    config, schedule = run.config, run.schedule
+    if config["checkpoint_every"] and (epoch + 1) % config["checkpoint_every"] == 0:
+        save_state(run.out / "checkpoints" / f"epoch_{epoch}.pt", {"model": trainable_state(run.model),
+                                                                  "epoch": epoch})
+    if last_epoch or time.monotonic() - saved_at >= float(config["state_every_s"]):
+        save_state(run.last_path, {
+            "epoch": epoch + 1, "step": schedule.step_count, "model": trainable_state(run.model),
+            "optimizer": run.optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rng_states,
+            "history": run.history, "best": run.best, "config": json.dumps(config, sort_keys=True),
+            "world_size": run.ddp.world_size, "frozen_fingerprint": run.fingerprint, "baseline": run.baseline,
+        })
+        saved_at = time.monotonic()
+    logs.write_csv(run.out / "log.csv", run.history)
+    return saved_at
+
+
+def _epochs(run: _Run, net: torch.nn.Module, stop_after_epoch: int | None, progress: bool,
+            on_step: Callable[[int, int], None] | None, on_epoch: Callable[[dict[str, Any]], None] | None) -> bool:
+    """The epochs from ``start_epoch``: train, judge, save, log; stops early when validation stalls for
+    ``patience`` checks. Returns False when stopped by ``stop_after_epoch`` (the run can be resumed)."""
+    config, ddp, out = run.config, run.ddp, run.out
     patience = int(config["stopping"]["patience"])
-
-    net: torch.nn.Module = model
-    if ddp.world_size > 1:
-        from hsam.training.losses import use_reduce_group
-
-        use_reduce_group(dist.new_group(backend="gloo" if device.type == "cpu" else None))
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
     board = logs.TensorBoard(out / "tensorboard", bool(config["tensorboard"])) if ddp.main else None
     val_every = int(config["validation"]["every"])
-    curve_drawn, curve_rows = time.monotonic(), len(history)
-    state_every_s, state_saved = float(config["state_every_s"]), time.monotonic()
-    total_steps = epochs * per_epoch
-    step_report = (lambda: on_step(schedule.step_count, total_steps)) if on_step is not None and ddp.main else None
+    curve_drawn, curve_rows = time.monotonic(), len(run.history)
+    state_saved = time.monotonic()
+    total_steps = run.epochs * run.per_epoch
+    step_report = (lambda: on_step(run.schedule.step_count, total_steps)) if on_step is not None and ddp.main else None
     finished = True
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(run.start_epoch, run.epochs):
             started = time.time()
-            row = _run_epoch(net, model, dataset, config, epoch, ddp, device, optimizer, schedule, scaler, autocast,
-                             loss_cfg, noise, frozen_encoder, progress, organs, step_report, encoded, mix)
+            row = _run_epoch(net, run.model, run.dataset, config, epoch, ddp, run.device, run.optimizer, run.schedule,
+                             run.scaler, run.autocast, run.loss_cfg, run.noise, run.frozen_encoder, progress,
+                             run.organs, step_report, run.encoded, run.mix)
             row["seconds"] = round(time.time() - started, 3)
-            validated = val_volumes and val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs)
-            allowed = True
-            if guard.acting and ref_scorer is not None:
-                row["reference_dice"] = ref_scorer()["dice"]
-                allowed = guard.allows(epoch, row["reference_dice"])
-            if validated and ddp.main:
-                assert val_scorer is not None
-                metrics = val_scorer()
-                row["val_dice"] = metrics["dice"]
-                row.update({f"val_dice_{k}": metrics[f"dice_{k}"] for k in organs})
-                gain = best is None or (not math.isnan(metrics["dice"]) and metrics["dice"] > best["val_dice"])
-                if allowed and gain:
-                    best = {"epoch": epoch, "val_dice": metrics["dice"]}
-                    save_state(out / "checkpoints" / "best.pt", {"model": trainable_state(model), "epoch": epoch,
-                                                                   "metrics": metrics})
-            elif allowed and guard.acting and ddp.main and not val_volumes:  # no held-out data: the last epoch allowed
-                best = {"epoch": epoch, "val_dice": None}
-                save_state(out / "checkpoints" / "best.pt", {"model": trainable_state(model), "epoch": epoch})
-            history.append(row)
+            validated = run.val_volumes and val_every > 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == run.epochs)
+            _judge_epoch(run, epoch, row, validated)
+            run.history.append(row)
             if on_epoch is not None and ddp.main:
                 on_epoch(row)
-            interrupted = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs
+            interrupted = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < run.epochs
             # with an acting guard, epochs refused since the start count as epochs without a gain; without held-out
             # data the guard's verdict is the only check of an epoch
-            anchor = best["epoch"] if best is not None else (-1 if guard.acting else None)
-            checked = validated or (guard.acting and not val_volumes)
+            anchor = run.best["epoch"] if run.best is not None else (-1 if run.guard.acting else None)
+            checked = validated or (run.guard.acting and not run.val_volumes)
             stalled = bool(patience and anchor is not None and checked
                            and epoch - anchor >= patience * (val_every if validated else 1))
-            last_epoch = epoch + 1 == epochs or interrupted or stalled
+            last_epoch = epoch + 1 == run.epochs or interrupted or stalled
             rng_states = _gather_rng(ddp)
             if ddp.main:
-                if config["checkpoint_every"] and (epoch + 1) % config["checkpoint_every"] == 0:
-                    save_state(out / "checkpoints" / f"epoch_{epoch}.pt", {"model": trainable_state(model),
-                                                                         "epoch": epoch})
-                if last_epoch or time.monotonic() - state_saved >= state_every_s:
-                    save_state(last_path, {
-                        "epoch": epoch + 1, "step": schedule.step_count, "model": trainable_state(model),
-                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states,
-                        "history": history, "best": best, "config": json.dumps(config, sort_keys=True),
-                        "world_size": ddp.world_size, "frozen_fingerprint": fingerprint, "baseline": baseline,
-                    })
-                    state_saved = time.monotonic()
-                logs.write_csv(out / "log.csv", history)
+                state_saved = _save_epoch(run, epoch, last_epoch, rng_states, state_saved)
                 if time.monotonic() - curve_drawn >= CURVE_EVERY_S:
-                    logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
-                    curve_drawn, curve_rows = time.monotonic(), len(history)
+                    logs.plot_curve(out / "curve.png", run.history, config["title"] or config["name"])
+                    curve_drawn, curve_rows = time.monotonic(), len(run.history)
                 if board is not None:
-                    board.log(row, schedule.step_count)
+                    board.log(row, run.schedule.step_count)
             ddp.barrier()
             if interrupted:
                 finished = False
                 break
             if stalled:
-                info["stopped_early"] = {"epoch": epoch + 1, "best_epoch": anchor + 1}
+                run.info["stopped_early"] = {"epoch": epoch + 1, "best_epoch": anchor + 1}
                 break
     finally:
         if board is not None:
             board.close()
-    if ddp.main and len(history) > curve_rows:
-        logs.plot_curve(out / "curve.png", history, config["title"] or config["name"])
+    if ddp.main and len(run.history) > curve_rows:
+        logs.plot_curve(out / "curve.png", run.history, config["title"] or config["name"])
+    return finished
 
-    result = TrainResult(out, history, best, model, finished=finished, info=info)
+
+def _kept_weights(run: _Run) -> int | None:
+    """Load the weights that become the model: the best validation epoch's, or the starting weights when the guard
+    allowed no epoch. Returns the 1-based epoch kept (0: the starting weights), None: the last epoch."""
+    if run.best is not None and run.ddp.main:  # the best validation epoch, not the last one, becomes the model
+        run.model.load_state_dict(load_state(run.out / "checkpoints" / "best.pt")["model"], strict=False)
+        return run.best["epoch"] + 1
+    if run.guard.acting and run.guard.over and run.start_weights is not None and run.ddp.main:
+        run.model.load_state_dict(run.start_weights, strict=False)
+        return 0
+    return None
+
+
+def _save_model(run: _Run, result: TrainResult, kept: int | None, register: bool) -> None:
+    """Main process: the guard and held-out figures, the model card, the saved model (installed with ``register``)."""
+    config, info, best, history = run.config, run.info, run.best, run.history
+    figures = None
+    if run.ref_scorer is not None:
+        figures = _guard_figures(run.reference, run.baseline["reference"], run.ref_scorer())
+        figures.update(run.guard.record(kept), rehearsal_ratio=run.mix[2] if run.mix[1] else 0.0)
+        info["forgetting_guard"] = figures
+    if run.baseline["val"] is not None and kept is not None:
+        after = run.baseline["val"]["dice"] if kept == 0 else best["val_dice"]
+        info["held_out"] = held_out_figures(run.baseline["val"]["dice"], after)
+    extra = {"training": {"epochs": run.epochs, "batch_size": run.batch_size, "best": best, "precision": run.precision,
+                          "processes": run.ddp.world_size, "train_slices": info["train_slices"],
+                          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "final_train_loss": history[-1]["loss"] if history else None,
+                          "epochs_run": len(history), "encoder_cache": info.get("encoder_cache"),
+                          "held_out": info.get("held_out"), "held_out_slices": info.get("held_out_slices")}}
+    if figures is not None:
+        extra["forgetting_guard"] = figures
+        if config["reference"].get("name"):  # fine-tunes of this model are guarded by the same cases
+            extra["reference_case"] = config["reference"]["name"]
+    card = _make_card(config, run.model, run.source_card, extra)
+    run.model.eval()
+    from hsam.model.checkpoint import save_model
+
+    result.model_dir = save_model(run.model, card, run.out / "model")
+    result.card = card
+    if register:
+        from hsam.weights.store import import_model
+
+        result.installed = import_model(result.model_dir, config["name"])
+
+
+def _train(config: dict[str, Any], ddp: Distributed, resume: bool, stop_after_epoch: int | None, progress: bool,
+           register: bool, on_step: Callable[[int, int], None] | None,
+           on_epoch: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+    """One training run, step by step (the order of the steps keeps every random stream as it was)."""
+    run = _start(config, ddp, resume)
+    _data_and_model(run)
+    _optimisation(run)
+    # Each process gets its own dropout/noise stream; the data pipeline is seeded per sample and needs none.
+    torch.manual_seed(int(config["seed"]) + 1000 * ddp.rank + 1)
+    state = _resume_from(run) if resume else None
+    _scorers_and_guard(run, resume, state)
+    finished = _epochs(run, _network(run), stop_after_epoch, progress, on_step, on_epoch)
+    result = TrainResult(run.out, run.history, run.best, run.model, finished=finished, info=run.info)
     if not finished:
         return result
-    kept = None  # 1-based epoch saved as the model (0: the starting weights), None: the last epoch
-    if best is not None and ddp.main:  # the best validation epoch, not the last one, becomes the model
-        model.load_state_dict(load_state(out / "checkpoints" / "best.pt")["model"], strict=False)
-        kept = best["epoch"] + 1
-    elif guard.acting and guard.over and start_weights is not None and ddp.main:  # no epoch within the margin
-        model.load_state_dict(start_weights, strict=False)
-        kept = 0
+    kept = _kept_weights(run)
     if ddp.main:
-        figures = None
-        if ref_scorer is not None:
-            figures = _guard_figures(reference, baseline["reference"], ref_scorer())
-            figures.update(guard.record(kept), rehearsal_ratio=mix[2] if mix[1] else 0.0)
-            info["forgetting_guard"] = figures
-        if baseline["val"] is not None and kept is not None:
-            after = baseline["val"]["dice"] if kept == 0 else best["val_dice"]
-            info["held_out"] = held_out_figures(baseline["val"]["dice"], after)
-        extra = {"training": {"epochs": epochs, "batch_size": batch_size, "best": best, "precision": precision,
-                              "processes": ddp.world_size, "train_slices": info["train_slices"],
-                              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "final_train_loss": history[-1]["loss"] if history else None,
-                              "epochs_run": len(history), "encoder_cache": info.get("encoder_cache"),
-                              "held_out": info.get("held_out"), "held_out_slices": info.get("held_out_slices")}}
-        if figures is not None:
-            extra["forgetting_guard"] = figures
-            if config["reference"].get("name"):  # fine-tunes of this model are guarded by the same cases
-                extra["reference_case"] = config["reference"]["name"]
-        card = _make_card(config, model, source_card, extra)
-        model.eval()
-        from hsam.model.checkpoint import save_model
-
-        result.model_dir = save_model(model, card, out / "model")
-        result.card = card
-        if register:
-            from hsam.weights.store import import_model
-
-            result.installed = import_model(result.model_dir, config["name"])
+        _save_model(run, result, kept, register)
     ddp.barrier()
     return result
 

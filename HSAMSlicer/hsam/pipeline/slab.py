@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-BY_DEFAULT = True  # segment_volume(slab=None): on because the 99.9 % bar held on every labelled volume (RESULTS.md)
+BY_DEFAULT = True  # SegmentOptions(slab=None): on because the 99.9 % bar held on every labelled volume (RESULTS.md)
 PROBE_MM = 15.0  # distance between probe slices (5 slices at 3 mm, 6 at 2.5 mm)
 MARGIN_MM = 10.0  # extra distance beyond one probe step on each side of the found organs
 MIN_ORGAN_MM2 = 200.0  # organ area on a probe slice that counts as finding the organs (2 cm^2: under an aorta's cut)
