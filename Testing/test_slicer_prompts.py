@@ -179,8 +179,8 @@ def test_the_process_group_ends_with_the_scenes_volume(scene, how):
 
 
 def test_box_prompts_on_the_unseen_patient_reach_the_label_dice(real_data, tmp_path):
-    """lidc-idri-0001 (512 x 512 x 133, stored LAS; no model here saw it): a box around each organ on its largest
-    slice, dragged in RAS as on a slice view, gives that slice's mask. Prints the Dice per organ (pytest -s)."""
+    """lidc-idri-0001 (512 x 512 x 133, stored LAS; no model here saw it): a markups ROI around each organ on its
+    largest slice, as the Box button places it, gives that slice's mask. Prints the Dice per organ (pytest -s)."""
     app = slicer_headless.start()
     folder = real_data / "lidc-idri-0001"
     volume = app.load_volume(folder / "ct.nii.gz", "LIDC")
@@ -197,7 +197,11 @@ def test_box_prompts_on_the_unseen_patient_reach_the_label_dice(real_data, tmp_p
         logic.open(volume)
         for name, value in organs.items():
             k = int(np.argmax((truth == value).sum(axis=(1, 2))))
-            run(logic, logic.box, segmentation, name, volume, box_corners(volume, truth[k] == value, k))
+            corners = np.array(box_corners(volume, truth[k] == value, k))
+            roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{name} box")  # as the Box button places it
+            roi.SetCenter(*corners.mean(axis=0))
+            roi.SetSize(*np.abs(corners[1] - corners[0])[:2], 1.0)
+            run(logic, logic.box, segmentation, name, volume, roi_corners(roi))
             mask = segment_array(segmentation, name, volume).astype(bool)
             scores[name] = dice(mask[k], truth[k] == value)
     finally:

@@ -103,7 +103,8 @@ class PromptsSection:
             markups.SetHideFromEditors(True)
             self._promptMarkups[name] = markups
             self.addObserver(markups, markups.PointPositionDefinedEvent, self._onPromptPlaced)
-            self.addObserver(markups, markups.PointEndInteractionEvent, self._onPromptPlaced)
+            if name == BOX_NAME:  # dragging the box's handles prompts again; a dragged point would add a new click
+                self.addObserver(markups, markups.PointEndInteractionEvent, self._onPromptPlaced)
         if name == BOX_NAME:
             markups.RemoveAllControlPoints()  # a new box replaces the old one
         selection = slicer.app.applicationLogic().GetSelectionNode()
