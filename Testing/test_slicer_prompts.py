@@ -184,8 +184,10 @@ def test_box_prompts_on_the_unseen_patient_reach_the_label_dice(real_data, tmp_p
     app = slicer_headless.start()
     folder = real_data / "lidc-idri-0001"
     volume = app.load_volume(folder / "ct.nii.gz", "LIDC")
-    truth = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels_totalsegmentator.nii.gz"))),
-                         "totalseg_total")
+    # read by Slicer, as the CT is: this file's header makes Slicer order its slices the other way round from
+    # SimpleITK (same physical places), so labels read by SimpleITK would be indexed upside down here
+    labels = app.volumes_logic.AddArchetypeVolume(str(folder / "labels_totalsegmentator.nii.gz"), "labels", 1)
+    truth = remap_labels(slicer.util.arrayFromVolume(labels), "totalseg_total")
     segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     organs = {"spleen": 1, "liver": 5, "stomach": 6, "aorta": 7}
