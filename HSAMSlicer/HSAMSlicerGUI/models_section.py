@@ -1,4 +1,5 @@
-"""The Models section: model and device lists, device detection (a child job), importing models, the cache, and the one confirmation before Python packages are installed.
+"""The Models section: model and device lists, device detection (a child job), importing models, the cache, and the
+one confirmation before Python packages are installed.
 
 A mixin of ``HSAMSlicerWidget`` (HSAMSlicer.py): ``self`` is the widget, with its ``ui``, ``logic``, parameter node,
 status line and job list. Qt is imported here, in the GUI only; the work is done by the Qt-free HSAMSlicerLib.

@@ -15,6 +15,10 @@ child is Slicer's own Python (``PythonSlicer``) running ``python -m hsam COMMAND
   group is gone (:func:`group_alive`), and its folder is removed only then.
 
 No Qt and no MRML here: the widget calls :meth:`ChildJob.poll` from a QTimer, the Logic applies results.
+
+:class:`ChildProcess` holds these rules (start in a new group, kill the group, remove the folder) and
+:class:`LineReader` the non-blocking read of a child's output file; :class:`ChildJob` adds progress, and the warm
+prompt process (:mod:`HSAMSlicerLib.prompts`) adds requests written to the child's stdin.
 """
 
 from __future__ import annotations
@@ -376,23 +380,9 @@ class ChildJob(ChildProcess):
         elif code == 0 and self._final is not None:
             self._error = None
         elif self._error is None:
-            self._error = ChildCrashed(self._crash_message(code), self.log_tail())
-
-    @staticmethod
-    def _crash_message(code: int) -> str:
-        """A negative code is a signal (the direct child); 129-159 is 128 + a signal, how a launcher or shell reports
-        a child that a signal ended (the interpreter under ``PythonSlicer``, killed for memory)."""
-        signal_number = -code if code < 0 else code - 128 if 128 < code < 160 else None
-        if signal_number is not None:
-            try:
-                name = signal.Signals(signal_number).name
-            except ValueError:
-                name = str(signal_number)
-            how = f"was ended by signal {name}" + (f" (exit code {code})" if code > 0 else "")
-        else:
-            how = f"stopped with exit code {code}"
-        return (f"the H-SAM process {how} without finishing (out of memory, a GPU driver error or a crash?); "
-                "the scene was not changed. The log's last lines are in the details")
+            message = (f"the H-SAM process {how_it_ended(code)} without finishing (out of memory, a GPU driver error "
+                       "or a crash?); the scene was not changed. The log's last lines are in the details")
+            self._error = ChildCrashed(message, self.log_tail())
 
     def _state(self) -> JobState:
         now = self._clock()
@@ -433,6 +423,20 @@ class ChildJob(ChildProcess):
                 os.killpg(self.process.pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def how_it_ended(code: int) -> str:
+    """'was ended by signal SIGKILL' or 'stopped with exit code 3'. A negative code is a signal (the direct child);
+    129-159 is 128 + a signal, how a launcher or shell reports a child that a signal ended (the interpreter under
+    ``PythonSlicer``, killed for memory)."""
+    signal_number = -code if code < 0 else code - 128 if 128 < code < 160 else None
+    if signal_number is None:
+        return f"stopped with exit code {code}"
+    try:
+        name = signal.Signals(signal_number).name
+    except ValueError:
+        name = str(signal_number)
+    return f"was ended by signal {name}" + (f" (exit code {code})" if code > 0 else "")
 
 
 def format_eta(seconds: float | None) -> str:

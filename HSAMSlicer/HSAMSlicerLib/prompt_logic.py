@@ -124,8 +124,8 @@ class PromptLogic:
         self._observers = []
 
     # ------------------------------------------------------------------ prompts
-    def box(self, segmentation_node, segment_id: str, volume_node, corners_ras: Sequence[Sequence[float]],  # noqa: ANN001
-            done: Done | None = None) -> None:
+    def box(self, segmentation_node, segment_id: str, volume_node,  # noqa: ANN001 (MRML nodes)
+            corners_ras: Sequence[Sequence[float]], done: Done | None = None) -> None:
         """A box prompt: world-RAS points whose in-plane extent is the box and whose mean height is the slice
         (two opposite corners, or a ROI's corners from :func:`roi_corners`). Replaces the organ's prompt there."""
         organ = self._organ(segmentation_node, segment_id)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hsam.errors import HSAMError
-from HSAMSlicerLib.process import ChildCrashed, ChildJob, ChildProcess, LineReader
+from HSAMSlicerLib.process import ChildCrashed, ChildProcess, LineReader, how_it_ended
 
 ANSWERS_FILE = "answers.jsonl"
 Answer = dict[str, Any]
@@ -156,7 +156,7 @@ class PromptProcess:
         """The child ended without being asked: restart it once (reopen, resend), or give up after a second crash."""
         child, log = self._child, self._child.log_tail()
         child.kill()
-        how = ChildJob._crash_message(code).split(" without finishing")[0].replace("the H-SAM process ", "")
+        how = how_it_ended(code)
         waiting, self._sent = list(self._sent), deque()
         if self._answered_since_start or not self.notes:
             self.notes.append(f"the prompt process {how}; it was restarted (prompts given before on other slices "

@@ -52,7 +52,8 @@ class Server:
         command = request.get("cmd")
         handler = getattr(self, f"do_{command}", None) if isinstance(command, str) else None
         if handler is None:
-            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, prompt, propagate, clear, mask, labels, quit")
+            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, prompt, propagate, clear, mask, labels, "
+                             "quit")
         if command not in ("open", "quit") and self.session is None:
             raise ValueError('no volume is open: send {"cmd": "open", "volume": PATH} first')
         return {"ok": True, "cmd": command, **handler(request)}
