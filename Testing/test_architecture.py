@@ -20,8 +20,6 @@ BENCHMARKS = REPOSITORY / "benchmarks"
 FOUNDATIONS = {"__init__.py", "__main__.py", "atomic.py", "errors.py", "labels.py", "paths.py"}
 """What the package root may hold besides folders: what every layer imports."""
 
-KNOWN_CIRCLES = [{"HSAMSlicerLib.logic", "HSAMSlicerLib.export"}]
-# broken on the Slicer-module branch (issue 31); the lead empties this list at merge.
 
 def _module_name(path: Path) -> str:
     """``HSAMSlicer/hsam/volume/io.py`` -> ``hsam.volume.io``; a package's ``__init__.py`` -> the package;
@@ -150,7 +148,7 @@ def test_the_graph_sees_imports_in_functions_and_relative_ones():
 
 
 def test_no_import_circles():
-    found = [circle for circle in circles(import_graph()) if set(circle) not in KNOWN_CIRCLES]
+    found = circles(import_graph())
     assert not found, "import circles (make the imports run one way):\n" + "\n".join(" -> ".join(c) for c in found)
 
 

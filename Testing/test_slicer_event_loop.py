@@ -374,3 +374,41 @@ def test_a_killed_child_gives_one_error_and_no_node(app, long_ct, tiny_model):
     assert node_ids(app.scene) == before
     assert not running.job.folder.exists(), "finish_segmentation removes the folder"
 
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+
+@pytest.mark.slow  # the warm process loads the model and encodes every slice it visits
+def test_a_box_prompt_and_propagation_never_block_the_main_loop(app, sample, real_data, tmp_path):
+    """The prompt path as the widget runs it: the box and Propagate buttons send requests, the module's timer polls
+    the warm ``hsam serve`` child and applies each answer to the segment; every tick stays under 50 ms."""
+    import SimpleITK as sitk
+    import vtk
+
+    from hsam.labels import remap_labels
+    from HSAMSlicerLib.prompt_logic import PromptLogic
+
+    truth = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(real_data / "totalsegmentator" /
+                                                                   "example_seg.nii.gz"))), "totalseg_total") == 5
+    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(sample)
+    segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
+    rows, cols = np.flatnonzero(truth[15].any(axis=1)), np.flatnonzero(truth[15].any(axis=0))
+    matrix = vtk.vtkMatrix4x4()
+    sample.GetIJKToRASMatrix(matrix)
+    corners = [matrix.MultiplyPoint([c, r, 15, 1.0])[:3] for c, r in ((cols[0], rows[0]), (cols[-1], rows[-1]))]
+    logic = PromptLogic(app.scene, root=tmp_path / "jobs")
+    try:
+        outcomes = []
+        logic.open(sample)  # a button click: writes the CT once and starts the child, then returns
+        logic.box(segmentation, "liver", sample, corners, done=outcomes.append)
+        slicer_like_loop(logic.poll, lambda: len(outcomes) == 1, timeout_s=600)
+        logic.propagate(segmentation, "liver", sample, done=outcomes.append)
+        slicer_like_loop(logic.poll, lambda: len(outcomes) == 2, timeout_s=600)
+        assert [o.error for o in outcomes] == [None, None]
+        assert len(outcomes[1].slices) >= 4
+        liver = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "liver", sample).astype(bool)
+        assert sum(1 for k in range(liver.shape[0]) if liver[k].any()) == 1 + len(outcomes[1].slices)
+    finally:
+        logic.close()

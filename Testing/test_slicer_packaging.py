@@ -83,7 +83,8 @@ def test_icons_are_128_pixel_pngs():
 
 def test_every_module_file_is_listed():
     scripts = cmake_set("MODULE_PYTHON_SCRIPTS")
-    on_disk = {"HSAMSlicer.py"} | {str(p.relative_to(MODULE)) for p in (MODULE / "HSAMSlicerLib").glob("*.py")}
+    on_disk = {"HSAMSlicer.py"} | {str(p.relative_to(MODULE)) for package in ("HSAMSlicerLib", "HSAMSlicerGUI")
+                                   for p in (MODULE / package).glob("*.py")}
     assert on_disk == set(scripts), f"list these in HSAMSlicer/CMakeLists.txt: {sorted(on_disk ^ set(scripts))}"
     assert "slicerMacroBuildScriptedModule(" in MODULE_CMAKE and "WITH_GENERIC_TESTS" in MODULE_CMAKE
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in MODULE_CMAKE

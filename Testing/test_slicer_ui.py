@@ -13,6 +13,7 @@ from conftest import REPOSITORY
 
 UI_FILE = REPOSITORY / "Resources" / "UI" / "HSAMSlicer.ui"
 MODULE_FILE = REPOSITORY / "HSAMSlicer" / "HSAMSlicer.py"
+GUI_FILES = [MODULE_FILE, *sorted((REPOSITORY / "HSAMSlicer" / "HSAMSlicerGUI").glob("*.py"))]  # the panel sections
 
 # What the module may do with a widget of each class (methods, properties and signals it touches).
 COMMON = {"enabled", "text", "toolTip", "show", "hide", "setStyleSheet", "blockSignals", "visible"}
@@ -27,6 +28,7 @@ ALLOWED = {
     "qMRMLNodeComboBox": COMMON | {"currentNode", "setCurrentNode", "currentNodeChanged(vtkMRMLNode*)"},
     "ctkPathLineEdit": COMMON | {"currentPath", "setCurrentPath"},
     "ctkCollapsibleButton": COMMON | {"collapsed"},
+    "QDoubleSpinBox": COMMON | {"value", "setValue", "setRange"},
 }
 # SlicerParameterName bindings: widget class -> what the parameter's annotation must be.
 BINDABLE = {
@@ -45,10 +47,15 @@ def ui_widgets() -> dict[str, ET.Element]:
 
 
 def widget_uses() -> dict[str, set[str]]:
-    """{widget name: attributes and connected signals} for every ``self.ui.<name>`` in the module source."""
-    tree = ast.parse(MODULE_FILE.read_text())
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    """{widget name: attributes and connected signals} for every ``self.ui.<name>`` in the module and its sections."""
     uses: dict[str, set[str]] = defaultdict(set)
+    for path in GUI_FILES:
+        _collect_uses(ast.parse(path.read_text()), uses)
+    return uses
+
+
+def _collect_uses(tree: ast.Module, uses: dict[str, set[str]]) -> None:
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)):
             continue
@@ -64,7 +71,6 @@ def widget_uses() -> dict[str, set[str]]:
                 uses[name].add(call.args[0].value)
             else:
                 uses[name].add(parent.attr)
-    return uses
 
 
 def test_every_widget_the_module_uses_exists_with_the_right_class():
@@ -88,6 +94,10 @@ def test_required_controls_are_present():
         "reviewButton": "QPushButton", "exportButton": "QPushButton", "exportDirectoryPathLineEdit": "ctkPathLineEdit",
         "finetuneCasesPathLineEdit": "ctkPathLineEdit", "finetuneBaseComboBox": "QComboBox",
         "finetuneEpochsSpinBox": "QSpinBox", "finetuneNameLineEdit": "QLineEdit", "finetuneButton": "QPushButton",
+        "promptSegmentComboBox": "QComboBox", "promptBoxButton": "QPushButton", "promptPositiveButton": "QPushButton",
+        "promptNegativeButton": "QPushButton", "propagateButton": "QPushButton", "promptUndoButton": "QPushButton",
+        "promptLimitCheckBox": "QCheckBox", "promptFromSpinBox": "QDoubleSpinBox", "promptToSpinBox": "QDoubleSpinBox",
+        "promptStatusLabel": "QLabel",
     }.items():  # fmt: skip
         assert classes.get(name) == cls, f"{name}: expected {cls}, found {classes.get(name)}"
 

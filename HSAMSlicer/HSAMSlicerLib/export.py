@@ -199,16 +199,17 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
     from hsam import __version__
     from hsam.labels import ORGANS, write_color_table
     from hsam.volume import write_image
-    from HSAMSlicerLib.logic import PROVENANCE_KEYS, RESULT_ATTRIBUTE, ROLE_PREDICTION, HSAMSlicerLogic
+    from HSAMSlicerLib.nodes import PROVENANCE_KEYS, ROLE_PREDICTION, check_input_volume, provenance, source_volume
+    from HSAMSlicerLib.results import RESULT_ATTRIBUTE
 
     if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
         raise HSAMError("no segmentation to export: run Segment organs first or select a segmentation")
-    volume_node = volume_node or HSAMSlicerLogic.source_volume(segmentation_node)
+    volume_node = volume_node or source_volume(segmentation_node)
     if volume_node is None:
         raise HSAMError(
             f"'{segmentation_node.GetName()}' is not linked to a CT: set its source volume in Segment Editor first"
         )
-    HSAMSlicerLogic.check_input_volume(volume_node)
+    check_input_volume(volume_node)
     if str(output_root or "").strip() in ("", "."):
         raise HSAMError("no export folder: choose a folder for the training cases")
 
@@ -226,7 +227,7 @@ def export_case(segmentation_node, output_root, *, volume_node=None, case_name: 
         prediction = slicer.util.arrayFromVolume(prediction_node)
         if prediction.shape != labels.shape:
             prediction = None  # the CT was changed after the run; differences would be meaningless
-    attributes = HSAMSlicerLogic.provenance(segmentation_node)
+    attributes = provenance(segmentation_node)
     predicted_organs = [int(v) for v in attributes.get("Organs", "").split(",") if v.strip()]
     compared = sorted({o.index for o in ORGANS if o.name in collected.segments} | set(predicted_organs))
     for organ_name, names in collected.merged().items():

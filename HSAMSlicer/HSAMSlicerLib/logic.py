@@ -33,28 +33,21 @@ import numpy as np
 import slicer
 import vtk
 
-from HSAMSlicerLib import results
+from HSAMSlicerLib import nodes, results
+from HSAMSlicerLib.nodes import (  # noqa: F401 (PROVENANCE_KEYS: part of this module's interface)
+    PROVENANCE_KEYS, PROVENANCE_PREFIX, ROLE_CONFIDENCE, ROLE_PREDICTION, ROLE_TABLE,
+)
 from HSAMSlicerLib.process import ChildJob, JobState
 from HSAMSlicerLib.results import RESULT_ATTRIBUTE, ROLE_SOURCE, SEGMENTATION, EditedResult, ResultsOfVolume
 from hsam.errors import HSAMError
 
 # RESULT_ATTRIBUTE marks every node this module creates; its value says which part of a result the node is.
 PREDICTION, CONFIDENCE, TABLE = "prediction", "confidence", "volumes"
-# Node-reference roles from the segmentation node to its CT (ROLE_SOURCE) and to the other parts of the result.
-ROLE_PREDICTION = "HSAMSlicer.Prediction"
-ROLE_CONFIDENCE = "HSAMSlicer.Confidence"
-ROLE_TABLE = "HSAMSlicer.OrganVolumes"
 PART_ROLES = {PREDICTION: ROLE_PREDICTION, CONFIDENCE: ROLE_CONFIDENCE, TABLE: ROLE_TABLE}
 # The paper's model: what an official H-SAM .pth checkpoint is imported as.
 OFFICIAL_MODEL_ID = "hsam-vitb-synapse"
 # Segment tag holding the H-SAM label value (for scripts; export matches segments by terminology, then by name).
 LABEL_VALUE_TAG = "HSAMSlicer.LabelValue"
-# Provenance attributes on the segmentation node (also written to provenance.json on export).
-PROVENANCE_PREFIX = "HSAMSlicer."
-PROVENANCE_KEYS = (
-    "ModelId", "ModelName", "ModelTitle", "ModelSHA256", "Device", "Precision", "Seconds", "Time", "Version",
-    "Organs", "Warnings",
-)  # fmt: skip
 
 
 @dataclass
@@ -236,26 +229,7 @@ class HSAMSlicerLogic:
     @staticmethod
     def check_input_volume(volume_node) -> None:
         """Raise HSAMError unless ``volume_node`` is a 3-D single-component scalar volume with voxels."""
-        if volume_node is None:
-            raise HSAMError("no input volume: load a CT and select it as the input volume")
-        name = volume_node.GetName()
-        if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise HSAMError(
-                f"'{name}' is a label map (a segmentation), not a CT image: select the CT volume as the input"
-            )
-        if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLVectorVolumeNode"):
-            raise HSAMError(
-                f"'{name}' is a {volume_node.GetClassName()}, not a scalar CT volume: H-SAM needs a single 3-D CT"
-            )
-        image_data = volume_node.GetImageData()
-        if image_data is None or image_data.GetNumberOfPoints() == 0:
-            raise HSAMError(f"'{name}' has no voxels: load the image data again")
-        components = image_data.GetNumberOfScalarComponents()
-        if components != 1:
-            raise HSAMError(
-                f"'{name}' has {components} values per voxel (a 4-D, multi-frame or colour volume): "
-                "H-SAM needs a single 3-D CT; split it into 3-D volumes (e.g. with the Sequences module) and pick one"
-            )
+        nodes.check_input_volume(volume_node)
 
     def volume_to_image(self, volume_node):
         """The volume's voxels as a SimpleITK image in LPS, in the volume's own (untransformed) coordinates.
@@ -522,23 +496,13 @@ class HSAMSlicerLogic:
 
     @staticmethod
     def source_volume(segmentation_node):
-        """The CT a segmentation belongs to: our source reference, else its reference-geometry volume."""
-        if segmentation_node is None:
-            return None
-        node = segmentation_node.GetNodeReference(ROLE_SOURCE)
-        if node is None:
-            node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
-        return node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else None
+        """The CT a segmentation belongs to (:func:`HSAMSlicerLib.nodes.source_volume`)."""
+        return nodes.source_volume(segmentation_node)
 
     @staticmethod
     def provenance(segmentation_node) -> dict[str, str]:
         """The provenance attributes of a result (empty for a segmentation this module did not make)."""
-        values = {}
-        for key in PROVENANCE_KEYS:
-            value = segmentation_node.GetAttribute(PROVENANCE_PREFIX + key)
-            if value is not None:
-                values[key] = value
-        return values
+        return nodes.provenance(segmentation_node)
 
     def export_for_finetuning(self, segmentation_node, output_root, volume_node=None, case_name=None):
         """Write a training case folder (see :func:`HSAMSlicerLib.export.export_case`); returns its path."""

@@ -15,6 +15,10 @@ child is Slicer's own Python (``PythonSlicer``) running ``python -m hsam COMMAND
   group is gone (:func:`group_alive`), and its folder is removed only then.
 
 No Qt and no MRML here: the widget calls :meth:`ChildJob.poll` from a QTimer, the Logic applies results.
+
+:class:`ChildProcess` holds these rules (start in a new group, kill the group, remove the folder) and
+:class:`LineReader` the non-blocking read of a child's output file; :class:`ChildJob` adds progress, and the warm
+prompt process (:mod:`HSAMSlicerLib.prompts`) adds requests written to the child's stdin.
 """
 
 from __future__ import annotations
@@ -135,12 +139,45 @@ def sweep_stale_folders(root: Path, stale_after_s: float = STALE_AFTER_S) -> lis
     return removed
 
 
-class ChildJob:
-    """``python -m hsam ARGUMENTS --progress json`` in a child process with a private working folder.
+class LineReader:
+    """Complete lines a child appended to a file since the last call: a file read never blocks and needs no thread."""
 
-    ``folder`` (created as ``root/job-*`` when None; ``root`` None: the system's temporary folder) is removed by
-    :meth:`cleanup`; the command's outputs should be written there.
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._offset = 0
+        self._pending = b""
+
+    def new_objects(self) -> list[dict[str, Any]]:
+        """The JSON objects of the lines completed since the last call (other lines are skipped: not ours)."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()  # an unfinished last line waits for the next read
+        found = []
+        for line in lines:
+            try:
+                event = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue  # not ours (a library printing to stdout before the redirection): it is in no contract
+            if isinstance(event, dict):
+                found.append(event)
+        return found
+
+
+class ChildProcess:
+    """``python -m hsam ARGUMENTS`` in its own process group, stdout to ``folder/stdout_name``, stderr to the log.
+
+    The process-group rules every child of the module follows (module docstring): started with :meth:`start`, ended
+    with its whole group by :meth:`kill`, its private folder removed by :meth:`cleanup`. ``folder`` is created as
+    ``root/job-*`` when None (``root`` None: the system's temporary folder), so the start-up sweep finds it.
     """
+
+    stdout_name = PROGRESS_FILE
 
     def __init__(self, arguments: Sequence[str], folder: Path | None = None, env: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic, root: Path | None = None) -> None:
@@ -155,29 +192,14 @@ class ChildJob:
         self._clock = clock
         self.process: subprocess.Popen | None = None
         self._started_at = 0.0
-        self._offset = 0
-        self._pending = b""
-        self._current = 0
-        self._total = 0
-        self._stage = ""
-        self._message = ""
-        self._first: tuple[int, float] | None = None  # first progress report: the rate excludes start-up
-        self._last: tuple[int, float] | None = None
-        self._warnings: list[str] = []
-        self._epochs: list[dict[str, Any]] = []
-        self._final: dict[str, Any] | None = None
-        self._cancel_at: float | None = None
-        self._exited: tuple[int, float] | None = None  # the direct child's exit code and when it was seen
         self._gone = False  # the whole group was seen gone: its ID may be reused, so it is never signalled again
         self._windows_job = None  # Windows: the job object holding the child's whole tree (HSAMSlicerLib.winjob)
-        self._error: BaseException | None = None
-        self._done = False
 
     @property
     def command(self) -> list[str]:
-        return [python_executable(), "-m", "hsam", *self.arguments, "--progress", "json"]
+        return [python_executable(), "-m", "hsam", *self.arguments]
 
-    def start(self) -> "ChildJob":
+    def start(self) -> "ChildProcess":
         """Start the child. Raises HSAMError when it cannot be started (the folder is removed then)."""
         popen: dict[str, Any] = {}
         if os.name == "nt":
@@ -188,7 +210,7 @@ class ChildJob:
         else:
             popen["start_new_session"] = True
         try:
-            with open(self.folder / PROGRESS_FILE, "wb") as stdout, open(self.folder / LOG_FILE, "wb") as stderr:
+            with open(self.folder / self.stdout_name, "wb") as stdout, open(self.folder / LOG_FILE, "wb") as stderr:
                 self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
                                                 cwd=self.folder, env=_child_environment(self._env), **popen)
         except OSError as error:
@@ -203,98 +225,6 @@ class ChildJob:
         (self.folder / GROUP_FILE).write_text(str(self.process.pid))
         return self
 
-    # ------------------------------------------------------------------ following the child
-    def poll(self) -> JobState:
-        """Read what the child reported since the last call (never blocks) and return the job's state. The job is
-        done once the direct child has ended *and* every process it started is gone; processes left behind (the
-        interpreter under a launcher) get :data:`STOP_GRACE_S` and are then killed."""
-        if self.process is not None and not self._done:
-            self._read_lines()
-            code = self.process.poll()
-            now = self._clock()
-            if code is None and self._cancel_at is not None and now >= self._cancel_at:
-                self._kill_group()
-                code = self.process.poll()
-            if code is not None and self._exited is None:
-                self._exited = (code, now)
-            if self._exited is not None:
-                if self._tree_alive() and now >= self._exited[1] + STOP_GRACE_S:
-                    self._kill_group()
-                if not self._tree_alive():
-                    self._read_lines()
-                    self._finish(self._exited[0])
-        return self._state()
-
-    def _read_lines(self) -> None:
-        try:
-            with open(self.folder / PROGRESS_FILE, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read()
-        except OSError:
-            return
-        self._offset += len(data)
-        lines = (self._pending + data).split(b"\n")
-        self._pending = lines.pop()  # an unfinished last line waits for the next read
-        for line in lines:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # not ours (a library printing to stdout before the redirection): it is in no contract
-            if isinstance(event, dict):
-                self._handle(event)
-
-    def _handle(self, event: dict[str, Any]) -> None:
-        if "error" in event:
-            self._error = JobCancelled(event["error"]) if event.get("cancelled") else HSAMError(str(event["error"]))
-        elif event.get("finished"):
-            self._final = event
-        elif "warning" in event:
-            self._warnings.append(str(event["warning"]))
-        elif "epoch" in event:
-            self._epochs.append(event)
-        elif "status" in event:
-            self._message = str(event["status"])
-            self._stage = str(event.get("stage", self._stage))
-        if "done" in event and "total" in event:
-            stage = str(event.get("stage", self._stage))
-            if stage != self._stage or int(event["done"]) < self._current:
-                self._first = None  # a new stage (download -> segment) or a new file: its own rate
-            self._stage = stage
-            now = self._clock()
-            stamp = (int(event["done"]), now)
-            self._current, self._total = stamp[0], int(event["total"] or 0)
-            if self._first is None:
-                self._first = stamp
-            self._last = stamp
-
-    def _finish(self, code: int) -> None:
-        self._done = True
-        if self._cancel_at is not None:
-            self._error = JobCancelled("cancelled")
-        elif code == 0 and self._final is not None:
-            self._error = None
-        elif self._error is None:
-            self._error = ChildCrashed(self._crash_message(code), self.log_tail())
-
-    @staticmethod
-    def _crash_message(code: int) -> str:
-        """A negative code is a signal (the direct child); 129-159 is 128 + a signal, how a launcher or shell reports
-        a child that a signal ended (the interpreter under ``PythonSlicer``, killed for memory)."""
-        signal_number = -code if code < 0 else code - 128 if 128 < code < 160 else None
-        if signal_number is not None:
-            try:
-                name = signal.Signals(signal_number).name
-            except ValueError:
-                name = str(signal_number)
-            how = f"was ended by signal {name}" + (f" (exit code {code})" if code > 0 else "")
-        else:
-            how = f"stopped with exit code {code}"
-        return (f"the H-SAM process {how} without finishing (out of memory, a GPU driver error or a crash?); "
-                "the scene was not changed. The log's last lines are in the details")
-
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last lines the child wrote to stderr (its log)."""
         try:
@@ -302,46 +232,6 @@ class ChildJob:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-    def _state(self) -> JobState:
-        now = self._clock()
-        eta = None
-        if self._first and self._last and self._last[0] > self._first[0] and self._total:
-            rate = (self._last[0] - self._first[0]) / max(self._last[1] - self._first[1], 1e-9)
-            eta = max(self._total - self._last[0], 0) / rate
-        return JobState(
-            done=self._done, current=self._current, total=self._total, stage=self._stage, message=self._message,
-            elapsed_s=now - self._started_at if self._started_at else 0.0, eta_s=eta,
-            cancel_requested=self._cancel_at is not None, warnings=tuple(self._warnings),
-            epochs=tuple(self._epochs), result=self._final if self._done and self._error is None else None,
-            error=self._error if self._done else None,
-        )
-
-    def wait(self, timeout: float | None = None, interval: float = 0.05, cleanup: bool = False) -> JobState:
-        """Poll until the job ends (headless use and tests); the same as the GUI's timer, without the GUI. With
-        ``cleanup`` the folder is removed afterwards (for jobs whose result is all in the returned state)."""
-        deadline = None if timeout is None else self._clock() + timeout
-        state = self.poll()
-        while not state.done and (deadline is None or self._clock() < deadline):
-            time.sleep(interval)
-            state = self.poll()
-        if cleanup:
-            self.cleanup()
-        return state
-
-    # ------------------------------------------------------------------ stopping
-    def cancel(self) -> None:
-        """Ask the child to stop (it removes its partial outputs); :meth:`poll` kills it if it has not ended within
-        :data:`STOP_GRACE_S`. Never blocks."""
-        if self.process is None or self._done or self._cancel_at is not None:
-            return
-        self._cancel_at = self._clock() + STOP_GRACE_S
-        self._close_stdin()
-        if os.name != "nt":
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def kill(self, timeout_s: float = 5.0) -> bool:
         """End the child and every process it started, now, also when the direct child (a launcher) has already
@@ -404,6 +294,149 @@ class ChildJob:
             shutil.rmtree(self.folder, ignore_errors=True)
         if self._windows_job is not None and self._gone:
             self._windows_job.close()
+
+
+class ChildJob(ChildProcess):
+    """``python -m hsam ARGUMENTS --progress json`` in a child process with a private working folder, followed by
+    :meth:`poll`. The folder is removed by :meth:`cleanup`; the command's outputs should be written there.
+    """
+
+    def __init__(self, arguments: Sequence[str], folder: Path | None = None, env: dict[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic, root: Path | None = None) -> None:
+        super().__init__(arguments, folder, env, clock, root)
+        self._lines = LineReader(self.folder / PROGRESS_FILE)
+        self._current = 0
+        self._total = 0
+        self._stage = ""
+        self._message = ""
+        self._first: tuple[int, float] | None = None  # first progress report: the rate excludes start-up
+        self._last: tuple[int, float] | None = None
+        self._warnings: list[str] = []
+        self._epochs: list[dict[str, Any]] = []
+        self._final: dict[str, Any] | None = None
+        self._cancel_at: float | None = None
+        self._exited: tuple[int, float] | None = None  # the direct child's exit code and when it was seen
+        self._error: BaseException | None = None
+        self._done = False
+
+    @property
+    def command(self) -> list[str]:
+        return [*super().command, "--progress", "json"]
+
+    # ------------------------------------------------------------------ following the child
+    def poll(self) -> JobState:
+        """Read what the child reported since the last call (never blocks) and return the job's state. The job is
+        done once the direct child has ended *and* every process it started is gone; processes left behind (the
+        interpreter under a launcher) get :data:`STOP_GRACE_S` and are then killed."""
+        if self.process is not None and not self._done:
+            self._read_lines()
+            code = self.process.poll()
+            now = self._clock()
+            if code is None and self._cancel_at is not None and now >= self._cancel_at:
+                self._kill_group()
+                code = self.process.poll()
+            if code is not None and self._exited is None:
+                self._exited = (code, now)
+            if self._exited is not None:
+                if self._tree_alive() and now >= self._exited[1] + STOP_GRACE_S:
+                    self._kill_group()
+                if not self._tree_alive():
+                    self._read_lines()
+                    self._finish(self._exited[0])
+        return self._state()
+
+    def _read_lines(self) -> None:
+        for event in self._lines.new_objects():
+            self._handle(event)
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        if "error" in event:
+            self._error = JobCancelled(event["error"]) if event.get("cancelled") else HSAMError(str(event["error"]))
+        elif event.get("finished"):
+            self._final = event
+        elif "warning" in event:
+            self._warnings.append(str(event["warning"]))
+        elif "epoch" in event:
+            self._epochs.append(event)
+        elif "status" in event:
+            self._message = str(event["status"])
+            self._stage = str(event.get("stage", self._stage))
+        if "done" in event and "total" in event:
+            stage = str(event.get("stage", self._stage))
+            if stage != self._stage or int(event["done"]) < self._current:
+                self._first = None  # a new stage (download -> segment) or a new file: its own rate
+            self._stage = stage
+            now = self._clock()
+            stamp = (int(event["done"]), now)
+            self._current, self._total = stamp[0], int(event["total"] or 0)
+            if self._first is None:
+                self._first = stamp
+            self._last = stamp
+
+    def _finish(self, code: int) -> None:
+        self._done = True
+        if self._cancel_at is not None:
+            self._error = JobCancelled("cancelled")
+        elif code == 0 and self._final is not None:
+            self._error = None
+        elif self._error is None:
+            message = (f"the H-SAM process {how_it_ended(code)} without finishing (out of memory, a GPU driver error "
+                       "or a crash?); the scene was not changed. The log's last lines are in the details")
+            self._error = ChildCrashed(message, self.log_tail())
+
+    def _state(self) -> JobState:
+        now = self._clock()
+        eta = None
+        if self._first and self._last and self._last[0] > self._first[0] and self._total:
+            rate = (self._last[0] - self._first[0]) / max(self._last[1] - self._first[1], 1e-9)
+            eta = max(self._total - self._last[0], 0) / rate
+        return JobState(
+            done=self._done, current=self._current, total=self._total, stage=self._stage, message=self._message,
+            elapsed_s=now - self._started_at if self._started_at else 0.0, eta_s=eta,
+            cancel_requested=self._cancel_at is not None, warnings=tuple(self._warnings),
+            epochs=tuple(self._epochs), result=self._final if self._done and self._error is None else None,
+            error=self._error if self._done else None,
+        )
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05, cleanup: bool = False) -> JobState:
+        """Poll until the job ends (headless use and tests); the same as the GUI's timer, without the GUI. With
+        ``cleanup`` the folder is removed afterwards (for jobs whose result is all in the returned state)."""
+        deadline = None if timeout is None else self._clock() + timeout
+        state = self.poll()
+        while not state.done and (deadline is None or self._clock() < deadline):
+            time.sleep(interval)
+            state = self.poll()
+        if cleanup:
+            self.cleanup()
+        return state
+
+    # ------------------------------------------------------------------ stopping
+    def cancel(self) -> None:
+        """Ask the child to stop (it removes its partial outputs); :meth:`poll` kills it if it has not ended within
+        :data:`STOP_GRACE_S`. Never blocks."""
+        if self.process is None or self._done or self._cancel_at is not None:
+            return
+        self._cancel_at = self._clock() + STOP_GRACE_S
+        self._close_stdin()
+        if os.name != "nt":
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def how_it_ended(code: int) -> str:
+    """'was ended by signal SIGKILL' or 'stopped with exit code 3'. A negative code is a signal (the direct child);
+    129-159 is 128 + a signal, how a launcher or shell reports a child that a signal ended (the interpreter under
+    ``PythonSlicer``, killed for memory)."""
+    signal_number = -code if code < 0 else code - 128 if 128 < code < 160 else None
+    if signal_number is None:
+        return f"stopped with exit code {code}"
+    try:
+        name = signal.Signals(signal_number).name
+    except ValueError:
+        name = str(signal_number)
+    return f"was ended by signal {name}" + (f" (exit code {code})" if code > 0 else "")
 
 
 def format_eta(seconds: float | None) -> str:

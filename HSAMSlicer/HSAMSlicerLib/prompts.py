@@ -1,138 +1,178 @@
-"""Box and click prompts from Slicer: a warm ``hsam serve`` child process and applying its masks to one segment.
+"""The warm prompt process: one ``hsam serve`` child, requests sent without blocking, answers picked up by polling.
 
-Qt-free (issue 26). :class:`PromptProcess` keeps ``python -m hsam serve`` running (the model, LiteMedSAM's decoder and
-the slice embeddings stay loaded), sends one JSON request per line and reads one answer per line; a reader thread
-waits on the pipe (blocked in I/O, it does not hold the GIL). If the process dies, the next request starts a new one,
-reopens the volume, says so once in ``notes`` and goes on. Closing Slicer closes the pipe, which ends the process.
-:func:`apply_organ_mask` writes an organ's mask into one segment only: the other segments are never touched (where
-they overlap, Slicer's own overlap rules for the segmentation apply).
+Qt-free (issue 26). The same process rules as every other job (:mod:`HSAMSlicerLib.process`): the child runs in its
+own process group with a private folder under Slicer's temporary path (``job-*``, swept after a crash of Slicer like
+the others), its answers go to a file that :meth:`PromptProcess.poll` reads from where it stopped (never blocks, no
+thread: a thread in Slicer's process barely runs, ``product.md``), and closing it kills the whole group. A request is
+one JSON line written to the child's stdin (a few hundred bytes: the pipe takes it at once, even while the child is
+busy); the answers come back in order and each calls its request's callback on the caller's thread (the widget's
+timer). The model, LiteMedSAM's decoder and the slice embeddings stay loaded between requests.
+
+If the child dies, the next :meth:`PromptProcess.poll` starts a new one, reopens the volume, sends the unanswered
+requests again and adds one line to ``notes``; when it dies again before answering anything, the process is not
+restarted: ``failed`` says so and every waiting request gets the error.
 """
 
 from __future__ import annotations
 
-import json
-import queue
-import subprocess
+import shutil
 import tempfile
-import threading
+import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Callable
 
 from hsam.errors import HSAMError
+from HSAMSlicerLib.process import ChildCrashed, ChildProcess, LineReader, how_it_ended
 
-ANSWER_TIMEOUT_S = 600.0  # the first prompt on a slice encodes it; a cold start loads the model
+ANSWERS_FILE = "answers.jsonl"
+Answer = dict[str, Any]
+
+
+class ServeChild(ChildProcess):
+    """``python -m hsam serve [--model ID]``: answers go to ``answers.jsonl`` in the prompt folder."""
+
+    stdout_name = ANSWERS_FILE
+
+
+@dataclass
+class _Request:
+    payload: dict[str, Any]
+    on_answer: Callable[[Answer], None] | None
+    on_error: Callable[[BaseException], None] | None
 
 
 class PromptProcess:
-    """One ``hsam serve`` child; :meth:`request` sends a request dict and returns its answer dict."""
+    """One warm ``hsam serve`` child. :meth:`send` queues a request; :meth:`poll` delivers answers to callbacks.
 
-    def __init__(self, model: str | None = None, folder: Path | None = None) -> None:
+    ``root``: where its folder goes (``job-prompts-*``; the Logic passes Slicer's temporary path). Files the requests
+    name (the volume, mask files) belong in :attr:`folder`; they go with it on :meth:`close`.
+    """
+
+    def __init__(self, model: str | None = None, root: Path | None = None, env: dict[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.model = model
-        self.folder = Path(folder or tempfile.mkdtemp(prefix="hsam-prompts-"))
-        self.notes: list[str] = []
-        self._child: subprocess.Popen | None = None
-        self._answers: queue.Queue = queue.Queue()
-        self._volume: str | None = None
+        if root is not None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="job-prompts-", dir=root))
+        # stdin carries the requests: the stop-on-EOF watcher of other jobs must not read it (EOF still ends serve)
+        self._env = {**(env or {}), "HSAM_STOP_ON_STDIN_EOF": "0"}
+        self._clock = clock
+        self.notes: list[str] = []  # one line per restart (or the final stop), for the status line
+        self.failed: str | None = None  # set when the child died twice in a row: no more restarts
+        self._child: ServeChild | None = None
+        self._answers: LineReader | None = None
+        self._sent: deque[_Request] = deque()  # sent to the current child, not answered yet (answered in order)
+        self._opened: dict[str, Any] | None = None  # the last "open": sent again to a restarted child
+        self._answered_since_start = False
 
-    def _start(self) -> None:
-        from HSAMSlicerLib.process import _child_environment, python_executable
+    @property
+    def pending(self) -> int:
+        """Requests not answered yet."""
+        return len(self._sent)
 
-        command = [python_executable(), "-m", "hsam", "serve"] + (["--model", self.model] if self.model else [])
-        log = open(self.folder / "serve-log.txt", "ab")  # noqa: SIM115 (kept open by the child)
-        # the stdin pipe carries the requests, so the parent watch of other jobs (stdin EOF = stop) is off here;
-        # the process still ends when the pipe closes (end of input)
-        self._child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                       text=True, encoding="utf-8", bufsize=1,
-                                       env=_child_environment({"HSAM_STOP_ON_STDIN_EOF": "0"}))
-        log.close()
-        self._answers = queue.Queue()
-        threading.Thread(target=self._read, args=(self._child, self._answers), daemon=True).start()
-        ready = self._next_answer()
-        if ready.get("cmd") != "ready":
-            raise HSAMError(f"the prompt process did not start: {ready}")
+    @property
+    def pgid(self) -> int | None:
+        """The current child's process group (its pid), or None before the first request."""
+        return self._child.process.pid if self._child is not None and self._child.process is not None else None
 
-    @staticmethod
-    def _read(child: subprocess.Popen, answers: queue.Queue) -> None:
-        for line in child.stdout:
-            answers.put(line)
-        answers.put(None)  # end of output: the process ended
-
-    def _next_answer(self) -> dict[str, Any]:
-        try:
-            line = self._answers.get(timeout=ANSWER_TIMEOUT_S)
-        except queue.Empty:
-            raise HSAMError(f"the prompt process gave no answer in {ANSWER_TIMEOUT_S:.0f} s") from None
-        if line is None:
-            code = self._child.wait() if self._child is not None else None
-            raise BrokenPipeError(f"the prompt process ended (exit status {code})")
-        return json.loads(line)
-
-    def _send(self, payload: dict[str, Any]) -> dict[str, Any]:
-        if self._child is None or self._child.poll() is not None:
-            raise BrokenPipeError("the prompt process is not running")
-        self._child.stdin.write(json.dumps(payload) + "\n")
-        self._child.stdin.flush()
-        return self._next_answer()
-
-    def request(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send one request; an ``{"error": ...}`` answer raises HSAMError. A dead process is restarted once."""
+    def send(self, payload: dict[str, Any], on_answer: Callable[[Answer], None] | None = None,
+             on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Queue one request (starting the child on first use). Never waits for the answer. An ``{"error": ...}``
+        answer goes to ``on_error`` as HSAMError. Raises HSAMError once the process has failed for good."""
+        if self.failed:
+            raise HSAMError(self.failed)
         if payload.get("cmd") == "open":
-            self._volume = str(payload["volume"])
-        try:
-            if self._child is None:
-                self._start()
-            answer = self._send(payload)
-        except (BrokenPipeError, OSError) as error:
-            self.notes.append(f"{error}: restarted it (prompts on other slices must be given again)")
-            self.close()
+            self._opened = dict(payload)
+        if self._child is None:
             self._start()
-            if self._volume is not None and payload.get("cmd") != "open":
-                self._send({"cmd": "open", "volume": self._volume})
-            answer = self._send(payload)
-        if "error" in answer:
-            raise HSAMError(answer["error"])
-        return answer
+        request = _Request(dict(payload), on_answer, on_error)
+        self._sent.append(request)
+        self._write(request.payload)
+
+    def poll(self) -> None:
+        """Deliver the answers that arrived (never blocks); restart a child that died (once in a row)."""
+        if self._child is None:
+            return
+        for answer in self._answers.new_objects():
+            if answer.get("cmd") == "ready" or not self._sent:
+                continue  # the start-up line (or an answer nobody waits for)
+            self._answered_since_start = True
+            self._deliver(self._sent.popleft(), answer)
+        if self._child is not None and self._child.process.poll() is not None:
+            self._after_crash(self._child.process.returncode)
+
+    def wait(self, timeout_s: float = 600.0, interval_s: float = 0.02) -> None:
+        """Poll until every request is answered (headless scripts and tests; the GUI polls from its timer)."""
+        deadline = self._clock() + timeout_s
+        while self._sent:
+            if self._clock() > deadline:
+                raise HSAMError(f"the prompt process gave no answer in {timeout_s:.0f} s")
+            time.sleep(interval_s)
+            self.poll()
 
     def close(self) -> None:
-        """End the child (closing its input ends it; killed if it does not go)."""
+        """End the child and every process it started, and remove the folder. Waiting requests are dropped."""
+        self._sent.clear()
         child, self._child = self._child, None
-        if child is None:
+        if child is not None:
+            child.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------ internals
+    def _start(self) -> None:
+        arguments = ["serve"] + (["--model", self.model] if self.model else [])
+        self._child = ServeChild(arguments, folder=self.folder, env=self._env, clock=self._clock)
+        self._child.start()
+        self._answers = LineReader(self.folder / ANSWERS_FILE)
+        self._answered_since_start = False
+
+    def _write(self, payload: dict[str, Any]) -> None:
+        import json
+
+        try:
+            self._child.process.stdin.write((json.dumps(payload) + "\n").encode("utf-8"))
+            self._child.process.stdin.flush()
+        except OSError:
+            pass  # the child has died: poll() sees it end and restarts it with this request
+
+    @staticmethod
+    def _deliver(request: _Request, answer: Answer) -> None:
+        if "error" in answer:
+            if request.on_error is not None:
+                request.on_error(HSAMError(str(answer["error"])))
+            return
+        if request.on_answer is None:
             return
         try:
-            child.stdin.close()
-            child.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            child.kill()
-            child.wait()
+            request.on_answer(answer)
+        except Exception as error:  # noqa: BLE001 (a failing callback must not stop the other answers)
+            if request.on_error is None:
+                raise
+            request.on_error(error)
 
+    def _after_crash(self, code: int) -> None:
+        """The child ended without being asked: restart it once (reopen, resend), or give up after a second crash."""
+        child, log = self._child, self._child.log_tail()
+        child.kill()
+        how = how_it_ended(code)
+        waiting, self._sent = list(self._sent), deque()
+        if self._answered_since_start or not self.notes:
+            self.notes.append(f"the prompt process {how}; it was restarted (prompts given before on other slices "
+                              "must be given again to propagate from them)")
+            self._start()
+            resend = ([_Request(self._opened, None, None)] if self._opened is not None
+                      and not (waiting and waiting[0].payload.get("cmd") == "open") else [])
+            for request in resend + waiting:
+                self._sent.append(request)
+                self._write(request.payload)
+            return
+        self._child = None
+        self.failed = (f"the prompt process {how} again right after a restart, so it was not started again; "
+                       f"prompts are off until the volume is chosen again (its log: {self.folder / 'log.txt'})")
+        self.notes.append(self.failed)
+        for request in waiting:
+            if request.on_error is not None:
+                request.on_error(ChildCrashed(self.failed, log))
 
-def apply_organ_mask(segmentation_node, segment_id: str, volume_node,  # noqa: ANN001 (MRML nodes)
-                     labels: np.ndarray, organ: int) -> int:
-    """Set segment ``segment_id`` to ``labels == organ`` (labels [k, j, i] on ``volume_node``'s grid, as
-    ``slicer.util.arrayFromVolume`` orders it); returns the voxel count. Other segments are not modified."""
-    import slicer
-
-    mask = (np.asarray(labels) == organ).astype(np.uint8)
-    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation_node, segment_id, volume_node)
-    return int(mask.sum())
-
-
-def export_volume(volume_node, folder: Path) -> Path:  # noqa: ANN001
-    """Write the volume node (its IJK grid and geometry) to ``folder/volume.nrrd`` for ``{"cmd": "open"}``: voxel
-    prompts are then the node's IJK indices, and the answers' label maps lie on the node's grid."""
-    import SimpleITK as sitk
-
-    from HSAMSlicerLib.export import _image
-
-    path = Path(folder) / "volume.nrrd"
-    sitk.WriteImage(_image(volume_node), str(path))
-    return path
-
-
-def read_label_array(path: Path) -> np.ndarray:
-    """A label map written by ``{"cmd": "labels"}`` as an array [k, j, i] (``arrayFromVolume`` order)."""
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))

@@ -8,7 +8,10 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
                                                          -> {"ok": true, "cmd": "prompt", "organ": 5, "slice": 40,
                                                              "voxels": 1481}
     {"cmd": "propagate", "organ": "liver", "slice": 40}  -> {"ok": true, ..., "slices": [41, 42, ..., 39, 38, ...]}
+    {"cmd": "propagate", "organ": "liver", "slice": 40, "limits_ras": [-200.0, -80.0]}   (limits as RAS z in mm)
     {"cmd": "clear", "organ": "liver"}                   -> {"ok": true, ...}
+    {"cmd": "mask", "organ": "liver", "slices": [40, 41], "output": "m.npy"}
+                                                         -> {"ok": true, ..., "offset": [k, j, i], "shape": [...]}
     {"cmd": "labels", "output": "masks.nrrd"}            -> {"ok": true, ..., "written": "masks.nrrd"}
     {"cmd": "quit"}                                      -> {"ok": true, "cmd": "quit"} and exit 0
 
@@ -49,7 +52,8 @@ class Server:
         command = request.get("cmd")
         handler = getattr(self, f"do_{command}", None) if isinstance(command, str) else None
         if handler is None:
-            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, prompt, propagate, clear, labels, quit")
+            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, prompt, propagate, clear, mask, labels, "
+                             "quit")
         if command not in ("open", "quit") and self.session is None:
             raise ValueError('no volume is open: send {"cmd": "open", "volume": PATH} first')
         return {"ok": True, "cmd": command, **handler(request)}
@@ -84,10 +88,53 @@ class Server:
         organ, start = organ_of(request.get("organ")).index, int(request.get("slice", -1))
         if not self.session.mask(organ, start).any():
             raise ValueError(f"organ {organ} has no mask on slice {start} to propagate from")
-        low, high = request.get("limits") or (None, None)
+        low, high = request.get("limits") or self._limits_of_ras(request.get("limits_ras")) or (None, None)
         filled = propagate(self.session, organ, start, +1, high, pixel_mm=self.session.pixel_mm)
         filled += propagate(self.session, organ, start, -1, low, pixel_mm=self.session.pixel_mm)
         return {"organ": organ, "slices": filled}
+
+    def _limits_of_ras(self, limits: Any) -> tuple[int, int] | None:
+        """Two RAS z positions in mm -> the (low, high) canonical slices they lie on (clipped to the volume)."""
+        import numpy as np
+
+        from hsam.prompting.geometry import to_canonical_position
+
+        if limits is None:
+            return None
+        if not isinstance(limits, list) or len(limits) != 2 or not all(isinstance(v, (int, float)) for v in limits):
+            raise ValueError('"limits_ras" must be two numbers (RAS z in mm)')
+        slices = [int(np.clip(round(to_canonical_position((0.0, 0.0, float(z)), "ras", self.session.how)[0]), 0,
+                              self.session.shape[0] - 1)) for z in limits]
+        return min(slices), max(slices)
+
+    def do_mask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One organ's masks on canonical ``slices``, put back on the input grid and cropped to those slices: a
+        uint8 .npy [k, j, i] holding 0 (voxel not on those slices), 1 (on them, outside the organ), 2 (organ),
+        whose first voxel is input voxel ``offset`` (k, j, i). Small and exact: the Slicer module replaces just
+        these voxels of one segment."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from hsam.labels import organ as organ_of
+        from hsam.volume.orientation import from_canonical
+
+        organ, slices = organ_of(request.get("organ")).index, request.get("slices")
+        if not isinstance(slices, list) or not slices or not all(isinstance(z, int) for z in slices):
+            raise ValueError('"slices" must be a non-empty list of slice numbers')
+        canonical = np.zeros(self.session.shape, dtype=np.uint8)
+        for z in slices:
+            if not 0 <= z < self.session.shape[0]:
+                raise IndexError(f"slice {z} is outside the volume (0..{self.session.shape[0] - 1})")
+            canonical[z] = 1 + self.session.mask(organ, z)
+        on_input = sitk.GetArrayFromImage(from_canonical(canonical, self.session.how))
+        found = np.nonzero(on_input)
+        low = [int(a.min()) for a in found] if found[0].size else [0, 0, 0]
+        high = [int(a.max()) + 1 for a in found] if found[0].size else [0, 0, 0]
+        crop = np.ascontiguousarray(on_input[low[0]:high[0], low[1]:high[1], low[2]:high[2]])
+        output = str(request.get("output"))
+        np.save(output, crop)
+        return {"organ": organ, "offset": low, "shape": list(crop.shape), "voxels": int((crop == 2).sum()),
+                "written": output}
 
     def do_clear(self, request: dict[str, Any]) -> dict[str, Any]:
         from hsam.labels import organ as organ_of
