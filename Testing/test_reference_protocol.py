@@ -101,6 +101,25 @@ def test_segment_reference_protocol_uses_the_stored_order(tiny, tmp_path, capsys
     assert main(["segment", str(source), "-o", str(out), "--model", str(folder), "--input-size", "64"]) == 2
 
 
+def test_reference_protocol_is_a_choice_of_stages_of_the_one_runner(tiny):
+    from hsam.errors import HSAMError
+    from hsam.pipeline.options import SegmentOptions
+    from hsam.pipeline.run import segment_volume
+
+    model, card, _ = tiny
+    hu = smooth_volume((3, 100, 90), seed=2) * 400.0 - 125.0
+    hu[:, :10] = -1000
+    image = sitk.GetImageFromArray(hu.astype(np.float32))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    result = segment_volume(image, model, card, SegmentOptions.reference(device="cpu", input_size=64, batch_size=2))
+    expected, _ = predict_volume_reference(model, window(hu, *card.window), input_size=64)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.labels), expected)
+    assert (result.mode, result.precision, result.orientation, result.slab) == ("reference", "fp32", "stored order", None)
+    for wrong in ({"organs": ["liver"]}, {"orientation": "RPS"}, {"mode": "ort"}, {"refine": True}):
+        with pytest.raises(HSAMError, match="released pipeline as it is"):
+            segment_volume(image, model, card, SegmentOptions(protocol="reference", device="cpu", **wrong))
+
+
 def _load_script():
     path = REPOSITORY / "benchmarks" / "paper" / "reproduce_table1.py"
     spec = importlib.util.spec_from_file_location("reproduce_table1", path)

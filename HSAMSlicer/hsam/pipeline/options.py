@@ -67,5 +67,13 @@ class SegmentOptions:
             direction_from_code(self.orientation)  # a bad code is one clear error before any work
         if self.batch_size is not None and self.batch_size < 1:
             raise HSAMError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.protocol == "reference" and self.input_size < 8:
+        if self.protocol != "reference":
+            return
+        if self.input_size < 8:
             raise HSAMError(f"--input-size must be at least 8 pixels, got {self.input_size}")
+        unused = [name for name, value in (("organs", self.organs), ("orientation", self.orientation),
+                                           ("refine", self.refine), ("crop_to_body", self.crop_to_body)) if value]
+        if self.precision not in ("auto", "fp32") or self.mode not in ("auto", "eager"):
+            unused.append("precision/mode")
+        if unused:  # the reference stages have no place for them (build the options with SegmentOptions.reference)
+            raise HSAMError(f"the reference protocol runs the released pipeline as it is: drop {', '.join(unused)}")
