@@ -8,12 +8,16 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
                                                          -> {"ok": true, "cmd": "prompt", "organ": 5, "slice": 40,
                                                              "voxels": 1481}
     {"cmd": "propagate", "organ": "liver", "slice": 40}  -> {"ok": true, ..., "slices": [41, 42, ..., 39, 38, ...]}
+    {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "voxel", "from": 10, "to": 62}
+    {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "ras", "from": -180.0, "to": -30.5}
     {"cmd": "clear", "organ": "liver"}                   -> {"ok": true, ...}
     {"cmd": "labels", "output": "masks.nrrd"}            -> {"ok": true, ..., "written": "masks.nrrd"}
     {"cmd": "quit"}                                      -> {"ok": true, "cmd": "quit"} and exit 0
 
 A box replaces the organ's prompt on its slice; a point adds to it. "slice" in "propagate" is canonical (the
-"slice" of the last "prompt" answer). A bad request gets ``{"error": "..."}`` and the process goes on; end of input
+"slice" of the last "prompt" answer); its optional "from"/"to" (either or both, inclusive) stop it at slice k
+("voxel", the default space) or at z mm ("ras"/"lps"), as a prompt file's "limits"; "limits": [low, high] in canonical
+slices is the older form. A bad request gets ``{"error": "..."}`` and the process goes on; end of input
 ends it. The model, decoder and embeddings stay loaded between requests (per opened volume).
 """
 
@@ -84,10 +88,23 @@ class Server:
         organ, start = organ_of(request.get("organ")).index, int(request.get("slice", -1))
         if not self.session.mask(organ, start).any():
             raise ValueError(f"organ {organ} has no mask on slice {start} to propagate from")
-        low, high = request.get("limits") or (None, None)
+        low, high = self._limits(request, start)
         filled = propagate(self.session, organ, start, +1, high, pixel_mm=self.session.pixel_mm)
         filled += propagate(self.session, organ, start, -1, low, pixel_mm=self.session.pixel_mm)
         return {"organ": organ, "slices": filled}
+
+    def _limits(self, request: dict[str, Any], start: int) -> tuple[int | None, int | None]:
+        """Canonical (lowest, highest) slice: "from"/"to" in the request's "space" (k or z mm), or "limits"
+        [low, high] in canonical slices (the older form)."""
+        from hsam.prompting.prompt_file import propagation_limits
+
+        ends = {end: request[end] for end in ("from", "to") if end in request}
+        if ends:
+            return propagation_limits(ends, self.session.how, request.get("space", "voxel"), start)
+        limits = request.get("limits", [None, None])
+        if not isinstance(limits, list) or len(limits) != 2:
+            raise ValueError(f'"limits" must be [lowest, highest] canonical slices, got {json.dumps(limits)}')
+        return limits[0], limits[1]
 
     def do_clear(self, request: dict[str, Any]) -> dict[str, Any]:
         from hsam.labels import organ as organ_of
