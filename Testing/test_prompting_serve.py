@@ -106,3 +106,21 @@ def test_propagate_limits_in_the_request_space_and_the_older_canonical_form():
         server._limits({"from": 4, "to": 6}, start=5)
     with pytest.raises(ValueError, match=r'"limits" must be \[lowest, highest\]'):
         server._limits({"limits": 3}, start=5)
+
+
+@pytest.mark.slow  # two more slices encoded
+def test_propagate_reports_each_slice_before_its_answer_and_keeps_to_its_limits(real_data, liver):
+    from hsam.cli.serve import Server, serve
+
+    _, box = liver
+    ct = str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz")
+    requests = [{"cmd": "open", "volume": ct}, {"cmd": "prompt", "organ": "liver", "slice": SLICE, "box": box},
+                {"cmd": "propagate", "organ": "liver", "slice": SLICE, "from": SLICE - 1, "to": SLICE + 1,
+                 "progress": True}]
+    answers = io.StringIO()
+    serve(Server(None), io.StringIO("\n".join(json.dumps(r) for r in requests) + "\n"), answers)
+    lines = [json.loads(line) for line in answers.getvalue().splitlines()]
+    progress, answer = lines[2:-1], lines[-1]
+    assert answer["ok"] and sorted(answer["slices"]) == [SLICE - 1, SLICE + 1]  # the file's k axis is canonical z
+    assert [line["progress"]["slice"] for line in progress] == answer["slices"]
+    assert [line["progress"]["done"] for line in progress] == [1, 2]

@@ -10,6 +10,8 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
     {"cmd": "propagate", "organ": "liver", "slice": 40}  -> {"ok": true, ..., "slices": [41, 42, ..., 39, 38, ...]}
     {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "voxel", "from": 10, "to": 62}
     {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "ras", "from": -180.0, "to": -30.5}
+    {"cmd": "propagate", "organ": "liver", "slice": 40, "progress": true}
+                                  -> {"cmd": "propagate", "progress": {"slice": 41, "done": 1}} per slice, then the answer
     {"cmd": "clear", "organ": "liver"}                   -> {"ok": true, ...}
     {"cmd": "labels", "output": "masks.nrrd"}            -> {"ok": true, ..., "written": "masks.nrrd"}
     {"cmd": "quit"}                                      -> {"ok": true, "cmd": "quit"} and exit 0
@@ -27,7 +29,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +50,7 @@ class Server:
         self.model, self.card = load_named_model(model_id, device="cpu")
         self.decoder = load_prompt_decoder()
         self.session = None
+        self.notify: Callable[[dict[str, Any]], None] = lambda line: None  # progress lines, before an answer
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("cmd")
@@ -89,8 +92,15 @@ class Server:
         if not self.session.mask(organ, start).any():
             raise ValueError(f"organ {organ} has no mask on slice {start} to propagate from")
         low, high = self._limits(request, start)
-        filled = propagate(self.session, organ, start, +1, high, pixel_mm=self.session.pixel_mm)
-        filled += propagate(self.session, organ, start, -1, low, pixel_mm=self.session.pixel_mm)
+        done: list[int] = []
+
+        def progress(z: int) -> None:
+            done.append(z)
+            if request.get("progress") is True:
+                self.notify({"cmd": "propagate", "progress": {"slice": z, "done": len(done)}})
+
+        filled = propagate(self.session, organ, start, +1, high, pixel_mm=self.session.pixel_mm, progress=progress)
+        filled += propagate(self.session, organ, start, -1, low, pixel_mm=self.session.pixel_mm, progress=progress)
         return {"organ": organ, "slices": filled}
 
     def _limits(self, request: dict[str, Any], start: int) -> tuple[int | None, int | None]:
@@ -126,6 +136,11 @@ def serve(server: Server, requests: TextIO, answers: TextIO) -> None:
     """Answer every line of ``requests`` until "quit" or the end of input."""
     from hsam.errors import HSAMError
 
+    def notify(line: dict[str, Any]) -> None:
+        answers.write(json.dumps(line) + "\n")
+        answers.flush()
+
+    server.notify = notify
     for line in requests:
         if not line.strip():
             continue
