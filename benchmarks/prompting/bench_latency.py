@@ -5,6 +5,8 @@ Run on a QUIET machine (nothing else running; the numbers are a speed claim only
     python benchmarks/prompting/bench_latency.py --data ../shared/data/real --rounds 5 --threads 2 \
         --json benchmarks/prompting/results/latency.json
 
+(A smoke test of the script itself, no speed claim: --rounds 1 --slices 1 --propagate-each-side 1.)
+
 Each round, in this order (so a slower machine state hits every measure alike):
   1. warm process start: ``python -m hsam serve`` spawned until its "ready" line (model and decoder loaded);
   2. ``open`` of lidc-idri-0001 (512 x 512 x 133);
@@ -52,7 +54,7 @@ class Child:
     """A ``hsam serve`` child: one request per line, answers (and progress lines) read as they come."""
 
     def __init__(self, threads: int) -> None:
-        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "HSAM_THREADS": str(threads)}
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         started = time.perf_counter()
         self.process = subprocess.Popen([sys.executable, "-m", "hsam", "serve"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, cwd=REPOSITORY, env=environment)
@@ -92,7 +94,7 @@ class Child:
                 self.process.kill()
 
 
-def serve_round(ct: Path, reference: np.ndarray, threads: int) -> dict[str, float]:
+def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int) -> dict[str, float]:
     """Measures 1-4 of one round (a fresh serve process)."""
     z = int(np.median(np.flatnonzero(((reference == 5).any(axis=(1, 2))) & ((reference == 1).any(axis=(1, 2))))))
     child = Child(threads)
@@ -103,7 +105,7 @@ def serve_round(ct: Path, reference: np.ndarray, threads: int) -> dict[str, floa
         _, cached, _ = child.ask({"cmd": "prompt", "organ": "spleen", "slice": z,
                                   "box": voxel_box(reference[z] == 1)})
         answer, propagated, progress = child.ask({"cmd": "propagate", "organ": "liver", "slice": liver["slice"],
-                                                  "from": z - 10, "to": z + 10, "progress": True})
+                                                  "from": z - reach, "to": z + reach, "progress": True})
     finally:
         child.close()
     filled = len(answer["slices"])
@@ -160,6 +162,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slices", type=int, default=20, help="slices of lidc-idri-0001 for the segment measure")
     parser.add_argument("--first-slice", type=int, default=20)
+    parser.add_argument("--propagate-each-side", type=int, default=10, help="propagation limit each side (20 slices)")
     parser.add_argument("--mode", default="auto", help="hsam segment's CPU default mode to compare with eager fp32")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -172,10 +175,10 @@ def main() -> int:
     ct = args.data / "lidc-idri-0001" / "ct.nii.gz"
     import SimpleITK as sitk
 
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(args.data / "lidc-idri-0001" / "labels_totalsegmentator.nii.gz")))
     from hsam.labels import remap_labels
 
-    reference = remap_labels(reference, "totalseg_total")
+    labels_file = args.data / "lidc-idri-0001" / "labels_totalsegmentator.nii.gz"
+    reference = remap_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(labels_file))), "totalseg_total")
     part = case.image[:, :, args.first_slice:args.first_slice + args.slices]
     model, card = load_named_model("hsam-lite-demo")
     decoder = load_prompt_decoder()
@@ -184,8 +187,8 @@ def main() -> int:
     segment_round(part[:, :, :1], model, card, modes)  # warm-up: graphs exported/prepared, weights paged in
     rounds = []
     for number in range(args.rounds):
-        record = {**serve_round(ct, reference, args.threads), **segment_round(part, model, card, modes),
-                  **decoder_round(decoder, embedding)}
+        record = {**serve_round(ct, reference, args.threads, args.propagate_each_side),
+                  **segment_round(part, model, card, modes), **decoder_round(decoder, embedding)}
         rounds.append(record)
         print(f"round {number + 1}: " + json.dumps({k: round(v, 3) for k, v in record.items()}), flush=True)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": {

@@ -11,7 +11,7 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
     {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "voxel", "from": 10, "to": 62}
     {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "ras", "from": -180.0, "to": -30.5}
     {"cmd": "propagate", "organ": "liver", "slice": 40, "progress": true}
-                                  -> {"cmd": "propagate", "progress": {"slice": 41, "done": 1}} per slice, then the answer
+                            -> {"cmd": "propagate", "progress": {"slice": 41, "done": 1}} per slice, then the answer
     {"cmd": "clear", "organ": "liver"}                   -> {"ok": true, ...}
     {"cmd": "labels", "output": "masks.nrrd"}            -> {"ok": true, ..., "written": "masks.nrrd"}
     {"cmd": "quit"}                                      -> {"ok": true, "cmd": "quit"} and exit 0
