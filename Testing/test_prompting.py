@@ -107,6 +107,48 @@ def test_millimetre_prompts_use_z():
     assert np.allclose((col, row), (2, 3)) and positive
 
 
+@pytest.mark.parametrize("code", ["LPS", "LPI", "RAS"])
+def test_propagation_limits_in_voxel_and_millimetres(code):
+    image = _image(code)
+    _, how = to_canonical(image, "LPS")
+    canonical_of = {k: int(round(to_canonical_position((0, 0, k), "voxel", how)[0])) for k in range(5)}
+    prompt = {"organ": "aorta", "slice": 2, "box": [0, 0, 2, 2]}
+    plan = parse_prompts({"propagate": True, "prompts": [prompt], "limits": {"aorta": {"from": 1, "to": 3}}}, how)
+    assert plan.limits == {7: tuple(sorted((canonical_of[1], canonical_of[3])))}
+    z1 = image.TransformIndexToPhysicalPoint((0, 0, 1))[2]
+    plan = parse_prompts({"space": "lps", "propagate": True, "limits": {"7": {"to": z1}},
+                          "prompts": [{"organ": 7, "z": image.TransformIndexToPhysicalPoint((0, 0, 2))[2],
+                                       "box": [*image.TransformIndexToPhysicalPoint((0, 0, 2))[:2],
+                                               *image.TransformIndexToPhysicalPoint((2, 2, 2))[:2]]}]}, how)
+    low, high = plan.limits[7]  # one end given: it bounds the side of the prompt it lies on
+    assert (low, high) == ((canonical_of[1], None) if canonical_of[1] < canonical_of[2] else (None, canonical_of[1]))
+
+
+@pytest.mark.parametrize("limits, patterns", [
+    ([1, 3], ['"limits" must be an object']),
+    ({"heart": {"from": 1}}, ['limits of "heart"', "unknown organ"]),
+    ({"aorta": {"from": 1, "upto": 3}}, ['limits of "aorta"', 'with "from" and/or "to"']),
+    ({"aorta": {"from": "1"}}, ['"from" must be a number']),
+    ({"aorta": {"from": 1.5}}, ['"from" must be a whole slice index']),
+    ({"aorta": {"from": 3, "to": 1}}, ['"from" (3) must not be above "to" (1)']),
+    ({"aorta": {"from": 0, "to": 9}}, ["outside the volume"]),
+    ({"aorta": {"from": 3, "to": 4}}, ["lie outside the limits"]),
+    ({"liver": {"from": 0}}, ['limits of "liver"', "no prompt to propagate from"]),
+])
+def test_bad_propagation_limits_give_one_error_line(limits, patterns):
+    _, how = to_canonical(_image("LPS"), "LPS")
+    data = {"propagate": True, "prompts": [{"organ": "aorta", "slice": 2, "box": [0, 0, 2, 2]}], "limits": limits}
+    one_line_error(lambda: parse_prompts(data, how, "p.json"), "p.json", *patterns)
+    one_line_error(lambda: parse_prompts({**data, "propagate": False}, how, "p.json"), 'add "propagate": true')
+
+
+def test_a_limit_on_a_non_axial_k_axis_is_refused():
+    _, how = to_canonical(_image("PIR"), "LPS")
+    data = {"propagate": True, "prompts": [{"organ": "aorta", "slice": 1, "point": [0, 0]}],
+            "limits": {"aorta": {"from": 1}}}
+    one_line_error(lambda: parse_prompts(data, how), "not lie on one axial slice")
+
+
 @pytest.mark.parametrize("data, patterns", [
     ([], ['"prompts" list']),
     ({"prompts": []}, ['"prompts" list']),

@@ -143,3 +143,17 @@ def test_propagation_follows_the_spleen_and_never_overwrites_a_prompted_slice(se
     labels = sitk.GetArrayFromImage(from_canonical(session.labels(), session.how)) == 1
     zs = range(SLICE - 5, SLICE + 5)
     assert dice(labels[zs[0]:zs[-1] + 1], reference[zs[0]:zs[-1] + 1] == 1) > 0.85
+
+
+@pytest.mark.slow
+def test_propagation_stops_at_the_prompt_files_limits(session, reference):
+    from hsam.prompting.build import run_plan
+    from hsam.prompting.prompt_file import parse_prompts
+
+    session.clear(1)
+    plan = parse_prompts({"propagate": True, "limits": {"spleen": {"from": SLICE - 2, "to": SLICE + 1}},
+                          "prompts": [{"organ": "spleen", "slice": SLICE,
+                                       "box": voxel_box(reference[SLICE] == 1)}]}, session.how)
+    run_plan(session, plan)
+    assert sorted(z for organ, z in session.masks if organ == 1) == list(range(SLICE - 2, SLICE + 2))
+    session.clear(1)

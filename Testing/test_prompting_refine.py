@@ -22,6 +22,18 @@ def test_box_rule_widens_and_keeps_a_minimum_side():
     assert RefineRule().min_probability == 0.3
 
 
+def test_refine_boxes_are_the_boxes_a_session_sends_for_the_same_mask():
+    from hsam.prompting.session import box_of, model_box
+
+    mask = np.zeros((256, 256), dtype=bool)
+    mask[40:90, 7:200] = True
+    user = model_box(box_of(mask), 256, 256)  # what PromptSession.decode sends for SlicePrompt(box_of(mask))
+    assert _box(mask, widen=0.0, min_side=0.0) == user == (7.0, 40.0, 200.0, 90.0)  # pixel k covers [k, k + 1]
+    big = np.zeros((512, 512), dtype=bool)
+    big[80:180, 14:400] = True  # the same mask on a 512-px slice: the same box in the decoder's frame
+    assert np.allclose(model_box(box_of(big), 512, 512), user)
+
+
 @pytest.fixture(scope="module")
 def three_slices(real_data) -> tuple[sitk.Image, np.ndarray]:
     """Slices 14-16 of example_ct_sm (RAS-stored) and their H-SAM reference labels."""

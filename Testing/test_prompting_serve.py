@@ -83,3 +83,44 @@ def test_serve_as_a_child_process(real_data, liver, tmp_path):
     finally:
         child.kill()
     _check(answers, out, truth)
+
+
+def test_propagate_limits_in_the_request_space_and_the_older_canonical_form():
+    from types import SimpleNamespace
+
+    from hsam.cli.serve import Server
+    from hsam.errors import HSAMError
+    from hsam.volume import to_canonical
+
+    image = sitk.Image(6, 5, 8, sitk.sitkInt16)
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))  # k runs to the feet: canonical slices run against it
+    image.SetSpacing((1.0, 1.0, 2.0))
+    _, how = to_canonical(image, "LPS")
+    server = Server.__new__(Server)  # the limits need the volume's grid only, not the model
+    server.session = SimpleNamespace(how=how)
+    assert server._limits({"from": 1, "to": 3}, start=5) == (4, 6)  # canonical z = 7 - k
+    assert server._limits({"space": "lps", "to": image.TransformIndexToPhysicalPoint((0, 0, 1))[2]}, 5) == (None, 6)
+    assert server._limits({"limits": [2, 6]}, start=5) == (2, 6)
+    assert server._limits({}, start=5) == (None, None)
+    with pytest.raises(HSAMError, match="outside the limits"):
+        server._limits({"from": 4, "to": 6}, start=5)
+    with pytest.raises(ValueError, match=r'"limits" must be \[lowest, highest\]'):
+        server._limits({"limits": 3}, start=5)
+
+
+@pytest.mark.slow  # two more slices encoded
+def test_propagate_reports_each_slice_before_its_answer_and_keeps_to_its_limits(real_data, liver):
+    from hsam.cli.serve import Server, serve
+
+    _, box = liver
+    ct = str(real_data / "totalsegmentator" / "example_ct_sm.nii.gz")
+    requests = [{"cmd": "open", "volume": ct}, {"cmd": "prompt", "organ": "liver", "slice": SLICE, "box": box},
+                {"cmd": "propagate", "organ": "liver", "slice": SLICE, "from": SLICE - 1, "to": SLICE + 1,
+                 "progress": True}]
+    answers = io.StringIO()
+    serve(Server(None), io.StringIO("\n".join(json.dumps(r) for r in requests) + "\n"), answers)
+    lines = [json.loads(line) for line in answers.getvalue().splitlines()]
+    progress, answer = lines[2:-1], lines[-1]
+    assert answer["ok"] and sorted(answer["slices"]) == [SLICE - 1, SLICE + 1]  # the file's k axis is canonical z
+    assert [line["progress"]["slice"] for line in progress] == answer["slices"]
+    assert [line["progress"]["done"] for line in progress] == [1, 2]

@@ -156,7 +156,8 @@ class PromptLogic:
             raise HSAMError("nothing to propagate yet: draw a box on the organ first")
         request = {"cmd": "propagate", "organ": organ, "slice": self._last_slice[organ]}
         if limits_ras_z is not None:
-            request["limits_ras"] = [float(self.to_local(volume_node, (0.0, 0.0, z))[2]) for z in limits_ras_z]
+            low, high = sorted(float(self.to_local(volume_node, (0.0, 0.0, z))[2]) for z in limits_ras_z)
+            request.update({"space": "ras", "from": low, "to": high})
 
         def propagated(answer: dict) -> None:
             slices = [int(z) for z in answer.get("slices") or []]

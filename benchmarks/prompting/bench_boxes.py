@@ -5,7 +5,8 @@ A person is simulated from the reference labels: for each organ a box on its fir
 and the box widened by ``--widen`` pixels; slices between two boxes get interpolated boxes (as in a prompt file).
 Arms:
   boxes       all those boxes;
-  half+prop   every second of them, without the first and last slice's box, "propagate": true beyond the ends.
+  half+prop   every second of them, without the first and last slice's box, "propagate": true beyond the ends;
+              the aorta gets a "limits" "to" at its last slice below the arch (the person stops it there).
 Aorta: scored below the arch only (:func:`cases.aorta_below_arch`; the arch's two vessels need a box each).
 
     python benchmarks/prompting/bench_boxes.py --data ../shared/data/real --cache runs/prompt-embeddings \
@@ -57,6 +58,8 @@ def plan_for(case: Case, organs: dict[str, int], arm: str, args: argparse.Namesp
         if arm == "half+prop":
             inner = slices[1:-1] or slices
             slices = inner[::2] if len(inner) > 1 else inner
+        if arm == "half+prop" and organ == 7:
+            plan.limits[organ] = (None, int(np.flatnonzero(mask.any(axis=(1, 2)))[-1]))
         for z in slices:
             x0, y0, x1, y1 = box_of(mask[z])
             shake = rng.integers(-args.jitter, args.jitter + 1, size=4)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = _check_outputs(args)
     reporter = args.reporter
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    image, source = _read(args, outputs[0].name.lower().endswith(".dcm"))
+    image, source = _read(args, outputs.labels.name.lower().endswith(".dcm"))
     image = check_volume(image, Path(args.input).name)
     model_id, folder = resolve_model(args.model)
     model, card = load_named_model(str(folder), device="cpu")

@@ -8,7 +8,10 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
                                                          -> {"ok": true, "cmd": "prompt", "organ": 5, "slice": 40,
                                                              "voxels": 1481}
     {"cmd": "propagate", "organ": "liver", "slice": 40}  -> {"ok": true, ..., "slices": [41, 42, ..., 39, 38, ...]}
-    {"cmd": "propagate", "organ": "liver", "slice": 40, "limits_ras": [-200.0, -80.0]}   (limits as RAS z in mm)
+    {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "voxel", "from": 10, "to": 62}
+    {"cmd": "propagate", "organ": "aorta", "slice": 40, "space": "ras", "from": -180.0, "to": -30.5}
+    {"cmd": "propagate", "organ": "liver", "slice": 40, "progress": true}
+                            -> {"cmd": "propagate", "progress": {"slice": 41, "done": 1}} per slice, then the answer
     {"cmd": "clear", "organ": "liver"}                   -> {"ok": true, ...}
     {"cmd": "mask", "organ": "liver", "slices": [40, 41], "output": "m.npy"}
                                                          -> {"ok": true, ..., "offset": [k, j, i], "shape": [...]}
@@ -16,7 +19,9 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
     {"cmd": "quit"}                                      -> {"ok": true, "cmd": "quit"} and exit 0
 
 A box replaces the organ's prompt on its slice; a point adds to it. "slice" in "propagate" is canonical (the
-"slice" of the last "prompt" answer). A bad request gets ``{"error": "..."}`` and the process goes on; end of input
+"slice" of the last "prompt" answer); its optional "from"/"to" (either or both, inclusive) stop it at slice k
+("voxel", the default space) or at z mm ("ras"/"lps"), as a prompt file's "limits"; "limits": [low, high] in canonical
+slices is the older form. A bad request gets ``{"error": "..."}`` and the process goes on; end of input
 ends it. The model, decoder and embeddings stay loaded between requests (per opened volume).
 """
 
@@ -26,7 +31,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +52,7 @@ class Server:
         self.model, self.card = load_named_model(model_id, device="cpu")
         self.decoder = load_prompt_decoder()
         self.session = None
+        self.notify: Callable[[dict[str, Any]], None] = lambda line: None  # progress lines, before an answer
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("cmd")
@@ -88,24 +94,30 @@ class Server:
         organ, start = organ_of(request.get("organ")).index, int(request.get("slice", -1))
         if not self.session.mask(organ, start).any():
             raise ValueError(f"organ {organ} has no mask on slice {start} to propagate from")
-        low, high = request.get("limits") or self._limits_of_ras(request.get("limits_ras")) or (None, None)
-        filled = propagate(self.session, organ, start, +1, high, pixel_mm=self.session.pixel_mm)
-        filled += propagate(self.session, organ, start, -1, low, pixel_mm=self.session.pixel_mm)
+        low, high = self._limits(request, start)
+        done: list[int] = []
+
+        def progress(z: int) -> None:
+            done.append(z)
+            if request.get("progress") is True:
+                self.notify({"cmd": "propagate", "progress": {"slice": z, "done": len(done)}})
+
+        filled = propagate(self.session, organ, start, +1, high, pixel_mm=self.session.pixel_mm, progress=progress)
+        filled += propagate(self.session, organ, start, -1, low, pixel_mm=self.session.pixel_mm, progress=progress)
         return {"organ": organ, "slices": filled}
 
-    def _limits_of_ras(self, limits: Any) -> tuple[int, int] | None:
-        """Two RAS z positions in mm -> the (low, high) canonical slices they lie on (clipped to the volume)."""
-        import numpy as np
+    def _limits(self, request: dict[str, Any], start: int) -> tuple[int | None, int | None]:
+        """Canonical (lowest, highest) slice: "from"/"to" in the request's "space" (k or z mm), or "limits"
+        [low, high] in canonical slices (the older form)."""
+        from hsam.prompting.prompt_file import propagation_limits
 
-        from hsam.prompting.geometry import to_canonical_position
-
-        if limits is None:
-            return None
-        if not isinstance(limits, list) or len(limits) != 2 or not all(isinstance(v, (int, float)) for v in limits):
-            raise ValueError('"limits_ras" must be two numbers (RAS z in mm)')
-        slices = [int(np.clip(round(to_canonical_position((0.0, 0.0, float(z)), "ras", self.session.how)[0]), 0,
-                              self.session.shape[0] - 1)) for z in limits]
-        return min(slices), max(slices)
+        ends = {end: request[end] for end in ("from", "to") if end in request}
+        if ends:
+            return propagation_limits(ends, self.session.how, request.get("space", "voxel"), start)
+        limits = request.get("limits", [None, None])
+        if not isinstance(limits, list) or len(limits) != 2:
+            raise ValueError(f'"limits" must be [lowest, highest] canonical slices, got {json.dumps(limits)}')
+        return limits[0], limits[1]
 
     def do_mask(self, request: dict[str, Any]) -> dict[str, Any]:
         """One organ's masks on canonical ``slices``, put back on the input grid and cropped to those slices: a
@@ -156,6 +168,11 @@ def serve(server: Server, requests: TextIO, answers: TextIO) -> None:
     """Answer every line of ``requests`` until "quit" or the end of input."""
     from hsam.errors import HSAMError
 
+    def notify(line: dict[str, Any]) -> None:
+        answers.write(json.dumps(line) + "\n")
+        answers.flush()
+
+    server.notify = notify
     for line in requests:
         if not line.strip():
             continue

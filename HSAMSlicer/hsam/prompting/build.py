@@ -48,7 +48,8 @@ def session_on(canonical: np.ndarray, how: Reorientation, model: nn.Module | Non
 
 def run_plan(session: PromptSession, plan: "PromptPlan", rule: PropagationRule = PropagationRule(),
              progress: Callable[[int, int], None] | None = None) -> None:
-    """Decode every prompt of ``plan`` (one decoder batch per slice), then propagate when the plan asks.
+    """Decode every prompt of ``plan`` (one decoder batch per slice), then propagate when the plan asks (within
+    ``plan.limits``).
 
     ``progress(k, n)``: k of n prompted slices done (propagated slices are reported after them, n growing).
     """
@@ -66,8 +67,9 @@ def run_plan(session: PromptSession, plan: "PromptPlan", rule: PropagationRule =
         return
     for organ in plan.organs:
         prompted = [z for (o, z) in plan.prompts if o == organ]
-        for start, step in ((min(prompted), -1), (max(prompted), 1)):
-            propagate(session, organ, start, step, rule=rule, pixel_mm=session.pixel_mm)
+        low, high = plan.limits.get(organ, (None, None))
+        for start, step, limit in ((min(prompted), -1, low), (max(prompted), 1, high)):
+            propagate(session, organ, start, step, limit, rule=rule, pixel_mm=session.pixel_mm)
 
 
 def confidence_of(session: PromptSession, labels: np.ndarray) -> np.ndarray:

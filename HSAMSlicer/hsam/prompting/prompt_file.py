@@ -4,6 +4,7 @@ Format (every key but "prompts" optional)::
 
     {"space": "voxel",                 # or "ras" / "lps" (millimetres)
      "propagate": false,               # true: carry each organ's mask beyond its first and last prompted slice
+     "limits": {"aorta": {"from": 0, "to": 62}},   # with "propagate": where it stops at the latest, per organ
      "prompts": [
        {"organ": "liver", "slice": 12, "box": [i0, j0, i1, j1]},         # voxel: corners inclusive, any order
        {"organ": "liver", "slice": 14, "point": [i, j], "positive": true},
@@ -13,7 +14,9 @@ Format (every key but "prompts" optional)::
 Voxel positions are (i, j, k) indices of the input file's grid in SimpleITK order ("slice" is k); millimetres are
 patient coordinates (RAS as Slicer shows them, LPS as DICOM stores them). Organs: names or label values of
 :mod:`hsam.labels`. Between two boxed slices of one organ, the slices without a box get a box interpolated linearly.
-Every mistake is one :class:`~hsam.errors.HSAMError` line naming the file and the prompt.
+"limits" bound propagation per organ, both ends inclusive, each optional: slice indices k in voxel space, axial
+positions z in mm in ras/lps space. Every mistake is one :class:`~hsam.errors.HSAMError` line naming the file and the
+prompt.
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ from typing import Any
 import numpy as np
 
 from hsam.errors import HSAMError
-from hsam.prompting.geometry import SPACES, canonical_shape, to_canonical_position
+from hsam.prompting.geometry import SPACES, canonical_shape, to_canonical_position, to_lps
 from hsam.prompting.session import INTERPOLATED, Box, SlicePrompt
 from hsam.volume.orientation import Reorientation
 
 
 @dataclass
 class PromptPlan:
-    """Canonical prompts per (organ label, slice z) and whether to propagate beyond each organ's prompted range."""
+    """Canonical prompts per (organ label, slice z), whether to propagate beyond each organ's prompted range, and
+    how far at most: ``limits[organ]`` = (lowest, highest) canonical slice, None for the volume's end."""
 
     prompts: dict[tuple[int, int], SlicePrompt] = field(default_factory=dict)
     propagate: bool = False
+    limits: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
 
     @property
     def organs(self) -> list[int]:
@@ -86,6 +91,22 @@ class _Reader:
         if self.space == "voxel" and value != int(value):
             self.fail(f'"slice" must be a whole voxel index, got {value}')
         return float(value)
+
+    def limit(self, value: Any, key: str) -> int:
+        """The canonical slice of a "limits" end: slice index k (voxel) or axial position z in mm (ras/lps)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(f'"{key}" must be a number, got {json.dumps(value)}')
+        if self.space == "voxel":
+            if value != int(value):
+                self.fail(f'"{key}" must be a whole slice index k, got {value}')
+            size = self.how.reference.size
+            corners = [self.canonical(a, b, float(value)) for a, b in ((0, 0), (size[0] - 1, size[1] - 1))]
+            return self.slice_of(*corners)
+        size = np.array(self.how.reference.size, dtype=float)
+        centre = to_lps((size - 1) / 2, "voxel", self.how)  # the volume's centre: only z matters here
+        in_plane = centre[:2] * (np.array([-1.0, -1.0]) if self.space == "ras" else 1.0)
+        position = self.canonical(float(in_plane[0]), float(in_plane[1]), float(value))
+        return int(np.clip(round(position[0]), 0, self.shape[0] - 1))
 
     def canonical(self, a: float, b: float, level: float) -> np.ndarray:
         """[z, row, col] of in-slice position (a, b) on slice ``level``; checks it lies inside the volume."""
@@ -162,8 +183,53 @@ def parse_prompts(data: Any, how: Reorientation, name: str = "prompts") -> Promp
     for number, entry in enumerate(data["prompts"], start=1):
         reader.where = f"prompt {number}: "
         _add(plan, reader, entry)
+    reader.where = ""
+    plan.limits = _limits(data.get("limits"), plan, reader)
     interpolate_boxes(plan)
     return plan
+
+
+def _limits(data: Any, plan: PromptPlan, reader: _Reader) -> dict[int, tuple[int | None, int | None]]:
+    """The file's "limits" ({organ: {"from": a, "to": b}}) -> canonical (lowest, highest) slice per organ."""
+    if data is None:
+        return {}
+    if not plan.propagate:
+        reader.fail('"limits" bound propagation: add "propagate": true')
+    if not isinstance(data, dict) or not data:
+        reader.fail(f'"limits" must be an object like {{"aorta": {{"from": 0, "to": 62}}}}, got {json.dumps(data)}')
+    limits = {}
+    for key, ends in data.items():
+        reader.where = f'limits of {json.dumps(key)}: '
+        organ = reader.organ({"organ": int(key) if key.isdigit() else key})
+        limits[organ] = _bounds(ends, reader, [z for o, z in plan.prompts if o == organ])
+        reader.where = ""
+    return limits
+
+
+def _bounds(ends: Any, reader: _Reader, prompted: list[int]) -> tuple[int | None, int | None]:
+    """{"from": a, "to": b} (either optional) -> canonical (lowest, highest) slice around the ``prompted`` ones."""
+    if not isinstance(ends, dict) or not ends or set(ends) - {"from", "to"}:
+        reader.fail(f'must be an object with "from" and/or "to", got {json.dumps(ends)}')
+    slices = [reader.limit(ends[end], end) for end in ("from", "to") if end in ends]
+    if len(slices) == 2 and ends["from"] > ends["to"]:
+        reader.fail(f'"from" ({ends["from"]}) must not be above "to" ({ends["to"]})')
+    if not prompted:
+        reader.fail("this organ has no prompt to propagate from")
+    if len(slices) == 2:
+        low, high = min(slices), max(slices)
+    else:  # one end (canonical slices may run against k or z): it bounds the side of the prompts it lies on
+        low, high = (slices[0], None) if slices[0] <= min(prompted) else (None, slices[0])
+    if (low is not None and min(prompted) < low) or (high is not None and max(prompted) > high):
+        reader.fail(f"the prompted slices (canonical {min(prompted)}-{max(prompted)}) lie outside the limits")
+    return low, high
+
+
+def propagation_limits(ends: Any, how: Reorientation, space: str, start: int,
+                       name: str = "request") -> tuple[int | None, int | None]:
+    """``hsam serve``'s {"from": a, "to": b} in ``space`` -> canonical (lowest, highest) slice around ``start``."""
+    if space not in SPACES:
+        raise HSAMError(f'{name}: "space" must be one of {", ".join(SPACES)}, got {json.dumps(space)}')
+    return _bounds(ends, _Reader(name, how, space), [start])
 
 
 def read_prompt_file(path: str | Path, how: Reorientation) -> PromptPlan:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hsam.prompting.decoder import INPUT_SIZE
-from hsam.prompting.session import box_of
+from hsam.prompting.session import box_of, model_box
 
 if TYPE_CHECKING:  # pragma: no cover
     from hsam.prompting.decoder import PromptDecoder
@@ -41,12 +41,13 @@ class RefineRule:
 
 
 def _box(mask: np.ndarray, widen: float, min_side: float) -> tuple[float, float, float, float] | None:
-    """Edges (x0, y0, x1, y1) in model pixels of a [256, 256] mask, widened and at least ``min_side`` per side."""
+    """Edges (x0, y0, x1, y1) in the decoder's frame of a [256, 256] mask (model-frame pixels), widened and at least
+    ``min_side`` per side. The same edges as a user's box around the mask: box_of, then the session's frame mapping
+    (:func:`hsam.prompting.session.model_box`; on a 256-px grid it moves box_of's edges by half a pixel)."""
     around = box_of(mask)
     if around is None:
         return None
-    # the rule was measured with edges at the first index and the last index + 1: half a pixel on from box_of's
-    x0, y0, x1, y1 = (edge + 0.5 for edge in around)
+    x0, y0, x1, y1 = model_box(around, *mask.shape)
     edges = []
     for low, high in ((x0, x1), (y0, y1)):
         low, high = low - widen, high + widen
@@ -57,10 +58,21 @@ def _box(mask: np.ndarray, widen: float, min_side: float) -> tuple[float, float,
     return edges[0][0], edges[1][0], edges[0][1], edges[1][1]
 
 
+def _decode(decoder: "PromptDecoder", embedding: torch.Tensor, boxes: list, dtype: torch.dtype | None) -> np.ndarray:
+    """Mask logits [N, 256, 256] float32 of N boxes (model frame) on one slice, in one decoder call, under autocast
+    to ``dtype`` when given (the engine's precision)."""
+    prompts = torch.tensor(boxes, device=embedding.device)
+    if dtype is None:
+        return decoder(embedding, prompts).logits.float().cpu().numpy()
+    with torch.autocast(device_type=embedding.device.type, dtype=dtype):
+        return decoder(embedding, prompts).logits.float().cpu().numpy()
+
+
 def refine_slice(decoder: "PromptDecoder", embedding: torch.Tensor, probability: np.ndarray, organs: Sequence[int],
-                 rule: RefineRule = RefineRule()) -> tuple[np.ndarray, np.ndarray]:
+                 rule: RefineRule = RefineRule(), dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One slice: automatic probabilities [K, 256, 256] (already zero outside the trunk) -> (organ index [256, 256]
-    int64, winning logit [256, 256] float32; index 0 where no logit is positive) in the model frame."""
+    int64, winning logit [256, 256] float32; index 0 where no logit is positive) in the model frame. Organs with no
+    pixel at ``rule.min_probability`` on the slice are not decoded; ``dtype``: the engine's autocast precision."""
     boxes = {k: _box(probability[k] >= rule.min_probability, rule.widen_px, rule.min_side_px) for k in organs}
     boxes = {k: b for k, b in boxes.items() if b is not None}
     best = np.zeros((INPUT_SIZE, INPUT_SIZE), dtype=np.float32)
@@ -68,11 +80,11 @@ def refine_slice(decoder: "PromptDecoder", embedding: torch.Tensor, probability:
     if not boxes:
         return index, best
     keys = list(boxes)
-    logits = decoder(embedding, torch.tensor([boxes[k] for k in keys])).logits.numpy()
+    logits = _decode(decoder, embedding, [boxes[k] for k in keys], dtype)
     rebox = {k: _box(logits[n] > 0, rule.rebox_px, rule.min_side_px) for n, k in enumerate(keys)}
     again = [k for k in keys if rebox[k] is not None]
     if again:
-        second = decoder(embedding, torch.tensor([rebox[k] for k in again])).logits.numpy()
+        second = _decode(decoder, embedding, [rebox[k] for k in again], dtype)
         logits = np.stack([second[again.index(k)] if k in again else logits[n] for n, k in enumerate(keys)])
     winner = logits.argmax(axis=0)
     top = logits.max(axis=0)
@@ -83,12 +95,13 @@ def refine_slice(decoder: "PromptDecoder", embedding: torch.Tensor, probability:
 
 
 def refine_batch(decoder: "PromptDecoder", embeddings: torch.Tensor, logits: torch.Tensor, trunk: np.ndarray,
-                 organs: Sequence[int], size: tuple[int, int], rule: RefineRule = RefineRule()
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 organs: Sequence[int], size: tuple[int, int], rule: RefineRule = RefineRule(),
+                 dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Refined (labels, confidence) uint8 [b, H, W] for a batch.
 
     embeddings [b,256,64,64]; logits [b,K,256,256] of the automatic model (fused, model frame); trunk [b,H,W] bool;
-    ``organs``: channel indices to refine (label values); size (H, W) of the slices.
+    ``organs``: channel indices to refine (label values); size (H, W) of the slices; ``dtype``: the engine's autocast
+    precision for the prompt decoder (None: fp32).
     """
     probability = torch.softmax(logits.float(), dim=1)
     frame = F.interpolate(torch.from_numpy(trunk[:, None].astype(np.float32)), (INPUT_SIZE, INPUT_SIZE),
@@ -97,7 +110,7 @@ def refine_batch(decoder: "PromptDecoder", embeddings: torch.Tensor, logits: tor
     confidence = np.full((len(logits),) + tuple(size), 255, dtype=np.uint8)
     for n in range(len(logits)):
         masked = probability[n].numpy() * frame[n]
-        index, best = refine_slice(decoder, embeddings[n], masked, organs, rule)
+        index, best = refine_slice(decoder, embeddings[n], masked, organs, rule, dtype)
         # back to the slice: the winning logit bilinear, the organ index nearest (as the automatic path resizes)
         logit = F.interpolate(torch.from_numpy(best)[None, None], size, mode="bilinear", align_corners=False)[0, 0]
         organ = F.interpolate(torch.from_numpy(index.astype(np.float32))[None, None], size, mode="nearest")[0, 0]
@@ -151,7 +164,9 @@ def predict_refined(model: torch.nn.Module, slices: np.ndarray, window_hu: Seque
         keep = torch.full_like(logits[:, :1], float("-inf")).expand_as(logits).clone()
         keep[:, list(channels)] = 0.0
         logits = logits.float() + keep
-    return refine_batch(decoder, embeddings.float().cpu(), logits.float().cpu(), trunk, organs, slices.shape[1:], rule)
+    # the prompt decoder runs where the engine ran, in its autocast precision (on CPUs every engine's decoders are fp32)
+    decoder.to(embeddings.device)
+    return refine_batch(decoder, embeddings.float(), logits.float().cpu(), trunk, organs, slices.shape[1:], rule, dtype)
 
 
 def refine_decoder_for(model: torch.nn.Module) -> tuple["PromptDecoder | None", str]:

@@ -64,6 +64,14 @@ def box_of(mask: np.ndarray, margin: float = 0.0) -> Box | None:
     return (cols[0] - 0.5 - margin, rows[0] - 0.5 - margin, cols[-1] + 0.5 + margin, rows[-1] + 0.5 + margin)
 
 
+def model_box(box: Box, height: int, width: int) -> Box:
+    """Box edges on an H x W slice (pixel centres at whole numbers, as :func:`box_of`) -> edges in the decoder's
+    256-px frame, where pixel k covers [k, k + 1] (segment_anything's convention): x_model = (x + 0.5) * 256 / W."""
+    x0, y0, x1, y1 = box
+    sx, sy = INPUT_SIZE / width, INPUT_SIZE / height
+    return (x0 + 0.5) * sx, (y0 + 0.5) * sy, (x1 + 0.5) * sx, (y1 + 0.5) * sy
+
+
 def crop_mask(logits: np.ndarray, iou: float, source: str, pad: int = 2) -> SliceMask:
     inside = logits > 0
     box = box_of(inside)
@@ -99,8 +107,7 @@ class PromptSession:
             return [self.decode(z, [p])[0] for p in prompts]
         boxes = None
         if with_box:
-            boxes = torch.tensor([[*self._model_xy(p.box[0], p.box[1]), *self._model_xy(p.box[2], p.box[3])]
-                                  for p in prompts])
+            boxes = torch.tensor([model_box(p.box, *self.shape[1:]) for p in prompts])
         points = labels = None
         width = max(len(p.points) for p in prompts)
         if width:
