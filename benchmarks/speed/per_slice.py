@@ -45,7 +45,7 @@ import common  # noqa: E402 (benchmarks/speed/common.py; puts HSAMSlicer on the 
 DATA = common.REPOSITORY.parent / "shared" / "data" / "real"
 CT, LABELS = "lidc-idri-0001/ct.nii.gz", "lidc-idri-0001/labels_totalsegmentator.nii.gz"
 BATCH = 2  # segment_volume's CPU batch
-MODES = {"vitb": "eager,fast,ort,bf16,int8,ort-int8", "lite": "eager,ort,bf16,bf16-mixed,int8,ort-int8"}
+MODES = {"vitb": "eager,fast,ort,bf16,int8,ort-int8", "lite": "eager,ort,bf16,int8,ort-int8"}
 TARGETS = {  # machine class -> model -> (what, bound)
     "avx512-bf16-amx": {"vitb": ("s_per_slice", 0.5), "lite": ("s_per_slice_refined", 0.3)},
     "avx2": {"vitb": ("speedup", 2.0), "lite": ("s_per_slice_refined", 0.6)},
