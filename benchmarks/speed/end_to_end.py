@@ -14,7 +14,8 @@ Targets (issue 30, item 4): H-SAM-Lite on the AVX-512 BF16/AMX class, 2 cores, q
 <= 10 s. The volume: ``benchmarks/speed/make_cap_volume.py`` (a composite test volume, not a patient). The record
 has the CPU flags, the load average before and after, and ``contended`` (the load says it was not a quiet machine).
 
-Quiet-window run (about 3 x 2.5 min on 2 cores at today's ~0.5 s per slice; the lead's command):
+Quiet-window run (the lead's commands; about 20 s for the volume, then 10-15 min: a warm-up with the ONNX export
+and 3 runs of 3-4 min at the quiet 0.76 s per encoded Lite slice):
 
     python benchmarks/speed/make_cap_volume.py /tmp/hsam-cap
     python benchmarks/speed/end_to_end.py --volume /tmp/hsam-cap/cap_512x512x300.nrrd --rounds 3 \

@@ -19,11 +19,12 @@ environment (they must be set before the process starts); ONNX Runtime's MLAS ke
 ``ort*`` rows of an emulated run are not AVX2 figures. The record holds the CPU flags, the load average before and
 after, ``contended``, and the emulation variables.
 
-Quiet-window run (the lead's commands; about 15 and 12 min on 2 cores):
+Quiet-window run (the lead's commands; about 10 and 12 min on 2 cores; bf16 is left out of the emulated run:
+without AVX512_BF16/AMX it is emulated and only slow):
 
     python benchmarks/speed/per_slice.py --rounds 5 --json benchmarks/results/issue30_per_slice.json
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/speed/per_slice.py --rounds 5 \
-        --json benchmarks/results/issue30_per_slice_avx2_emulated.json
+        --modes eager,fast,ort,int8,ort-int8 --json benchmarks/results/issue30_per_slice_avx2_emulated.json
 
 Tiny check (not a speed figure): ``--models lite --modes eager,ort --slices 2 --rounds 1 --json /tmp/ps.json``.
 """
