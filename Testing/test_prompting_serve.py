@@ -100,12 +100,11 @@ def test_propagate_limits_in_the_request_space_and_the_older_canonical_form():
     server.session = SimpleNamespace(how=how)
     assert server._limits({"from": 1, "to": 3}, start=5) == (4, 6)  # canonical z = 7 - k
     assert server._limits({"space": "lps", "to": image.TransformIndexToPhysicalPoint((0, 0, 1))[2]}, 5) == (None, 6)
-    assert server._limits({"limits": [2, 6]}, start=5) == (2, 6)
     assert server._limits({}, start=5) == (None, None)
     with pytest.raises(HSAMError, match="outside the limits"):
         server._limits({"from": 4, "to": 6}, start=5)
-    with pytest.raises(ValueError, match=r'"limits" must be \[lowest, highest\]'):
-        server._limits({"limits": 3}, start=5)
+    with pytest.raises(HSAMError, match='"from" .* must not be above "to"'):
+        server._limits({"from": 6, "to": 4}, start=5)
 
 
 @pytest.mark.slow  # two more slices encoded

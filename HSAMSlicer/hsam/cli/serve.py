@@ -20,8 +20,7 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
 
 A box replaces the organ's prompt on its slice; a point adds to it. "slice" in "propagate" is canonical (the
 "slice" of the last "prompt" answer); its optional "from"/"to" (either or both, inclusive) stop it at slice k
-("voxel", the default space) or at z mm ("ras"/"lps"), as a prompt file's "limits"; "limits": [low, high] in canonical
-slices is the older form. A bad request gets ``{"error": "..."}`` and the process goes on; end of input
+("voxel", the default space) or at z mm ("ras"/"lps"), as a prompt file's "limits". A bad request gets ``{"error": "..."}`` and the process goes on; end of input
 ends it. The model, decoder and embeddings stay loaded between requests (per opened volume).
 """
 
@@ -107,17 +106,14 @@ class Server:
         return {"organ": organ, "slices": filled}
 
     def _limits(self, request: dict[str, Any], start: int) -> tuple[int | None, int | None]:
-        """Canonical (lowest, highest) slice: "from"/"to" in the request's "space" (k or z mm), or "limits"
-        [low, high] in canonical slices (the older form)."""
+        """Canonical (lowest, highest) slice from "from"/"to" in the request's "space" (k or z mm); no limits:
+        (None, None)."""
         from hsam.prompting.prompt_file import propagation_limits
 
         ends = {end: request[end] for end in ("from", "to") if end in request}
-        if ends:
-            return propagation_limits(ends, self.session.how, request.get("space", "voxel"), start)
-        limits = request.get("limits", [None, None])
-        if not isinstance(limits, list) or len(limits) != 2:
-            raise ValueError(f'"limits" must be [lowest, highest] canonical slices, got {json.dumps(limits)}')
-        return limits[0], limits[1]
+        if not ends:
+            return None, None
+        return propagation_limits(ends, self.session.how, request.get("space", "voxel"), start)
 
     def do_mask(self, request: dict[str, Any]) -> dict[str, Any]:
         """One organ's masks on canonical ``slices``, put back on the input grid and cropped to those slices: a
