@@ -37,6 +37,9 @@ ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "l
           "aorta": 7, "pancreas": 8}
 
 
+DEFAULT_SIMULATION = argparse.Namespace(every_mm=25.0, jitter=5, widen=5.0, seed=0)  # main()'s defaults
+
+
 def truth(case: Case, organ: int) -> np.ndarray:
     return aorta_below_arch(case.reference) if organ == 7 else case.reference == organ
 
@@ -71,10 +74,21 @@ def plan_for(case: Case, organs: dict[str, int], arm: str, args: argparse.Namesp
     return plan
 
 
+def present_organs(case: Case) -> dict[str, int]:
+    """The organs of :data:`ORGANS` that the case's reference labels hold."""
+    return {name: value for name, value in ORGANS.items() if truth(case, value).any()}
+
+
+def default_plan(case: Case, arm: str) -> tuple[dict[str, int], PromptPlan]:
+    """The organs present and ``arm``'s simulated plan with this script's default simulation."""
+    organs = present_organs(case)
+    return organs, plan_for(case, organs, arm, DEFAULT_SIMULATION, np.random.default_rng(DEFAULT_SIMULATION.seed))
+
+
 def run_case(case: Case, args: argparse.Namespace) -> dict:
     session = session_on(case.canonical, case.how)
     cached = load_into(session.embeddings, args.cache, case.name)
-    organs = {name: value for name, value in ORGANS.items() if truth(case, value).any()}
+    organs = present_organs(case)
     result: dict = {"case": case.name, "cached_embeddings": cached, "arms": {}}
     for arm in args.arms:
         started = time.perf_counter()
@@ -97,10 +111,10 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/real"))
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--arms", nargs="+", default=["boxes", "half+prop"], choices=["boxes", "half+prop"])
-    parser.add_argument("--every-mm", type=float, default=25.0)
-    parser.add_argument("--jitter", type=int, default=5)
-    parser.add_argument("--widen", type=float, default=5.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--every-mm", type=float, default=DEFAULT_SIMULATION.every_mm)
+    parser.add_argument("--jitter", type=int, default=DEFAULT_SIMULATION.jitter)
+    parser.add_argument("--widen", type=float, default=DEFAULT_SIMULATION.widen)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SIMULATION.seed)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=None, help="folder of cached slice embeddings (float16)")
     parser.add_argument("--json", type=Path, default=None)

@@ -71,9 +71,7 @@ def main() -> int:
     case = load_case(args.data, args.case)
     session = session_on(case.canonical, case.how)
     load_into(session.embeddings, args.cache, case.name)
-    organs = {name: value for name, value in bench_boxes.ORGANS.items() if bench_boxes.truth(case, value).any()}
-    simulated = argparse.Namespace(every_mm=25.0, jitter=5, widen=5.0, seed=0)
-    plan = bench_boxes.plan_for(case, organs, "boxes", simulated, np.random.default_rng(0))
+    _, plan = bench_boxes.default_plan(case, "boxes")
     truth = bench_boxes.truth(case, args.organ)
     counts = {name: np.zeros(3) for name in VARIANTS}  # overlap, mask, reference pixels
     previous = None

@@ -55,9 +55,7 @@ def record(args: argparse.Namespace) -> None:
     case = load_case(args.data, args.case)
     session = session_on(case.canonical, case.how)
     load_into(session.embeddings, args.cache, case.name)
-    organs = {name: value for name, value in bench_boxes.ORGANS.items() if bench_boxes.truth(case, value).any()}
-    simulated = argparse.Namespace(every_mm=25.0, jitter=5, widen=5.0, seed=0)
-    plan = bench_boxes.plan_for(case, organs, "half+prop", simulated, np.random.default_rng(0))
+    organs, plan = bench_boxes.default_plan(case, "half+prop")
     margin_px = args.margin_mm / float(np.mean(case.pixel_mm)) if args.margin_mm else args.margin_px
     runs = {}
     for name, organ in organs.items():
