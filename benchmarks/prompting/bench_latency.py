@@ -157,6 +157,13 @@ def summary(rounds: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def write_report(path: Path | None, report: dict[str, Any]) -> None:
+    """The JSON record at ``path`` (folders made); nothing when no path was asked for."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/real"))
@@ -197,9 +204,7 @@ def main() -> int:
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": machine(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "summary": summary(rounds)}
     print(json.dumps(report["summary"], indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.json, report)
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_latency import machine, segment_round, summary  # noqa: E402
+from bench_latency import machine, segment_round, summary, write_report  # noqa: E402
 from cases import CASES, load_case  # noqa: E402
 
 
@@ -51,9 +51,7 @@ def main() -> int:
         print(f"{name}: " + json.dumps({k: v["median"] for k, v in summary(rounds).items()}), flush=True)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "cases": per_case}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.json, report)
     return 0
 
 
