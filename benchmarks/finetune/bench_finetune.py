@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real" / "totalsegmentator"
@@ -86,6 +85,19 @@ def prepare(out: Path, volume: str) -> tuple[Path, Path]:
     return folders[0], folders[1]
 
 
+def timed_child(command: list[str], source: Path | None) -> tuple[subprocess.CompletedProcess, float, list[str],
+                                                                   list[str]]:
+    """Run ``command`` (with the ``hsam`` package in ``source`` first on the path when given): the finished process
+    (output captured), its wall seconds, and the load averages (1, 5, 15 min) before and after."""
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    started = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])) \
+        if source else None
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    return process, wall, load_before, Path("/proc/loadavg").read_text().split()[:3]
+
+
 def run_arm(name: str, args: list[str], cases: Path, heldout: Path | None, out: Path, model: str,
             source: Path | None = None) -> dict:
     run_dir = out / f"run-{name}-{time.strftime('%H%M%S')}"
@@ -95,13 +107,7 @@ def run_arm(name: str, args: list[str], cases: Path, heldout: Path | None, out: 
     command = [sys.executable, "-m", "hsam", "finetune", "--model", model, "--cases", str(cases), "--val-cases", "0",
                *validation, "--name", f"bench-{name}", "--output", str(run_dir), "--no-register",
                "--device", "cpu", "--progress", "json", *args]
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
-    started = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])) \
-        if source else None
-    process = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    process, wall, load_before, load_after = timed_child(command, source)
     if process.returncode != 0:
         raise SystemExit(f"{name} failed:\n{process.stderr[-3000:]}")
     events = [json.loads(line) for line in process.stdout.splitlines() if line.strip()]

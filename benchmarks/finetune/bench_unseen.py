@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from bench_finetune import timed_child  # the script's own folder is on sys.path
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
 PATIENT = REAL / "lidc-idri-0001"
@@ -94,13 +95,7 @@ def run_arm(name: str, extra: list[str], cases: str, out: Path, model: str, sour
     run_dir = out / f"run-{name}-{time.strftime('%H%M%S')}"
     command = [sys.executable, "-m", "hsam", "finetune", "--model", model, "--cases", cases, "--name", f"bench-{name}",
                "--output", str(run_dir), "--no-register", "--device", "cpu", "--progress", "json", *extra]
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
-    started = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")])) \
-        if source else None
-    process = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    process, wall, load_before, load_after = timed_child(command, source)
     (out / f"{run_dir.name}.log").write_text(process.stdout + process.stderr, encoding="utf-8")
     if process.returncode != 0:
         raise SystemExit(f"{name} failed:\n{process.stderr[-3000:]}")
