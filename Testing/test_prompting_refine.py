@@ -106,3 +106,105 @@ def test_cli_refuses_refine_with_the_reference_protocol(three_slices, tmp_path, 
     assert main(["segment", str(source), "-o", str(tmp_path / "l.nii.gz"), "--protocol", "reference",
                  "--refine"]) == 2
     assert "--refine" in capsys.readouterr().err
+
+
+class _Counted:
+    """The real prompt decoder, counting the boxes sent to it."""
+
+    def __init__(self, decoder) -> None:  # noqa: ANN001
+        self.decoder, self.boxes = decoder, 0
+
+    def __call__(self, embedding, boxes):  # noqa: ANN001
+        self.boxes += len(boxes)
+        return self.decoder(embedding, boxes)
+
+
+def _organ_logits(margin: float) -> "torch.Tensor":
+    """Automatic logits [1, 9, 256, 256]: a liver (5) disc and a stomach (6) square on background, each winning by
+    ``margin`` (large: a confident model; small: an unsure one)."""
+    import torch
+
+    yy, xx = np.mgrid[:256, :256]
+    winner = np.zeros((256, 256), dtype=np.int64)
+    winner[(yy - 120) ** 2 + (xx - 90) ** 2 < 40 ** 2] = 5
+    winner[150:190, 150:200] = 6
+    logits = torch.zeros(1, 9, 256, 256)
+    logits[0].scatter_(0, torch.from_numpy(winner)[None], margin)
+    return logits
+
+
+@pytest.fixture(scope="module")
+def real_decoder():
+    from hsam.prompting.decoder import load_prompt_decoder
+
+    return load_prompt_decoder().eval()
+
+
+@needs_litemedsam
+def test_confidence_gate_leaves_a_confident_slice_untouched_without_a_decoder_call(real_decoder):
+    import torch
+
+    from hsam.prompting.refine import refine_batch
+
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64)
+    trunk = np.ones((1, 256, 256), dtype=bool)
+    gate = RefineRule(confident=0.95, min_unsure_share=0.2)
+    for margin, decoded in ((12.0, False), (2.5, True)):  # softmax top 0.9995 (sure) / 0.60 (unsure)
+        logits = _organ_logits(margin)
+        counted = _Counted(real_decoder)
+        with torch.inference_mode():
+            labels, _ = refine_batch(counted, embedding, logits, trunk, range(1, 9), (256, 256), gate)
+        assert (counted.boxes > 0) == decoded
+        if not decoded:
+            assert np.array_equal(labels[0], logits[0].argmax(0).numpy())
+    counted = _Counted(real_decoder)
+    with torch.inference_mode():  # without the gate the confident slice is decoded: two organs, two passes
+        refine_batch(counted, embedding, _organ_logits(12.0), trunk, range(1, 9), (256, 256),
+                     RefineRule(rebox_px=2.5))
+    assert counted.boxes == 4
+
+
+@needs_litemedsam
+def test_add_only_never_removes_an_automatic_voxel(real_decoder):
+    import torch
+
+    from hsam.prompting.refine import refine_batch
+
+    torch.manual_seed(1)
+    embedding = torch.randn(1, 256, 64, 64)
+    logits = _organ_logits(3.0)  # an organ's probability is 0.035 on background, 0.71 inside it
+    trunk = np.ones((1, 256, 256), dtype=bool)
+    trunk[0, :, :60] = False  # the liver disc (columns 50-130) reaches out of the trunk
+    automatic = logits[0].argmax(0).numpy()
+    probability = torch.softmax(logits[0], 0).numpy()
+    with torch.inference_mode():
+        replaced, _ = refine_batch(real_decoder, embedding, logits, trunk, range(1, 9), (256, 256),
+                                   RefineRule(add_floor=None))
+        added, _ = refine_batch(real_decoder, embedding, logits, trunk, range(1, 9), (256, 256),
+                                RefineRule(add_floor=0.02))
+    assert (replaced[0] != automatic).any()  # the decoder's masks differ from the automatic ones here
+    organ = automatic > 0
+    assert np.array_equal(added[0][organ], automatic[organ])  # add-only: every automatic organ voxel kept
+    new = added[0] != automatic
+    assert new.any() and (automatic[new] == 0).all()  # it did add, only on automatic background in the trunk ...
+    assert not new[~trunk[0]].any()
+    own = np.take_along_axis(probability, added[0][None].astype(np.int64), 0)[0]
+    assert (own[new] >= 0.02).all()  # ... where the added organ's automatic probability reaches the floor
+
+
+def test_taken_from_decoder_add_only_floor_and_confidence():
+    from hsam.prompting.refine import taken_from_decoder
+
+    automatic = np.array([[0, 0, 5, 5]])
+    organ = np.array([[5, 6, 0, 6]])  # the decoder's answer
+    probability = np.zeros((9, 1, 4))
+    probability[0] = [0.9, 0.5, 0.1, 0.1]
+    probability[5] = [0.1, 0.48, 0.9, 0.85]
+    probability[6] = [0.0, 0.02, 0.0, 0.05]
+    replace = taken_from_decoder(automatic, probability, organ, [5, 6], RefineRule(add_floor=None))
+    assert replace.tolist() == [[True, True, True, True]]
+    add = taken_from_decoder(automatic, probability, organ, [5, 6], RefineRule(add_floor=0.05))
+    assert add.tolist() == [[True, False, False, False]]  # stomach below its floor; liver voxels never removed
+    sure = taken_from_decoder(automatic, probability, organ, [5, 6], RefineRule(add_floor=None, confident=0.88))
+    assert sure.tolist() == [[False, True, False, True]]  # the automatic label stays where its model is sure

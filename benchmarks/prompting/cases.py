@@ -20,6 +20,11 @@ CASES: dict[str, tuple[str, str, str | dict[int, int]]] = {
                          "totalseg_total"),
     "dcmqi-liver": ("dcmqi/ct-3slice", "dcmqi/liver_seg.nrrd", {1: 5}),  # 3 slices of 1 mm, liver only
 }
+# not CT: the abdominal MR of the same source (a check that a stage adds nothing where the model is lost)
+OTHER_ANATOMY: dict[str, tuple[str, str, str | dict[int, int]]] = {
+    "ts-example-mr-sm": ("totalsegmentator/example_mr_sm.nii.gz", "totalsegmentator/example_seg_mr.nii.gz",
+                         "totalseg_total_mr"),
+}
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Case:
 
 
 def load_case(data: Path, name: str) -> Case:
-    ct_file, labels_file, mapping = CASES[name]
+    ct_file, labels_file, mapping = {**CASES, **OTHER_ANATOMY}[name]
     from hsam.volume import read_image
 
     image = read_image(str(data / ct_file))

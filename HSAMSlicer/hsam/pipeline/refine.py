@@ -28,7 +28,8 @@ def refine_decoder(model: "HSAM", refine: bool | None, status: Callable[[str], N
         if refine:
             raise HSAMError(f"{why_not}; run without --refine")
         return None
-    text = "refine: each slice's automatic result prompts LiteMedSAM's decoder (boxes from the probabilities)"
+    text = ("refine: each slice's automatic result prompts LiteMedSAM's decoder (boxes from the probabilities; "
+            "it may only add voxels)")
     if status:
         status(text)
     log.info(text)
