@@ -208,3 +208,44 @@ def test_taken_from_decoder_add_only_floor_and_confidence():
     assert add.tolist() == [[True, False, False, False]]  # stomach below its floor; liver voxels never removed
     sure = taken_from_decoder(automatic, probability, organ, [5, 6], RefineRule(add_floor=None, confident=0.88))
     assert sure.tolist() == [[False, True, False, True]]  # the automatic label stays where its model is sure
+
+
+def _bench_refine():  # noqa: ANN202 (module)
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "prompting"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("bench_refine", folder / "bench_refine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_refine_reads_any_rule_from_the_command_line():
+    bench = _bench_refine()
+    assert bench.parse_arm("stage") == ("stage", RefineRule())
+    name, rule = bench.parse_arm("sa=add_floor=none,rebox_px=2.5,organs=6+7,confident=0.95")
+    assert name == "sa" and rule == RefineRule(add_floor=None, rebox_px=2.5, organs=(6, 7), confident=0.95)
+    with pytest.raises(SystemExit, match="no RefineRule field"):
+        bench.parse_arm("bad=floor=0.1")
+
+
+@needs_litemedsam
+def test_bench_counts_each_arms_boxes_and_decodes_a_box_once(real_decoder):
+    import torch
+
+    bench = _bench_refine()
+    counting = bench.CountingDecoder(real_decoder)
+    embedding = torch.randn(256, 64, 64)
+    boxes = torch.tensor([[10.0, 20.0, 80.0, 90.0], [100.0, 100.0, 150.0, 160.0]])
+    counting.arm = "a"
+    first = counting(embedding, boxes).logits
+    counting.arm = "b"
+    again = counting(embedding, boxes[:1]).logits
+    assert (counting.calls["a"], counting.boxes["a"], counting.boxes["b"]) == (1, 2, 1)
+    assert len(counting.memory) == 2 and torch.equal(again[0], first[0])
+    with torch.inference_mode():
+        direct = real_decoder(embedding, boxes).logits
+    assert torch.allclose(first, direct, atol=0.05)  # kept as float16

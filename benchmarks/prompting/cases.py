@@ -45,13 +45,30 @@ class Case:
         return float(self.how.canonical_spacing[2])
 
 
+# a case resampled in-plane to coarser pixels (mm): the same patient at another resolution
+RESAMPLED: dict[str, tuple[str, float]] = {"lidc-idri-0001-3mm": ("lidc-idri-0001", 3.0)}
+
+
+def _in_plane(image: sitk.Image, pixel_mm: float, interpolator: int) -> sitk.Image:
+    """``image`` resampled to ``pixel_mm`` along its first two axes (same origin, direction and slices)."""
+    spacing = (pixel_mm, pixel_mm, image.GetSpacing()[2])
+    size = [max(1, round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
+                         image.GetDirection(), 0, image.GetPixelID())
+
+
 def load_case(data: Path, name: str) -> Case:
-    ct_file, labels_file, mapping = {**CASES, **OTHER_ANATOMY}[name]
+    source, pixel_mm = RESAMPLED.get(name, (name, None))
+    ct_file, labels_file, mapping = {**CASES, **OTHER_ANATOMY}[source]
     from hsam.volume import read_image
 
     image = read_image(str(data / ct_file))
+    reference = sitk.ReadImage(str(data / labels_file))
+    if pixel_mm is not None:
+        image = _in_plane(image, pixel_mm, sitk.sitkLinear)
+        reference = _in_plane(reference, pixel_mm, sitk.sitkNearestNeighbor)
     canonical, how = to_canonical(image, "LPS")
-    labels, _ = to_canonical(sitk.ReadImage(str(data / labels_file)), "LPS")
+    labels, _ = to_canonical(reference, "LPS")
     return Case(name, image, canonical, how, remap_labels(labels, mapping))
 
 
