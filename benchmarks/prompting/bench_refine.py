@@ -41,7 +41,8 @@ NAMES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: 
          8: "pancreas"}
 MEAN_OF = ("liver", "spleen", "stomach", "aorta")  # issue 26's mean
 ARMS = {  # named rules: issue 26's measured box rule (the decoder's answer replaces), and the stage's default
-    "issue26": RefineRule(min_probability=0.3, widen_px=5.0, min_side_px=20.0, rebox_px=2.5, add_floor=None),
+    "issue26": RefineRule(min_probability=0.3, widen_px=5.0, min_side_px=20.0, rebox_px=2.5, add_floor=None,
+                          max_pixel_mm=None),
     "stage": RefineRule(),
 }
 
@@ -131,7 +132,7 @@ def run_case(case: Case, model, card, decoder, args: argparse.Namespace) -> dict
         for name, rule in args.arms.items():
             counting.arm = name
             refined[name][z] = refine_batch(counting, embedding[None], logits, trunk[z][None], range(1, 9), size,
-                                            rule)[0][0]
+                                            case.pixel_mm, rule)[0][0]
     save_from(embeddings, args.cache, case.name)
     added_outside = {name: int(((labels > 0) & (automatic == 0) & ~trunk).sum()) for name, labels in refined.items()}
     hu = case.canonical[:depth]

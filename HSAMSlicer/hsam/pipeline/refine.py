@@ -29,7 +29,7 @@ def refine_decoder(model: "HSAM", refine: bool | None, status: Callable[[str], N
             raise HSAMError(f"{why_not}; run without --refine")
         return None
     text = ("refine: each slice's automatic result prompts LiteMedSAM's decoder (boxes from the probabilities; "
-            "it may only add voxels)")
+            "it may only add voxels; slices with pixels of at most 1.5 mm)")
     if status:
         status(text)
     log.info(text)

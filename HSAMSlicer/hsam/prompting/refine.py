@@ -47,7 +47,8 @@ class RefineRule:
     ``add_min_width_px`` > 0 it adds only the parts of each organ's addition at least that wide (a morphological
     opening, model-frame pixels, about 1.4 mm on the CTs here): it fills what the automatic model missed and leaves
     its borders alone, and an organ with no such part among its candidates (probability >= ``add_floor`` on automatic
-    background) is not decoded.
+    background) is not decoded. ``max_pixel_mm``: slices with coarser pixels (mm, either axis) are not refined at
+    all (None: every slice).
     """
 
     min_probability: float = 0.3
@@ -59,6 +60,9 @@ class RefineRule:
     min_unsure_share: float = 0.0
     add_floor: float | None = 0.05  # add-only: the only rule that lowered no organ on lidc-idri-0001 or dcmqi
     add_min_width_px: float = 0.0
+    # coarse slices reach the decoder's 256-px frame blurred by upsampling: on lidc-idri-0001 resampled to 3-mm pixels
+    # (and on the 3-mm training CT) the decoder lowered most organs; at 0.7-0.8 mm it raised every one
+    max_pixel_mm: float | None = 1.5
 
 
 def _box(mask: np.ndarray, widen: float, min_side: float) -> tuple[float, float, float, float] | None:
@@ -176,14 +180,15 @@ def taken_from_decoder(automatic: np.ndarray, probability: np.ndarray, organ: np
 
 
 def refine_batch(decoder: "PromptDecoder", embeddings: torch.Tensor, logits: torch.Tensor, trunk: np.ndarray,
-                 organs: Sequence[int], size: tuple[int, int], rule: RefineRule = RefineRule(),
-                 dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 organs: Sequence[int], size: tuple[int, int], pixel_mm: Sequence[float],
+                 rule: RefineRule = RefineRule(), dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Refined (labels, confidence) uint8 [b, H, W] for a batch.
 
     embeddings [b,256,64,64]; logits [b,K,256,256] of the automatic model (fused, model frame); trunk [b,H,W] bool;
-    ``organs``: channel indices to refine (label values); size (H, W) of the slices; ``dtype``: the engine's autocast
-    precision for the prompt decoder (None: fp32). The automatic labels and confidence are those of
-    :func:`hsam.pipeline.predict.predict_slices` (logits resized bilinear to the slice, softmax argmax).
+    ``organs``: channel indices to refine (label values); size (H, W) of the slices; pixel_mm: their (row, column)
+    spacing; ``dtype``: the engine's autocast precision for the prompt decoder (None: fp32). The automatic labels and
+    confidence are those of :func:`hsam.pipeline.predict.predict_slices` (logits resized bilinear to the slice,
+    softmax argmax); slices coarser than ``rule.max_pixel_mm`` keep them (no decoder call).
     """
     logits = logits.float()
     probability = torch.softmax(logits, dim=1)
@@ -191,6 +196,8 @@ def refine_batch(decoder: "PromptDecoder", embeddings: torch.Tensor, logits: tor
     top, automatic = slice_probability.max(dim=1)
     labels = automatic.to(torch.uint8).numpy()
     confidence = (top * 255.0).round_().to(torch.uint8).numpy()
+    if rule.max_pixel_mm is not None and max(pixel_mm) > rule.max_pixel_mm:
+        return labels, confidence
     frame = F.interpolate(torch.from_numpy(trunk[:, None].astype(np.float32)), (INPUT_SIZE, INPUT_SIZE),
                           mode="nearest")[:, 0].numpy() > 0
     for n in range(len(logits)):
@@ -256,7 +263,8 @@ def predict_refined(model: torch.nn.Module, slices: np.ndarray, window_hu: Seque
         logits = logits.float() + keep
     # the prompt decoder runs where the engine ran, in its autocast precision (on CPUs every engine's decoders are fp32)
     decoder.to(embeddings.device)
-    return refine_batch(decoder, embeddings.float(), logits.float().cpu(), trunk, organs, slices.shape[1:], rule, dtype)
+    return refine_batch(decoder, embeddings.float(), logits.float().cpu(), trunk, organs, slices.shape[1:], pixel_mm,
+                        rule, dtype)
 
 
 def refine_decoder_for(model: torch.nn.Module) -> tuple["PromptDecoder | None", str]:
