@@ -272,3 +272,17 @@ def test_bench_counts_each_arms_boxes_and_decodes_a_box_once(real_decoder):
     with torch.inference_mode():
         direct = real_decoder(embedding, boxes).logits
     assert torch.allclose(first, direct, atol=0.05)  # kept as float16
+
+
+@needs_litemedsam
+def test_the_stage_loads_no_decoder_for_coarse_slices():
+    from hsam.pipeline.refine import refine_decoder
+    from hsam.weights.store import load_named_model
+
+    model, _ = load_named_model("hsam-lite-demo")
+    messages: list[str] = []
+    assert refine_decoder(model, True, messages.append, (0.81, 0.81)) is not None
+    assert refine_decoder(model, True, messages.append, (3.0, 3.0)) is None  # the plain predict path runs instead
+    assert messages[-1].startswith("refine: skipped") and "3.00 mm" in messages[-1]
+    assert RefineRule().refines((1.5, 0.7)) and not RefineRule().refines((0.7, 1.6))
+    assert RefineRule(max_pixel_mm=None).refines((3.0, 3.0))

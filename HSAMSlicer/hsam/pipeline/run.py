@@ -60,7 +60,7 @@ def _default_stages(image: sitk.Image, model: "HSAM", card: "ModelCard", options
 
     engine = start_engine(model, options, notes, status)
     oriented = orient(image, (options.orientation or getattr(card, "orientation", None) or "LPS").upper(), notes)
-    decoder = refine_decoder(model, options.refine, status)
+    decoder = refine_decoder(model, options.refine, status, oriented.pixel_mm)
     air_cache: dict = {}
 
     def plain(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

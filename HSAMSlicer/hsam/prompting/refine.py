@@ -65,6 +65,10 @@ class RefineRule:
     # (and on the 3-mm training CT) the decoder lowered most organs; at 0.7-0.8 mm it raised every one
     max_pixel_mm: float | None = 1.5
 
+    def refines(self, pixel_mm: Sequence[float]) -> bool:
+        """Whether slices of this (row, column) pixel spacing in mm are refined (``max_pixel_mm``)."""
+        return self.max_pixel_mm is None or max(pixel_mm) <= self.max_pixel_mm
+
 
 def _box(mask: np.ndarray, widen: float, min_side: float) -> tuple[float, float, float, float] | None:
     """Edges (x0, y0, x1, y1) in the decoder's frame of a [256, 256] mask (model-frame pixels), widened and at least
@@ -197,7 +201,7 @@ def refine_batch(decoder: "PromptDecoder", embeddings: torch.Tensor, logits: tor
     top, automatic = slice_probability.max(dim=1)
     labels = automatic.to(torch.uint8).numpy()
     confidence = (top * 255.0).round_().to(torch.uint8).numpy()
-    if rule.max_pixel_mm is not None and max(pixel_mm) > rule.max_pixel_mm:
+    if not rule.refines(pixel_mm):
         return labels, confidence
     frame = F.interpolate(torch.from_numpy(trunk[:, None].astype(np.float32)), (INPUT_SIZE, INPUT_SIZE),
                           mode="nearest")[:, 0].numpy() > 0
