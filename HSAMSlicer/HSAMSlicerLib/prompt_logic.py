@@ -28,7 +28,7 @@ import slicer
 import vtk
 
 from hsam.errors import HSAMError
-from HSAMSlicerLib import nodes
+from HSAMSlicerLib import kept, nodes
 from HSAMSlicerLib.prompts import PromptProcess
 from HSAMSlicerLib.segment_edit import UndoStack
 
@@ -64,6 +64,8 @@ class PromptLogic:
         self.before_change: Callable[[], None] | None = None  # the widget: Segment Editor's saveStateForUndo
         self._last_slice: dict[int, int] = {}  # organ -> canonical slice of its latest prompt (propagation start)
         self._masks = 0
+        self._kept_stamp: float | None = None  # the kept embeddings the process was given (HSAMSlicerLib.kept.stamp)
+        self.kept_slices = 0  # slices whose embedding the process reads from the automatic run instead of encoding
         logic = weakref.ref(self)
         self._observers = [self.scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
                                                   lambda caller, event: logic() is not None and logic().stop())]
@@ -84,6 +86,9 @@ class PromptLogic:
 
         nodes.check_input_volume(volume_node)
         if self.process is not None and self.volume_id == volume_node.GetID() and not self.process.failed:
+            fresh = self._fresh_embeddings(volume_node.GetID())
+            if fresh is not None:  # an automatic run finished since: its embeddings spare the encoder
+                self.process.send({"cmd": "embeddings", "folder": fresh}, self._took_embeddings)
             return
         self.stop()
         process = PromptProcess(self.model, root=self.root, env=self.child_env)
@@ -92,12 +97,27 @@ class PromptLogic:
         source = process.folder / "volume.nrrd"
         write_volume_nrrd(slicer.util.arrayFromVolume(volume_node), geometry.vtk_matrix_to_numpy(matrix), source)
         self.process, self.volume_id = process, volume_node.GetID()
-        process.send({"cmd": "open", "volume": str(source)})
+        fresh = self._fresh_embeddings(volume_node.GetID())
+        process.send({"cmd": "open", "volume": str(source), **({"embeddings": fresh} if fresh else {})},
+                     self._took_embeddings)
+
+    def _took_embeddings(self, answer: dict) -> None:
+        self.kept_slices = int(answer.get("kept_slices", 0))
+
+    def _fresh_embeddings(self, volume_id: str) -> str | None:
+        """The folder of the slice embeddings the volume's latest automatic run kept (:mod:`HSAMSlicerLib.kept`)
+        when the process has not been given them yet; else None."""
+        stamp = kept.stamp(self.root, volume_id)
+        if stamp is None or stamp == self._kept_stamp:
+            return None
+        self._kept_stamp = stamp
+        return str(kept.folder_of(self.root, volume_id))
 
     def stop(self) -> None:
         """End the warm process and its whole group, remove its folder, forget the undo states (scene closed, volume
         removed, module closed)."""
         process, self.process, self.volume_id = self.process, None, None
+        self._kept_stamp, self.kept_slices = None, 0
         self.undo_stack = UndoStack()
         self._last_slice = {}
         if process is not None:

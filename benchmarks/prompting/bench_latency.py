@@ -14,6 +14,9 @@ Each round, in this order (so a slower machine state hits every measure alike):
      on the same slice, whose embedding now IS cached (decoder only); both as the client sees them (round trip);
   4. propagation of the liver through at most 20 slices (``"from"``/``"to"`` 10 slices each side, ``"progress":
      true``: one progress line per slice is read as it comes); seconds, slices filled, seconds per slice;
+  4b. 2-4 again in a fresh process opened with the embeddings the automatic run kept (``hsam segment
+     --keep-embeddings``, run once before the rounds, default options: what the Slicer module does): open (with the
+     fingerprint checks), the liver box, the propagation;
   5. ``hsam segment``'s per-slice time on a ``--slices``-slice part of the same CT (``segment_volume``, orientation
      self-check off: issue 30 counts it apart): eager fp32 (the baseline), the CPU default mode without refine, and
      the default mode with refine; the refine stage's added share = with / without - 1 (issue 30's budget: 25 %);
@@ -27,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -117,6 +122,34 @@ def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int) -> di
             "first_progress_line_s": progress[0] if progress else float("nan")}
 
 
+def kept_round(ct: Path, reference: np.ndarray, threads: int, reach: int, kept: Path) -> dict[str, float]:
+    """Measure 4b: a fresh serve process reading the automatic run's kept embeddings."""
+    z = int(np.median(np.flatnonzero(((reference == 5).any(axis=(1, 2))) & ((reference == 1).any(axis=(1, 2))))))
+    child = Child(threads)
+    try:
+        opened, open_s, _ = child.ask({"cmd": "open", "volume": str(ct), "embeddings": str(kept)})
+        if not opened.get("kept_slices"):
+            raise RuntimeError(f"the kept embeddings were not used: {opened.get('kept_note')}")
+        liver, first, _ = child.ask({"cmd": "prompt", "organ": "liver", "slice": z,
+                                     "box": voxel_box(reference[z] == 5)})
+        answer, propagated, _ = child.ask({"cmd": "propagate", "organ": "liver", "slice": liver["slice"],
+                                           "from": z - reach, "to": z + reach, "progress": True})
+    finally:
+        child.close()
+    filled = len(answer["slices"])
+    return {"kept_open_s": open_s, "kept_first_mask_s": first, "kept_propagation_s": propagated,
+            "kept_propagation_slices": filled, "kept_propagation_s_per_slice": propagated / max(1, filled)}
+
+
+def keep_embeddings(ct: Path, folder: Path, threads: int) -> float:
+    """Run ``hsam segment CT --keep-embeddings FOLDER`` once (default options); returns its seconds."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "hsam", "segment", str(ct), "-o", str(folder / "labels.nii.gz"), "-q",
+                    "--keep-embeddings", str(folder / "embeddings")], check=True, cwd=REPOSITORY, env=environment)
+    return time.perf_counter() - started
+
+
 def segment_round(image, model, card, modes: list[tuple[str, str, bool]]) -> dict[str, float]:  # noqa: ANN001
     """Measure 5: seconds per slice of segment_volume for each (name, mode, refine)."""
     from hsam.pipeline.options import SegmentOptions
@@ -194,9 +227,12 @@ def main() -> int:
     embedding = torch.zeros(256, 64, 64)
     modes = [("eager_fp32", "eager", False), ("default", args.mode, False), ("default_refine", args.mode, True)]
     segment_round(part[:, :, :1], model, card, modes)  # warm-up: graphs exported/prepared, weights paged in
+    automatic = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    print(f"automatic run keeping its embeddings: {keep_embeddings(ct, automatic, args.threads):.1f} s", flush=True)
     rounds = []
     for number in range(args.rounds):
         record = {**serve_round(ct, reference, args.threads, args.propagate_each_side),
+                  **kept_round(ct, reference, args.threads, args.propagate_each_side, automatic / "embeddings"),
                   **segment_round(part, model, card, modes), **decoder_round(decoder, embedding)}
         rounds.append(record)
         print(f"round {number + 1}: " + json.dumps({k: round(v, 3) for k, v in record.items()}), flush=True)
@@ -205,6 +241,7 @@ def main() -> int:
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "summary": summary(rounds)}
     print(json.dumps(report["summary"], indent=1))
     write_report(args.json, report)
+    shutil.rmtree(automatic, ignore_errors=True)
     return 0
 
 

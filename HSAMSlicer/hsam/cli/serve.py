@@ -3,6 +3,9 @@
 One request per line on stdin, one answer per line on stdout (nothing else is printed there), answered in order::
 
     {"cmd": "open", "volume": "ct.nrrd"}                 -> {"ok": true, "cmd": "open", "slices": 133, ...}
+    {"cmd": "open", "volume": "ct.nrrd", "embeddings": "kept/"}
+                                     -> {..., "kept_slices": 120} or {..., "kept_slices": 0, "kept_note": "why not"}
+    {"cmd": "embeddings", "folder": "kept/"}            -> the same for the open volume (hsam segment --keep-embeddings)
     {"cmd": "prompt", "organ": "liver", "space": "voxel", "slice": 40, "box": [i0, j0, i1, j1]}
     {"cmd": "prompt", "organ": "liver", "space": "ras", "z": -120.0, "point": [x, y], "positive": false}
                                                          -> {"ok": true, "cmd": "prompt", "organ": 5, "slice": 40,
@@ -57,8 +60,8 @@ class Server:
         command = request.get("cmd")
         handler = getattr(self, f"do_{command}", None) if isinstance(command, str) else None
         if handler is None:
-            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, prompt, propagate, clear, mask, labels, "
-                             "quit")
+            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, embeddings, prompt, propagate, clear, "
+                             "mask, labels, quit")
         if command not in ("open", "quit") and self.session is None:
             raise ValueError('no volume is open: send {"cmd": "open", "volume": PATH} first')
         return {"ok": True, "cmd": command, **handler(request)}
@@ -68,7 +71,21 @@ class Server:
         from hsam.volume import read_image
 
         self.session = open_session(read_image(str(request.get("volume"))), self.model, self.card, self.decoder)
-        return {"slices": self.session.shape[0], "orientation": self.session.how.orientation}
+        opened = {"slices": self.session.shape[0], "orientation": self.session.how.orientation}
+        if request.get("embeddings"):
+            opened.update(self._attach(str(request["embeddings"])))
+        return opened
+
+    def do_embeddings(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._attach(str(request.get("folder")))
+
+    def _attach(self, folder: str) -> dict[str, Any]:
+        """Read slice embeddings an automatic run kept (hsam segment --keep-embeddings) instead of encoding."""
+        from hsam.prompting.build import attach_kept
+
+        why_not = attach_kept(self.session, folder)
+        kept = self.session.embeddings.kept
+        return {"kept_slices": len(kept) if kept is not None else 0, **({"kept_note": why_not} if why_not else {})}
 
     def _prompt(self, request: dict[str, Any]):  # noqa: ANN202 (PromptPlan)
         from hsam.prompting.prompt_file import parse_prompts
