@@ -261,3 +261,19 @@ def test_prompts_read_the_embeddings_the_automatic_run_kept(scene):
     assert logic.kept_slices > 0, "the slab the automatic run encoded is read, not encoded again"
     app.scene.RemoveNode(volume)
     assert kept.stamp(logic.root, volume.GetID()) is None
+
+
+def test_undo_makes_the_prompt_process_forget_the_undone_prompt(scene):
+    """Undo puts back the segment and the prompt process's state: a propagation afterwards starts from the prompt
+    before, and fills the slice whose (undone) box would otherwise stop it."""
+    app, volume, truth, segmentation, painted, logic = scene
+    logic.open(volume)
+    liver_truth = truth == 5
+    run(logic, logic.box, segmentation, "liver", volume, box_corners(volume, liver_truth[SLICE], SLICE))
+    other = SLICE + 3
+    run(logic, logic.box, segmentation, "liver", volume, box_corners(volume, liver_truth[other], other))
+    assert logic.undo(volume).message.startswith(f"Undone: the box on slice {other}")
+    assert not segment_array(segmentation, "liver", volume)[other].any()
+    outcome = run(logic, logic.propagate, segmentation, "liver", volume)
+    assert other in outcome.slices, "the undone box neither starts nor stops the propagation"
+    assert SLICE not in outcome.slices

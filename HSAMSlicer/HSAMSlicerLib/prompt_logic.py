@@ -66,6 +66,7 @@ class PromptLogic:
         self._masks = 0
         self._kept_stamp: float | None = None  # the kept embeddings the process was given (HSAMSlicerLib.kept.stamp)
         self.kept_slices = 0  # slices whose embedding the process reads from the automatic run instead of encoding
+        self._step = 0  # the number of the latest change sent (prompt, propagation)
         logic = weakref.ref(self)
         self._observers = [self.scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
                                                   lambda caller, event: logic() is not None and logic().stop())]
@@ -174,10 +175,11 @@ class PromptLogic:
         organ = self._organ(segmentation_node, segment_id)
         if organ not in self._last_slice:
             raise HSAMError("nothing to propagate yet: draw a box on the organ first")
-        request = {"cmd": "propagate", "organ": organ, "slice": self._last_slice[organ]}
+        request = {"cmd": "propagate", "organ": organ, "slice": self._last_slice[organ], **self._next_step()}
         if limits_ras_z is not None:
             low, high = sorted(float(self.to_local(volume_node, (0.0, 0.0, z))[2]) for z in limits_ras_z)
             request.update({"space": "ras", "from": low, "to": high})
+        tag = (request["step"], dict(self._last_slice))  # undone: the propagation start goes back too
 
         def propagated(answer: dict) -> None:
             slices = [int(z) for z in answer.get("slices") or []]
@@ -186,7 +188,7 @@ class PromptLogic:
                                            "(or a limit or a prompted slice is there)."))
                 return
             self._apply(organ, slices, segmentation_node, segment_id, volume_node,
-                        f"propagation over {len(slices)} slices", done)
+                        f"propagation over {len(slices)} slices", done, tag)
 
         self._send(request, propagated, done)
 
@@ -196,6 +198,10 @@ class PromptLogic:
         step = self.undo_stack.undo(self.scene, volume_node) if volume_node is not None else None
         if step is None:
             return Outcome("Nothing to undo.")
+        if step.tag is not None:  # the prompt process forgets the change too: a later propagation starts before it
+            number, self._last_slice = step.tag
+            if self.process is not None and not self.process.failed:
+                self.process.send({"cmd": "undo", "step": number})
         return Outcome(f"Undone: the {step.what} on '{step.segment_id}'.", int(step.before.sum()))
 
     # ------------------------------------------------------------------ geometry
@@ -240,17 +246,25 @@ class PromptLogic:
         self.process.send(request, on_answer, lambda error: self._report(done, Outcome(f"Failed: {error}",
                                                                                        error=error)))
 
+    def _next_step(self) -> dict:
+        """The step number of the next change ({"step": n} in its request; the undo step's tag holds it)."""
+        self._step += 1
+        return {"step": self._step}
+
     def _prompt(self, request: dict, segmentation_node, segment_id: str, volume_node, what: str,  # noqa: ANN001
                 done: Done | None) -> None:
+        request = {**request, **self._next_step()}
+        tag = (request["step"], dict(self._last_slice))
+
         def prompted(answer: dict) -> None:
             self._last_slice[int(answer["organ"])] = int(answer["slice"])
             self._apply(int(answer["organ"]), [int(answer["slice"])], segmentation_node, segment_id, volume_node,
-                        what, done)
+                        what, done, tag)
 
         self._send(request, prompted, done)
 
     def _apply(self, organ: int, slices: list[int], segmentation_node, segment_id: str, volume_node,  # noqa: ANN001
-               what: str, done: Done | None) -> None:
+               what: str, done: Done | None, tag: tuple[int, dict]) -> None:
         """Ask for the organ's mask on ``slices`` and write it into the segment when it arrives."""
         self._masks += 1
         path = self.process.folder / f"mask-{self._masks}.npy"
@@ -261,7 +275,7 @@ class PromptLogic:
             if self.before_change is not None:
                 self.before_change()
             voxels = self.undo_stack.apply(segmentation_node, segment_id, volume_node,
-                                           tuple(int(v) for v in answer["offset"]), crop, what)
+                                           tuple(int(v) for v in answer["offset"]), crop, what, tag)
             self._report(done, Outcome(f"{what[0].upper()}{what[1:]}: '{segment_id}' has {voxels} voxels there.",
                                        voxels, tuple(slices)))
 
