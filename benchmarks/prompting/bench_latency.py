@@ -99,12 +99,16 @@ class Child:
                 self.process.kill()
 
 
-def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int) -> dict[str, float]:
-    """Measures 1-4 of one round (a fresh serve process)."""
+def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int, kept: Path | None = None
+                ) -> dict[str, float]:
+    """Measures 1-4 of one round (a fresh serve process); with ``kept``, measure 4b: the process opened with the
+    automatic run's kept embeddings (keys ``kept_*``, the first box's time as ``kept_first_mask_s``)."""
     z = int(np.median(np.flatnonzero(((reference == 5).any(axis=(1, 2))) & ((reference == 1).any(axis=(1, 2))))))
     child = Child(threads)
     try:
-        _, opened, _ = child.ask({"cmd": "open", "volume": str(ct)})
+        given, opened, _ = child.ask({"cmd": "open", "volume": str(ct), **({"embeddings": str(kept)} if kept else {})})
+        if kept is not None and not given.get("kept_slices"):
+            raise RuntimeError(f"the kept embeddings were not used: {given.get('kept_note')}")
         liver, uncached, _ = child.ask({"cmd": "prompt", "organ": "liver", "slice": z,
                                         "box": voxel_box(reference[z] == 5)})
         _, cached, _ = child.ask({"cmd": "prompt", "organ": "spleen", "slice": z,
@@ -116,29 +120,14 @@ def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int) -> di
     filled = len(answer["slices"])
     if len(progress) != filled:
         raise RuntimeError(f"{len(progress)} progress lines for {filled} propagated slices")
-    return {"process_start_s": child.start_seconds, "open_s": opened, "first_mask_uncached_s": uncached,
-            "first_mask_cached_s": cached, "propagation_s": propagated, "propagation_slices": filled,
-            "propagation_s_per_slice": propagated / max(1, filled),
-            "first_progress_line_s": progress[0] if progress else float("nan")}
-
-
-def kept_round(ct: Path, reference: np.ndarray, threads: int, reach: int, kept: Path) -> dict[str, float]:
-    """Measure 4b: a fresh serve process reading the automatic run's kept embeddings."""
-    z = int(np.median(np.flatnonzero(((reference == 5).any(axis=(1, 2))) & ((reference == 1).any(axis=(1, 2))))))
-    child = Child(threads)
-    try:
-        opened, open_s, _ = child.ask({"cmd": "open", "volume": str(ct), "embeddings": str(kept)})
-        if not opened.get("kept_slices"):
-            raise RuntimeError(f"the kept embeddings were not used: {opened.get('kept_note')}")
-        liver, first, _ = child.ask({"cmd": "prompt", "organ": "liver", "slice": z,
-                                     "box": voxel_box(reference[z] == 5)})
-        answer, propagated, _ = child.ask({"cmd": "propagate", "organ": "liver", "slice": liver["slice"],
-                                           "from": z - reach, "to": z + reach, "progress": True})
-    finally:
-        child.close()
-    filled = len(answer["slices"])
-    return {"kept_open_s": open_s, "kept_first_mask_s": first, "kept_propagation_s": propagated,
-            "kept_propagation_slices": filled, "kept_propagation_s_per_slice": propagated / max(1, filled)}
+    record = {"process_start_s": child.start_seconds, "open_s": opened, "first_mask_uncached_s": uncached,
+              "first_mask_cached_s": cached, "propagation_s": propagated, "propagation_slices": filled,
+              "propagation_s_per_slice": propagated / max(1, filled),
+              "first_progress_line_s": progress[0] if progress else float("nan")}
+    if kept is None:
+        return record
+    names = {"first_mask_uncached_s": "first_mask_s", "first_mask_cached_s": "second_mask_same_slice_s"}
+    return {f"kept_{names.get(k, k)}": v for k, v in record.items() if k != "process_start_s"}
 
 
 def keep_embeddings(ct: Path, folder: Path, threads: int) -> float:
@@ -232,7 +221,7 @@ def main() -> int:
     rounds = []
     for number in range(args.rounds):
         record = {**serve_round(ct, reference, args.threads, args.propagate_each_side),
-                  **kept_round(ct, reference, args.threads, args.propagate_each_side, automatic / "embeddings"),
+                  **serve_round(ct, reference, args.threads, args.propagate_each_side, automatic / "embeddings"),
                   **segment_round(part, model, card, modes), **decoder_round(decoder, embedding)}
         rounds.append(record)
         print(f"round {number + 1}: " + json.dumps({k: round(v, 3) for k, v in record.items()}), flush=True)
