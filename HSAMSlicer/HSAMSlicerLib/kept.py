@@ -29,6 +29,8 @@ def take(found: str | Path, root: Path, volume_id: str) -> Path | None:
         return None
     target = folder_of(root, volume_id)
     shutil.rmtree(target, ignore_errors=True)
+    if target.exists():  # Windows: the prompt process still maps the older ones (their fingerprints say what they are)
+        return None
     shutil.move(str(found), str(target))
     return target
 
