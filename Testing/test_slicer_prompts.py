@@ -241,3 +241,39 @@ def test_a_box_on_an_oblique_ct_lands_on_the_organ(scene):
     liver = segment_array(segmentation, "liver", oblique).astype(bool)
     assert [k for k in range(liver.shape[0]) if liver[k].any()] == [SLICE]
     assert dice(liver[SLICE], truth[SLICE] == 5) > 0.8
+
+
+def test_prompts_read_the_embeddings_the_automatic_run_kept(scene):
+    """The automatic run keeps its slice embeddings for the CT; the prompt process opened afterwards (or already
+    open) reads them instead of encoding; removing the CT removes them."""
+    from HSAMSlicerLib import kept
+    from HSAMSlicerLib.logic import HSAMSlicerLogic, RunOptions
+
+    app, volume, truth, segmentation, painted, logic = scene
+    automatic = HSAMSlicerLogic(app.scene)
+    automatic.jobs_root = logic.root  # the widget's two logics share Slicer's temporary folder
+    logic.open(volume)  # already open when the run ends: the process is told on the next prompt
+    automatic.process(volume, RunOptions(model="hsam-lite-demo", device="cpu", organs=[5], show_3d=False))
+    assert kept.stamp(logic.root, volume.GetID()) is not None
+    logic.open(volume)
+    outcome = run(logic, logic.box, segmentation, "liver", volume, box_corners(volume, truth[SLICE] == 5, SLICE))
+    assert outcome.voxels > 1000
+    assert logic.kept_slices > 0, "the slab the automatic run encoded is read, not encoded again"
+    app.scene.RemoveNode(volume)
+    assert kept.stamp(logic.root, volume.GetID()) is None
+
+
+def test_undo_makes_the_prompt_process_forget_the_undone_prompt(scene):
+    """Undo puts back the segment and the prompt process's state: a propagation afterwards starts from the prompt
+    before, and fills the slice whose (undone) box would otherwise stop it."""
+    app, volume, truth, segmentation, painted, logic = scene
+    logic.open(volume)
+    liver_truth = truth == 5
+    run(logic, logic.box, segmentation, "liver", volume, box_corners(volume, liver_truth[SLICE], SLICE))
+    other = SLICE + 3
+    run(logic, logic.box, segmentation, "liver", volume, box_corners(volume, liver_truth[other], other))
+    assert logic.undo(volume).message.startswith(f"Undone: the box on slice {other}")
+    assert not segment_array(segmentation, "liver", volume)[other].any()
+    outcome = run(logic, logic.propagate, segmentation, "liver", volume)
+    assert other in outcome.slices, "the undone box neither starts nor stops the propagation"
+    assert SLICE not in outcome.slices

@@ -147,6 +147,7 @@ class PromptsSection:
             return
         with self._reportingErrors():
             self._setPromptStatus(self._promptLogic.undo().message)
+            self._promptTimer.start()  # collects the prompt process's answer to its own undo
         self._updatePromptButtons()
 
     # ------------------------------------------------------------------ following the warm process

@@ -33,7 +33,7 @@ import numpy as np
 import slicer
 import vtk
 
-from HSAMSlicerLib import nodes, results
+from HSAMSlicerLib import kept, nodes, results
 from HSAMSlicerLib.nodes import (  # noqa: F401 (PROVENANCE_KEYS: part of this module's interface)
     PROVENANCE_KEYS, PROVENANCE_PREFIX, ROLE_CONFIDENCE, ROLE_PREDICTION, ROLE_TABLE,
 )
@@ -44,6 +44,8 @@ from hsam.errors import HSAMError
 # RESULT_ATTRIBUTE marks every node this module creates; its value says which part of a result the node is.
 PREDICTION, CONFIDENCE, TABLE = "prediction", "confidence", "volumes"
 PART_ROLES = {PREDICTION: ROLE_PREDICTION, CONFIDENCE: ROLE_CONFIDENCE, TABLE: ROLE_TABLE}
+KEPT_FOLDER = "embeddings"  # in a segmentation job's folder: the slice embeddings it keeps for the prompts
+
 # The paper's model: what an official H-SAM .pth checkpoint is imported as.
 OFFICIAL_MODEL_ID = "hsam-vitb-synapse"
 # Segment tag holding the H-SAM label value (for scripts; export matches segments by terminology, then by name).
@@ -190,7 +192,9 @@ class HSAMSlicerLogic:
         self._removal_observer = self.scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, removed)
 
     def cancel_segmentations_of(self, volume_id: str) -> None:
-        """The volume was removed from the scene: its running segmentations stop (their result has nowhere to go)."""
+        """The volume was removed from the scene: its running segmentations stop (their result has nowhere to go)
+        and its kept embeddings go."""
+        kept.forget(self.jobs_root, volume_id)
         self._segmentations = [s for s in self._segmentations if not s.poll().done]
         for running in self._segmentations:
             if running.volume_id == volume_id:
@@ -203,13 +207,17 @@ class HSAMSlicerLogic:
         return sweep_stale_folders(self.jobs_root)
 
     def stop_jobs(self) -> None:
-        """End every child job this Logic started and remove their folders (module closed, Slicer exits)."""
+        """End every child job this Logic started and remove their folders and the kept embeddings (module closed,
+        Slicer exits)."""
+        kept.forget(self.jobs_root)
         jobs, self._jobs, self._scene_jobs = self._jobs, [], []
         for job in jobs:
             job.cleanup()
 
     def stop_scene_jobs(self) -> None:
-        """End the jobs that need the scene (segmentations) and remove their folders: the scene is being closed."""
+        """End the jobs that need the scene (segmentations) and remove their folders and the kept embeddings: the
+        scene is being closed."""
+        kept.forget(self.jobs_root)
         jobs, self._scene_jobs = self._scene_jobs, []
         self._jobs = [j for j in self._jobs if j not in jobs]
         for job in jobs:
@@ -283,6 +291,7 @@ class HSAMSlicerLogic:
                 arguments += ["--batch-size", options.batch_size]
             if options.mode and options.mode != "auto":
                 arguments += ["--mode", options.mode]
+            arguments += ["--keep-embeddings", job.folder / KEPT_FOLDER]  # for the prompts (HSAMSlicerLib.kept)
             job.arguments = [str(a) for a in arguments]
             job.start()
         except BaseException:
@@ -323,7 +332,12 @@ class HSAMSlicerLogic:
                 seconds=float(facts.get("seconds", 0.0)),
                 warnings=list(facts.get("warnings") or []), volumes_ml=dict(facts.get("volumes_ml") or {}),
             )
-            return self.apply_result(volume_node, output, running.options)
+            segmentation = self.apply_result(volume_node, output, running.options)
+            try:
+                kept.take(running.job.folder / KEPT_FOLDER, self.jobs_root, running.volume_id)
+            except OSError:
+                pass  # a convenience: the prompt process computes the embeddings itself
+            return segmentation
         finally:
             running.job.cleanup()
 

@@ -28,7 +28,7 @@ import slicer
 import vtk
 
 from hsam.errors import HSAMError
-from HSAMSlicerLib import nodes
+from HSAMSlicerLib import kept, nodes
 from HSAMSlicerLib.prompts import PromptProcess
 from HSAMSlicerLib.segment_edit import UndoStack
 
@@ -64,6 +64,9 @@ class PromptLogic:
         self.before_change: Callable[[], None] | None = None  # the widget: Segment Editor's saveStateForUndo
         self._last_slice: dict[int, int] = {}  # organ -> canonical slice of its latest prompt (propagation start)
         self._masks = 0
+        self._kept_stamp: float | None = None  # the kept embeddings the process was given (HSAMSlicerLib.kept.stamp)
+        self.kept_slices = 0  # slices whose embedding the process reads from the automatic run instead of encoding
+        self._step = 0  # the number of the latest change sent (prompt, propagation)
         logic = weakref.ref(self)
         self._observers = [self.scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
                                                   lambda caller, event: logic() is not None and logic().stop())]
@@ -84,6 +87,9 @@ class PromptLogic:
 
         nodes.check_input_volume(volume_node)
         if self.process is not None and self.volume_id == volume_node.GetID() and not self.process.failed:
+            fresh = self._fresh_embeddings(volume_node.GetID())
+            if fresh is not None:  # an automatic run finished since: its embeddings spare the encoder
+                self.process.send({"cmd": "embeddings", "folder": fresh}, self._took_embeddings)
             return
         self.stop()
         process = PromptProcess(self.model, root=self.root, env=self.child_env)
@@ -92,12 +98,27 @@ class PromptLogic:
         source = process.folder / "volume.nrrd"
         write_volume_nrrd(slicer.util.arrayFromVolume(volume_node), geometry.vtk_matrix_to_numpy(matrix), source)
         self.process, self.volume_id = process, volume_node.GetID()
-        process.send({"cmd": "open", "volume": str(source)})
+        fresh = self._fresh_embeddings(volume_node.GetID())
+        process.send({"cmd": "open", "volume": str(source), **({"embeddings": fresh} if fresh else {})},
+                     self._took_embeddings)
+
+    def _took_embeddings(self, answer: dict) -> None:
+        self.kept_slices = int(answer.get("kept_slices", 0))
+
+    def _fresh_embeddings(self, volume_id: str) -> str | None:
+        """The folder of the slice embeddings the volume's latest automatic run kept (:mod:`HSAMSlicerLib.kept`)
+        when the process has not been given them yet; else None."""
+        stamp = kept.stamp(self.root, volume_id)
+        if stamp is None or stamp == self._kept_stamp:
+            return None
+        self._kept_stamp = stamp
+        return str(kept.folder_of(self.root, volume_id))
 
     def stop(self) -> None:
         """End the warm process and its whole group, remove its folder, forget the undo states (scene closed, volume
         removed, module closed)."""
         process, self.process, self.volume_id = self.process, None, None
+        self._kept_stamp, self.kept_slices = None, 0
         self.undo_stack = UndoStack()
         self._last_slice = {}
         if process is not None:
@@ -154,10 +175,11 @@ class PromptLogic:
         organ = self._organ(segmentation_node, segment_id)
         if organ not in self._last_slice:
             raise HSAMError("nothing to propagate yet: draw a box on the organ first")
-        request = {"cmd": "propagate", "organ": organ, "slice": self._last_slice[organ]}
+        request = {"cmd": "propagate", "organ": organ, "slice": self._last_slice[organ], **self._next_step()}
         if limits_ras_z is not None:
             low, high = sorted(float(self.to_local(volume_node, (0.0, 0.0, z))[2]) for z in limits_ras_z)
             request.update({"space": "ras", "from": low, "to": high})
+        tag = (request["step"], dict(self._last_slice))  # undone: the propagation start goes back too
 
         def propagated(answer: dict) -> None:
             slices = [int(z) for z in answer.get("slices") or []]
@@ -166,7 +188,7 @@ class PromptLogic:
                                            "(or a limit or a prompted slice is there)."))
                 return
             self._apply(organ, slices, segmentation_node, segment_id, volume_node,
-                        f"propagation over {len(slices)} slices", done)
+                        f"propagation over {len(slices)} slices", done, tag)
 
         self._send(request, propagated, done)
 
@@ -176,6 +198,10 @@ class PromptLogic:
         step = self.undo_stack.undo(self.scene, volume_node) if volume_node is not None else None
         if step is None:
             return Outcome("Nothing to undo.")
+        if step.tag is not None:  # the prompt process forgets the change too: a later propagation starts before it
+            number, self._last_slice = step.tag
+            if self.process is not None and not self.process.failed:
+                self.process.send({"cmd": "undo", "step": number})
         return Outcome(f"Undone: the {step.what} on '{step.segment_id}'.", int(step.before.sum()))
 
     # ------------------------------------------------------------------ geometry
@@ -220,17 +246,25 @@ class PromptLogic:
         self.process.send(request, on_answer, lambda error: self._report(done, Outcome(f"Failed: {error}",
                                                                                        error=error)))
 
+    def _next_step(self) -> dict:
+        """The step number of the next change ({"step": n} in its request; the undo step's tag holds it)."""
+        self._step += 1
+        return {"step": self._step}
+
     def _prompt(self, request: dict, segmentation_node, segment_id: str, volume_node, what: str,  # noqa: ANN001
                 done: Done | None) -> None:
+        request = {**request, **self._next_step()}
+        tag = (request["step"], dict(self._last_slice))
+
         def prompted(answer: dict) -> None:
             self._last_slice[int(answer["organ"])] = int(answer["slice"])
             self._apply(int(answer["organ"]), [int(answer["slice"])], segmentation_node, segment_id, volume_node,
-                        what, done)
+                        what, done, tag)
 
         self._send(request, prompted, done)
 
     def _apply(self, organ: int, slices: list[int], segmentation_node, segment_id: str, volume_node,  # noqa: ANN001
-               what: str, done: Done | None) -> None:
+               what: str, done: Done | None, tag: tuple[int, dict]) -> None:
         """Ask for the organ's mask on ``slices`` and write it into the segment when it arrives."""
         self._masks += 1
         path = self.process.folder / f"mask-{self._masks}.npy"
@@ -241,7 +275,7 @@ class PromptLogic:
             if self.before_change is not None:
                 self.before_change()
             voxels = self.undo_stack.apply(segmentation_node, segment_id, volume_node,
-                                           tuple(int(v) for v in answer["offset"]), crop, what)
+                                           tuple(int(v) for v in answer["offset"]), crop, what, tag)
             self._report(done, Outcome(f"{what[0].upper()}{what[1:]}: '{segment_id}' has {voxels} voxels there.",
                                        voxels, tuple(slices)))
 

@@ -85,6 +85,8 @@ class PromptProcess:
             raise HSAMError(self.failed)
         if payload.get("cmd") == "open":
             self._opened = dict(payload)
+        elif payload.get("cmd") == "embeddings" and self._opened is not None:  # a restarted child reopens with them
+            self._opened["embeddings"] = payload.get("folder")
         if self._child is None:
             self._start()
         request = _Request(dict(payload), on_answer, on_error)
@@ -96,8 +98,8 @@ class PromptProcess:
         if self._child is None:
             return
         for answer in self._answers.new_objects():
-            if answer.get("cmd") == "ready" or not self._sent:
-                continue  # the start-up line (or an answer nobody waits for)
+            if answer.get("cmd") == "ready" or "progress" in answer or not self._sent:
+                continue  # the start-up line, a progress line (not an answer) or an answer nobody waits for
             self._answered_since_start = True
             self._deliver(self._sent.popleft(), answer)
         if self._child is not None and self._child.process.poll() is not None:

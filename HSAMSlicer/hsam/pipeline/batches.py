@@ -1,9 +1,11 @@
 """The batch loop of the predict stage: slices in batches through a predict function, with the slab search.
 
 ``progress(k, n)`` is called after every batch (first with k = 0); ``cancel()`` is checked before every batch and
-raises :class:`~hsam.pipeline.result.Cancelled`. With a slab plan (:mod:`hsam.pipeline.slab`) the probe slices run
-first, then only the slab's other slices; ``progress``'s n is the slice count until the slab is chosen, then the
-slices to encode. An out-of-memory error goes to :meth:`Engine.recover` (halve the batch, or move to the CPU).
+raises :class:`~hsam.pipeline.result.Cancelled`; ``batch_done(slices)`` gets each batch's slice numbers once
+``predict`` answered for it (for stages that keep something per slice). With a slab plan (:mod:`hsam.pipeline.slab`)
+the probe slices run first, then only the slab's other slices; ``progress``'s n is the slice count until the slab is
+chosen, then the slices to encode. An out-of-memory error goes to :meth:`Engine.recover` (halve the batch, or move to
+the CPU).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def encode(
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     status: Callable[[str], None] | None = None,
+    batch_done: Callable[[list[int]], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels and confidence (uint8 [z,H,W]) of ``volume`` [z,H,W]: ``predict`` on batches of ``engine.batch``
     slices (all of them, or the plan's probes then its slab); slices not encoded are background."""
@@ -50,6 +53,8 @@ def encode(
                 raise
             continue
         labels[chosen], confidence[chosen] = batch_labels, batch_confidence
+        if batch_done:
+            batch_done(chosen)
         done = stop
         if not slab_chosen and done == len(todo):  # the probes ran: choose the slab
             todo += choose_slab(plan, labels)

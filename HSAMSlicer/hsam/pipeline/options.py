@@ -32,6 +32,8 @@ class SegmentOptions:
     largest_component: keep only the largest connected component of each organ.
     check_orientation: run the orientation self-check and the laterality check (:mod:`hsam.pipeline.checks`).
     input_size: reference protocol only: the released ``--input_size`` the slices are zoomed to first.
+    keep_embeddings: a folder to keep the encoder's slice embeddings in for the prompt tools
+        (:mod:`hsam.pipeline.keep`); None: not kept.
     """
 
     protocol: str = "default"
@@ -48,6 +50,7 @@ class SegmentOptions:
     largest_component: bool = False
     check_orientation: bool = True
     input_size: int = REFERENCE_INPUT_SIZE
+    keep_embeddings: str | None = None
 
     @classmethod
     def reference(cls, *, device: str = "auto", batch_size: int | None = None,
@@ -72,7 +75,8 @@ class SegmentOptions:
         if self.input_size < 8:
             raise HSAMError(f"--input-size must be at least 8 pixels, got {self.input_size}")
         unused = [name for name, value in (("organs", self.organs), ("orientation", self.orientation),
-                                           ("refine", self.refine), ("crop_to_body", self.crop_to_body)) if value]
+                                           ("refine", self.refine), ("crop_to_body", self.crop_to_body),
+                                           ("keep_embeddings", self.keep_embeddings)) if value]
         if self.precision not in ("auto", "fp32") or self.mode not in ("auto", "eager"):
             unused.append("precision/mode")
         if unused:  # the reference stages have no place for them (build the options with SegmentOptions.reference)

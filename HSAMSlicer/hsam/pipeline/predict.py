@@ -54,10 +54,12 @@ def predict_slices(
     dtype: torch.dtype | None = None,
     channels: Sequence[int] | None = None,
     predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels and confidence (uint8 [b,H,W] each) for raw slices [b,H,W] (HU, any numeric dtype).
 
-    ``predictor`` (images -> fused logits, from :func:`hsam.engines.modes.prepare`) replaces ``model.predict``.
+    ``predictor`` (images -> fused logits, from :func:`hsam.engines.modes.prepare`) replaces ``model.predict``;
+    ``keep`` is handed the encoder's embeddings [b,256,g,g] of the same pass (:mod:`hsam.pipeline.keep`).
     """
     height, width = slices.shape[-2:]
     images = model_images(slices, window_hu, model.img_size, device)
@@ -65,9 +67,9 @@ def predict_slices(
     with torch.inference_mode():
         if dtype is not None:
             with torch.autocast(device_type=device.type, dtype=dtype):
-                logits = run(images)
+                logits = _forward(run, model, images, keep)
         else:
-            logits = run(images)
+            logits = _forward(run, model, images, keep)
         logits = logits.float()
         if channels is not None:
             logits = logits[:, list(channels)]
@@ -79,6 +81,18 @@ def predict_slices(
         labels = index.to(torch.uint8).cpu().numpy()
         confidence = (probability * 255.0).round_().to(torch.uint8).cpu().numpy()
     return labels, confidence
+
+
+def _forward(run: Callable[[torch.Tensor], torch.Tensor], model: "HSAM", images: torch.Tensor,
+             keep: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """The engine's fused logits of ``images``; with ``keep``, from a pass that also gives it the embeddings."""
+    if keep is None:
+        return run(images)
+    from hsam.prompting.refine import logits_and_embeddings
+
+    logits, embeddings = logits_and_embeddings(run, model, images)
+    keep(embeddings)
+    return logits
 
 
 def predict_slices_skipping_air(

@@ -32,6 +32,7 @@ class SegmentationResult:
     orientation_check: dict | None = None  # hsam.checks.orientation.OrientationCheck.as_dict(); None when not run
     laterality_check: dict | None = None  # hsam.checks.laterality.LateralityCheck.as_dict(); None when not run
     slab: dict | None = None  # hsam.pipeline.slab.SlabPlan.as_dict(): which slices were encoded; None: search off
+    embeddings: str | None = None  # folder of the kept slice embeddings (hsam.prompting.kept); None: none kept
 
 
 def organ_volumes_ml(labels: sitk.Image, names: Sequence[str]) -> dict[str, float]:

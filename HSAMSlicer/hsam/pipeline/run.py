@@ -1,6 +1,7 @@
 """``segment_volume``: a CT volume in, organ labels + confidence on the same grid out, through the named stages.
 
-orient -> window + predict in batches (slab search; refine in place of the plain predict) -> checks (orientation)
+orient -> window + predict in batches (slab search; refine in place of the plain predict; keep the embeddings) ->
+checks (orientation)
 -> body mask -> post-process -> back to the input grid -> checks (laterality). The protocol picks the engine, orient
 and predict stages (:func:`_default_stages`, :func:`_reference_stages`); the rest is shared. Memory is bounded by
 one batch: only uint8 label and confidence volumes are kept for the whole scan.
@@ -19,6 +20,7 @@ from hsam.pipeline import body, checks
 from hsam.pipeline.batches import Predict, encode
 from hsam.pipeline.device import device_name
 from hsam.pipeline.engine import Engine, start_engine
+from hsam.pipeline.keep import KeepStage, keep_stage
 from hsam.pipeline.options import SegmentOptions
 from hsam.pipeline.orient import Oriented, orient, stored_order, to_input_grid
 from hsam.pipeline.post import keep_largest_components
@@ -40,6 +42,7 @@ class Stages:
     oriented: Oriented
     predict: Predict  # the predict stage of the batches (air shortcut, or refine)
     predict_plain: Predict  # the same network output without shortcuts, for the orientation check
+    keep: KeepStage | None = None  # the encoder's embeddings written for the prompt tools
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Labelled:
     confidence: np.ndarray  # uint8 [z,H,W]
     orientation_check: dict | None
     slab: dict | None
+    embeddings: str | None = None  # the folder the slice embeddings were kept in
 
 
 def _default_stages(image: sitk.Image, model: "HSAM", card: "ModelCard", options: SegmentOptions,
@@ -61,6 +65,8 @@ def _default_stages(image: sitk.Image, model: "HSAM", card: "ModelCard", options
     engine = start_engine(model, options, notes, status)
     oriented = orient(image, (options.orientation or getattr(card, "orientation", None) or "LPS").upper(), notes)
     decoder = refine_decoder(model, options.refine, status, oriented.pixel_mm)
+    keep = keep_stage(options.keep_embeddings, model, engine, oriented.volume, window_hu, options.crop_to_body, notes,
+                      status)
     air_cache: dict = {}
 
     def plain(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,11 +77,14 @@ def _default_stages(image: sitk.Image, model: "HSAM", card: "ModelCard", options
             from hsam.prompting.refine import predict_refined
 
             return predict_refined(model, slices, window_hu, engine.target, engine.dtype, channels,
-                                   engine.predictor(), decoder, oriented.pixel_mm)
+                                   engine.predictor(), decoder, oriented.pixel_mm, keep=keep.hold if keep else None)
+        if keep is not None:  # every slice through the encoder (no air shortcut): each gets its embedding
+            return predict_slices(model, slices, window_hu, engine.target, engine.dtype, channels,
+                                  engine.predictor(), keep=keep.hold)
         return predict_slices_skipping_air(model, slices, window_hu, engine.target, engine.dtype, channels,
                                            engine.predictor(), air_cache)
 
-    return Stages(engine, oriented, batch, plain)
+    return Stages(engine, oriented, batch, plain, keep)
 
 
 def _reference_stages(image: sitk.Image, model: "HSAM", options: SegmentOptions, window_hu: list[float],
@@ -105,7 +114,10 @@ def _label(stages: Stages, options: SegmentOptions, window_low: float, organ_val
     sx, sy, sz = oriented.spacing
     slab = BY_DEFAULT if options.slab is None else options.slab
     plan = plan_probes(volume.shape[0], sz, sx * sy) if slab else None
-    labels, confidence = encode(volume, stages.predict, stages.engine, plan, progress, cancel, status)
+    keep = stages.keep
+    labels, confidence = encode(volume, stages.predict, stages.engine, plan, progress, cancel, status,
+                                batch_done=keep.commit if keep else None)
+    kept = keep.close() if keep else None
     check = None
     if options.check_orientation:
         check = checks.orientation_check(volume, labels, confidence, stages.predict_plain, oriented.code, window_low,
@@ -116,7 +128,7 @@ def _label(stages: Stages, options: SegmentOptions, window_low: float, organ_val
         body.clear_outside_body(labels, oriented.volume, oriented.pixel_mm, window_low)
     if options.largest_component:
         keep_largest_components(labels, organ_values)
-    return Labelled(labels, confidence, check, plan.as_dict() if plan is not None else None)
+    return Labelled(labels, confidence, check, plan.as_dict() if plan is not None else None, kept)
 
 
 def segment_volume(
@@ -158,4 +170,5 @@ def segment_volume(
         seconds=time.perf_counter() - started, batch_size=engine.batch, precision=engine.precision,
         mode=engine.mode, mode_reason=engine.reason, warnings=notes, orientation=stages.oriented.label,
         orientation_check=done.orientation_check, laterality_check=laterality, slab=done.slab,
+        embeddings=done.embeddings,
     )

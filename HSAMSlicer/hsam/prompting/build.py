@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import nn
 
 from hsam.prompting.decoder import PromptDecoder, load_prompt_decoder
 from hsam.prompting.embedding import LITEMEDSAM_WINDOW_HU, SliceEmbeddings, litemedsam_encoder
+from hsam.prompting.kept import KeptEmbeddings
 from hsam.prompting.propagation import PropagationRule, propagate
 from hsam.prompting.session import PromptSession
 from hsam.volume import check_volume, to_canonical
@@ -44,6 +46,15 @@ def session_on(canonical: np.ndarray, how: Reorientation, model: nn.Module | Non
     """A prompt session on a canonical volume [D, H, W] (HU) from :func:`hsam.volume.to_canonical`."""
     encoder, window_hu = encoder_for(model, card)
     return PromptSession(SliceEmbeddings(canonical, encoder, window_hu), decoder or load_prompt_decoder(), how)
+
+
+def attach_kept(session: PromptSession, folder: str | Path) -> str:
+    """Read slice embeddings an automatic run kept in ``folder`` (:mod:`hsam.prompting.kept`) before running the
+    encoder; returns "" when they match this session's volume, encoder and window, else why they are not used."""
+    embeddings = session.embeddings
+    kept, why_not = KeptEmbeddings.open(folder, embeddings.volume, embeddings.encoder, embeddings.window_hu)
+    embeddings.kept = kept
+    return why_not
 
 
 def run_plan(session: PromptSession, plan: "PromptPlan", rule: PropagationRule = PropagationRule(),

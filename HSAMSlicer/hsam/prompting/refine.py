@@ -246,10 +246,11 @@ def logits_and_embeddings(predictor: Callable, model: torch.nn.Module, images: t
 
 def predict_refined(model: torch.nn.Module, slices: np.ndarray, window_hu: Sequence[float], device: torch.device,
                     dtype: torch.dtype | None, channels: Sequence[int] | None, predictor: Callable,
-                    decoder: "PromptDecoder", pixel_mm: Sequence[float], rule: RefineRule = RefineRule()
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    decoder: "PromptDecoder", pixel_mm: Sequence[float], rule: RefineRule = RefineRule(),
+                    keep: Callable[[torch.Tensor], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The refine stage for one batch of raw slices [b,H,W] (HU): the automatic model's logits and embeddings from
-    one engine pass, then :func:`refine_batch`. Returns labels and confidence uint8 [b,H,W]."""
+    one engine pass, then :func:`refine_batch`. Returns labels and confidence uint8 [b,H,W]; ``keep`` is handed the
+    embeddings (:mod:`hsam.pipeline.keep`)."""
     from hsam.checks.body_mask import tissue_threshold, trunk_mask_slice
     from hsam.pipeline.window import model_images
 
@@ -259,13 +260,15 @@ def predict_refined(model: torch.nn.Module, slices: np.ndarray, window_hu: Seque
             logits, embeddings = logits_and_embeddings(predictor, model, images)
     else:
         logits, embeddings = logits_and_embeddings(predictor, model, images)
+    if keep is not None:
+        keep(embeddings)
     tissue = tissue_threshold(window_hu[0])
     trunk = np.stack([trunk_mask_slice(hu, pixel_mm, tissue_hu=tissue) for hu in slices])
     organs = list(channels[1:]) if channels is not None else list(range(1, logits.shape[1]))
     if channels is not None:  # organs not asked for take no part in the softmax, as in predict_slices (finite:
-        keep = torch.full_like(logits[:, :1], -1e4).expand_as(logits).clone()  # -inf turns to NaN in resizes)
-        keep[:, list(channels)] = 0.0
-        logits = logits.float() + keep
+        asked = torch.full_like(logits[:, :1], -1e4).expand_as(logits).clone()  # -inf turns to NaN in resizes)
+        asked[:, list(channels)] = 0.0
+        logits = logits.float() + asked
     # the prompt decoder runs where the engine ran, in its autocast precision (on CPUs every engine's decoders are fp32)
     decoder.to(embeddings.device)
     return refine_batch(decoder, embeddings.float(), logits.float().cpu(), trunk, organs, slices.shape[1:], pixel_mm,

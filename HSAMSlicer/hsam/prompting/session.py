@@ -22,6 +22,7 @@ from hsam.volume.orientation import Reorientation, from_canonical
 Box = tuple[float, float, float, float]  # edges x0, y0, x1, y1 (cols, rows) on the canonical slice
 USER, INTERPOLATED, PROPAGATED, AUTOMATIC = "user", "interpolated", "propagated", "automatic"
 CLICK_BOX_MM = (20.0, 40.0, 80.0, 160.0)  # box sides tried around positive clicks given without a box
+HISTORY_LIMIT = 50  # changes :meth:`PromptSession.undo` can put back (the Slicer module's undo steps)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class PromptSession:
         self.shape: tuple[int, int, int] = tuple(embeddings.volume.shape)  # type: ignore[assignment]
         self.prompts: dict[tuple[int, int], SlicePrompt] = {}
         self.masks: dict[tuple[int, int], SliceMask] = {}
+        # changes since :meth:`begin`: (step, {(organ, z): (prompt, mask) before}), newest last
+        self.history: list[tuple[int | None, dict]] = []
 
     # --- prompting ---------------------------------------------------------------------------------------------
     def _model_xy(self, x: float, y: float) -> tuple[float, float]:
@@ -159,6 +162,7 @@ class PromptSession:
 
     def store(self, organ: int, z: int, prompt: SlicePrompt, logits: np.ndarray, iou: float) -> None:
         """Keep a decoded result (logits [H, W]) as the organ's prompt and mask on slice ``z``."""
+        self._remember((organ, z))
         self.prompts[(organ, z)] = prompt
         self.masks[(organ, z)] = crop_mask(logits, iou, prompt.source)
 
@@ -172,8 +176,39 @@ class PromptSession:
     def clear(self, organ: int, z: int | None = None) -> None:
         """Forget the organ's prompt and mask on slice ``z`` (every slice when None)."""
         for key in [k for k in list(self.masks) + list(self.prompts) if k[0] == organ and z in (None, k[1])]:
+            self._remember(key)
             self.prompts.pop(key, None)
             self.masks.pop(key, None)
+
+    # --- undo --------------------------------------------------------------------------------------------------
+    def begin(self, step: int | None = None) -> None:
+        """Start recording a change (a prompt, a propagation, a clear) that :meth:`undo` can put back; ``step``:
+        the caller's number for it."""
+        self.history = (self.history + [(step, {})])[-HISTORY_LIMIT:]
+
+    def _remember(self, key: tuple[int, int]) -> None:
+        if self.history and key not in self.history[-1][1]:
+            self.history[-1][1][key] = (self.prompts.get(key), self.masks.get(key))
+
+    def undo(self, step: int | None = None) -> list[tuple[int, int]]:
+        """Put back the prompts and masks the latest change replaced; with ``step``, those of every change begun
+        with that step number or a later one. Returns the (organ, slice) pairs put back."""
+        restored: list[tuple[int, int]] = []
+        while self.history:
+            tag, before = self.history[-1]
+            if step is not None and (tag is None or tag < step):
+                break
+            self.history.pop()
+            for key, (prompt, mask) in before.items():
+                for table, value in ((self.prompts, prompt), (self.masks, mask)):
+                    if value is None:
+                        table.pop(key, None)
+                    else:
+                        table[key] = value
+                restored.append(key)
+            if step is None:
+                break
+        return restored
 
     def _check_slice(self, z: int) -> None:
         if not 0 <= z < self.shape[0]:
