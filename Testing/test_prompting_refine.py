@@ -286,3 +286,18 @@ def test_the_stage_loads_no_decoder_for_coarse_slices():
     assert messages[-1].startswith("refine: skipped") and "3.00 mm" in messages[-1]
     assert RefineRule().refines((1.5, 0.7)) and not RefineRule().refines((0.7, 1.6))
     assert RefineRule(max_pixel_mm=None).refines((3.0, 3.0))
+
+
+def test_add_only_with_a_width_keeps_wide_additions_and_drops_thin_rims():
+    from hsam.prompting.refine import taken_from_decoder
+
+    automatic = np.zeros((64, 64), dtype=np.int64)
+    automatic[20:40, 20:40] = 5
+    organ = np.zeros((64, 64), dtype=np.int64)
+    organ[19:41, 19:41] = 5  # the decoder's liver: the automatic one and a 1-px rim around it ...
+    organ[20:40, 41:55] = 5  # ... and a 14-px wide part the automatic model missed
+    probability = np.full((9, 64, 64), 0.1)
+    rule = RefineRule(add_min_width_px=24)  # on a 64-px slice: 6 slice pixels (a 5-px wide ellipse)
+    taken = taken_from_decoder(automatic, probability, organ, [5], rule)
+    assert taken[22:38, 43:53].all() and not taken[19, 19:41].any() and not taken[19:41, 19].any()
+    assert taken_from_decoder(automatic, probability, organ, [5], RefineRule())[19, 19:41].all()  # no width: rim too

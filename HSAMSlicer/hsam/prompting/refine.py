@@ -127,7 +127,7 @@ def organ_boxes(probability: np.ndarray, organs: Sequence[int], rule: RefineRule
             continue  # the automatic model is sure of this organ here: no decoder call for it
         if rule.add_floor is not None and rule.add_min_width_px > 0 and not wide_parts(
                 background & (probability[k] >= rule.add_floor), rule.add_min_width_px).any():
-            continue  # nothing wide enough to add: the decoder's answer could not change the labels
+            continue  # nothing wide enough to add here (model frame): the decoder would hardly change the labels
         box = _box(inside, rule.widen_px, rule.min_side_px)
         if box is not None:
             boxes[k] = box
