@@ -102,7 +102,8 @@ class PromptSession:
 
     # --- prompting ---------------------------------------------------------------------------------------------
     def frame_for(self, prompt: SlicePrompt) -> Frame:
-        """Where ``prompt`` is decoded: its box's zoom frame when the session zooms, else the whole slice."""
+        """Where ``prompt`` is decoded: its box's zoom frame when the session zooms, else the whole slice (padded
+        to a square with ``square``)."""
         if self.zoom is not None and prompt.box is not None:
             return zoom_frame(prompt.box, self.shape[1:], self.pixel_mm, self.zoom)
         return square_frame(self.shape[1:]) if self.square else whole_frame(self.shape[1:])
