@@ -8,6 +8,10 @@ Arms:
   half+prop   every second of them, without the first and last slice's box, "propagate": true beyond the ends;
               the aorta gets a "limits" "to" at its last slice below the arch (the person stops it there).
 Aorta: scored below the arch only (:func:`cases.aorta_below_arch`; the arch's two vessels need a box each).
+Each box is decoded, then re-boxed from its mask (``--rebox-mm``, the session's default; ``--no-rebox``: once).
+``--square``: non-square slices padded to a square. ``--zoom FACTOR MIN_MM``: decode each box in a square crop
+(:class:`hsam.prompting.zoom.Zoom`) instead of the whole slice; "frames" in the record = encoder runs the arm needs
+without a cache (crops; whole slices count one each).
 
     python benchmarks/prompting/bench_boxes.py --data ../shared/data/real --cache runs/prompt-embeddings \
         --json benchmarks/prompting/results/boxes.json
@@ -27,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, Case, aorta_below_arch, dice, load_case  # noqa: E402
-from embeddings_cache import load_into, save_from  # noqa: E402
+from embeddings_cache import load_frames_into, load_into, save_frames_from, save_from  # noqa: E402
 
 from hsam.prompting.build import run_plan, session_on  # noqa: E402
 from hsam.prompting.prompt_file import PromptPlan, interpolate_boxes  # noqa: E402
-from hsam.prompting.session import SlicePrompt, box_of  # noqa: E402
+from hsam.prompting.session import REBOX_MM, PromptSession, SlicePrompt, box_of  # noqa: E402
+from hsam.prompting.zoom import FrameEmbeddings, Zoom  # noqa: E402
 
 ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5, "stomach": 6,
           "aorta": 7, "pancreas": 8}
@@ -85,11 +90,24 @@ def default_plan(case: Case, arm: str) -> tuple[dict[str, int], PromptPlan]:
     return organs, plan_for(case, organs, arm, DEFAULT_SIMULATION, np.random.default_rng(DEFAULT_SIMULATION.seed))
 
 
+def frames_used(session: PromptSession) -> int:
+    """Distinct (slice, frame) pairs the session's prompts were decoded in: the encoder runs without a cache."""
+    return len({(z, session.frame_for(prompt)) for (_, z), prompt in session.prompts.items()})
+
+
 def run_case(case: Case, args: argparse.Namespace) -> dict:
     session = session_on(case.canonical, case.how)
     cached = load_into(session.embeddings, args.cache, case.name)
+    session.zoom = Zoom(*args.zoom) if args.zoom else None
+    session.rebox_mm, session.square = (None if args.no_rebox else args.rebox_mm), args.square
+    zoom_tag = [f"{args.zoom[0]:g}x{args.zoom[1]:g}mm"] if args.zoom else []
+    tag = "-".join(zoom_tag + (["square"] if args.square else []))
+    if tag:  # crops or squares: their own embeddings (kept all, cached on disk per setting)
+        session.frames = FrameEmbeddings(session.embeddings, max_frames=100_000)
+        cached += load_frames_into(session.frames, args.cache, case.name, tag)
     organs = present_organs(case)
-    result: dict = {"case": case.name, "cached_embeddings": cached, "arms": {}}
+    result: dict = {"case": case.name, "frames": tag or "whole", "rebox_mm": session.rebox_mm,
+                    "cached_embeddings": cached, "arms": {}}
     for arm in args.arms:
         started = time.perf_counter()
         session.masks.clear()
@@ -100,9 +118,13 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
         scores = {name: round(dice(labels == value, truth(case, value)), 4) for name, value in organs.items()}
         boxes = {name: sum(1 for (o, _), p in plan.prompts.items() if o == value and p.source == "user")
                  for name, value in organs.items()}
-        result["arms"][arm] = {"dice": scores, "user_boxes": boxes, "seconds": round(time.perf_counter() - started, 1)}
-        print(case.name, arm, json.dumps(scores), json.dumps(boxes), flush=True)
+        result["arms"][arm] = {"dice": scores, "user_boxes": boxes, "prompted": len(session.prompts),
+                               "frames": frames_used(session), "seconds": round(time.perf_counter() - started, 1)}
+        print(case.name, tag or "whole", f"rebox {session.rebox_mm}", arm, json.dumps(scores), json.dumps(boxes),
+              "prompted", len(session.prompts), "frames", frames_used(session), flush=True)
         save_from(session.embeddings, args.cache, case.name)
+        if tag:
+            save_frames_from(session.frames, args.cache, case.name, tag)
     return result
 
 
@@ -115,6 +137,11 @@ def main() -> int:
     parser.add_argument("--jitter", type=int, default=DEFAULT_SIMULATION.jitter)
     parser.add_argument("--widen", type=float, default=DEFAULT_SIMULATION.widen)
     parser.add_argument("--seed", type=int, default=DEFAULT_SIMULATION.seed)
+    parser.add_argument("--zoom", type=float, nargs=2, default=None, metavar=("FACTOR", "MIN_MM"),
+                        help="decode each box in a square crop of FACTOR x its longer side, at least MIN_MM")
+    parser.add_argument("--rebox-mm", type=float, default=REBOX_MM, help="the session's rebox_mm (default %(default)s)")
+    parser.add_argument("--no-rebox", action="store_true", help="decode each box once (rebox_mm None)")
+    parser.add_argument("--square", action="store_true", help="pad non-square slices to a square (session.square)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=None, help="folder of cached slice embeddings (float16)")
     parser.add_argument("--json", type=Path, default=None)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hsam.prompting.embedding import SliceEmbeddings
+from hsam.prompting.zoom import Frame, FrameEmbeddings
 
 
 def load_into(embeddings: SliceEmbeddings, folder: Path | None, name: str) -> int:
@@ -30,3 +31,27 @@ def save_from(embeddings: SliceEmbeddings, folder: Path | None, name: str) -> No
     previous = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
     previous.update({z: value.half() for z, value in embeddings.items()})
     torch.save(previous, path)
+
+
+def _frames_path(folder: Path, name: str, tag: str) -> Path:
+    return Path(folder) / f"{name}-frames-{tag}.pt"
+
+
+def load_frames_into(frames: FrameEmbeddings, folder: Path | None, name: str, tag: str) -> int:
+    """Put the cached crop embeddings of case ``name`` (one file per zoom setting ``tag``) into ``frames``."""
+    if folder is None or not _frames_path(folder, name, tag).is_file():
+        return 0
+    stored = torch.load(_frames_path(folder, name, tag), map_location="cpu", weights_only=True)
+    for key, value in stored.items():
+        z, top, left, height, width = (int(v) for v in key.split(":"))
+        frames.put(z, Frame(top, left, height, width), value.float())
+    return len(stored)
+
+
+def save_frames_from(frames: FrameEmbeddings, folder: Path | None, name: str, tag: str) -> None:
+    """Save every crop embedding ``frames`` holds (float16) for case ``name`` and zoom setting ``tag``."""
+    if folder is None:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    stored = {f"{z}:{f.top}:{f.left}:{f.height}:{f.width}": value.half() for (z, f), value in frames.items()}
+    torch.save(stored, _frames_path(folder, name, tag))

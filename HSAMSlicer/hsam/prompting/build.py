@@ -68,7 +68,7 @@ def run_plan(session: PromptSession, plan: "PromptPlan", rule: PropagationRule =
     total = len(slices)
     for done, z in enumerate(slices, start=1):
         boxed = [key for key in plan.prompts if key[1] == z and plan.prompts[key].box is not None]
-        for key, (logits, iou) in zip(boxed, session.decode(z, [plan.prompts[key] for key in boxed])):
+        for key, (logits, iou) in zip(boxed, session.decode_prompted(z, [plan.prompts[key] for key in boxed])):
             session.store(key[0], z, plan.prompts[key], logits, iou)
         for key in [key for key in plan.prompts if key[1] == z and plan.prompts[key].box is None]:
             session.set_prompt(key[0], z, plan.prompts[key])

@@ -2,7 +2,8 @@
 
 All positions here are canonical (:mod:`hsam.prompting.geometry`): slice z, and (col, row) continuous pixel positions
 on a slice of H rows x W cols. A box is given by its edges (x0, y0, x1, y1) = (col, row, col, row). The decoder works
-in a 256 x 256 frame: the whole slice resized (as the image embedding was made), so x_model = (x + 0.5) * 256 / W.
+in a 256 x 256 frame: the whole slice resized (as the image embedding was made), so x_model = (x + 0.5) * 256 / W;
+or, with a :class:`hsam.prompting.zoom.Zoom`, a square crop around each box (:mod:`hsam.prompting.zoom`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from hsam.prompting.decoder import INPUT_SIZE, PromptDecoder
 from hsam.prompting.embedding import SliceEmbeddings
+from hsam.prompting.zoom import Frame, FrameEmbeddings, Zoom, paste, square_frame, whole_frame, zoom_frame
 from hsam.volume.orientation import Reorientation, from_canonical
 
 Box = tuple[float, float, float, float]  # edges x0, y0, x1, y1 (cols, rows) on the canonical slice
 USER, INTERPOLATED, PROPAGATED, AUTOMATIC = "user", "interpolated", "propagated", "automatic"
 CLICK_BOX_MM = (20.0, 40.0, 80.0, 160.0)  # box sides tried around positive clicks given without a box
 HISTORY_LIMIT = 50  # changes :meth:`PromptSession.undo` can put back (the Slicer module's undo steps)
+REBOX_MM = 3.5  # a box prompt is decoded again from its mask's box widened by this (benchmarks/prompting/RESULTS.md)
 
 
 @dataclass
@@ -86,10 +88,15 @@ def crop_mask(logits: np.ndarray, iou: float, source: str, pad: int = 2) -> Slic
 class PromptSession:
     """Prompts and masks of one canonical volume [D, H, W] (HU) with its image embeddings and the prompt decoder."""
 
-    def __init__(self, embeddings: SliceEmbeddings, decoder: PromptDecoder, how: Reorientation | None = None) -> None:
+    def __init__(self, embeddings: SliceEmbeddings, decoder: PromptDecoder, how: Reorientation | None = None,
+                 zoom: Zoom | None = None, rebox_mm: float | None = REBOX_MM, square: bool = False) -> None:
         self.embeddings = embeddings
+        self.frames = FrameEmbeddings(embeddings)
         self.decoder = decoder
         self.how = how
+        self.zoom = zoom  # None: every prompt is decoded on the whole slice (its embedding shared by all organs)
+        self.rebox_mm = rebox_mm  # None: a box's mask is decoded once, from the box as given
+        self.square = square  # pad non-square slices to a square instead of stretching them (own embeddings)
         self.shape: tuple[int, int, int] = tuple(embeddings.volume.shape)  # type: ignore[assignment]
         self.prompts: dict[tuple[int, int], SlicePrompt] = {}
         self.masks: dict[tuple[int, int], SliceMask] = {}
@@ -97,20 +104,50 @@ class PromptSession:
         self.history: list[tuple[int | None, dict]] = []
 
     # --- prompting ---------------------------------------------------------------------------------------------
-    def _model_xy(self, x: float, y: float) -> tuple[float, float]:
-        height, width = self.shape[1:]
-        return (x + 0.5) * INPUT_SIZE / width, (y + 0.5) * INPUT_SIZE / height
+    def frame_for(self, prompt: SlicePrompt) -> Frame:
+        """Where ``prompt`` is decoded: its box's zoom frame when the session zooms, else the whole slice (padded
+        to a square with ``square``)."""
+        if self.zoom is not None and prompt.box is not None:
+            return zoom_frame(prompt.box, self.shape[1:], self.pixel_mm, self.zoom)
+        return square_frame(self.shape[1:]) if self.square else whole_frame(self.shape[1:])
 
-    def decode(self, z: int, prompts: Sequence[SlicePrompt]) -> list[tuple[np.ndarray, float]]:
-        """(logits [H, W] float32, predicted IoU) for each prompt on slice ``z``, decoded together."""
+    def decode(self, z: int, prompts: Sequence[SlicePrompt], frame: Frame | None = None
+               ) -> list[tuple[np.ndarray, float]]:
+        """(logits [H, W] float32, predicted IoU) for each prompt on slice ``z``, decoded together where they share
+        a layout and a frame (``frame``: all in this one; default :meth:`frame_for` each)."""
         if not prompts:
             return []
         with_box = [p for p in prompts if p.box is not None]
         if with_box and len(with_box) != len(prompts):  # one batch needs the same prompt layout: decode apart
-            return [self.decode(z, [p])[0] for p in prompts]
+            return [self.decode(z, [p], frame)[0] for p in prompts]
+        frames = [frame or self.frame_for(p) for p in prompts]
+        results: list[tuple[np.ndarray, float]] = [(np.empty(0), 0.0)] * len(prompts)
+        for shared in dict.fromkeys(frames):
+            batch = [n for n, f in enumerate(frames) if f == shared]
+            for n, result in zip(batch, self._decode_in(z, shared, [prompts[n] for n in batch])):
+                results[n] = result
+        return results
+
+    def decode_prompted(self, z: int, prompts: Sequence[SlicePrompt]) -> list[tuple[np.ndarray, float]]:
+        """:meth:`decode`, then, with ``rebox_mm``, each prompt that is a box alone (no points: clicks correct the
+        box as drawn) once more from the box of its mask widened by ``rebox_mm``: LiteMedSAM follows a tight box
+        better than a loose one. One more decoder run per box, no encoder run (unless zoomed)."""
+        results = self.decode(z, prompts)
+        if self.rebox_mm is None:
+            return results
+        margin_px = self.rebox_mm / float(np.mean(self.pixel_mm))
+        again = [n for n, (prompt, (logits, _)) in enumerate(zip(prompts, results))
+                 if prompt.box is not None and not prompt.points and (logits > 0).any()]
+        tighter = [SlicePrompt(box_of(results[n][0] > 0, margin_px), source=prompts[n].source) for n in again]
+        for n, result in zip(again, self.decode(z, tighter)):
+            results[n] = result
+        return results
+
+    def _decode_in(self, z: int, frame: Frame, prompts: Sequence[SlicePrompt]) -> list[tuple[np.ndarray, float]]:
+        """One decoder batch of prompts (all with a box or all without) in ``frame`` of slice ``z``."""
         boxes = None
-        if with_box:
-            boxes = torch.tensor([model_box(p.box, *self.shape[1:]) for p in prompts])
+        if prompts[0].box is not None:
+            boxes = torch.tensor([frame.model_box(p.box) for p in prompts])
         points = labels = None
         width = max(len(p.points) for p in prompts)
         if width:
@@ -118,10 +155,10 @@ class PromptSession:
             labels = -torch.ones(len(prompts), width, dtype=torch.int32)  # -1: padding, ignored by the encoder
             for n, prompt in enumerate(prompts):
                 for m, (x, y, positive) in enumerate(prompt.points):
-                    points[n, m] = torch.tensor(self._model_xy(x, y))
+                    points[n, m] = torch.tensor(frame.to_model(x, y))
                     labels[n, m] = int(positive)
-        decoded = self.decoder(self.embeddings.get(z), boxes, points, labels)
-        logits = F.interpolate(decoded.logits[:, None], self.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+        decoded = self.decoder(self.frames.get(z, frame), boxes, points, labels)
+        logits = paste(decoded.logits, frame, self.shape[1:])
         return [(logits[n].numpy(), float(decoded.iou[n])) for n in range(len(prompts))]
 
     def set_prompt(self, organ: int, z: int, prompt: SlicePrompt) -> np.ndarray:
@@ -129,7 +166,8 @@ class PromptSession:
         self._check_slice(z)
         if prompt.box is None and not prompt.points:
             raise ValueError("a prompt needs a box or at least one point")
-        (logits, iou), = self.decode(z, [prompt]) if prompt.box is not None else [self.decode_clicks(z, prompt)]
+        decoded = self.decode_prompted(z, [prompt]) if prompt.box is not None else [self.decode_clicks(z, prompt)]
+        (logits, iou), = decoded
         self.store(organ, z, prompt, logits, iou)
         return self.mask(organ, z)
 
@@ -145,7 +183,7 @@ class PromptSession:
         candidates = [SlicePrompt((x0 - side / 2 / cols_mm, y0 - side / 2 / rows_mm, x1 + side / 2 / cols_mm,
                                    y1 + side / 2 / rows_mm), prompt.points, prompt.source) for side in CLICK_BOX_MM]
         best: tuple[np.ndarray, float] = (np.full(self.shape[1:], -1.0, dtype=np.float32), 0.0)
-        for logits, iou in self.decode(z, candidates):
+        for logits, iou in self.decode(z, candidates, self.frame_for(candidates[-1])):  # one frame: one encode
             holds = all(logits[min(int(round(y)), self.shape[1] - 1), min(int(round(x)), self.shape[2] - 1)] > 0
                         for x, y in positives)
             if holds and iou > best[1]:
