@@ -150,3 +150,21 @@ def test_malformed_or_hostile_manifest_gets_one_line_error(tmp_path, manifest):
     with pytest.raises(HSAMError) as caught:
         load_manifest(path)
     assert "\n" not in str(caught.value) and "manifest" in str(caught.value)
+
+
+def test_a_nifti_header_whose_voxel_offset_is_not_a_number_is_left_to_itk(tmp_path):
+    """A fuzz finding: vox_offset NaN made the completeness check raise ValueError instead of a clear answer."""
+    import gzip
+    import struct
+
+    from hsam.volume import read_image
+    from hsam.volume.files import check_nifti_complete
+
+    sample = Path(__file__).resolve().parents[1] / "HSAMSlicer" / "hsam" / "sample_data" / "abdomen_ct.nii.gz"
+    raw = bytearray(gzip.decompress(sample.read_bytes()))
+    for value in (float("nan"), float("inf")):
+        raw[108:112] = struct.pack("<f", value)
+        damaged = tmp_path / "damaged.nii"
+        damaged.write_bytes(bytes(raw))
+        check_nifti_complete(damaged)  # no ValueError/OverflowError: ITK's reader decides
+        assert read_image(str(damaged)).GetSize() == (122, 101, 30)

@@ -32,6 +32,7 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
 def check_nifti_complete(source: Path) -> None:
     """Raise HSAMError when a NIfTI-1/2 file (optionally gzipped) holds fewer voxel bytes than its header promises."""
     import gzip
+    import math
     import struct
     import zlib
 
@@ -47,7 +48,10 @@ def check_nifti_complete(source: Path) -> None:
                 if size == 348:  # NIfTI-1
                     dims = struct.unpack(endian + "8h", header[40:56])
                     bitpix = struct.unpack(endian + "h", header[72:74])[0]
-                    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+                    vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+                    if not math.isfinite(vox_offset):
+                        return  # a damaged header: ITK's reader reports it
+                    offset = int(vox_offset)
                     break
                 if size == 540:  # NIfTI-2
                     dims = struct.unpack(endian + "8q", header[16:80])
