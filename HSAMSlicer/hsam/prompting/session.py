@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from hsam.prompting.decoder import INPUT_SIZE, PromptDecoder
+from hsam.prompting.decoder import PromptDecoder
 from hsam.prompting.embedding import SliceEmbeddings
 from hsam.prompting.zoom import Frame, FrameEmbeddings, Zoom, paste, square_frame, whole_frame, zoom_frame
 from hsam.volume.orientation import Reorientation, from_canonical
@@ -69,10 +69,9 @@ def box_of(mask: np.ndarray, margin: float = 0.0) -> Box | None:
 
 def model_box(box: Box, height: int, width: int) -> Box:
     """Box edges on an H x W slice (pixel centres at whole numbers, as :func:`box_of`) -> edges in the decoder's
-    256-px frame, where pixel k covers [k, k + 1] (segment_anything's convention): x_model = (x + 0.5) * 256 / W."""
-    x0, y0, x1, y1 = box
-    sx, sy = INPUT_SIZE / width, INPUT_SIZE / height
-    return (x0 + 0.5) * sx, (y0 + 0.5) * sy, (x1 + 0.5) * sx, (y1 + 0.5) * sy
+    256-px frame, where pixel k covers [k, k + 1] (segment_anything's convention): x_model = (x + 0.5) * 256 / W.
+    The whole slice's :class:`~hsam.prompting.zoom.Frame`, which :meth:`PromptSession.decode` uses."""
+    return whole_frame((height, width)).model_box(box)
 
 
 def crop_mask(logits: np.ndarray, iou: float, source: str, pad: int = 2) -> SliceMask:
